@@ -1,0 +1,108 @@
+// The interface between the torch-facing op files (pack_signs.cpp, dequant_add_sign.cpp, ...)
+// and the per-instruction-set kernels (isa_avx512.cpp, isa_avx2.cpp, isa_scalar.cpp).
+//
+// This header includes no torch header on purpose: the ISA translation units are compiled with
+// a target pragma, and any inline function they shared with the rest of the extension could be
+// merged by the linker into its AVX-512 copy (the ODR hazard PyTorch avoids with its
+// CPU_CAPABILITY namespaces). Everything here is plain data and function pointers.
+#pragma once
+
+#include <cstdint>
+
+namespace qmerge::cpu {
+
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+// Packed signs and scales of T tasks for one weight [out, in] (layout in shared/DESIGN.md).
+struct SignSet {
+  const uint8_t* packed = nullptr;  // [T, out, nb], bit j of byte b of a row = sign of column 8b+j
+  int64_t nb = 0;                   // bytes per packed row: ceil(in / 8)
+  const float* scales = nullptr;    // [T, R, G] fp32
+  int64_t scale_rows = 1;           // R: 1 (per tensor) or out (per row / per group)
+  int64_t groups = 1;               // G: scale groups along in_features
+  int64_t group_size = 0;           // ceil(in / G); group g covers [g*gs, min(in, (g+1)*gs))
+  int64_t out = 0;                  // rows per task, to step between tasks
+
+  const uint8_t* bits_row(int64_t task, int64_t row) const {
+    return packed + (task * out + row) * nb;
+  }
+  const float* scale_row(int64_t task, int64_t row) const {
+    return scales + (task * scale_rows + (scale_rows == 1 ? 0 : row)) * groups;
+  }
+};
+
+// out[i, :] = base[i, :] + sum_t ascales[t, i, g(col)] * (2 * bit_t[i, col] - 1), fp32, then
+// rounded to dtype. `ascales` already holds alpha_t * scale_t (so the product rounds exactly as
+// in the reference). base may be null (a zero base: the dequantized delta alone); out may alias
+// base (in-place merge).
+struct DequantArgs {
+  DType dtype = DType::f32;
+  const void* base = nullptr;  // [out, in] or null
+  void* dst = nullptr;         // [out, in]
+  int64_t in = 0;
+  int64_t tasks = 0;
+  SignSet signs;               // scales = alpha-premultiplied
+};
+
+// One unit of GEMV work for one output row: `nr` consecutive x rows (each with its own
+// accumulator) and `np` sign terms. Two shapes are used:
+//   nr == np: routed rows, term p belongs to x row p (task ids; task -1 = no term);
+//   nr == 1:  one x row with np terms (a mixture over np tasks).
+// nr == 0 never occurs. np == 0 means the base GEMV alone.
+constexpr int kMaxChunk = 8;
+struct Chunk {
+  int32_t nr = 0, np = 0;
+  int64_t row = 0;                   // first x row / output row
+  int32_t task[kMaxChunk] = {};      // per term, -1 = none
+  float coeff[kMaxChunk] = {};       // per term
+};
+
+// y[n, i] += x[n, :] . w[i, :] + sum over the chunk's terms of
+//            coeff * sum_g scale[t, i, g] * sum_{col in g} sign_t[i, col] * x[n, col]
+// for every chunk and every output row i in [i0, i1). Accumulation is fp32.
+struct GemvArgs {
+  DType dtype = DType::f32;
+  const void* w = nullptr;     // [out, ldw], rows of length `in`
+  int64_t ldw = 0;
+  int64_t in = 0;
+  const float* x = nullptr;    // [N, ldx] fp32
+  int64_t ldx = 0;
+  const float* xsum = nullptr; // [N, G] per-group sums of x (when signs are used)
+  float* y = nullptr;          // [N, ldy] fp32, accumulated into
+  int64_t ldy = 0;
+  const Chunk* chunks = nullptr;
+  int64_t nchunks = 0;
+  SignSet signs;               // unused when every chunk has np == 0
+  const uint8_t* zero_bits = nullptr;  // nb zero bytes, the bits of "no task"
+};
+
+struct PackArgs {  // packed[r, :] = packbits(src[r, :] >= 0, little); dst pre-zeroed
+  DType dtype = DType::f32;
+  const void* src = nullptr;  // [rows, in]
+  uint8_t* dst = nullptr;     // [rows, nb]
+  int64_t in = 0, nb = 0;
+};
+
+struct UnpackArgs {  // dst[r, c] = bit ? +1 : -1
+  DType dtype = DType::f32;
+  const uint8_t* src = nullptr;  // [rows, nb]
+  void* dst = nullptr;           // [rows, in]
+  int64_t in = 0, nb = 0;
+};
+
+// Every kernel works on a row range so the caller can split rows across threads.
+struct KernelTable {
+  const char* name;
+  int max_rows;  // largest chunk (x rows held in registers) this ISA handles well
+  void (*pack)(const PackArgs&, int64_t r0, int64_t r1);
+  void (*unpack)(const UnpackArgs&, int64_t r0, int64_t r1);
+  void (*dequant)(const DequantArgs&, int64_t r0, int64_t r1);
+  void (*gemv)(const GemvArgs&, int64_t i0, int64_t i1);
+};
+
+namespace avx512 { const KernelTable& table(); }
+namespace avx2 { const KernelTable& table(); }
+namespace scalar { const KernelTable& table(); }
+
+}  // namespace qmerge::cpu

@@ -1,0 +1,34 @@
+// The kernel table of one instruction set: dtype dispatch for every kernel.
+#pragma once
+
+#include "kernels/dequant.h"
+#include "kernels/gemv.h"
+#include "kernels/pack.h"
+
+namespace qmerge::cpu::QMERGE_ISA {
+
+#define QM_BY_DTYPE(FN, ARGS, R0, R1)                   \
+  switch (ARGS.dtype) {                                 \
+    case DType::f32: return FN<TagF32>(ARGS, R0, R1);   \
+    case DType::f16: return FN<TagF16>(ARGS, R0, R1);   \
+    case DType::bf16: return FN<TagBF16>(ARGS, R0, R1); \
+  }
+
+inline void pack_any(const PackArgs& a, int64_t r0, int64_t r1) { QM_BY_DTYPE(pack_rows, a, r0, r1) }
+inline void unpack_any(const UnpackArgs& a, int64_t r0, int64_t r1) {
+  QM_BY_DTYPE(unpack_rows, a, r0, r1)
+}
+inline void dequant_any(const DequantArgs& a, int64_t r0, int64_t r1) {
+  QM_BY_DTYPE(dequant_rows, a, r0, r1)
+}
+inline void gemv_any(const GemvArgs& a, int64_t i0, int64_t i1) { QM_BY_DTYPE(gemv_rows, a, i0, i1) }
+
+#undef QM_BY_DTYPE
+
+const KernelTable& table() {
+  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_MAX_ROWS, &pack_any, &unpack_any,
+                             &dequant_any, &gemv_any};
+  return t;
+}
+
+}  // namespace qmerge::cpu::QMERGE_ISA

@@ -1,0 +1,147 @@
+#include "routing.h"
+
+#include "checks.h"
+#include "isa.h"
+
+namespace qmerge::cpu {
+
+Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
+                    const std::optional<at::Tensor>& task_ids,
+                    const std::optional<at::Tensor>& coeffs) {
+  TORCH_CHECK_VALUE(task_ids.has_value() != coeffs.has_value(), "qmerge.", op,
+                    ": pass exactly one of 'task_ids' (one task per row) or 'coeffs' (a mixture "
+                    "per row), got ", task_ids ? "both" : "neither");
+  Routes r;
+  r.offset.reserve(rows + 1);
+  r.offset.push_back(0);
+  if (task_ids) {
+    const at::Tensor& ids = *task_ids;
+    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "qmerge.",
+                     op, ": 'task_ids' must be int64 or int32, got ", ids.scalar_type());
+    check_dim(ids, 1, op, "task_ids");
+    check_contiguous(ids, op, "task_ids");
+    TORCH_CHECK_VALUE(ids.size(0) == rows, "qmerge.", op, ": 'task_ids' must have ", rows,
+                      " entries (rows of 'x'), got ", ids.size(0));
+    const at::Tensor ids64 = ids.to(at::kLong);
+    const int64_t* p = ids64.data_ptr<int64_t>();
+    for (int64_t n = 0; n < rows; ++n) {
+      TORCH_CHECK_INDEX(p[n] >= -1 && p[n] < tasks, "qmerge.", op, ": 'task_ids'[", n, "] = ",
+                        p[n], " is out of range: expected -1 (no task) or 0..", tasks - 1);
+      if (p[n] >= 0) {
+        r.task.push_back(int32_t(p[n]));
+        r.coeff.push_back(1.0f);
+      }
+      r.offset.push_back(int64_t(r.task.size()));
+    }
+  } else {
+    const at::Tensor& c = *coeffs;
+    float_dtype(c, op, "coeffs");
+    check_dim(c, 2, op, "coeffs");
+    check_contiguous(c, op, "coeffs");
+    TORCH_CHECK_VALUE(c.size(0) == rows && c.size(1) == tasks, "qmerge.", op,
+                      ": 'coeffs' must have shape [", rows, ", ", tasks,
+                      "] (rows of 'x', tasks), got ", c.sizes());
+    const at::Tensor c32 = c.to(at::kFloat).contiguous();
+    const float* p = c32.data_ptr<float>();
+    for (int64_t n = 0; n < rows; ++n) {
+      for (int64_t t = 0; t < tasks; ++t) {
+        const float v = p[n * tasks + t];
+        if (v != 0.0f) {
+          r.task.push_back(int32_t(t));
+          r.coeff.push_back(v);
+        }
+      }
+      r.offset.push_back(int64_t(r.task.size()));
+    }
+  }
+  for (int64_t n = 0; n < rows; ++n) r.max_terms = std::max(r.max_terms, r.terms(n));
+  return r;
+}
+
+std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>& rows,
+                               int max_rows) {
+  std::vector<Chunk> out;
+  Chunk run;
+  auto flush = [&] {
+    if (run.nr == 0) return;
+    bool any = false;
+    for (int k = 0; k < run.nr; ++k) any = any || run.task[k] >= 0;
+    run.np = any ? run.nr : 0;
+    out.push_back(run);
+    run = Chunk{};
+  };
+  for (int64_t m = 0; m < int64_t(rows.size()); ++m) {
+    const int64_t n = rows[m];
+    const int64_t k0 = routes.offset[n], nt = routes.terms(n);
+    TORCH_INTERNAL_ASSERT(nt <= kMaxChunk, "row with ", nt, " terms reached the fused path");
+    if (nt >= 2) {
+      flush();
+      Chunk c;
+      c.nr = 1;
+      c.np = int32_t(nt);
+      c.row = m;
+      for (int64_t k = 0; k < nt; ++k) {
+        c.task[k] = routes.task[k0 + k];
+        c.coeff[k] = routes.coeff[k0 + k];
+      }
+      out.push_back(c);
+      continue;
+    }
+    if (run.nr == 0) run.row = m;
+    run.task[run.nr] = nt ? routes.task[k0] : -1;
+    run.coeff[run.nr] = nt ? routes.coeff[k0] : 0.0f;
+    if (++run.nr == max_rows) flush();
+  }
+  flush();
+  return out;
+}
+
+at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size) {
+  const int64_t in = x32.size(1);
+  const int64_t padded = groups * group_size;
+  at::Tensor x = in == padded ? x32 : at::constant_pad_nd(x32, {0, padded - in});
+  return x.view({x32.size(0), groups, group_size}).sum(-1).contiguous();
+}
+
+void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const at::Tensor& x32,
+              const std::vector<Chunk>& chunks, const SignSet* signs, at::Tensor& y32) {
+  if (chunks.empty() || out == 0) return;
+  GemvArgs a;
+  a.dtype = float_dtype(w, "gemv", "w");
+  a.w = w.data_ptr();
+  a.ldw = ldw;
+  a.in = in;
+  a.x = x32.data_ptr<float>();
+  a.ldx = x32.size(1);
+  a.y = y32.data_ptr<float>();
+  a.ldy = y32.size(1);
+  a.chunks = chunks.data();
+  a.nchunks = int64_t(chunks.size());
+  at::Tensor xsum, zeros;
+  if (signs) {
+    a.signs = *signs;
+    xsum = group_sums(x32, signs->groups, signs->group_size);
+    a.xsum = xsum.data_ptr<float>();
+    zeros = at::zeros({std::max<int64_t>(signs->nb, 1)}, at::kByte);
+    a.zero_bits = zeros.data_ptr<uint8_t>();
+  }
+  const KernelTable& k = kernels();
+  // Rows are independent; ~16 KB of weights per task keeps thread start-up negligible.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(in, 1));
+  parallel_rows(out, grain, [&](int64_t i0, int64_t i1) { k.gemv(a, i0, i1); });
+}
+
+}  // namespace qmerge::cpu
+
+namespace qmerge::cpu {
+std::vector<Chunk> plain_chunks(int64_t rows, int max_rows) {
+  std::vector<Chunk> out;
+  for (int64_t n = 0; n < rows; n += max_rows) {
+    Chunk c;
+    c.row = n;
+    c.nr = int32_t(std::min<int64_t>(max_rows, rows - n));
+    out.push_back(c);
+  }
+  return out;
+}
+}  // namespace qmerge::cpu

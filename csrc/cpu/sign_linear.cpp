@@ -1,0 +1,130 @@
+// sign_linear on the CPU (semantics: qmerge/ops/reference.py).
+//
+// The op picks its execution per call:
+//   fused        one pass over the base weight and the task bits for up to 8 rows at a time
+//                (kernels/gemv.h): decoding and small mixed batches; nothing is materialized;
+//   materialized a task with many rows gets its weight rebuilt once (dequant_add_sign) and a
+//                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs.
+#include <torch/library.h>
+
+#include "checks.h"
+#include "dequant_add_sign.h"
+#include "isa.h"
+#include "routing.h"
+
+namespace qmerge::cpu {
+namespace {
+
+constexpr const char* kOp = "sign_linear";
+// A task with at least this many rows is materialized (one dequant pass + GEMM) instead of
+// fused. Fused rows cost one weight pass per 8 rows; a dequant pass costs about three
+// (read base, write and re-read the merged weight): bench/results/kernels-cpu.md.
+constexpr int64_t kMaterializeRows = 24;
+// Mixtures: the fused path while it needs at most this many passes over the weight.
+constexpr size_t kMaxFusedMixtureChunks = 4;
+
+at::Tensor linear_rows(const at::Tensor& x, const std::vector<int64_t>& rows, const at::Tensor& w,
+                       const std::optional<at::Tensor>& bias) {
+  const at::Tensor idx = at::tensor(rows, at::kLong);
+  const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
+  return at::linear(x.index_select(0, idx), w, b);
+}
+
+// Mixtures beyond the fused path: y = x W^T + sum_t c_t * (x D_t^T), D_t = dequantized delta.
+at::Tensor mixture_materialized(const at::Tensor& x, const at::Tensor& base_w, const SignSet& s,
+                                int64_t tasks, const Routes& r,
+                                const std::optional<at::Tensor>& bias) {
+  at::Tensor y32 = at::linear(x, base_w).to(at::kFloat);
+  at::Tensor delta = at::empty_like(base_w);
+  for (int64_t t = 0; t < tasks; ++t) {
+    std::vector<int64_t> rows;
+    std::vector<float> coeff;
+    for (int64_t n = 0; n < r.rows(); ++n) {
+      for (int64_t k = r.offset[n]; k < r.offset[n + 1]; ++k) {
+        if (r.task[k] == t) {
+          rows.push_back(n);
+          coeff.push_back(r.coeff[k]);
+        }
+      }
+    }
+    if (rows.empty()) continue;
+    dequant_one(at::Tensor(), s, t, delta);
+    const at::Tensor part = linear_rows(x, rows, delta, std::nullopt).to(at::kFloat);
+    y32.index_add_(0, at::tensor(rows, at::kLong), part * at::tensor(coeff).unsqueeze(1));
+  }
+  if (bias) y32.add_(bias->to(at::kFloat));
+  return y32.to(x.scalar_type());
+}
+
+at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
+                       const at::Tensor& scales, const std::optional<at::Tensor>& task_ids,
+                       const std::optional<at::Tensor>& coeffs,
+                       const std::optional<at::Tensor>& bias) {
+  float_dtype(x, kOp, "x");
+  check_dim(x, 2, kOp, "x");
+  check_contiguous(x, kOp, "x");
+  check_same_dtype(base_w, x, kOp, "base_w", "x");
+  check_dim(base_w, 2, kOp, "base_w");
+  check_contiguous(base_w, kOp, "base_w");
+  const int64_t rows = x.size(0), in = x.size(1), out = base_w.size(0);
+  TORCH_CHECK_VALUE(base_w.size(1) == in, "qmerge.", kOp, ": 'base_w' must have ", in,
+                    " columns (in_features of 'x'), got shape ", base_w.sizes());
+  at::Tensor scales32;
+  const SignSet s = sign_set(kOp, packed, scales, out, in, scales32);
+  const Routes r = parse_routes(kOp, rows, packed.size(0), task_ids, coeffs);
+  if (bias) {
+    float_dtype(*bias, kOp, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "qmerge.", kOp,
+                      ": 'bias' must have shape [", out, "], got ", bias->sizes());
+  }
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  const int max_rows = kernels().max_rows;
+
+  std::vector<int64_t> fused;
+  if (r.max_terms <= 1) {
+    // Group rows by task (slot 0 = no task) and materialize the tasks with many rows.
+    std::vector<std::vector<int64_t>> by_task(packed.size(0) + 1);
+    for (int64_t n = 0; n < rows; ++n) {
+      by_task[r.terms(n) ? r.task[r.offset[n]] + 1 : 0].push_back(n);
+    }
+    at::Tensor merged;
+    for (int64_t slot = 0; slot < int64_t(by_task.size()); ++slot) {
+      const auto& group = by_task[slot];
+      if (int64_t(group.size()) < kMaterializeRows) {
+        fused.insert(fused.end(), group.begin(), group.end());
+        continue;
+      }
+      const at::Tensor* w = &base_w;
+      if (slot > 0) {
+        if (!merged.defined()) merged = at::empty_like(base_w);
+        dequant_one(base_w, s, slot - 1, merged);
+        w = &merged;
+      }
+      y.index_copy_(0, at::tensor(group, at::kLong), linear_rows(x, group, *w, bias));
+    }
+    std::sort(fused.begin(), fused.end());
+  } else {
+    for (int64_t n = 0; n < rows; ++n) fused.push_back(n);
+    if (r.max_terms > kMaxChunk || make_chunks(r, fused, max_rows).size() > kMaxFusedMixtureChunks) {
+      return mixture_materialized(x, base_w, s, packed.size(0), r, bias);
+    }
+  }
+  if (fused.empty()) return y;
+
+  const bool all = int64_t(fused.size()) == rows;
+  const at::Tensor idx = all ? at::Tensor() : at::tensor(fused, at::kLong);
+  const at::Tensor x32 = (all ? x : x.index_select(0, idx)).to(at::kFloat).contiguous();
+  at::Tensor y32 = at::zeros({x32.size(0), out}, x.options().dtype(at::kFloat));
+  run_gemv(base_w, in, out, in, x32, make_chunks(r, fused, max_rows), &s, y32);
+  if (bias) y32.add_(bias->to(at::kFloat));
+  if (all) return y32.to(x.scalar_type());
+  y.index_copy_(0, idx, y32.to(x.scalar_type()));
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qmerge, CPU, m) { m.impl("sign_linear", &sign_linear); }
+
+}  // namespace qmerge::cpu
