@@ -1,5 +1,5 @@
-// The kernels of kernels/*.h compiled for AVX2 + FMA + F16C (16 vector registers: at most 4
-// x rows per chunk). Only isa.cpp calls into it, after checking the CPU.
+// The kernels of kernels/*.h compiled for AVX2 + FMA + F16C (16 vector registers: smaller
+// chunks than AVX-512). Only isa.cpp calls into it, after checking the CPU.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -14,7 +14,8 @@
 
 #define QMERGE_ISA avx2
 #define QMERGE_ISA_NAME "avx2"
-#define QMERGE_ISA_MAX_ROWS 4
+#define QMERGE_ISA_PLAIN_ROWS 4
+#define QMERGE_ISA_ROUTED_ROWS 2
 #include "simd/avx2.h"
 #include "kernels/table.h"
 

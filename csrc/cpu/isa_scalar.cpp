@@ -6,6 +6,7 @@
 
 #define QMERGE_ISA scalar
 #define QMERGE_ISA_NAME "scalar"
-#define QMERGE_ISA_MAX_ROWS 4
+#define QMERGE_ISA_PLAIN_ROWS 4
+#define QMERGE_ISA_ROUTED_ROWS 2
 #include "simd/scalar.h"
 #include "kernels/table.h"

@@ -94,7 +94,9 @@ struct UnpackArgs {  // dst[r, c] = bit ? +1 : -1
 // Every kernel works on a row range so the caller can split rows across threads.
 struct KernelTable {
   const char* name;
-  int max_rows;  // largest chunk (x rows held in registers) this ISA handles well
+  // Largest chunks this ISA keeps in registers (2 weight rows x chunk rows accumulators):
+  int plain_rows;   // (k, 0): base GEMV rows
+  int routed_rows;  // (k, k): rows with one task each
   void (*pack)(const PackArgs&, int64_t r0, int64_t r1);
   void (*unpack)(const UnpackArgs&, int64_t r0, int64_t r1);
   void (*dequant)(const DequantArgs&, int64_t r0, int64_t r1);

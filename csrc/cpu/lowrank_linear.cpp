@@ -23,7 +23,7 @@ at::Tensor small_matmul(const at::Tensor& x32, const at::Tensor& w, int64_t rows
     return at::mm(x32, w.narrow(0, 0, rows_w).narrow(1, 0, k).to(at::kFloat).t());
   }
   at::Tensor y32 = at::zeros({m, rows_w}, x32.options());
-  run_gemv(w, ldw, rows_w, k, x32, plain_chunks(m, kernels().max_rows), nullptr, y32);
+  run_gemv(w, ldw, rows_w, k, x32, plain_chunks(m), nullptr, y32);
   return y32;
 }
 
@@ -62,7 +62,7 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
   const Routes routes = parse_routes(kOp, rows, tasks, task_ids, coeffs);
   if (rows == 0) return at::empty({0, out}, x.options());
 
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor x32 = padded_rows_f32(x);
   at::Tensor y32 = rows > kGemvRows ? at::linear(x, base_w).to(at::kFloat)
                                     : small_matmul(x32, base_w, out, in, in);
   for (int64_t t = 0; r > 0 && t < tasks; ++t) {
@@ -79,7 +79,7 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
     if (idx.empty()) continue;
     const bool all = int64_t(idx.size()) == rows;
     const at::Tensor sel = at::tensor(idx, at::kLong);
-    const at::Tensor xt = all ? x32 : x32.index_select(0, sel);
+    const at::Tensor xt = all ? x32 : padded_rows_f32(x32.index_select(0, sel));
     at::Tensor z = small_matmul(xt, V[t], r, in, in);  // [m, r]: V_t[:r] rows
     z.mul_(at::tensor(coeff).unsqueeze(1));
     const at::Tensor dy = small_matmul(z, U[t], out, full_rank, r);  // U_t[:, :r]

@@ -58,16 +58,26 @@ Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
   return r;
 }
 
-std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>& rows,
-                               int max_rows) {
+std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>& rows) {
+  const KernelTable& k = kernels();
   std::vector<Chunk> out;
   Chunk run;
   auto flush = [&] {
-    if (run.nr == 0) return;
     bool any = false;
-    for (int k = 0; k < run.nr; ++k) any = any || run.task[k] >= 0;
-    run.np = any ? run.nr : 0;
-    out.push_back(run);
+    for (int j = 0; j < run.nr; ++j) any = any || run.task[j] >= 0;
+    for (int j0 = 0; j0 < run.nr; j0 += any ? k.routed_rows : run.nr) {
+      Chunk c;
+      c.row = run.row + j0;
+      c.nr = any ? std::min(k.routed_rows, run.nr - j0) : run.nr;
+      bool has = false;
+      for (int j = 0; j < c.nr; ++j) {
+        c.task[j] = run.task[j0 + j];
+        c.coeff[j] = run.coeff[j0 + j];
+        has = has || c.task[j] >= 0;
+      }
+      c.np = has ? c.nr : 0;
+      out.push_back(c);
+    }
     run = Chunk{};
   };
   for (int64_t m = 0; m < int64_t(rows.size()); ++m) {
@@ -80,9 +90,9 @@ std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>&
       c.nr = 1;
       c.np = int32_t(nt);
       c.row = m;
-      for (int64_t k = 0; k < nt; ++k) {
-        c.task[k] = routes.task[k0 + k];
-        c.coeff[k] = routes.coeff[k0 + k];
+      for (int64_t j = 0; j < nt; ++j) {
+        c.task[j] = routes.task[k0 + j];
+        c.coeff[j] = routes.coeff[k0 + j];
       }
       out.push_back(c);
       continue;
@@ -90,16 +100,28 @@ std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>&
     if (run.nr == 0) run.row = m;
     run.task[run.nr] = nt ? routes.task[k0] : -1;
     run.coeff[run.nr] = nt ? routes.coeff[k0] : 0.0f;
-    if (++run.nr == max_rows) flush();
+    if (++run.nr == k.plain_rows) flush();
   }
   flush();
   return out;
 }
 
+at::Tensor padded_rows_f32(const at::Tensor& x) {
+  // fp32 rows a power-of-two bytes apart share L1 sets: 8 rows of 16 KiB (in = 4096) evict
+  // each other on every block (3-4x slower at N = 8). One cache line of padding per row
+  // spreads them over the sets.
+  const int64_t in = x.size(1);
+  const int64_t ld = ((in + 15) / 16) * 16 + 16;
+  at::Tensor buf = at::empty({x.size(0), ld}, x.options().dtype(at::kFloat));
+  at::Tensor view = buf.narrow(1, 0, in);
+  view.copy_(x);
+  return view;
+}
+
 at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size) {
+  if (groups == 1) return x32.sum(1, /*keepdim=*/true).contiguous();
   const int64_t in = x32.size(1);
-  const int64_t padded = groups * group_size;
-  at::Tensor x = in == padded ? x32 : at::constant_pad_nd(x32, {0, padded - in});
+  const at::Tensor x = at::constant_pad_nd(x32, {0, groups * group_size - in});
   return x.view({x32.size(0), groups, group_size}).sum(-1).contiguous();
 }
 
@@ -112,7 +134,7 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
   a.ldw = ldw;
   a.in = in;
   a.x = x32.data_ptr<float>();
-  a.ldx = x32.size(1);
+  a.ldx = x32.stride(0);
   a.y = y32.data_ptr<float>();
   a.ldy = y32.size(1);
   a.chunks = chunks.data();
@@ -134,7 +156,8 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
 }  // namespace qmerge::cpu
 
 namespace qmerge::cpu {
-std::vector<Chunk> plain_chunks(int64_t rows, int max_rows) {
+std::vector<Chunk> plain_chunks(int64_t rows) {
+  const int max_rows = kernels().plain_rows;
   std::vector<Chunk> out;
   for (int64_t n = 0; n < rows; n += max_rows) {
     Chunk c;

@@ -28,10 +28,13 @@ Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
                     const std::optional<at::Tensor>& coeffs);
 
 // Chunks over `rows` (ascending row numbers of `routes`), numbered 0.. in the order given:
-// runs of rows with at most one term become (k, k) or (k, 0) chunks of up to max_rows rows;
-// a row with several terms (at most kMaxChunk) becomes one (1, terms) chunk.
-std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>& rows,
-                               int max_rows);
+// runs of rows with at most one term become (k, 0) chunks of up to kernels().plain_rows rows
+// when no row has a task, else (k, k) chunks of up to kernels().routed_rows; a row with several
+// terms (at most kMaxChunk) becomes one (1, terms) chunk.
+std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>& rows);
+
+// x [M, in] (any float dtype) as fp32 rows whose stride avoids L1 set conflicts.
+at::Tensor padded_rows_f32(const at::Tensor& x);
 
 // x [M, in] fp32 -> per-group sums [M, groups] fp32 (the "- sum x" of sign . x).
 at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size);
@@ -44,5 +47,5 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
 
 namespace qmerge::cpu {
 // (k, 0) chunks covering rows 0..rows-1: the plain multi-row GEMV.
-std::vector<Chunk> plain_chunks(int64_t rows, int max_rows);
+std::vector<Chunk> plain_chunks(int64_t rows);
 }  // namespace qmerge::cpu

@@ -79,7 +79,6 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   }
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
-  const int max_rows = kernels().max_rows;
 
   std::vector<int64_t> fused;
   if (r.max_terms <= 1) {
@@ -106,7 +105,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
     std::sort(fused.begin(), fused.end());
   } else {
     for (int64_t n = 0; n < rows; ++n) fused.push_back(n);
-    if (r.max_terms > kMaxChunk || make_chunks(r, fused, max_rows).size() > kMaxFusedMixtureChunks) {
+    if (r.max_terms > kMaxChunk || make_chunks(r, fused).size() > kMaxFusedMixtureChunks) {
       return mixture_materialized(x, base_w, s, packed.size(0), r, bias);
     }
   }
@@ -114,9 +113,9 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
 
   const bool all = int64_t(fused.size()) == rows;
   const at::Tensor idx = all ? at::Tensor() : at::tensor(fused, at::kLong);
-  const at::Tensor x32 = (all ? x : x.index_select(0, idx)).to(at::kFloat).contiguous();
+  const at::Tensor x32 = padded_rows_f32(all ? x : x.index_select(0, idx));
   at::Tensor y32 = at::zeros({x32.size(0), out}, x.options().dtype(at::kFloat));
-  run_gemv(base_w, in, out, in, x32, make_chunks(r, fused, max_rows), &s, y32);
+  run_gemv(base_w, in, out, in, x32, make_chunks(r, fused), &s, y32);
   if (bias) y32.add_(bias->to(at::kFloat));
   if (all) return y32.to(x.scalar_type());
   y.index_copy_(0, idx, y32.to(x.scalar_type()));

@@ -17,62 +17,82 @@ struct Term {
   float coeff;
 };
 
-// Columns [c0, c1) of one scale group. Term p reads x row p when NR == NP, else x row 0.
-template <class Tag, int NR, int NP, bool ALIGNED>
-QM_INLINE void gemv_span(const typename Tag::T* w, const float* x, int64_t ldx, const Term* tm,
-                         int64_t nb, int64_t c0, int64_t c1, typename Simd::F (&acc)[NR],
-                         typename Simd::F (&sacc)[NP > 0 ? NP : 1]) {
+// Columns [c0, c1) of one scale group, for R consecutive weight rows at once: every x vector
+// loaded serves R rows (Zen 4 and friends load one 512-bit vector per cycle, so a GEMV that
+// loads x once per FMA is load-bound: bench/results/kernels-cpu.md). Term p reads x row p when
+// NR == NP, else x row 0.
+template <class Tag, int R, int NR, int NP, bool ALIGNED>
+QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, int64_t ldx,
+                         const Term (&tm)[R][NP > 0 ? NP : 1], int64_t nb, int64_t c0, int64_t c1,
+                         typename Simd::F (&acc)[R][NR],
+                         typename Simd::F (&sacc)[R][NP > 0 ? NP : 1]) {
   constexpr int W = Simd::W;
-  typename Simd::F xv[NR];
+  typename Simd::F wv[R], xv[NR];
   int64_t c = c0;
   for (; c + W <= c1; c += W) {
-    const auto wv = Simd::load(Tag{}, w + c);
+#pragma GCC unroll 2
+    for (int k = 0; k < R; ++k) wv[k] = Simd::load(Tag{}, w + k * ldw + c);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       xv[r] = Simd::load(TagF32{}, x + r * ldx + c);
-      acc[r] = Simd::fma(wv, xv[r], acc[r]);
+#pragma GCC unroll 2
+      for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
     }
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
-      const uint32_t b = ALIGNED ? Simd::bits_full(tm[p].bits, c) : bits_any(tm[p].bits, c, nb);
-      sacc[p] = Simd::mask_add(sacc[p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
+#pragma GCC unroll 2
+      for (int k = 0; k < R; ++k) {
+        const uint8_t* bits = tm[k][p].bits;
+        const uint32_t b = ALIGNED ? Simd::bits_full(bits, c) : bits_any(bits, c, nb);
+        sacc[k][p] = Simd::mask_add(sacc[k][p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
+      }
     }
   }
   if (c < c1) {
     const int n = int(c1 - c);
-    const auto wv = Simd::load(Tag{}, w + c, n);
+#pragma GCC unroll 2
+    for (int k = 0; k < R; ++k) wv[k] = Simd::load(Tag{}, w + k * ldw + c, n);
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
       xv[r] = Simd::load(TagF32{}, x + r * ldx + c, n);
-      acc[r] = Simd::fma(wv, xv[r], acc[r]);
+#pragma GCC unroll 2
+      for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
     }
 #pragma GCC unroll 8
     for (int p = 0; p < NP; ++p) {
-      const uint32_t b = bits_any(tm[p].bits, c, nb) & low_bits(n);
-      sacc[p] = Simd::mask_add(sacc[p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
+#pragma GCC unroll 2
+      for (int k = 0; k < R; ++k) {
+        const uint32_t b = bits_any(tm[k][p].bits, c, nb) & low_bits(n);
+        sacc[k][p] = Simd::mask_add(sacc[k][p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
+      }
     }
   }
 }
 
-template <class Tag, int NR, int NP>
+// Weight rows i .. i+R-1 against one chunk.
+template <class Tag, int R, int NR, int NP>
 void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Chunk& ch) {
   static_assert(NR >= 1 && (NP == 0 || NP == NR || NR == 1), "unsupported chunk shape");
   using F = typename Simd::F;
+  constexpr int NPP = NP > 0 ? NP : 1;
   const SignSet& s = a.signs;
   const float* x = a.x + ch.row * a.ldx;
 
-  Term tm[NP > 0 ? NP : 1];
-  for (int p = 0; p < NP; ++p) {
-    const int t = ch.task[p];
-    tm[p] = t < 0 ? Term{a.zero_bits, nullptr, 0.0f}
-                  : Term{s.bits_row(t, i), s.scale_row(t, i), ch.coeff[p]};
+  Term tm[R][NPP];
+  for (int k = 0; k < R; ++k) {
+    for (int p = 0; p < NP; ++p) {
+      const int t = ch.task[p];
+      tm[k][p] = t < 0 ? Term{a.zero_bits, nullptr, 0.0f}
+                       : Term{s.bits_row(t, i + k), s.scale_row(t, i + k), ch.coeff[p]};
+    }
   }
-
-  F acc[NR];
-  float corr[NR];
-  for (int r = 0; r < NR; ++r) {
-    acc[r] = Simd::zero();
-    corr[r] = 0.0f;
+  F acc[R][NR];
+  float corr[R][NR];
+  for (int k = 0; k < R; ++k) {
+    for (int r = 0; r < NR; ++r) {
+      acc[k][r] = Simd::zero();
+      corr[k][r] = 0.0f;
+    }
   }
   const int64_t groups = NP > 0 ? s.groups : 1;
   const int64_t gsize = NP > 0 ? s.group_size : a.in;
@@ -80,39 +100,47 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Ch
     const int64_t c0 = g * gsize;
     if (c0 >= a.in) break;
     const int64_t c1 = min64(a.in, c0 + gsize);
-    F sacc[NP > 0 ? NP : 1];
-    for (int p = 0; p < NP; ++p) sacc[p] = Simd::zero();
+    F sacc[R][NPP];
+    for (int k = 0; k < R; ++k) {
+      for (int p = 0; p < NP; ++p) sacc[k][p] = Simd::zero();
+    }
     if ((c0 & 7) == 0) {
-      gemv_span<Tag, NR, NP, true>(w, x, a.ldx, tm, s.nb, c0, c1, acc, sacc);
+      gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, a.ldx, tm, s.nb, c0, c1, acc, sacc);
     } else {
-      gemv_span<Tag, NR, NP, false>(w, x, a.ldx, tm, s.nb, c0, c1, acc, sacc);
+      gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, a.ldx, tm, s.nb, c0, c1, acc, sacc);
     }
     // Fold the group: + coeff * scale * (2 * masked_sum - sum x).
-    for (int p = 0; p < NP; ++p) {
-      if (!tm[p].scale) continue;
-      const int r = NR == 1 ? 0 : p;
-      const float sc = tm[p].coeff * tm[p].scale[g];
-      acc[r] = Simd::fma(sacc[p], Simd::set1(2.0f * sc), acc[r]);
-      corr[r] += sc * a.xsum[(ch.row + r) * groups + g];
+    for (int k = 0; k < R; ++k) {
+      for (int p = 0; p < NP; ++p) {
+        if (!tm[k][p].scale) continue;
+        const int r = NR == 1 ? 0 : p;
+        const float sc = tm[k][p].coeff * tm[k][p].scale[g];
+        acc[k][r] = Simd::fma(sacc[k][p], Simd::set1(2.0f * sc), acc[k][r]);
+        corr[k][r] += sc * a.xsum[(ch.row + r) * groups + g];
+      }
     }
   }
-  for (int r = 0; r < NR; ++r) a.y[(ch.row + r) * a.ldy + i] += Simd::hsum(acc[r]) - corr[r];
+  for (int k = 0; k < R; ++k) {
+    for (int r = 0; r < NR; ++r) {
+      a.y[(ch.row + r) * a.ldy + i + k] += Simd::hsum(acc[k][r]) - corr[k][r];
+    }
+  }
 }
 
 template <class Tag>
 using ChunkFn = void (*)(const GemvArgs&, const typename Tag::T*, int64_t, const Chunk&);
 
-// The chunk shapes the host (csrc/cpu/routing.cpp) builds: (k, 0), (k, k), (1, k).
-template <class Tag>
+// The chunk shapes the host (csrc/cpu/routing.cpp) builds: (k, 0) for k <= 8, (k, k) for
+// k <= 4, (1, k) for k <= 8; each for R = 2 weight rows and R = 1 (an odd last row).
+template <class Tag, int R>
 ChunkFn<Tag> chunk_fn(int nr, int np) {
-#define QM_SHAPE(R, P) \
-  case (R) * 16 + (P): \
-    return &gemv_chunk<Tag, R, P>;
+#define QM_SHAPE(NR, NP) \
+  case (NR) * 16 + (NP): \
+    return &gemv_chunk<Tag, R, NR, NP>;
   switch (nr * 16 + np) {
     QM_SHAPE(1, 0) QM_SHAPE(2, 0) QM_SHAPE(3, 0) QM_SHAPE(4, 0)
     QM_SHAPE(5, 0) QM_SHAPE(6, 0) QM_SHAPE(7, 0) QM_SHAPE(8, 0)
     QM_SHAPE(1, 1) QM_SHAPE(2, 2) QM_SHAPE(3, 3) QM_SHAPE(4, 4)
-    QM_SHAPE(5, 5) QM_SHAPE(6, 6) QM_SHAPE(7, 7) QM_SHAPE(8, 8)
     QM_SHAPE(1, 2) QM_SHAPE(1, 3) QM_SHAPE(1, 4)
     QM_SHAPE(1, 5) QM_SHAPE(1, 6) QM_SHAPE(1, 7) QM_SHAPE(1, 8)
     default:
@@ -124,16 +152,24 @@ ChunkFn<Tag> chunk_fn(int nr, int np) {
 template <class Tag>
 void gemv_rows(const GemvArgs& a, int64_t i0, int64_t i1) {
   using T = typename Tag::T;
-  ChunkFn<Tag> fns[64];
-  const int64_t cached = min64(a.nchunks, 64);
-  for (int64_t k = 0; k < cached; ++k) fns[k] = chunk_fn<Tag>(a.chunks[k].nr, a.chunks[k].np);
-  for (int64_t i = i0; i < i1; ++i) {
+  constexpr int64_t kCached = 64;
+  ChunkFn<Tag> pair_fns[kCached], one_fns[kCached];
+  const int64_t cached = min64(a.nchunks, kCached);
+  for (int64_t k = 0; k < cached; ++k) {
+    pair_fns[k] = chunk_fn<Tag, 2>(a.chunks[k].nr, a.chunks[k].np);
+    one_fns[k] = chunk_fn<Tag, 1>(a.chunks[k].nr, a.chunks[k].np);
+  }
+  for (int64_t i = i0; i < i1; i += 2) {
+    const bool pair = i + 1 < i1;
     const T* w = static_cast<const T*>(a.w) + i * a.ldw;
     for (int64_t k = 0; k < a.nchunks; ++k) {
       const Chunk& ch = a.chunks[k];
-      const ChunkFn<Tag> fn = k < cached ? fns[k] : chunk_fn<Tag>(ch.nr, ch.np);
+      ChunkFn<Tag> fn = k < cached ? (pair ? pair_fns[k] : one_fns[k])
+                                   : (pair ? chunk_fn<Tag, 2>(ch.nr, ch.np)
+                                           : chunk_fn<Tag, 1>(ch.nr, ch.np));
       fn(a, w, i, ch);
     }
+    if (!pair) break;
   }
 }
 

@@ -26,8 +26,9 @@ inline void gemv_any(const GemvArgs& a, int64_t i0, int64_t i1) { QM_BY_DTYPE(ge
 #undef QM_BY_DTYPE
 
 const KernelTable& table() {
-  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_MAX_ROWS, &pack_any, &unpack_any,
-                             &dequant_any, &gemv_any};
+  static const KernelTable t{QMERGE_ISA_NAME,     QMERGE_ISA_PLAIN_ROWS, QMERGE_ISA_ROUTED_ROWS,
+                             &pack_any,           &unpack_any,           &dequant_any,
+                             &gemv_any};
   return t;
 }
 
