@@ -74,6 +74,8 @@ def extensions():
             "qmerge._C",
             sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.abspath("csrc/cpu")],
+            # Headers hold most kernel code: list them so editing one triggers a rebuild.
+            depends=sorted(glob.glob("csrc/cpu/**/*.h", recursive=True)),
             extra_compile_args={"cxx": cxx},
             # Links libgomp by soname; at run time it resolves to the copy torch already loaded.
             extra_link_args=["-fopenmp"],

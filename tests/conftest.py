@@ -1,0 +1,36 @@
+"""Shared fixtures: fixed seeds, and one run per CPU instruction set for native kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qmerge import ops
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _isa_params():
+    if not ops.native_available():
+        return [pytest.param("reference", id="reference")]
+    return [pytest.param(isa, id=isa) for isa in ops.supported_isas()]
+
+
+@pytest.fixture(params=_isa_params())
+def isa(request):
+    """Runs the test once per instruction set the native kernels support here (each forced),
+    or once on the reference when the extension is absent."""
+    if request.param == "reference":
+        yield "reference"
+        return
+    before = ops.active_isa()
+    ops.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        ops.set_isa(before)
