@@ -1,0 +1,3 @@
+from qmerge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs qmerge into ./.venv: torch 2.13.0 (CPU build), the package with its compiled
+# kernels (built against that torch: --no-build-isolation), and the test tools.
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
+pip install --upgrade pip "setuptools>=77" wheel
+# A plain `torch` requirement would pull a multi-GB CUDA build: pin the CPU wheel.
+pip install torch==2.13.0 "numpy>=1.24" "pytest>=7" ninja
+MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -e .
+.venv/bin/python -c "from qmerge import ops; print('qmerge installed; kernels:', ops.backend())"
