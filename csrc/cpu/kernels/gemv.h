@@ -43,8 +43,8 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
 #pragma GCC unroll 2
       for (int k = 0; k < R; ++k) {
         const uint8_t* bits = tm[k][p].bits;
-        const uint32_t b = ALIGNED ? Simd::bits_full(bits, c) : bits_any(bits, c, nb);
-        sacc[k][p] = Simd::mask_add(sacc[k][p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
+        const auto m = ALIGNED ? Simd::mask_full(bits, c) : Simd::mask(bits_any(bits, c, nb));
+        sacc[k][p] = Simd::mask_add(sacc[k][p], m, xv[NR == 1 ? 0 : p]);
       }
     }
   }

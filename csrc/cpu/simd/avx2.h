@@ -66,6 +66,7 @@ struct Simd {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
   }
   static uint32_t bits_full(const uint8_t* row, int64_t c) { return row[c >> 3]; }
+  static M mask_full(const uint8_t* row, int64_t c) { return mask(bits_full(row, c)); }
   static F mask_add(F acc, M m, F x) { return _mm256_add_ps(acc, _mm256_and_ps(m, x)); }
   static F pm(M m, F a) {
     const F neg = _mm256_xor_ps(a, _mm256_set1_ps(-0.0f));

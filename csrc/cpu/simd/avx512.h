@@ -74,6 +74,11 @@ struct Simd {
     __builtin_memcpy(&v, row + (c >> 3), 2);
     return v;
   }
+  // The mask of a full block at column c (a multiple of 8), loaded straight into a mask
+  // register (kmovw k, m16) instead of through a general register.
+  static M mask_full(const uint8_t* row, int64_t c) {
+    return _load_mask16(reinterpret_cast<__mmask16*>(const_cast<uint8_t*>(row + (c >> 3))));
+  }
   static F mask_add(F acc, M m, F x) { return _mm512_mask_add_ps(acc, m, acc, x); }
   // m ? a : -a, where -a flips the sign bit exactly as a * -1 does.
   static F pm(M m, F a) {
