@@ -107,9 +107,9 @@ std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>&
 }
 
 at::Tensor padded_rows_f32(const at::Tensor& x) {
-  // fp32 rows a power-of-two bytes apart share L1 sets: 8 rows of 16 KiB (in = 4096) evict
-  // each other on every block (3-4x slower at N = 8). One cache line of padding per row
-  // spreads them over the sets.
+  // fp32 rows a power-of-two bytes apart (16 KiB at in = 4096) all map to one L1 set; a cache
+  // line of padding per row spreads them. Measured: no visible gain on Zen 4, where the x
+  // loads themselves bind (bench/results/kernels-cpu-notes.md); kept because it costs nothing.
   const int64_t in = x.size(1);
   const int64_t ld = ((in + 15) / 16) * 16 + 16;
   at::Tensor buf = at::empty({x.size(0), ld}, x.options().dtype(at::kFloat));
@@ -153,9 +153,6 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
   parallel_rows(out, grain, [&](int64_t i0, int64_t i1) { k.gemv(a, i0, i1); });
 }
 
-}  // namespace qmerge::cpu
-
-namespace qmerge::cpu {
 std::vector<Chunk> plain_chunks(int64_t rows) {
   const int max_rows = kernels().plain_rows;
   std::vector<Chunk> out;
@@ -167,4 +164,5 @@ std::vector<Chunk> plain_chunks(int64_t rows) {
   }
   return out;
 }
+
 }  // namespace qmerge::cpu

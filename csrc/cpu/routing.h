@@ -33,7 +33,7 @@ Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
 // terms (at most kMaxChunk) becomes one (1, terms) chunk.
 std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>& rows);
 
-// x [M, in] (any float dtype) as fp32 rows whose stride avoids L1 set conflicts.
+// x [M, in] (any float dtype) as fp32 rows with a padded stride (not a power of two).
 at::Tensor padded_rows_f32(const at::Tensor& x);
 
 // x [M, in] fp32 -> per-group sums [M, groups] fp32 (the "- sum x" of sign . x).
@@ -43,9 +43,6 @@ at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size)
 void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const at::Tensor& x32,
               const std::vector<Chunk>& chunks, const SignSet* signs, at::Tensor& y32);
 
-}  // namespace qmerge::cpu
-
-namespace qmerge::cpu {
 // (k, 0) chunks covering rows 0..rows-1: the plain multi-row GEMV.
 std::vector<Chunk> plain_chunks(int64_t rows);
 }  // namespace qmerge::cpu
