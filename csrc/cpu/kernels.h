@@ -43,6 +43,8 @@ struct DequantArgs {
   int64_t in = 0;
   int64_t tasks = 0;
   SignSet signs;               // scales = alpha-premultiplied
+  bool stream = false;         // non-temporal stores: dst is larger than the cache and is not
+                               // read back at once (skips the read-for-ownership of dst)
 };
 
 // One unit of GEMV work for one output row: `nr` consecutive x rows (each with its own

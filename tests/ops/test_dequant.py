@@ -17,7 +17,7 @@ LAYOUTS = [(8, 16, None, 1), (5, 13, 1, 1), (7, 64, None, 4), (6, 50, None, 3), 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
-@pytest.mark.parametrize("tasks", [1, 3, 8])
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4, 8])  # 1..4 are compiled per count
 def test_matches_reference_exactly(isa, dtype, layout, tasks):
     out, inn, rows, groups = layout
     base = torch.randn(out, inn).to(dtype)
@@ -27,6 +27,27 @@ def test_matches_reference_exactly(isa, dtype, layout, tasks):
     ref = ops.reference.dequant_add_sign(base, packed, scales, alphas)
     assert w.dtype == dtype
     torch.testing.assert_close(w, ref, rtol=0, atol=0)
+
+
+# Outputs of 8 MiB or more are written with non-temporal stores (kStreamBytes in
+# csrc/cpu/dequant_add_sign.cpp), on the rows and groups whose start is vector-aligned; the
+# others take plain stores. Rows of 4100 bf16 (8200 bytes) are aligned only every 4th row.
+@pytest.mark.parametrize(
+    "dtype,out,inn,groups",
+    [(torch.bfloat16, 1024, 4096, 2), (torch.bfloat16, 1025, 4100, 1),
+     (torch.float32, 520, 4104, 1), (torch.float16, 1024, 4100, 3)],
+    ids=str,
+)
+def test_large_outputs_streamed_match_reference(isa, dtype, out, inn, groups):
+    assert out * inn * dtype.itemsize >= 8 << 20
+    base = torch.randn(out, inn).to(dtype)
+    packed, scales = make_signs(2, out, inn, None, groups)
+    alphas = torch.randn(2)
+    ref = ops.reference.dequant_add_sign(base, packed, scales, alphas)
+    torch.testing.assert_close(ops.dequant_add_sign(base, packed, scales, alphas), ref,
+                               rtol=0, atol=0)
+    ops.dequant_add_sign(base, packed, scales, alphas, out=base)  # in place
+    torch.testing.assert_close(base, ref, rtol=0, atol=0)
 
 
 def test_one_task_gives_the_fine_tuned_weight(isa):

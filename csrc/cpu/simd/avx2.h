@@ -38,20 +38,24 @@ struct Simd {
   }
 
   static void store(TagF32, float* p, F v) { _mm256_storeu_ps(p, v); }
+  static __m128i f32_to_f16(F v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
   static void store(TagF16, uint16_t* p, F v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_f16(v));
   }
   // Round to nearest even, NaN -> quiet NaN (c10::BFloat16's rule).
-  static void store(TagBF16, uint16_t* p, F v) {
+  static __m128i f32_to_bf16(F v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
     r = _mm256_srli_epi32(r, 16);
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
-    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+  static void store(TagBF16, uint16_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32_to_bf16(v));
   }
   template <class Tag>
   static void store(Tag tag, typename Tag::T* p, F v, int n) {
@@ -59,6 +63,15 @@ struct Simd {
     store(tag, buf, v);
     __builtin_memcpy(p, buf, sizeof(buf[0]) * n);
   }
+  // Non-temporal stores of a full vector (p aligned to W * sizeof(T) bytes), then fence().
+  static void stream(TagF32, float* p, F v) { _mm256_stream_ps(p, v); }
+  static void stream(TagF16, uint16_t* p, F v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32_to_f16(v));
+  }
+  static void stream(TagBF16, uint16_t* p, F v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), f32_to_bf16(v));
+  }
+  static void fence() { _mm_sfence(); }
 
   static M mask(uint32_t bits) {
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -72,6 +85,7 @@ struct Simd {
     const F neg = _mm256_xor_ps(a, _mm256_set1_ps(-0.0f));
     return _mm256_blendv_ps(neg, a, m);
   }
+  static F blend(M m, F if0, F if1) { return _mm256_blendv_ps(if0, if1, m); }
   static uint32_t ge0(F v) {
     return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ)));
   }

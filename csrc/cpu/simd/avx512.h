@@ -65,6 +65,16 @@ struct Simd {
   static void store(TagBF16, uint16_t* p, F v, int n) {
     _mm256_mask_storeu_epi16(p, first(n), f32_to_bf16(v));
   }
+  // Non-temporal stores of a full vector (p aligned to W * sizeof(T) bytes): they skip the
+  // read-for-ownership of the destination line. fence() orders them before the thread ends.
+  static void stream(TagF32, float* p, F v) { _mm512_stream_ps(p, v); }
+  static void stream(TagF16, uint16_t* p, F v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32_to_f16(v));
+  }
+  static void stream(TagBF16, uint16_t* p, F v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), f32_to_bf16(v));
+  }
+  static void fence() { _mm_sfence(); }
 
   // --- sign bits. `bits` holds one bit per lane, lane 0 in bit 0.
   static M mask(uint32_t bits) { return static_cast<M>(bits); }
@@ -86,6 +96,7 @@ struct Simd {
         _mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(int(0x80000000u))));
     return _mm512_mask_blend_ps(m, neg, a);
   }
+  static F blend(M m, F if0, F if1) { return _mm512_mask_blend_ps(m, if0, if1); }
   static uint32_t ge0(F v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ); }
 };
 

@@ -33,12 +33,17 @@ struct Simd {
   static void store(Tag tag, typename Tag::T* p, F v, int n) {
     if (n > 0) store(tag, p, v);
   }
+  // No non-temporal stores for one lane: plain stores.
+  template <class Tag>
+  static void stream(Tag tag, typename Tag::T* p, F v) { store(tag, p, v); }
+  static void fence() {}
 
   static M mask(uint32_t bits) { return (bits & 1u) != 0; }
   static uint32_t bits_full(const uint8_t* row, int64_t c) { return row[c >> 3] >> (c & 7); }
   static M mask_full(const uint8_t* row, int64_t c) { return mask(bits_full(row, c)); }
   static F mask_add(F acc, M m, F x) { return m ? acc + x : acc; }
   static F pm(M m, F a) { return m ? a : -a; }
+  static F blend(M m, F if0, F if1) { return m ? if1 : if0; }
   static uint32_t ge0(F v) { return v >= 0.0f ? 1u : 0u; }
 };
 
