@@ -19,6 +19,14 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -29,11 +37,12 @@ bool cpu_has_avx2() {
 }
 
 Isa parse(const std::string& name) {
+  if (name == "avx512bf16") return Isa::avx512bf16;
   if (name == "avx512") return Isa::avx512;
   if (name == "avx2") return Isa::avx2;
   if (name == "scalar") return Isa::scalar;
   TORCH_CHECK_VALUE(false, "qmerge: unknown instruction set '", name,
-                    "': expected 'avx512', 'avx2', 'scalar' or 'auto'");
+                    "': expected 'avx512bf16', 'avx512', 'avx2', 'scalar' or 'auto'");
 }
 
 std::atomic<int>& forced() {
@@ -45,7 +54,8 @@ std::atomic<int>& forced() {
 }  // namespace
 
 Isa best_isa() {
-  static const Isa best = cpu_has_avx512() ? Isa::avx512
+  static const Isa best = cpu_has_avx512bf16() ? Isa::avx512bf16
+                          : cpu_has_avx512()   ? Isa::avx512
                           : cpu_has_avx2() ? Isa::avx2
                                            : Isa::scalar;
   return best;
@@ -53,6 +63,7 @@ Isa best_isa() {
 
 std::string isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512bf16: return "avx512bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     case Isa::scalar: return "scalar";
@@ -89,6 +100,7 @@ std::vector<std::string> supported_isas() {
 
 const KernelTable& kernels() {
   switch (active_isa()) {
+    case Isa::avx512bf16: return avx512bf16::table();
     case Isa::avx512: return avx512::table();
     case Isa::avx2: return avx2::table();
     case Isa::scalar: break;

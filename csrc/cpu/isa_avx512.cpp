@@ -16,6 +16,7 @@
 #define QMERGE_ISA_NAME "avx512"
 #define QMERGE_ISA_PLAIN_ROWS 8
 #define QMERGE_ISA_ROUTED_ROWS 4
+#define QMERGE_ISA_MAX_ROWS 4
 #include "simd/avx512.h"
 #include "kernels/table.h"
 

@@ -12,7 +12,9 @@
 namespace qmerge::cpu {
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+// Ordered: each level's CPU requirements include the ones below it. avx512bf16 adds the
+// AVX512-BF16 dot product (vdpbf16ps) for bf16 GEMVs; its other kernels are avx512's.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 
 // Packed signs and scales of T tasks for one weight [out, in] (layout in shared/DESIGN.md).
 struct SignSet {
@@ -70,6 +72,8 @@ struct GemvArgs {
   int64_t in = 0;
   const float* x = nullptr;    // [N, ldx] fp32
   int64_t ldx = 0;
+  const uint16_t* xb = nullptr;  // [N, ldxb] x as bf16, set when the values are exactly bf16
+  int64_t ldxb = 0;              // (bf16 weights with KernelTable::bf16_dot; else null)
   const float* xsum = nullptr; // [N, G] per-group sums of x (when signs are used)
   float* y = nullptr;          // [N, ldy] fp32, accumulated into
   int64_t ldy = 0;
@@ -99,12 +103,14 @@ struct KernelTable {
   // Largest chunks this ISA keeps in registers (2 weight rows x chunk rows accumulators):
   int plain_rows;   // (k, 0): base GEMV rows
   int routed_rows;  // (k, k): rows with one task each
+  bool bf16_dot;    // gemv on bf16 weights wants GemvArgs::xb (bf16 x bf16 dot products)
   void (*pack)(const PackArgs&, int64_t r0, int64_t r1);
   void (*unpack)(const UnpackArgs&, int64_t r0, int64_t r1);
   void (*dequant)(const DequantArgs&, int64_t r0, int64_t r1);
   void (*gemv)(const GemvArgs&, int64_t i0, int64_t i1);
 };
 
+namespace avx512bf16 { const KernelTable& table(); }
 namespace avx512 { const KernelTable& table(); }
 namespace avx2 { const KernelTable& table(); }
 namespace scalar { const KernelTable& table(); }

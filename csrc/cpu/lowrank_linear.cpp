@@ -16,14 +16,15 @@ constexpr const char* kOp = "lowrank_linear";
 constexpr int64_t kGemvRows = 16;
 
 // y32 [m, rows_w] = x32 [m, k] @ w[:, :k]^T, w [rows_w, ldw] in the activation dtype.
-at::Tensor small_matmul(const at::Tensor& x32, const at::Tensor& w, int64_t rows_w, int64_t ldw,
-                        int64_t k) {
+// x_exact: x32 holds values of that dtype (see run_gemv).
+at::Tensor small_matmul(const at::Tensor& x32, bool x_exact, const at::Tensor& w, int64_t rows_w,
+                        int64_t ldw, int64_t k) {
   const int64_t m = x32.size(0);
   if (m > kGemvRows) {
     return at::mm(x32, w.narrow(0, 0, rows_w).narrow(1, 0, k).to(at::kFloat).t());
   }
   at::Tensor y32 = at::zeros({m, rows_w}, x32.options());
-  run_gemv(w, ldw, rows_w, k, x32, plain_chunks(m), nullptr, y32);
+  run_gemv(w, ldw, rows_w, k, x32, x_exact, plain_chunks(m), nullptr, y32);
   return y32;
 }
 
@@ -64,7 +65,7 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
 
   const at::Tensor x32 = padded_rows_f32(x);
   at::Tensor y32 = rows > kGemvRows ? at::linear(x, base_w).to(at::kFloat)
-                                    : small_matmul(x32, base_w, out, in, in);
+                                    : small_matmul(x32, true, base_w, out, in, in);
   for (int64_t t = 0; r > 0 && t < tasks; ++t) {
     std::vector<int64_t> idx;
     std::vector<float> coeff;
@@ -80,9 +81,9 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
     const bool all = int64_t(idx.size()) == rows;
     const at::Tensor sel = at::tensor(idx, at::kLong);
     const at::Tensor xt = all ? x32 : padded_rows_f32(x32.index_select(0, sel));
-    at::Tensor z = small_matmul(xt, V[t], r, in, in);  // [m, r]: V_t[:r] rows
+    at::Tensor z = small_matmul(xt, true, V[t], r, in, in);  // [m, r]: V_t[:r] rows
     z.mul_(at::tensor(coeff).unsqueeze(1));
-    const at::Tensor dy = small_matmul(z, U[t], out, full_rank, r);  // U_t[:, :r]
+    const at::Tensor dy = small_matmul(z, false, U[t], out, full_rank, r);  // U_t[:, :r]
     if (all) {
       y32.add_(dy);
     } else {

@@ -106,17 +106,24 @@ std::vector<Chunk> make_chunks(const Routes& routes, const std::vector<int64_t>&
   return out;
 }
 
-at::Tensor padded_rows_f32(const at::Tensor& x) {
-  // fp32 rows a power-of-two bytes apart (16 KiB at in = 4096) all map to one L1 set; a cache
-  // line of padding per row spreads them. Measured: no visible gain on Zen 4, where the x
-  // loads themselves bind (bench/results/kernels-cpu-notes.md); kept because it costs nothing.
+namespace {
+
+// x rows converted to `dtype`, `per_line` elements to a 64-byte line. Rows a power-of-two bytes
+// apart (16 KiB at in = 4096, fp32) all map to one L1 set; a line of padding per row spreads
+// them. Measured: no visible gain on Zen 4, where the x loads themselves bind
+// (bench/results/kernels-cpu-notes.md); kept because it costs nothing.
+at::Tensor padded_rows(const at::Tensor& x, at::ScalarType dtype, int64_t per_line) {
   const int64_t in = x.size(1);
-  const int64_t ld = ((in + 15) / 16) * 16 + 16;
-  at::Tensor buf = at::empty({x.size(0), ld}, x.options().dtype(at::kFloat));
+  const int64_t ld = ((in + per_line - 1) / per_line) * per_line + per_line;
+  at::Tensor buf = at::empty({x.size(0), ld}, x.options().dtype(dtype));
   at::Tensor view = buf.narrow(1, 0, in);
   view.copy_(x);
   return view;
 }
+
+}  // namespace
+
+at::Tensor padded_rows_f32(const at::Tensor& x) { return padded_rows(x, at::kFloat, 16); }
 
 at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size) {
   if (groups == 1) return x32.sum(1, /*keepdim=*/true).contiguous();
@@ -126,7 +133,8 @@ at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size)
 }
 
 void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const at::Tensor& x32,
-              const std::vector<Chunk>& chunks, const SignSet* signs, at::Tensor& y32) {
+              bool x_exact, const std::vector<Chunk>& chunks, const SignSet* signs,
+              at::Tensor& y32) {
   if (chunks.empty() || out == 0) return;
   GemvArgs a;
   a.dtype = float_dtype(w, "gemv", "w");
@@ -139,7 +147,13 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
   a.ldy = y32.size(1);
   a.chunks = chunks.data();
   a.nchunks = int64_t(chunks.size());
-  at::Tensor xsum, zeros;
+  const KernelTable& k = kernels();
+  at::Tensor xb, xsum, zeros;
+  if (k.bf16_dot && a.dtype == DType::bf16 && x_exact) {
+    xb = padded_rows(x32, at::kBFloat16, 32);  // exact: the values came from bf16
+    a.xb = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+    a.ldxb = xb.stride(0);
+  }
   if (signs) {
     a.signs = *signs;
     xsum = group_sums(x32, signs->groups, signs->group_size);
@@ -147,7 +161,6 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
     zeros = at::zeros({std::max<int64_t>(signs->nb, 1)}, at::kByte);
     a.zero_bits = zeros.data_ptr<uint8_t>();
   }
-  const KernelTable& k = kernels();
   // Rows are independent; ~16 KB of weights per task keeps thread start-up negligible.
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(in, 1));
   parallel_rows(out, grain, [&](int64_t i0, int64_t i1) { k.gemv(a, i0, i1); });

@@ -40,8 +40,11 @@ at::Tensor padded_rows_f32(const at::Tensor& x);
 at::Tensor group_sums(const at::Tensor& x32, int64_t groups, int64_t group_size);
 
 // y32 [M, out] += the routed GEMV of x32 [M, in] against w [out, ldw] (see kernels.h GemvArgs).
+// x_exact: every value of x32 is exactly representable in w's dtype (x was given in it), which
+// lets bf16 weights use bf16 dot products (KernelTable::bf16_dot).
 void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const at::Tensor& x32,
-              const std::vector<Chunk>& chunks, const SignSet* signs, at::Tensor& y32);
+              bool x_exact, const std::vector<Chunk>& chunks, const SignSet* signs,
+              at::Tensor& y32);
 
 // (k, 0) chunks covering rows 0..rows-1: the plain multi-row GEMV.
 std::vector<Chunk> plain_chunks(int64_t rows);

@@ -115,7 +115,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   const at::Tensor idx = all ? at::Tensor() : at::tensor(fused, at::kLong);
   const at::Tensor x32 = padded_rows_f32(all ? x : x.index_select(0, idx));
   at::Tensor y32 = at::zeros({x32.size(0), out}, x.options().dtype(at::kFloat));
-  run_gemv(base_w, in, out, in, x32, make_chunks(r, fused), &s, y32);
+  run_gemv(base_w, in, out, in, x32, /*x_exact=*/true, make_chunks(r, fused), &s, y32);
   if (bias) y32.add_(bias->to(at::kFloat));
   if (all) return y32.to(x.scalar_type());
   y.index_copy_(0, idx, y32.to(x.scalar_type()));

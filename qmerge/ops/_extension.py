@@ -44,8 +44,7 @@ def backend() -> dict[str, str]:
     """Which kernels serve each device type.
 
     Returns:
-        {"cpu": "native-avx512" | "native-avx2" | "native-scalar" | "reference",
-         "cuda": "reference"} (CUDA kernels come with csrc/cuda/; until then the reference runs
+        {"cpu": "native-<isa>" (see supported_isas) | "reference", "cuda": "reference"} (CUDA kernels come with csrc/cuda/; until then the reference runs
         on CUDA tensors), plus "reason" when the CPU kernels are missing.
     """
     out = {"cpu": f"native-{_cpu.active_isa()}" if _cpu else "reference", "cuda": "reference"}
@@ -61,7 +60,7 @@ def _native(what: str) -> ModuleType:
 
 
 def set_isa(name: str) -> None:
-    """Force the CPU kernels' instruction set: "avx512", "avx2", "scalar" or "auto".
+    """Force the CPU kernels' instruction set: "avx512bf16", "avx512", "avx2", "scalar" or "auto".
 
     Also settable with the environment variable QMERGE_ISA before the first op call. Raises
     ValueError for an instruction set this CPU does not support.

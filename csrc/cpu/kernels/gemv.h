@@ -7,76 +7,25 @@
 // x rows live in registers and serve both the dot product and every term that reads them.
 #pragma once
 
-#include "kernels/bits.h"
+#include "kernels/gemv_span.h"
+#ifdef QMERGE_ISA_BF16DOT
+#include "kernels/gemv_bf16dot.h"
+#endif
 
 namespace qmerge::cpu::QMERGE_ISA {
 
-struct Term {
-  const uint8_t* bits;  // this task's packed row i (zero bits for "no task")
-  const float* scale;   // this task's scales for row i, [G]; null for "no task"
-  float coeff;
-};
-
-// Columns [c0, c1) of one scale group, for R consecutive weight rows at once: every x vector
-// loaded serves R rows (Zen 4 and friends load one 512-bit vector per cycle, so a GEMV that
-// loads x once per FMA is load-bound: bench/results/kernels-cpu.md). Term p reads x row p when
-// NR == NP, else x row 0.
-template <class Tag, int R, int NR, int NP, bool ALIGNED>
-QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, int64_t ldx,
-                         const Term (&tm)[R][NP > 0 ? NP : 1], int64_t nb, int64_t c0, int64_t c1,
-                         typename Simd::F (&acc)[R][NR],
-                         typename Simd::F (&sacc)[R][NP > 0 ? NP : 1]) {
-  constexpr int W = Simd::W;
-  typename Simd::F wv[R], xv[NR];
-  int64_t c = c0;
-  for (; c + W <= c1; c += W) {
-#pragma GCC unroll 2
-    for (int k = 0; k < R; ++k) wv[k] = Simd::load(Tag{}, w + k * ldw + c);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      xv[r] = Simd::load(TagF32{}, x + r * ldx + c);
-#pragma GCC unroll 2
-      for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
-    }
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-#pragma GCC unroll 2
-      for (int k = 0; k < R; ++k) {
-        const uint8_t* bits = tm[k][p].bits;
-        const auto m = ALIGNED ? Simd::mask_full(bits, c) : Simd::mask(bits_any(bits, c, nb));
-        sacc[k][p] = Simd::mask_add(sacc[k][p], m, xv[NR == 1 ? 0 : p]);
-      }
-    }
-  }
-  if (c < c1) {
-    const int n = int(c1 - c);
-#pragma GCC unroll 2
-    for (int k = 0; k < R; ++k) wv[k] = Simd::load(Tag{}, w + k * ldw + c, n);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      xv[r] = Simd::load(TagF32{}, x + r * ldx + c, n);
-#pragma GCC unroll 2
-      for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
-    }
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-#pragma GCC unroll 2
-      for (int k = 0; k < R; ++k) {
-        const uint32_t b = bits_any(tm[k][p].bits, c, nb) & low_bits(n);
-        sacc[k][p] = Simd::mask_add(sacc[k][p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
-      }
-    }
-  }
-}
-
 // Weight rows i .. i+R-1 against one chunk.
-template <class Tag, int R, int NR, int NP>
+// XT: float (x rows in fp32) or uint16_t (x rows in bf16, for the bf16 dot-product span).
+template <class Tag, int R, int NR, int NP, class XT>
 void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Chunk& ch) {
   static_assert(NR >= 1 && (NP == 0 || NP == NR || NR == 1), "unsupported chunk shape");
   using F = typename Simd::F;
   constexpr int NPP = NP > 0 ? NP : 1;
   const SignSet& s = a.signs;
-  const float* x = a.x + ch.row * a.ldx;
+  constexpr bool kBf16x = same_v<XT, uint16_t>;
+  const int64_t ldx = kBf16x ? a.ldxb : a.ldx;
+  const XT* x = kBf16x ? reinterpret_cast<const XT*>(a.xb) + ch.row * ldx
+                       : reinterpret_cast<const XT*>(a.x) + ch.row * ldx;
 
   Term tm[R][NPP];
   for (int k = 0; k < R; ++k) {
@@ -105,9 +54,9 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Ch
       for (int p = 0; p < NP; ++p) sacc[k][p] = Simd::zero();
     }
     if ((c0 & 7) == 0) {
-      gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, a.ldx, tm, s.nb, c0, c1, acc, sacc);
+      gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, ldx, tm, s.nb, c0, c1, acc, sacc);
     } else {
-      gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, a.ldx, tm, s.nb, c0, c1, acc, sacc);
+      gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, ldx, tm, s.nb, c0, c1, acc, sacc);
     }
     // Fold the group: + coeff * scale * (2 * masked_sum - sum x).
     for (int k = 0; k < R; ++k) {
@@ -130,13 +79,35 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Ch
 template <class Tag>
 using ChunkFn = void (*)(const GemvArgs&, const typename Tag::T*, int64_t, const Chunk&);
 
+// Weight rows per pass: four where the ISA has the registers (AVX-512: 32), else two. More rows
+// per pass means more memory streams in flight, which is what a one-row (decoding) GEMV is
+// bound by: bf16 N=1, 4096x4096, 2 cores: 1.1-1.2 ms with two rows, 0.9-1.0 ms with four.
+#ifndef QMERGE_ISA_MAX_ROWS
+#define QMERGE_ISA_MAX_ROWS 2
+#endif
+constexpr int kMaxRows = QMERGE_ISA_MAX_ROWS;
+
+// Whether R weight rows of an (NR, NP) chunk keep their R * (NR + NP) accumulators, R weight
+// vectors and NR x vectors in registers: four rows only for the small chunks.
+constexpr bool fits(int r, int nr, int np) { return r <= 2 || nr + np <= 4; }
+
+template <class Tag, int R, int NR, int NP, class XT>
+ChunkFn<Tag> chunk_ptr() {
+  if constexpr (fits(R, NR, NP)) {
+    return &gemv_chunk<Tag, R, NR, NP, XT>;
+  } else {
+    return nullptr;
+  }
+}
+
 // The chunk shapes the host (csrc/cpu/routing.cpp) builds: (k, 0) for k <= 8, (k, k) for
-// k <= 4, (1, k) for k <= 8; each for R = 2 weight rows and R = 1 (an odd last row).
-template <class Tag, int R>
+// k <= 4, (1, k) for k <= 8; each for R = kMaxRows, 2 and 1 weight rows (null where the
+// chunk does not fit R rows).
+template <class Tag, int R, class XT>
 ChunkFn<Tag> chunk_fn(int nr, int np) {
 #define QM_SHAPE(NR, NP) \
   case (NR) * 16 + (NP): \
-    return &gemv_chunk<Tag, R, NR, NP>;
+    return chunk_ptr<Tag, R, NR, NP, XT>();
   switch (nr * 16 + np) {
     QM_SHAPE(1, 0) QM_SHAPE(2, 0) QM_SHAPE(3, 0) QM_SHAPE(4, 0)
     QM_SHAPE(5, 0) QM_SHAPE(6, 0) QM_SHAPE(7, 0) QM_SHAPE(8, 0)
@@ -149,28 +120,59 @@ ChunkFn<Tag> chunk_fn(int nr, int np) {
 #undef QM_SHAPE
 }
 
+// Rows [i0, i1) in passes of kMaxRows: every chunk that fits runs on the pass's rows at once;
+// the others run two rows at a time (one for an odd last row), all chunks on a pair before the
+// next pair, so the pair's weights are still in L1 for every chunk after the first.
+template <class Tag, class XT>
+void gemv_rows_x(const GemvArgs& a, int64_t i0, int64_t i1) {
+  using T = typename Tag::T;
+  struct Fns {
+    ChunkFn<Tag> wide, pair, one;
+  };
+  auto fns_of = [](const Chunk& ch) {
+    return Fns{kMaxRows > 2 ? chunk_fn<Tag, kMaxRows, XT>(ch.nr, ch.np) : nullptr,
+               chunk_fn<Tag, 2, XT>(ch.nr, ch.np), chunk_fn<Tag, 1, XT>(ch.nr, ch.np)};
+  };
+  constexpr int64_t kCached = 64;
+  Fns cache[kCached];
+  const int64_t cached = min64(a.nchunks, kCached);
+  for (int64_t k = 0; k < cached; ++k) cache[k] = fns_of(a.chunks[k]);
+  auto fns = [&](int64_t k) { return k < cached ? cache[k] : fns_of(a.chunks[k]); };
+  for (int64_t i = i0; i < i1; i += kMaxRows) {
+    const int64_t n = min64(kMaxRows, i1 - i);
+    const T* w = static_cast<const T*>(a.w) + i * a.ldw;
+    bool narrow = false;
+    for (int64_t k = 0; k < a.nchunks; ++k) {
+      const Fns f = fns(k);
+      if (n == kMaxRows && f.wide) {
+        f.wide(a, w, i, a.chunks[k]);
+      } else {
+        narrow = true;
+      }
+    }
+    if (!narrow) continue;
+    for (int64_t j = 0; j < n; j += 2) {
+      for (int64_t k = 0; k < a.nchunks; ++k) {
+        const Fns f = fns(k);
+        if (n == kMaxRows && f.wide) continue;
+        if (j + 1 < n) {
+          f.pair(a, w + j * a.ldw, i + j, a.chunks[k]);
+        } else {
+          f.one(a, w + j * a.ldw, i + j, a.chunks[k]);
+        }
+      }
+    }
+  }
+}
+
 template <class Tag>
 void gemv_rows(const GemvArgs& a, int64_t i0, int64_t i1) {
-  using T = typename Tag::T;
-  constexpr int64_t kCached = 64;
-  ChunkFn<Tag> pair_fns[kCached], one_fns[kCached];
-  const int64_t cached = min64(a.nchunks, kCached);
-  for (int64_t k = 0; k < cached; ++k) {
-    pair_fns[k] = chunk_fn<Tag, 2>(a.chunks[k].nr, a.chunks[k].np);
-    one_fns[k] = chunk_fn<Tag, 1>(a.chunks[k].nr, a.chunks[k].np);
+#ifdef QMERGE_ISA_BF16DOT
+  if constexpr (same_v<Tag, TagBF16>) {
+    if (a.xb) return gemv_rows_x<Tag, uint16_t>(a, i0, i1);
   }
-  for (int64_t i = i0; i < i1; i += 2) {
-    const bool pair = i + 1 < i1;
-    const T* w = static_cast<const T*>(a.w) + i * a.ldw;
-    for (int64_t k = 0; k < a.nchunks; ++k) {
-      const Chunk& ch = a.chunks[k];
-      ChunkFn<Tag> fn = k < cached ? (pair ? pair_fns[k] : one_fns[k])
-                                   : (pair ? chunk_fn<Tag, 2>(ch.nr, ch.np)
-                                           : chunk_fn<Tag, 1>(ch.nr, ch.np));
-      fn(a, w, i, ch);
-    }
-    if (!pair) break;
-  }
+#endif
+  gemv_rows_x<Tag, float>(a, i0, i1);
 }
 
 }  // namespace qmerge::cpu::QMERGE_ISA

@@ -1,11 +1,28 @@
 // The kernel table of one instruction set: dtype dispatch for every kernel.
 #pragma once
 
-#include "kernels/dequant.h"
 #include "kernels/gemv.h"
+#ifndef QMERGE_ISA_BF16DOT
+#include "kernels/dequant.h"
 #include "kernels/pack.h"
+#endif
 
 namespace qmerge::cpu::QMERGE_ISA {
+
+#ifdef QMERGE_ISA_BF16DOT
+// Only the bf16 GEMV differs from the AVX-512 table: everything else is its kernels.
+inline void gemv_bf16_or_base(const GemvArgs& a, int64_t i0, int64_t i1) {
+  if (a.dtype == DType::bf16) return gemv_rows<TagBF16>(a, i0, i1);
+  return avx512::table().gemv(a, i0, i1);
+}
+
+const KernelTable& table() {
+  const KernelTable& b = avx512::table();
+  static const KernelTable t{QMERGE_ISA_NAME, b.plain_rows, b.routed_rows, true,
+                             b.pack,          b.unpack,     b.dequant,     &gemv_bf16_or_base};
+  return t;
+}
+#else
 
 #define QM_BY_DTYPE(FN, ARGS, R0, R1)                   \
   switch (ARGS.dtype) {                                 \
@@ -26,10 +43,11 @@ inline void gemv_any(const GemvArgs& a, int64_t i0, int64_t i1) { QM_BY_DTYPE(ge
 #undef QM_BY_DTYPE
 
 const KernelTable& table() {
-  static const KernelTable t{QMERGE_ISA_NAME,     QMERGE_ISA_PLAIN_ROWS, QMERGE_ISA_ROUTED_ROWS,
-                             &pack_any,           &unpack_any,           &dequant_any,
-                             &gemv_any};
+  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, QMERGE_ISA_ROUTED_ROWS,
+                             false,           &pack_any,             &unpack_any,
+                             &dequant_any,    &gemv_any};
   return t;
 }
+#endif
 
 }  // namespace qmerge::cpu::QMERGE_ISA

@@ -4,7 +4,7 @@
 
 #include "kernels/tags.h"
 
-namespace qmerge::cpu::avx2 {
+namespace qmerge::cpu::QMERGE_ISA {
 
 struct Simd {
   static constexpr int W = 8;
@@ -91,4 +91,4 @@ struct Simd {
   }
 };
 
-}  // namespace qmerge::cpu::avx2
+}  // namespace qmerge::cpu::QMERGE_ISA

@@ -4,7 +4,7 @@
 
 #include "kernels/tags.h"
 
-namespace qmerge::cpu::avx512 {
+namespace qmerge::cpu::QMERGE_ISA {
 
 struct Simd {
   static constexpr int W = 16;
@@ -100,4 +100,4 @@ struct Simd {
   static uint32_t ge0(F v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ); }
 };
 
-}  // namespace qmerge::cpu::avx512
+}  // namespace qmerge::cpu::QMERGE_ISA

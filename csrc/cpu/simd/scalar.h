@@ -7,7 +7,7 @@
 
 #include "kernels/tags.h"
 
-namespace qmerge::cpu::scalar {
+namespace qmerge::cpu::QMERGE_ISA {
 
 struct Simd {
   static constexpr int W = 1;
@@ -47,4 +47,4 @@ struct Simd {
   static uint32_t ge0(F v) { return v >= 0.0f ? 1u : 0u; }
 };
 
-}  // namespace qmerge::cpu::scalar
+}  // namespace qmerge::cpu::QMERGE_ISA
