@@ -12,20 +12,8 @@
 
 namespace qmerge::cpu::QMERGE_ISA {
 
-// Bits of columns c, c+1, ... (at least 24 of them where the row has them; the caller masks).
-// Safe at any column: never reads past the row's nb bytes.
-QM_INLINE uint32_t bits_any(const uint8_t* row, int64_t c, int64_t nb) {
-  const int64_t b = c >> 3;
-  uint32_t v = 0;
-  if (b + 4 <= nb) {
-    __builtin_memcpy(&v, row + b, 4);
-  } else {
-    for (int64_t k = 0; b + k < nb && k < 4; ++k) v |= uint32_t(row[b + k]) << (8 * k);
-  }
-  return v >> (c & 7);
-}
-
-// The 32 bits of columns c .. c+31 (zero past the row's end). Safe at any column.
+// The 32 bits of columns c .. c+31 (zero past the row's end; the caller masks what it does
+// not use). Safe at any column: never reads past the row's nb bytes.
 QM_INLINE uint32_t bits32_any(const uint8_t* row, int64_t c, int64_t nb) {
   const int64_t b = c >> 3;
   uint64_t v = 0;

@@ -45,7 +45,7 @@ QM_INLINE void dequant_span(const DequantArgs& a, int64_t i, int64_t g, int64_t 
     F v = HAS_BASE ? Simd::load(Tag{}, base + c) : Simd::zero();
     for (int64_t t = 0; t < tasks; ++t) {
       const uint8_t* row = bits0 + t * bits_step;
-      v = add_task(v, t, ALIGNED ? Simd::bits_full(row, c) : bits_any(row, c, nb));
+      v = add_task(v, t, ALIGNED ? Simd::bits_full(row, c) : bits32_any(row, c, nb));
     }
     if (STREAM) {
       Simd::stream(Tag{}, dst + c, v);
@@ -56,7 +56,7 @@ QM_INLINE void dequant_span(const DequantArgs& a, int64_t i, int64_t g, int64_t 
   if (c < c1) {
     const int n = int(c1 - c);
     F v = HAS_BASE ? Simd::load(Tag{}, base + c, n) : Simd::zero();
-    for (int64_t t = 0; t < tasks; ++t) v = add_task(v, t, bits_any(bits0 + t * bits_step, c, nb));
+    for (int64_t t = 0; t < tasks; ++t) v = add_task(v, t, bits32_any(bits0 + t * bits_step, c, nb));
     Simd::store(Tag{}, dst + c, v, n);
   }
 }

@@ -37,7 +37,7 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
 #pragma GCC unroll 4
       for (int k = 0; k < R; ++k) {
         const uint8_t* bits = tm[k][p].bits;
-        const auto m = ALIGNED ? Simd::mask_full(bits, c) : Simd::mask(bits_any(bits, c, nb));
+        const auto m = ALIGNED ? Simd::mask_full(bits, c) : Simd::mask(bits32_any(bits, c, nb));
         sacc[k][p] = Simd::mask_add(sacc[k][p], m, xv[NR == 1 ? 0 : p]);
       }
     }
@@ -56,7 +56,7 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
     for (int p = 0; p < NP; ++p) {
 #pragma GCC unroll 4
       for (int k = 0; k < R; ++k) {
-        const uint32_t b = bits_any(tm[k][p].bits, c, nb) & low_bits(n);
+        const uint32_t b = bits32_any(tm[k][p].bits, c, nb) & low_bits(n);
         sacc[k][p] = Simd::mask_add(sacc[k][p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
       }
     }

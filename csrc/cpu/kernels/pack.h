@@ -39,7 +39,7 @@ void unpack_rows(const UnpackArgs& a, int64_t r0, int64_t r1) {
     }
     if (c < a.in) {
       const int n = int(a.in - c);
-      Simd::store(Tag{}, dst + c, Simd::pm(Simd::mask(bits_any(src, c, a.nb)), one), n);
+      Simd::store(Tag{}, dst + c, Simd::pm(Simd::mask(bits32_any(src, c, a.nb)), one), n);
     }
   }
 }
