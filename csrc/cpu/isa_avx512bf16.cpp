@@ -17,6 +17,10 @@
 #define QMERGE_ISA_NAME "avx512bf16"
 #define QMERGE_ISA_BF16DOT 1
 #define QMERGE_ISA_MAX_ROWS 4
+// Base-only chunks of four x rows (not avx512's eight): four weight rows per pass fit their 16
+// accumulators, and at N = 8 two such passes beat one pass of two weight rows (bf16 4096x4096:
+// 1.6 vs 1.95 ms in a standalone copy of the loop, bench/results/kernels-cpu-notes.md).
+#define QMERGE_ISA_PLAIN_ROWS 4
 #include "simd/avx512.h"
 #include "kernels/table.h"
 

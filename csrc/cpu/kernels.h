@@ -69,6 +69,7 @@ struct GemvArgs {
   DType dtype = DType::f32;
   const void* w = nullptr;     // [out, ldw], rows of length `in`
   int64_t ldw = 0;
+  int64_t out = 0;             // rows of w (the kernels prefetch ahead, never past the last)
   int64_t in = 0;
   const float* x = nullptr;    // [N, ldx] fp32
   int64_t ldx = 0;

@@ -140,6 +140,7 @@ void run_gemv(const at::Tensor& w, int64_t ldw, int64_t out, int64_t in, const a
   a.dtype = float_dtype(w, "gemv", "w");
   a.w = w.data_ptr();
   a.ldw = ldw;
+  a.out = out;
   a.in = in;
   a.x = x32.data_ptr<float>();
   a.ldx = x32.stride(0);

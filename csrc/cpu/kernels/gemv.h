@@ -14,10 +14,36 @@
 
 namespace qmerge::cpu::QMERGE_ISA {
 
-// Weight rows i .. i+R-1 against one chunk.
+// Columns per prefetch strip: one 64-byte line of sign bits.
+constexpr int64_t kStrip = 512;
+
+// Requests into L2 the lines of columns [c0, c1) that the next pass will read: weight rows
+// i+R .. i+2R-1 (when `lead`: the pass's first chunk does it for all) and, for every term, the
+// same task's bits of those rows. A pass computes for long enough (8 rows x 8 tasks: ~40 cycles
+// per 64-byte line of weights) that the hardware prefetchers fall behind and the loads miss to
+// DRAM; one pass ahead hides that (bench/results/kernels-cpu-notes.md).
+template <class Tag, int R, int NP>
+QM_INLINE void prefetch_next(const GemvArgs& a, const typename Tag::T* w, int64_t i, bool lead,
+                             const Term (&tm)[R][NP > 0 ? NP : 1], int64_t c0, int64_t c1) {
+  using T = typename Tag::T;
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  const int rows = int(min64(R, a.out - (i + R)));
+  for (int k = 0; k < rows; ++k) {
+    if (lead) {
+      const T* row = w + (R + k) * a.ldw;
+      for (int64_t c = c0 & ~(kLine - 1); c < c1; c += kLine) __builtin_prefetch(row + c, 0, 2);
+    }
+    for (int p = 0; p < NP; ++p) {
+      if (tm[k][p].scale) __builtin_prefetch(tm[k][p].bits + R * a.signs.nb + (c0 >> 3), 0, 2);
+    }
+  }
+}
+
+// Weight rows i .. i+R-1 against one chunk; `lead`: the first chunk of the pass over these rows.
 // XT: float (x rows in fp32) or uint16_t (x rows in bf16, for the bf16 dot-product span).
 template <class Tag, int R, int NR, int NP, class XT>
-void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Chunk& ch) {
+void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, bool lead,
+                const Chunk& ch) {
   static_assert(NR >= 1 && (NP == 0 || NP == NR || NR == 1), "unsupported chunk shape");
   using F = typename Simd::F;
   constexpr int NPP = NP > 0 ? NP : 1;
@@ -53,10 +79,14 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Ch
     for (int k = 0; k < R; ++k) {
       for (int p = 0; p < NP; ++p) sacc[k][p] = Simd::zero();
     }
-    if ((c0 & 7) == 0) {
-      gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, ldx, tm, s.nb, c0, c1, acc, sacc);
-    } else {
-      gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, ldx, tm, s.nb, c0, c1, acc, sacc);
+    for (int64_t s0 = c0, s1; s0 < c1; s0 = s1) {
+      s1 = min64(c1, (s0 / kStrip + 1) * kStrip);
+      prefetch_next<Tag, R, NP>(a, w, i, lead, tm, s0, s1);
+      if ((s0 & 7) == 0) {
+        gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, ldx, tm, s.nb, s0, s1, acc, sacc);
+      } else {
+        gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, ldx, tm, s.nb, s0, s1, acc, sacc);
+      }
     }
     // Fold the group: + coeff * scale * (2 * masked_sum - sum x).
     for (int k = 0; k < R; ++k) {
@@ -77,7 +107,7 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, const Ch
 }
 
 template <class Tag>
-using ChunkFn = void (*)(const GemvArgs&, const typename Tag::T*, int64_t, const Chunk&);
+using ChunkFn = void (*)(const GemvArgs&, const typename Tag::T*, int64_t, bool, const Chunk&);
 
 // Weight rows per pass: four where the ISA has the registers (AVX-512: 32), else two. More rows
 // per pass means more memory streams in flight, which is what a one-row (decoding) GEMV is
@@ -141,25 +171,28 @@ void gemv_rows_x(const GemvArgs& a, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; i += kMaxRows) {
     const int64_t n = min64(kMaxRows, i1 - i);
     const T* w = static_cast<const T*>(a.w) + i * a.ldw;
-    bool narrow = false;
+    bool narrow = false, lead = true;
     for (int64_t k = 0; k < a.nchunks; ++k) {
       const Fns f = fns(k);
       if (n == kMaxRows && f.wide) {
-        f.wide(a, w, i, a.chunks[k]);
+        f.wide(a, w, i, lead, a.chunks[k]);
+        lead = false;
       } else {
         narrow = true;
       }
     }
     if (!narrow) continue;
     for (int64_t j = 0; j < n; j += 2) {
+      lead = true;
       for (int64_t k = 0; k < a.nchunks; ++k) {
         const Fns f = fns(k);
         if (n == kMaxRows && f.wide) continue;
         if (j + 1 < n) {
-          f.pair(a, w + j * a.ldw, i + j, a.chunks[k]);
+          f.pair(a, w + j * a.ldw, i + j, lead, a.chunks[k]);
         } else {
-          f.one(a, w + j * a.ldw, i + j, a.chunks[k]);
+          f.one(a, w + j * a.ldw, i + j, lead, a.chunks[k]);
         }
+        lead = false;
       }
     }
   }

@@ -18,7 +18,7 @@ inline void gemv_bf16_or_base(const GemvArgs& a, int64_t i0, int64_t i1) {
 
 const KernelTable& table() {
   const KernelTable& b = avx512::table();
-  static const KernelTable t{QMERGE_ISA_NAME, b.plain_rows, b.routed_rows, true,
+  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, b.routed_rows, true,
                              b.pack,          b.unpack,     b.dequant,     &gemv_bf16_or_base};
   return t;
 }
