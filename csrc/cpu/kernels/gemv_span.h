@@ -22,13 +22,17 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
                          typename Simd::F (&sacc)[R][NP > 0 ? NP : 1]) {
   constexpr int W = Simd::W;
   typename Simd::F wv[R], xv[NR];
-  int64_t c = c0;
-  for (; c + W <= c1; c += W) {
+  // One block of n <= W columns at c (n == W: a full block; the loop's calls fold `full`).
+  auto block = [&](int64_t c, int n) QM_INLINE_LAMBDA {
+    const bool full = n == W;
 #pragma GCC unroll 4
-    for (int k = 0; k < R; ++k) wv[k] = Simd::load(Tag{}, w + k * ldw + c);
+    for (int k = 0; k < R; ++k) {
+      wv[k] = full ? Simd::load(Tag{}, w + k * ldw + c) : Simd::load(Tag{}, w + k * ldw + c, n);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      xv[r] = Simd::load(TagF32{}, x + r * ldx + c);
+      xv[r] = full ? Simd::load(TagF32{}, x + r * ldx + c)
+                   : Simd::load(TagF32{}, x + r * ldx + c, n);
 #pragma GCC unroll 4
       for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
     }
@@ -37,30 +41,16 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
 #pragma GCC unroll 4
       for (int k = 0; k < R; ++k) {
         const uint8_t* bits = tm[k][p].bits;
-        const auto m = ALIGNED ? Simd::mask_full(bits, c) : Simd::mask(bits32_any(bits, c, nb));
+        const auto m = ALIGNED && full ? Simd::mask_full(bits, c)
+                       : full          ? Simd::mask(bits32_any(bits, c, nb))
+                                       : Simd::mask(bits32_any(bits, c, nb) & low_bits(n));
         sacc[k][p] = Simd::mask_add(sacc[k][p], m, xv[NR == 1 ? 0 : p]);
       }
     }
-  }
-  if (c < c1) {
-    const int n = int(c1 - c);
-#pragma GCC unroll 4
-    for (int k = 0; k < R; ++k) wv[k] = Simd::load(Tag{}, w + k * ldw + c, n);
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) {
-      xv[r] = Simd::load(TagF32{}, x + r * ldx + c, n);
-#pragma GCC unroll 4
-      for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
-    }
-#pragma GCC unroll 8
-    for (int p = 0; p < NP; ++p) {
-#pragma GCC unroll 4
-      for (int k = 0; k < R; ++k) {
-        const uint32_t b = bits32_any(tm[k][p].bits, c, nb) & low_bits(n);
-        sacc[k][p] = Simd::mask_add(sacc[k][p], Simd::mask(b), xv[NR == 1 ? 0 : p]);
-      }
-    }
-  }
+  };
+  int64_t c = c0;
+  for (; c + W <= c1; c += W) block(c, W);
+  if (c < c1) block(c, int(c1 - c));
 }
 
 }  // namespace qmerge::cpu::QMERGE_ISA
