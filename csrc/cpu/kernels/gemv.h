@@ -19,9 +19,9 @@ constexpr int64_t kStrip = 512;
 
 // Requests into L2 the lines of columns [c0, c1) that the next pass will read: weight rows
 // i+R .. i+2R-1 (when `lead`: the pass's first chunk does it for all) and, for every term, the
-// same task's bits of those rows. A pass computes for long enough (8 rows x 8 tasks: ~40 cycles
-// per 64-byte line of weights) that the hardware prefetchers fall behind and the loads miss to
-// DRAM; one pass ahead hides that (bench/results/kernels-cpu-notes.md).
+// same task's bits of those rows. A pass computes for long enough (8 rows x 8 tasks: ~25 cycles
+// per 64-byte line of weights) that the hardware prefetchers fall behind and memory time adds to
+// compute instead of hiding under it; one pass ahead hides it (bench/results/kernels-cpu-notes.md).
 template <class Tag, int R, int NP>
 QM_INLINE void prefetch_next(const GemvArgs& a, const typename Tag::T* w, int64_t i, bool lead,
                              const Term (&tm)[R][NP > 0 ? NP : 1], int64_t c0, int64_t c1) {

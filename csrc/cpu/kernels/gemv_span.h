@@ -42,7 +42,6 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
       for (int k = 0; k < R; ++k) {
         const uint8_t* bits = tm[k][p].bits;
         const auto m = ALIGNED && full ? Simd::mask_full(bits, c)
-                       : full          ? Simd::mask(bits32_any(bits, c, nb))
                                        : Simd::mask(bits32_any(bits, c, nb) & low_bits(n));
         sacc[k][p] = Simd::mask_add(sacc[k][p], m, xv[NR == 1 ? 0 : p]);
       }
