@@ -10,7 +10,9 @@ torch shift-unpack and a torch lookup-table version; sign_linear N=1 vs base-onl
 8 distinct tasks vs the torch per-request materialize-then-linear loop; lowrank_linear rank 16.
 
 Every timed call starts from a cold cache (a 64 MiB buffer is rewritten before it), as in
-decoding a model larger than the last-level cache; --warm skips that. Times are medians.
+decoding a model larger than the last-level cache; --warm skips that. Times are medians; the
+calls a target compares are timed in turns (timeit_alternating), so that drift in this VM's
+memory bandwidth hits both sides of a ratio alike.
 """
 
 from __future__ import annotations
@@ -49,6 +51,29 @@ def timeit(fn: Callable[[], object], cold: bool, min_reps: int = 5, budget_s: fl
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timeit_alternating(fns: list[Callable[[], object]], cold: bool, min_reps: int = 9,
+                       budget_s: float = 4.0) -> list[float]:
+    """Median seconds of each fn, timed in turns (one call of each per round).
+
+    The calls a target compares are timed this way: this VM's memory bandwidth drifts by tens
+    of percent within minutes, and taking turns makes the drift hit both sides of a ratio alike.
+    """
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < 50):
+        for k, fn in enumerate(fns):
+            if cold:
+                _flush_buf.fill_((rounds + k) & 0xFF)
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(t) for t in times]
 
 
 def machine() -> list[str]:
@@ -142,35 +167,41 @@ def bench_shape(out: int, inn: int, bw: float, cold: bool, log: Callable[[str], 
             f"({gbs(nbytes, t_q) / bw:.2f} of copy); shift-unpack {t_shift * 1e3:.1f} ms, "
             f"LUT {t_lut * 1e3:.1f} ms")
 
-    none1 = torch.full((1,), -1, dtype=torch.long)
-    for n_rows in (1, 8):
-        x = torch.randn(n_rows, inn).to(DTYPE)
-        t_lin = timeit(lambda: F.linear(x, base), cold)
-        ids_none = none1.expand(n_rows).contiguous()
-        t_own = timeit(lambda: ops.sign_linear(x, base, packed, scales, task_ids=ids_none), cold)
-        r[f"base{n_rows}"] = dict(linear=t_lin, own=t_own)
-        log(f"  base-only N={n_rows}: F.linear {t_lin * 1e3:.2f} ms, qmerge {t_own * 1e3:.2f} ms")
-
+    # Each target's calls are timed in turns (timeit_alternating): N=1 against the N=1 bases,
+    # N=8 against the N=8 bases.
     x1 = torch.randn(1, inn).to(DTYPE)
     ids1 = torch.zeros(1, dtype=torch.long)
-    t_s1 = timeit(lambda: ops.sign_linear(x1, base, packed, scales, task_ids=ids1), cold)
+    none1 = torch.full((1,), -1, dtype=torch.long)
     mix = torch.tensor([[0.7, 0.3] + [0.0] * 6])
-    t_m1 = timeit(lambda: ops.sign_linear(x1, base, packed, scales, coeffs=mix), cold)
+    U = (torch.randn(1, out, 16) * 0.01).to(DTYPE)
+    V = (torch.randn(1, 16, inn) * 0.01).to(DTYPE)
+    t_lin, t_own, t_s1, t_m1, t_lr = timeit_alternating([
+        lambda: F.linear(x1, base),
+        lambda: ops.sign_linear(x1, base, packed, scales, task_ids=none1),
+        lambda: ops.sign_linear(x1, base, packed, scales, task_ids=ids1),
+        lambda: ops.sign_linear(x1, base, packed, scales, coeffs=mix),
+        lambda: ops.lowrank_linear(x1, base, U, V, task_ids=ids1),
+    ], cold)
+    r["base1"] = dict(linear=t_lin, own=t_own)
     r["sl1"] = dict(t=t_s1, mix=t_m1)
+    r["lr1"] = dict(t=t_lr)
+    log(f"  base-only N=1: F.linear {t_lin * 1e3:.2f} ms, qmerge {t_own * 1e3:.2f} ms")
     log(f"  sign_linear N=1: {t_s1 * 1e3:.2f} ms (2-task mixture {t_m1 * 1e3:.2f} ms)")
+    log(f"  lowrank_linear r=16 N=1: {t_lr * 1e3:.2f} ms")
 
     x8 = torch.randn(8, inn).to(DTYPE)
     ids8 = torch.arange(8)
-    t_s8 = timeit(lambda: ops.sign_linear(x8, base, packed, scales, task_ids=ids8), cold)
+    none8 = none1.expand(8).contiguous()
+    t_lin, t_own, t_s8 = timeit_alternating([
+        lambda: F.linear(x8, base),
+        lambda: ops.sign_linear(x8, base, packed, scales, task_ids=none8),
+        lambda: ops.sign_linear(x8, base, packed, scales, task_ids=ids8),
+    ], cold)
+    r["base8"] = dict(linear=t_lin, own=t_own)
+    log(f"  base-only N=8: F.linear {t_lin * 1e3:.2f} ms, qmerge {t_own * 1e3:.2f} ms")
     t_loop = timeit(lambda: per_request_loop(x8, base, packed, scales, ids8), cold, 3, 0)
     r["sl8"] = dict(t=t_s8, loop=t_loop)
     log(f"  sign_linear N=8, 8 tasks: {t_s8 * 1e3:.2f} ms; per-request loop {t_loop * 1e3:.0f} ms")
-
-    U = (torch.randn(1, out, 16) * 0.01).to(DTYPE)
-    V = (torch.randn(1, 16, inn) * 0.01).to(DTYPE)
-    t_lr = timeit(lambda: ops.lowrank_linear(x1, base, U, V, task_ids=ids1), cold)
-    r["lr1"] = dict(t=t_lr)
-    log(f"  lowrank_linear r=16 N=1: {t_lr * 1e3:.2f} ms")
     return r
 
 

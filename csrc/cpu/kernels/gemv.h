@@ -17,11 +17,14 @@ namespace qmerge::cpu::QMERGE_ISA {
 // Columns per prefetch strip: one 64-byte line of sign bits.
 constexpr int64_t kStrip = 512;
 
-// Requests into L2 the lines of columns [c0, c1) that the next pass will read: weight rows
-// i+R .. i+2R-1 (when `lead`: the pass's first chunk does it for all) and, for every term, the
-// same task's bits of those rows. A pass computes for long enough (8 rows x 8 tasks: ~25 cycles
-// per 64-byte line of weights) that the hardware prefetchers fall behind and memory time adds to
-// compute instead of hiding under it; one pass ahead hides it (bench/results/kernels-cpu-notes.md).
+// Requests into L2 the lines of columns [c0, c1) that the next pass will read (rows
+// i+R .. i+2R-1): for every term, the same task's bits of those rows, and, when `lead` (the
+// pass's first chunk) and the chunk has no terms, the weights. A pass computes for long enough
+// (8 rows x 8 tasks: ~25 cycles per 64-byte line of weights) that the hardware prefetchers fall
+// behind and memory time adds to compute instead of hiding under it; one pass ahead hides it.
+// Chunks with terms request the next weights one line per block instead (gemv_span's `next`):
+// a burst of 16 lines per row at each strip start stalls their longer blocks, while base-only
+// chunks lose load slots to the per-block form (bench/results/kernels-cpu-notes.md).
 template <class Tag, int R, int NP>
 QM_INLINE void prefetch_next(const GemvArgs& a, const typename Tag::T* w, int64_t i, bool lead,
                              const Term (&tm)[R][NP > 0 ? NP : 1], int64_t c0, int64_t c1) {
@@ -29,7 +32,7 @@ QM_INLINE void prefetch_next(const GemvArgs& a, const typename Tag::T* w, int64_
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
   const int rows = int(min64(R, a.out - (i + R)));
   for (int k = 0; k < rows; ++k) {
-    if (lead) {
+    if (NP == 0 && lead) {
       const T* row = w + (R + k) * a.ldw;
       for (int64_t c = c0 & ~(kLine - 1); c < c1; c += kLine) __builtin_prefetch(row + c, 0, 2);
     }
@@ -69,6 +72,12 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, bool lea
       corr[k][r] = 0.0f;
     }
   }
+  // The next pass's weight rows, for gemv_span to request one line per block (clamped to the
+  // last row; null where this chunk does not request them, see prefetch_next).
+  const typename Tag::T* next[R];
+  const int64_t next_rows = min64(R, a.out - (i + R));
+  for (int k = 0; k < R; ++k) next[k] = w + (R + min64(k, next_rows - 1)) * a.ldw;
+  const typename Tag::T* const* next_w = NP > 0 && lead && next_rows > 0 ? next : nullptr;
   const int64_t groups = NP > 0 ? s.groups : 1;
   const int64_t gsize = NP > 0 ? s.group_size : a.in;
   for (int64_t g = 0; g < groups; ++g) {
@@ -83,9 +92,9 @@ void gemv_chunk(const GemvArgs& a, const typename Tag::T* w, int64_t i, bool lea
       s1 = min64(c1, (s0 / kStrip + 1) * kStrip);
       prefetch_next<Tag, R, NP>(a, w, i, lead, tm, s0, s1);
       if ((s0 & 7) == 0) {
-        gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, ldx, tm, s.nb, s0, s1, acc, sacc);
+        gemv_span<Tag, R, NR, NP, true>(w, a.ldw, x, ldx, tm, s.nb, s0, s1, acc, sacc, next_w);
       } else {
-        gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, ldx, tm, s.nb, s0, s1, acc, sacc);
+        gemv_span<Tag, R, NR, NP, false>(w, a.ldw, x, ldx, tm, s.nb, s0, s1, acc, sacc, next_w);
       }
     }
     // Fold the group: + coeff * scale * (2 * masked_sum - sum x).

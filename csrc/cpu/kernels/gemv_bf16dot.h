@@ -20,7 +20,8 @@ QM_INLINE __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 template <class Tag, int R, int NR, int NP, bool ALIGNED>
 QM_INLINE void gemv_span(const uint16_t* w, int64_t ldw, const uint16_t* x, int64_t ldx,
                          const Term (&tm)[R][NP > 0 ? NP : 1], int64_t nb, int64_t c0, int64_t c1,
-                         __m512 (&acc)[R][NR], __m512 (&sacc)[R][NP > 0 ? NP : 1]) {
+                         __m512 (&acc)[R][NR], __m512 (&sacc)[R][NP > 0 ? NP : 1],
+                         const uint16_t* const* next) {
   constexpr int W = 32;
   const __m512bh ones = as_bh(_mm512_set1_epi16(0x3F80));  // bf16 1.0
   __m512bh wv[R];
@@ -28,6 +29,10 @@ QM_INLINE void gemv_span(const uint16_t* w, int64_t ldw, const uint16_t* x, int6
   // One block of 32 columns at c; `lanes` marks the columns inside the span (all of them in
   // full blocks). Columns outside are zero in both w and x, so their sign bits add nothing.
   auto block = [&](int64_t c, __mmask32 lanes, bool full) QM_INLINE_LAMBDA {
+    if (next) {  // the next pass's weights, one line per row (prefetch_next, kernels/gemv.h)
+#pragma GCC unroll 4
+      for (int k = 0; k < R; ++k) __builtin_prefetch(next[k] + c, 0, 2);
+    }
 #pragma GCC unroll 4
     for (int k = 0; k < R; ++k) {
       wv[k] = as_bh(full ? _mm512_loadu_si512(w + k * ldw + c)

@@ -19,12 +19,19 @@ template <class Tag, int R, int NR, int NP, bool ALIGNED>
 QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, int64_t ldx,
                          const Term (&tm)[R][NP > 0 ? NP : 1], int64_t nb, int64_t c0, int64_t c1,
                          typename Simd::F (&acc)[R][NR],
-                         typename Simd::F (&sacc)[R][NP > 0 ? NP : 1]) {
+                         typename Simd::F (&sacc)[R][NP > 0 ? NP : 1],
+                         const typename Tag::T* const* next) {
   constexpr int W = Simd::W;
   typename Simd::F wv[R], xv[NR];
   // One block of n <= W columns at c (n == W: a full block; the loop's calls fold `full`).
   auto block = [&](int64_t c, int n) QM_INLINE_LAMBDA {
     const bool full = n == W;
+    // The next pass's weights, once per 64-byte line (see prefetch_next in kernels/gemv.h).
+    constexpr int64_t kBytes = W * int64_t(sizeof(typename Tag::T));
+    if (next && (kBytes >= 64 || ((c * int64_t(sizeof(typename Tag::T))) & 63) < kBytes)) {
+#pragma GCC unroll 4
+      for (int k = 0; k < R; ++k) __builtin_prefetch(next[k] + c, 0, 2);
+    }
 #pragma GCC unroll 4
     for (int k = 0; k < R; ++k) {
       wv[k] = full ? Simd::load(Tag{}, w + k * ldw + c) : Simd::load(Tag{}, w + k * ldw + c, n);
