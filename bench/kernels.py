@@ -39,20 +39,6 @@ DTYPE = torch.bfloat16
 _flush_buf = torch.empty(64 << 20, dtype=torch.uint8)
 
 
-def timeit(fn: Callable[[], object], cold: bool, min_reps: int = 5, budget_s: float = 1.5) -> float:
-    """Median seconds of fn() over repeats (at least min_reps, more while under budget_s)."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
-        if cold:
-            _flush_buf.fill_(len(times) & 0xFF)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def timeit_alternating(fns: list[Callable[[], object]], cold: bool, min_reps: int = 9,
                        budget_s: float = 4.0) -> list[float]:
     """Median seconds of each fn, timed in turns (one call of each per round).
@@ -74,6 +60,11 @@ def timeit_alternating(fns: list[Callable[[], object]], cold: bool, min_reps: in
             times[k].append(time.perf_counter() - t0)
         rounds += 1
     return [statistics.median(t) for t in times]
+
+
+def timeit(fn: Callable[[], object], cold: bool, min_reps: int = 5, budget_s: float = 1.5) -> float:
+    """Median seconds of fn() over repeats (at least min_reps, more while under budget_s)."""
+    return timeit_alternating([fn], cold, min_reps, budget_s)[0]
 
 
 def machine() -> list[str]:
