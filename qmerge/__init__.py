@@ -2,6 +2,19 @@
 applied on the fly by fused kernels. Architecture: shared/DESIGN.md."""
 
 from qmerge import ops
+from qmerge.api import (
+    Options,
+    Policy,
+    add_task,
+    compress,
+    inspect,
+    open_pack,
+    remove_task,
+    residual,
+    verify,
+)
+from qmerge.errors import QmergeError
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["Options", "Policy", "QmergeError", "__version__", "add_task", "compress", "inspect",
+           "open_pack", "ops", "remove_task", "residual", "verify"]

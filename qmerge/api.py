@@ -1,0 +1,16 @@
+"""qmerge's model-level verbs (shared/DESIGN.md, "Layers"): what the CLI calls, for scripts.
+
+    qmerge.compress(base, {"math": dir, ...}, out)    fine-tunes -> a pack
+    qmerge.add_task(pack, base, {"code": dir})         one more task, others untouched
+    qmerge.remove_task(pack, ["math"])
+    qmerge.open_pack(pack, base=None)                  lazy reading; refuses a foreign base
+    qmerge.verify(pack, base=None)                     checksums, residuals, fingerprint
+    qmerge.inspect(pack)                               bytes, bits/param, worst SQNR
+"""
+
+from qmerge.codecs.policy import Policy
+from qmerge.compressor import Options, add_task, compress, remove_task
+from qmerge.packs import inspect, open_pack, residual, verify
+
+__all__ = ["Options", "Policy", "add_task", "compress", "inspect", "open_pack", "remove_task",
+           "residual", "verify"]

@@ -1,0 +1,200 @@
+"""What every codec shares: the residual container, the registry, and codec specs.
+
+A codec is a frozen config dataclass (its fields documented, validated in `__post_init__`)
+and a residual class with two verbs (STYLE.md, 9): `from_dense(delta, cfg)` compresses a
+task-vector tensor, `dequantize(dtype)` gives the dense delta back. A residual names the
+tensors it stores (`parts()`) and is rebuilt from them (`from_parts`), which is how packs
+store it. Codecs are looked up by name: `CODECS["sign"]`, or from a spec string such as
+`"lowrank:rank=32,factor_dtype=int8"` with `parse_spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from qmerge.errors import ConfigError, PackError
+
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """The 2-D view a codec works on: rows are dim 0 (output features); a vector is one row."""
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.reshape(1, -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def check_choice(cls_name: str, field: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{cls_name}.{field} must be one of {', '.join(map(str, choices))}; "
+                          f"got {value!r}")
+
+
+class Residual:
+    """A compressed task-vector tensor. Subclasses set `codec` and implement the verbs."""
+
+    codec: ClassVar[str]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_dense(cls, delta: Tensor, cfg: Any, calib: Tensor | None = None) -> Residual:
+        raise NotImplementedError
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Tensor], cfg: Any, shape: tuple[int, ...],
+                   info: Mapping[str, Any]) -> Residual:
+        raise NotImplementedError
+
+    def parts(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able facts fixed at encode time (the rank chosen, whether calibrated, ...)."""
+        return {}
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
+
+    def error_energy(self, delta: Tensor) -> float:
+        """sum((delta - dequantize())^2) in fp64."""
+        return float((delta.double() - self.dequantize(torch.float32).double()).pow(2).sum())
+
+
+def sqnr_db(signal_energy: float, error_energy: float) -> float | None:
+    """10 log10(signal / error); None when the error is zero (lossless) or the signal is."""
+    if error_energy <= 0 or signal_energy <= 0:
+        return None
+    return 10 * math.log10(signal_energy / error_energy)
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    config: type
+    residual: type[Residual]
+
+
+CODECS: dict[str, Codec] = {}
+
+
+def register(name: str, config: type):
+    """Class decorator: registers a Residual subclass as codec `name` keyed by `config`."""
+
+    def deco(cls: type[Residual]) -> type[Residual]:
+        cls.codec = name
+        CODECS[name] = Codec(name, config, cls)
+        return cls
+
+    return deco
+
+
+def codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ConfigError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+
+
+def _coerce(cls_name: str, field: str, hint: Any, raw: object) -> object:
+    """Turns a spec-string or JSON value into the field's declared type."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and raw in (None, "none", "None"):
+        return None
+    for t in options:
+        if t is type(None):
+            continue
+        origin = typing.get_origin(t)
+        if origin is typing.Literal:
+            return raw  # checked by __post_init__
+        if t is bool:
+            if isinstance(raw, bool):
+                return raw
+            if raw in ("true", "1", "yes"):
+                return True
+            if raw in ("false", "0", "no"):
+                return False
+        elif t is int and not isinstance(raw, bool):
+            try:
+                if isinstance(raw, int) or (isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
+                    return int(raw)
+            except ValueError:
+                pass
+        elif t is float and not isinstance(raw, bool):
+            try:
+                return float(raw)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                pass
+        elif t is str and isinstance(raw, str):
+            return raw
+    raise ConfigError(f"{cls_name}.{field}: {raw!r} is not a valid {hint}")
+
+
+def make_config(name: str, values: Mapping[str, object]) -> Any:
+    """The config of codec `name` from field values (strings from a spec, or JSON values)."""
+    cfg_cls = codec(name).config
+    hints = typing.get_type_hints(cfg_cls)
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"codec {name!r} has no option {key!r}; options: "
+                              f"{', '.join(sorted(fields)) or 'none'}")
+        kwargs[key] = _coerce(cfg_cls.__name__, key, hints[key], raw)
+    return cfg_cls(**kwargs)
+
+
+def parse_spec(spec: str) -> tuple[str, Any]:
+    """`"name"` or `"name:key=value,key=value"` -> (codec name, config)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"codec spec {spec!r} is empty")
+    name, _, rest = spec.strip().partition(":")
+    values = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"codec spec {spec!r}: {item!r} is not key=value")
+        values[key.strip()] = value.strip()
+    return name, make_config(name, values)
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_residual(entry: Mapping[str, Any], parts: Mapping[str, Tensor], where: str) -> Residual:
+    """Rebuilds a residual from a pack's table entry and stored parts; PackError on mismatch."""
+    try:
+        c = codec(entry["codec"])
+        cfg = make_config(entry["codec"], entry["config"])
+        return c.residual.from_parts(parts, cfg, tuple(entry["shape"]), entry.get("info", {}))
+    except PackError:
+        raise
+    except (ConfigError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise PackError(f"{where}: cannot be read as codec {entry.get('codec')!r}: {e}") from None
+
+
+def expect_part(parts: Mapping[str, Tensor], name: str, shape: tuple[int, ...],
+                dtypes: tuple[torch.dtype, ...], codec_name: str) -> Tensor:
+    """A stored part with the expected shape and dtype, or ValueError saying what is wrong."""
+    if name not in parts:
+        raise ValueError(f"{codec_name} residual has no part '{name}'")
+    t = parts[name]
+    if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
+        raise ValueError(f"part '{name}' is {t.dtype} {list(t.shape)}, expected "
+                         f"{'/'.join(map(str, dtypes))} {list(shape)}")
+    return t

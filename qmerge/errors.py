@@ -1,0 +1,41 @@
+"""The exceptions qmerge raises for bad input. The CLI prints their message as one line and
+exits non-zero; nothing is half-written when one is raised.
+
+    QmergeError
+    ├── ConfigError        a codec / policy / argument value that is not valid (also a ValueError)
+    ├── CheckpointError    an input checkpoint that cannot be read or does not match its base
+    └── PackError          a pack that cannot be used
+        ├── ChecksumError      a file is truncated or its sha256 differs from the manifest
+        ├── FormatVersionError the manifest was written by a newer qmerge
+        └── BaseMismatchError  the pack was made from a different base model
+"""
+
+from __future__ import annotations
+
+
+class QmergeError(Exception):
+    """Base class of every error qmerge raises for bad input (not for its own bugs)."""
+
+
+class ConfigError(QmergeError, ValueError):
+    """A configuration value (codec, policy, option) that is not valid."""
+
+
+class CheckpointError(QmergeError):
+    """A base or fine-tuned checkpoint that cannot be read, or whose tensors do not match."""
+
+
+class PackError(QmergeError):
+    """A pack (manifest or task file) that cannot be used."""
+
+
+class ChecksumError(PackError):
+    """A pack file that is truncated or whose sha256 differs from the manifest."""
+
+
+class FormatVersionError(PackError):
+    """A manifest with a format_version newer than this qmerge reads."""
+
+
+class BaseMismatchError(PackError):
+    """A pack opened, verified or extended against a base other than the one it was made from."""

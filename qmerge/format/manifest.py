@@ -1,0 +1,145 @@
+"""manifest.json: its schema, strict validation, and deterministic serialisation.
+
+    {
+      "format_version": 1,
+      "generator": "qmerge 0.1.0",
+      "base": {"structure": sha256, "content": sha256,
+               "tensors": {name: {"dtype", "shape", "sha256"}}},          # see fingerprint.py
+      "tasks": {task: {"file": "tasks/<task>.safetensors", "source": str,
+                       "tensors": {name: ENTRY}}},
+      "files": {relative path: {"sha256": hex, "bytes": int}},           # every file but this one
+      "merge": null | {...},                                               # merge recipe (later)
+      "router": null | {...}                                               # router reference (later)
+    }
+    ENTRY = {"codec": str, "config": {...}, "module_type": str, "shape": [int], "dtype": str,
+             "params": int, "bytes": int, "bits_per_param": float, "sqnr_db": float | null,
+             "info": {...}, "extra_rows": int (optional, rows beyond the base's, stored dense)}
+
+`validate` accepts only this shape: a manifest from a stranger cannot name a file outside the
+pack, and any fault is a `PackError` that says where it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from qmerge.errors import FormatVersionError, PackError
+
+FORMAT_VERSION = 1
+NAME = "manifest.json"
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+OPTIONAL_FILES = ("shared.safetensors", "router.safetensors")
+
+
+def task_file(task: str) -> str:
+    return f"tasks/{task}.safetensors"
+
+
+def check_task_name(task: str) -> None:
+    if not isinstance(task, str) or not TASK_NAME.match(task):
+        raise PackError(f"task name {task!r} is not valid: use 1-128 letters, digits, '_', '.', "
+                        f"'+' or '-', starting with a letter or digit")
+
+
+def new(base_fingerprint: dict, generator: str) -> dict:
+    return {"format_version": FORMAT_VERSION, "generator": generator, "base": base_fingerprint,
+            "tasks": {}, "files": {}, "merge": None, "router": None}
+
+
+def dumps(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _need(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise PackError(f"manifest.json: {where}: {msg}")
+
+
+def _is_int(v: object, lo: int = 0) -> bool:
+    return type(v) is int and v >= lo
+
+
+def _shape(v: object) -> bool:
+    return isinstance(v, list) and len(v) <= 8 and all(_is_int(d) for d in v)
+
+
+def _number_or_null(v: object) -> bool:
+    return v is None or (type(v) in (int, float) and math.isfinite(v))
+
+
+def _entry(where: str, e: object) -> None:
+    _need(isinstance(e, dict), where, "is not an object")
+    assert isinstance(e, dict)
+    for key, ok in (("codec", isinstance(e.get("codec"), str)),
+                    ("config", isinstance(e.get("config"), dict)),
+                    ("module_type", isinstance(e.get("module_type"), str)),
+                    ("shape", _shape(e.get("shape"))),
+                    ("dtype", isinstance(e.get("dtype"), str)),
+                    ("params", _is_int(e.get("params"))),
+                    ("bytes", _is_int(e.get("bytes"))),
+                    ("bits_per_param", _number_or_null(e.get("bits_per_param"))),
+                    ("sqnr_db", _number_or_null(e.get("sqnr_db"))),
+                    ("info", isinstance(e.get("info", {}), dict)),
+                    ("extra_rows", _is_int(e.get("extra_rows", 0)))):
+        _need(ok, f"{where}.{key}", f"is missing or has the wrong type ({e.get(key)!r})")
+
+
+def validate(obj: object) -> dict:
+    """Returns `obj` if it is a manifest this qmerge can read; raises PackError otherwise."""
+    _need(isinstance(obj, dict), "top level", "is not a JSON object")
+    assert isinstance(obj, dict)
+    version = obj.get("format_version")
+    _need(_is_int(version, 1), "format_version", f"must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"manifest.json: format_version {version} is newer than this qmerge reads "
+            f"({FORMAT_VERSION}); upgrade qmerge")
+    base = obj.get("base")
+    _need(isinstance(base, dict), "base", "is missing or not an object")
+    for key in ("structure", "content"):
+        _need(isinstance(base.get(key), str) and bool(_HEX64.match(base[key])), f"base.{key}",
+              "is not a sha256 hex digest")
+    tensors = base.get("tensors")
+    _need(isinstance(tensors, dict), "base.tensors", "is missing or not an object")
+    for n, t in tensors.items():
+        _need(isinstance(t, dict) and isinstance(t.get("dtype"), str) and _shape(t.get("shape"))
+              and isinstance(t.get("sha256"), str) and bool(_HEX64.match(t["sha256"])),
+              f"base.tensors[{n!r}]", "needs dtype, shape and sha256")
+    files = obj.get("files")
+    _need(isinstance(files, dict), "files", "is missing or not an object")
+    for path, f in files.items():
+        _need(path in OPTIONAL_FILES or (path.startswith("tasks/") and path.endswith(
+            ".safetensors") and TASK_NAME.match(path[6:-12]) is not None), f"files[{path!r}]",
+            "is not a file a pack holds")
+        _need(isinstance(f, dict) and isinstance(f.get("sha256"), str)
+              and bool(_HEX64.match(f["sha256"])) and _is_int(f.get("bytes")),
+              f"files[{path!r}]", "needs sha256 and bytes")
+    tasks = obj.get("tasks")
+    _need(isinstance(tasks, dict), "tasks", "is missing or not an object")
+    for name, task in tasks.items():
+        _need(TASK_NAME.match(name) is not None, f"tasks[{name!r}]", "is not a valid task name")
+        _need(isinstance(task, dict), f"tasks[{name!r}]", "is not an object")
+        _need(task.get("file") == task_file(name), f"tasks[{name!r}].file",
+              f"must be {task_file(name)!r}, got {task.get('file')!r}")
+        _need(task_file(name) in files, f"tasks[{name!r}].file", "has no entry in 'files'")
+        _need(isinstance(task.get("source", ""), str), f"tasks[{name!r}].source", "not a string")
+        entries = task.get("tensors")
+        _need(isinstance(entries, dict), f"tasks[{name!r}].tensors", "is missing or not an object")
+        for tname, e in entries.items():
+            _entry(f"tasks[{name!r}].tensors[{tname!r}]", e)
+            _need(tname in tensors, f"tasks[{name!r}].tensors[{tname!r}]", "names no base tensor")
+    for key in ("merge", "router"):
+        _need(obj.get(key) is None or isinstance(obj.get(key), dict), key, "is not null or object")
+    _need(isinstance(obj.get("generator", ""), str), "generator", "is not a string")
+    return obj
+
+
+def loads(raw: bytes) -> dict:
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PackError(f"manifest.json: is not valid JSON ({e})") from None
+    return validate(obj)

@@ -1,0 +1,137 @@
+"""A pack on disk: `manifest.json` + one safetensors file per task (shared/DESIGN.md, "The pack").
+
+`Pack.open` reads and validates only the manifest; a task's file is memory-mapped the first
+time one of its tensors is asked for, after its size and sha256 are checked against the
+manifest (`verify_files=False` skips the hash, not the size). Tensors of a task file are keyed
+`"<base tensor name>:<part>"`, the parts being the codec's (`signs`, `scales`, `U`, ...).
+
+Writers change a pack in an order that survives an interruption at any point: a task file is
+written atomically under its final name (which the current manifest does not reference), then
+the manifest is replaced atomically. A crash leaves either the old manifest with a stray file,
+which `verify` reports, or the new one with everything it names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from torch import Tensor
+
+from qmerge.errors import ChecksumError, PackError
+from qmerge.format import manifest as mf
+from qmerge.format.atomic import atomic_file, atomic_write_bytes
+from qmerge.format.fingerprint import compare
+from qmerge.format.safetensors_io import SafetensorsFile, sha256_file, write_safetensors
+
+PART_SEP = ":"
+
+
+def part_key(tensor: str, part: str) -> str:
+    return f"{tensor}{PART_SEP}{part}"
+
+
+class Pack:
+    """A pack opened for reading. `manifest` is the validated manifest (do not mutate)."""
+
+    def __init__(self, path: Path, manifest: dict, verify_files: bool = True):
+        self.path = path
+        self.manifest = manifest
+        self._verify_files = verify_files
+        self._files: dict[str, SafetensorsFile] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify_files: bool = True) -> Pack:
+        path = Path(path)
+        if not (path / mf.NAME).is_file():
+            raise PackError(f"{path}: not a pack (no {mf.NAME})")
+        try:
+            raw = (path / mf.NAME).read_bytes()
+        except OSError as e:
+            raise PackError(f"{path / mf.NAME}: cannot read: {e.strerror or e}") from None
+        return cls(path, mf.loads(raw), verify_files)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.manifest["tasks"])
+
+    @property
+    def base_fingerprint(self) -> dict:
+        return self.manifest["base"]
+
+    def entries(self, task: str) -> dict[str, dict]:
+        """The codec table of `task`: base tensor name -> entry (see manifest.py)."""
+        if task not in self.manifest["tasks"]:
+            raise PackError(f"{self.path}: no task {task!r} (tasks: {', '.join(self.tasks)})")
+        return self.manifest["tasks"][task]["tensors"]
+
+    def check_base(self, fingerprint: dict, what: str = "") -> None:
+        """Raises BaseMismatchError unless `fingerprint` is this pack's base."""
+        compare(self.base_fingerprint, fingerprint, what or str(self.path))
+
+    def check_file(self, rel: str, full_hash: bool = True) -> SafetensorsFile:
+        """Opens a pack file after checking its size (and sha256) against the manifest."""
+        want = self.manifest["files"].get(rel)
+        if want is None:
+            raise PackError(f"{self.path}: manifest lists no file {rel}")
+        p = self.path / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            raise ChecksumError(f"{p}: is missing") from None
+        if size != want["bytes"]:
+            raise ChecksumError(f"{p}: is truncated or overwritten: {size} bytes, the manifest "
+                                f"says {want['bytes']}")
+        if full_hash and (got := sha256_file(p)) != want["sha256"]:
+            raise ChecksumError(f"{p}: is corrupted: sha256 {got[:16]}... differs from the "
+                                f"manifest's {want['sha256'][:16]}...")
+        return SafetensorsFile(p, error=ChecksumError if full_hash else PackError)
+
+    def task_file(self, task: str) -> SafetensorsFile:
+        self.entries(task)
+        if task not in self._files:
+            self._files[task] = self.check_file(mf.task_file(task), self._verify_files)
+        return self._files[task]
+
+    def parts(self, task: str, tensor: str) -> dict[str, Tensor]:
+        """The stored tensors of one residual, by part name, memory-mapped."""
+        entries = self.entries(task)
+        if tensor not in entries:
+            raise PackError(f"{self.path}: task {task!r} has no tensor '{tensor}'")
+        f = self.task_file(task)
+        prefix = tensor + PART_SEP
+        return {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
+
+    def stray_files(self) -> list[str]:
+        """Files under tasks/ that the manifest does not name (left by an interrupted write)."""
+        listed = set(self.manifest["files"])
+        found = (f"tasks/{p.name}" for p in (self.path / "tasks").glob("*"))
+        return sorted(f for f in found if f not in listed)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on a pack directory while it is being changed."""
+    fd = os.open(path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def write_task_file(pack_dir: Path, task: str, tensors: Mapping[str, Tensor],
+                    metadata: Mapping[str, str]) -> dict:
+    """Writes tasks/<task>.safetensors atomically; returns its {"sha256", "bytes"} entry."""
+    mf.check_task_name(task)
+    (pack_dir / "tasks").mkdir(parents=True, exist_ok=True)
+    with atomic_file(pack_dir / mf.task_file(task)) as f:
+        nbytes, sha = write_safetensors(f, tensors, metadata)
+    return {"sha256": sha, "bytes": nbytes}
+
+
+def write_manifest(pack_dir: Path, manifest: dict) -> None:
+    atomic_write_bytes(pack_dir / mf.NAME, mf.dumps(mf.validate(manifest)))
