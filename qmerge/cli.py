@@ -1,13 +1,15 @@
-"""The qmerge command line.
+"""The qmerge command line. Every verb has --help; --json prints one JSON object for scripts.
 
-    qmerge demo [--out-features N] [--in-features N] [--tasks T] [--dtype D] [--json]
-    qmerge info [--json]
+    qmerge compress --base DIR --task NAME=DIR ... --out PACK [--codec SPEC] [--policy FILE]
+    qmerge add-task PACK --base DIR --task NAME=DIR ...
+    qmerge remove-task PACK NAME ...
+    qmerge verify PACK [--base DIR]
+    qmerge inspect PACK [--worst K]
+    qmerge demo [--out-features N] [--in-features N] [--tasks T] [--dtype D]
+    qmerge info
 
-`demo` is qmerge's main job until the compression and routing verbs land: it builds a
-real-sized base weight and T fine-tunes of it, compresses each task vector to 1 bit per weight
-plus per-row scales, rebuilds a task's weight, and serves a batch whose rows each ask for a
-different task, checking every result against the pure-torch reference and timing it against
-the torch way.
+Bad input (a different base, mismatched tensors, NaN deltas, a corrupted pack, a newer
+format) is reported as one line on stderr with exit status 1, and changes nothing.
 """
 
 from __future__ import annotations
@@ -16,100 +18,175 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import qmerge
-from qmerge import ops
+from qmerge import api
+from qmerge.codecs.policy import Policy
+from qmerge.errors import ConfigError, QmergeError
+from qmerge.format.safetensors_io import SafetensorsFile
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
+CODEC_HELP = ("codec for weight matrices: sign (1 bit + per-row scales), lowrank, auto, or a "
+              "spec such as 'sign:granularity=group,group_size=128', 'lowrank:energy=0.9,"
+              "factor_dtype=int8', 'auto:sqnr_db=8' (default: %(default)s)")
 
 
-def _sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = (signal.float() - approx.float()).pow(2).sum()
-    return float(10 * torch.log10(signal.float().pow(2).sum() / noise))
+def _task_arg(value: str) -> tuple[str, str]:
+    name, eq, path = value.partition("=")
+    if not eq or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
 
 
-def demo(out_features: int, in_features: int, tasks: int, dtype: torch.dtype,
-         log: Callable[[str], None]) -> dict:
-    torch.manual_seed(0)
-    log(f"[1/4] base {out_features}x{in_features} {dtype} and {tasks} fine-tunes")
-    base = (torch.randn(out_features, in_features) * 0.02).to(dtype)
-    taus = torch.randn(tasks, out_features, in_features) * 0.002  # the task vectors
-
-    log("[2/4] compress each task vector to signs + per-row scales (1 bit/weight)")
-    packed = ops.pack_signs(taus)
-    scales = taus.abs().mean(-1, keepdim=True)  # L2-optimal per-row scale
-    approx = ops.reference.expand_scales(scales, out_features, in_features) * ops.unpack_signs(
-        packed, in_features)
-    bits = (packed.numel() * 8 + scales.numel() * 32) / taus.numel()
-    tau_sqnr = _sqnr_db(taus, approx)
-    dense_bytes = tasks * base.numel() * base.element_size()
-    log(f"      {bits:.3f} bits/param, task-vector SQNR {tau_sqnr:.1f} dB, "
-        f"{(packed.numel() + scales.numel() * 4) / 2**20:.1f} MiB vs {dense_bytes / 2**20:.0f} MiB dense")
-
-    log("[3/4] rebuild task 0's weight with dequant_add_sign")
-    one = torch.ones(1)
-    w0 = ops.dequant_add_sign(base, packed[:1], scales[:1], one)
-    exact = torch.equal(w0, ops.reference.dequant_add_sign(base, packed[:1], scales[:1], one))
-    finetuned = base.float() + taus[0]
-    weight_sqnr = _sqnr_db(finetuned, w0)
-    # Into a reused buffer, as a weight cache does: a fresh 32 MiB output per call would spend
-    # most of its time in first-touch page faults.
-    buf = torch.empty_like(base)
-    t_dq = _median_ms(lambda: ops.dequant_add_sign(base, packed[:1], scales[:1], one, out=buf))
-    shifts = torch.arange(8, dtype=torch.uint8)
-
-    def naive() -> torch.Tensor:
-        signs = ((packed[0].unsqueeze(-1) >> shifts) & 1).reshape(out_features, -1)
-        return base + scales[0].to(dtype) * (signs[:, :in_features].to(dtype) * 2 - 1)
-
-    t_naive = _median_ms(naive, reps=3)
-    log(f"      {t_dq:.2f} ms (torch shift-unpack {t_naive:.1f} ms, {t_naive / t_dq:.0f}x); "
-        f"equals the reference: {exact}; weight SQNR vs the fine-tune {weight_sqnr:.1f} dB")
-
-    log("[4/4] one batch, a different task per row, through sign_linear")
-    rows = min(8, tasks + 1)
-    x = torch.randn(rows, in_features).to(dtype)
-    ids = torch.arange(rows) % (tasks + 1) - 1  # row 0 asks for the bare base
-    y = ops.sign_linear(x, base, packed, scales, task_ids=ids)
-    ref = ops.reference.sign_linear(x, base, packed, scales, task_ids=ids)
-    rel = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
-    t_fused = _median_ms(lambda: ops.sign_linear(x, base, packed, scales, task_ids=ids))
-    t_base = _median_ms(lambda: F.linear(x, base))
-    log(f"      {rows} rows: {t_fused:.2f} ms (base-only F.linear {t_base:.2f} ms); "
-        f"max rel. error vs fp32 reference {rel:.1e}")
-    return {
-        "shape": [out_features, in_features], "dtype": str(dtype).removeprefix("torch."),
-        "tasks": tasks, "bits_per_param": bits, "task_vector_sqnr_db": tau_sqnr,
-        "weight_sqnr_db": weight_sqnr, "dequant_ms": t_dq, "dequant_torch_shift_ms": t_naive,
-        "dequant_equals_reference": exact, "sign_linear_rows": rows, "sign_linear_ms": t_fused,
-        "base_linear_ms": t_base, "sign_linear_max_rel_error": rel, "backend": ops.backend(),
-    }
+def _add_codec_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="the base checkpoint (HF directory or file)")
+    p.add_argument("--task", dest="tasks", action="append", type=_task_arg, required=True,
+                   metavar="NAME=DIR", help="a fine-tune of the base (repeat for more)")
+    p.add_argument("--codec", default="sign", help=CODEC_HELP)
+    p.add_argument("--policy", metavar="FILE",
+                   help="JSON policy: codec per module type / tensor pattern / task (README)")
+    p.add_argument("--calib", metavar="FILE", help="safetensors of calibration inputs "
+                   "[n, in_features] keyed by base tensor name, for 'sign:calibrate=true'")
+    p.add_argument("--allow-resized-vocab", action="store_true",
+                   help="store rows a fine-tune added to a tensor (grown vocabulary) densely")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out tensors matching GLOB, e.g. 'classifier.*' (repeatable)")
 
 
-def info() -> dict:
-    return {"qmerge": qmerge.__version__, "torch": torch.__version__, "backend": ops.backend(),
-            "isas": ops.supported_isas(), "threads": torch.get_num_threads()}
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qmerge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("demo", help="compress, rebuild and serve a real-sized weight (default)")
+def _options(args: argparse.Namespace) -> api.Options:
+    policy = (Policy.from_file(args.policy, codec=args.codec) if args.policy
+              else Policy(codec=args.codec))
+    calib = None
+    if args.calib:
+        f = SafetensorsFile(args.calib, error=ConfigError)
+        calib = {k: f.get(k).float() for k in f.keys()}
+    return api.Options(policy=policy, calib=calib, allow_resized_vocab=args.allow_resized_vocab,
+                       exclude=tuple(args.exclude), progress=not (args.quiet or args.json))
+
+
+def _tasks(args: argparse.Namespace) -> dict[str, str]:
+    tasks: dict[str, str] = {}
+    for name, path in args.tasks:
+        if name in tasks:
+            raise ConfigError(f"--task {name} is given twice")
+        tasks[name] = path
+    return tasks
+
+
+def _fmt_db(db: float | None) -> str:
+    return "exact" if db is None else f"{db:.1f} dB"
+
+
+def _print_inspect(r: dict) -> None:
+    print(f"pack {r['pack']} ({r['generator']}, format {r['format_version']}): "
+          f"{len(r['tasks'])} task(s), {r['pack_bytes'] / 2**20:.2f} MiB; base "
+          f"{r['base_params'] / 1e6:.1f}M params ({r['base_bytes_fp32'] / 2**20:.0f} MiB fp32)")
+    for name, t in r["tasks"].items():
+        codecs = ", ".join(f"{k} x{v}" for k, v in sorted(t["codecs"].items()))
+        print(f"  {name}: {t['file_bytes'] / 2**20:.2f} MiB, {t['bits_per_param']:.3f} bits/param, "
+              f"worst SQNR {_fmt_db(t['min_sqnr_db'])}  [{codecs}]")
+        for kind, s in t["by_module_type"].items():
+            print(f"    {kind:<10} {s['params'] / 1e6:8.2f}M params  {s['bits_per_param']:7.3f} "
+                  f"bits/param  worst {_fmt_db(s['min_sqnr_db'])}")
+        for w in t["worst_sqnr"]:
+            print(f"    worst: {w['tensor']} ({w['codec']}) {_fmt_db(w['sqnr_db'])}")
+
+
+def _run(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    if args.verb in ("compress", "add-task"):
+        opts, tasks = _options(args), _tasks(args)
+        if args.verb == "compress":
+            api.compress(args.base, tasks, args.out, opts=opts, overwrite=args.overwrite)
+            pack = args.out
+        else:
+            api.add_task(args.pack, args.base, tasks, opts=opts)
+            pack = args.pack
+        result = api.inspect(pack, worst=3)
+        result["seconds"] = time.perf_counter() - t0
+        if not args.json:
+            _print_inspect(result)
+            print(f"{args.verb}: done in {result['seconds']:.1f} s")
+        return result
+    if args.verb == "remove-task":
+        pack = api.remove_task(args.pack, args.names)
+        result = {"pack": str(pack.path), "removed": args.names, "tasks": pack.tasks}
+        if not args.json:
+            print(f"removed {', '.join(args.names)}; tasks left: {', '.join(pack.tasks) or 'none'}")
+        return result
+    if args.verb == "verify":
+        progress = (lambda it: it) if args.quiet or args.json else _file_bar
+        result = api.verify(args.pack, base=args.base, progress=progress)
+        if not args.json:
+            print(f"ok: {result['pack']}: {len(result['tasks'])} task(s), "
+                  f"{result['files_checked']} file(s) match their sha256, base "
+                  f"{result['base']}")
+            for stray in result["stray_files"]:
+                print(f"note: {stray} is not in the manifest (left by an interrupted write); "
+                      f"it is safe to delete")
+        return result
+    if args.verb == "inspect":
+        result = api.inspect(args.pack, worst=args.worst)
+        if not args.json:
+            _print_inspect(result)
+        return result
+    from qmerge import demo
+
+    if args.verb == "demo":
+        for name in ("out_features", "in_features", "tasks"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        log = (lambda _msg: None) if args.json else print
+        return demo.demo(args.out_features, args.in_features, args.tasks,
+                         demo.DTYPES[args.dtype], log)
+    result = demo.info()
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return result
+
+
+def _file_bar(items):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="sha256", unit="file", leave=False, file=sys.stderr, disable=None)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="qmerge", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+    p = sub.add_parser("compress", help="compress fine-tunes of a base into a new pack")
+    _add_codec_options(p)
+    p.add_argument("--out", required=True, type=Path, help="the pack directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing pack at --out (atomically, once the new one is done)")
+    _common(p)
+    p = sub.add_parser("add-task", help="add fine-tunes to an existing pack (same base)")
+    p.add_argument("pack", type=Path)
+    _add_codec_options(p)
+    _common(p)
+    p = sub.add_parser("remove-task", help="remove tasks from a pack")
+    p.add_argument("pack", type=Path)
+    p.add_argument("names", nargs="+", metavar="NAME")
+    _common(p)
+    p = sub.add_parser("verify", help="check checksums, residuals and (with --base) the base")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--base", help="also check the pack was made from this base")
+    _common(p)
+    p = sub.add_parser("inspect", help="tasks, bytes, bits/param per module type, worst SQNR")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--worst", type=int, default=5, help="tensors listed per task (default 5)")
+    _common(p)
+    from qmerge.demo import DTYPES
+
+    p = sub.add_parser("demo", help="the ops on one real-sized weight, checked and timed")
     p.add_argument("--out-features", type=int, default=4096, help="default: %(default)s")
     p.add_argument("--in-features", type=int, default=4096, help="default: %(default)s")
     p.add_argument("--tasks", type=int, default=4, help="fine-tunes (default: %(default)s)")
@@ -117,21 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p = sub.add_parser("info", help="versions and which kernels are active")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = parser.parse_args(argv)
+    return top
 
-    if args.verb == "demo":
-        for name in ("out_features", "in_features", "tasks"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name.replace('_', '-')} must be >= 1")
-        log = (lambda _msg: None) if args.json else print
-        result = demo(args.out_features, args.in_features, args.tasks, DTYPES[args.dtype], log)
-    else:
-        result = info()
-        log = print
-        if not args.json:
-            for key, value in result.items():
-                print(f"{key}: {value}")
-    if args.json:
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = _run(args)
+    except QmergeError as e:
+        print(f"qmerge {args.verb}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"qmerge {args.verb}: interrupted; nothing was changed", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
         print(json.dumps(result, indent=2))
     return 0
 
