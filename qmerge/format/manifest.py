@@ -73,6 +73,9 @@ def _number_or_null(v: object) -> bool:
 def _entry(where: str, e: object) -> None:
     _need(isinstance(e, dict), where, "is not an object")
     assert isinstance(e, dict)
+    for key in ("codec", "config", "module_type", "shape", "dtype", "params", "bytes",
+                "bits_per_param", "sqnr_db"):
+        _need(key in e, f"{where}.{key}", "is missing")
     for key, ok in (("codec", isinstance(e.get("codec"), str)),
                     ("config", isinstance(e.get("config"), dict)),
                     ("module_type", isinstance(e.get("module_type"), str)),
@@ -137,9 +140,20 @@ def validate(obj: object) -> dict:
     return obj
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text} is out of range")
+    return v
+
+
 def loads(raw: bytes) -> dict:
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         raise PackError(f"manifest.json: is not valid JSON ({e})") from None
     return validate(obj)
