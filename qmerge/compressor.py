@@ -12,6 +12,7 @@ is added by writing its file, then the manifest, each atomically).
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ from torch import Tensor
 
 import qmerge
 from qmerge.codecs import choose, codec, config_dict, lowrank, sqnr_db
-from qmerge.codecs.base import Residual, parse_spec
+from qmerge.codecs.base import Residual, parse_spec, sq_sum
 from qmerge.codecs.policy import Policy, make_auto
 from qmerge.codecs.skip import SkipConfig, SkipResidual
 from qmerge.errors import CheckpointError, PackError
@@ -100,13 +101,36 @@ def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
     return extra_rows
 
 
+def _libc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_TRIM = _libc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS. glibc keeps the blocks of freed tensors (once
+    its dynamic mmap threshold has grown) and fragments between the parts a task keeps, so
+    without this the process's memory creeps up by several tensors over a model; measured on
+    12 tensors of 4 MiB: +100 MiB for 24 MiB of live output, +24 MiB with it."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def _delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
     f = ft.get(name)
     if extra:
         f = f[: f.shape[0] - extra]
     d = f.to(torch.float32, copy=True)  # our own copy: never write into the mapped file
     d.sub_(base.get(name))
-    if not bool(torch.isfinite(d).all()):
+    # NaN or Inf anywhere makes the fp64 sum non-finite (and finite fp32 values cannot
+    # overflow it): one reduction instead of a mask the size of the tensor.
+    if not math.isfinite(float(d.sum(dtype=torch.float64))):
         i = int((~torch.isfinite(d)).reshape(-1).nonzero()[0])
         idx = list(torch.unravel_index(torch.tensor(i), d.shape)) if d.dim() else []
         where = [int(k) for k in idx]
@@ -154,7 +178,7 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
         kind, spec = specs[n]
         name, cfg = resolved[n]
         info_extra: dict[str, object] = {}
-        amax = float(d.abs().max()) if d.numel() else 0.0
+        amax = max(float(d.max()), -float(d.min())) if d.numel() else 0.0
         res: Residual
         if amax <= policy.skip_below or (n in ranks and ranks[n] == 0):
             res, cfg = SkipResidual(tuple(d.shape)), SkipConfig()
@@ -166,7 +190,7 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
             res = codec("lowrank").residual.from_dense(d, cfg, rank=ranks[n])
         else:
             res = codec(name).residual.from_dense(d, cfg, calib.get(n))
-        signal = float(d.double().pow(2).sum())
+        signal = sq_sum(d)
         db = sqnr_db(signal, res.error_energy(d))
         stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
         if extra_rows[n]:
@@ -182,7 +206,8 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
             entry["extra_rows"] = extra_rows[n]
         table[n] = entry
         parts.update(stored)
-        del d
+        del d, res
+        release_freed_memory()
     return parts, table
 
 
@@ -212,6 +237,8 @@ def _write_task(pack_dir: Path, manifest: dict, name: str, base: Checkpoint, ft:
     manifest["files"][mf.task_file(name)] = write_task_file(pack_dir, name, parts, meta)
     manifest["tasks"][name] = {"file": mf.task_file(name), "source": str(ft.path),
                                "tensors": table}
+    del parts
+    release_freed_memory()
 
 
 def compress(base: PathLike, tasks: Mapping[str, PathLike], out: PathLike, *,

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from qmerge.codecs import lowrank
-from qmerge.codecs.base import FLOAT_DTYPES, Residual, as_matrix, codec, parse_spec, sqnr_db
+from qmerge.codecs.base import (
+    FLOAT_DTYPES,
+    Residual,
+    as_matrix,
+    codec,
+    parse_spec,
+    sq_sum,
+    sqnr_db,
+)
 from qmerge.codecs.dense import DenseConfig
 from qmerge.codecs.sign import SignConfig
 from qmerge.errors import ConfigError
@@ -56,7 +64,7 @@ def _price(name: str, cfg, m: Tensor, energy: float) -> tuple[int, object]:
     if name == "lowrank":
         cfg = dataclasses.replace(cfg, energy=energy, budget_bits=None)
         s = lowrank.svd(m.float(), min(cfg.max_rank or min(m.shape), min(m.shape)), cfg)[1]
-        kept = (s.double() ** 2).cumsum(0) / max(float(m.double().pow(2).sum()), 1e-300)
+        kept = (s.double() ** 2).cumsum(0) / max(sq_sum(m), 1e-300)
         hit = (kept >= energy).nonzero()
         r = int(hit[0]) + 1 if hit.numel() else min(m.shape)
         return r * cfg.bytes_per_rank(out, cols), dataclasses.replace(cfg, energy=None, rank=r)
@@ -70,7 +78,7 @@ def choose(delta: Tensor, cfg: AutoConfig, calib: Tensor | None = None
     """(the cheapest residual meeting cfg.sqnr_db, the config that made it, its SQNR in dB).
     If none meets the target, the candidate with the best SQNR."""
     m = as_matrix(delta.float())
-    signal = float(m.double().pow(2).sum())
+    signal = sq_sum(m)
     energy = 1 - 10 ** (-cfg.sqnr_db / 10)
     priced = []
     for i, spec in enumerate(cfg.candidates):

@@ -41,6 +41,24 @@ def check_choice(cls_name: str, field: str, value: object, choices: tuple) -> No
                           f"got {value!r}")
 
 
+_CHUNK = 1 << 20  # elements per block of the fp64 reductions below
+
+
+def sq_sum(t: Tensor, minus: Tensor | None = None) -> float:
+    """sum((t - minus)^2) accumulated in fp64, a block of rows at a time, so a large tensor
+    never gets a full-size fp64 temporary (a 113 MB embedding would need 226 MB per copy)."""
+    a = as_matrix(t)
+    b = None if minus is None else as_matrix(minus)
+    step = max(1, _CHUNK // max(a.shape[1], 1))
+    total = 0.0
+    for i in range(0, a.shape[0], step):
+        block = a[i:i + step].double()
+        if b is not None:
+            block -= b[i:i + step]
+        total += float(block.pow_(2).sum())
+    return total
+
+
 class Residual:
     """A compressed task-vector tensor. Subclasses set `codec` and implement the verbs."""
 
@@ -72,7 +90,7 @@ class Residual:
 
     def error_energy(self, delta: Tensor) -> float:
         """sum((delta - dequantize())^2) in fp64."""
-        return float((delta.double() - self.dequantize(torch.float32).double()).pow(2).sum())
+        return sq_sum(delta, self.dequantize(torch.float32))
 
 
 def sqnr_db(signal_energy: float, error_energy: float) -> float | None:

@@ -25,6 +25,7 @@ from qmerge.codecs.base import (
     check_choice,
     expect_part,
     register,
+    sq_sum,
 )
 from qmerge.errors import ConfigError
 
@@ -138,7 +139,7 @@ class LowRankResidual(Residual):
                    rank: int | None = None) -> LowRankResidual:
         m = as_matrix(delta.float())
         full = min(m.shape)
-        total = float(m.double().pow(2).sum())
+        total = sq_sum(m)
         cap = min(cfg.max_rank or full, full)
         if rank is not None:
             u, s, vh = svd(m, min(rank, full), cfg)

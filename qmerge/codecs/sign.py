@@ -30,6 +30,7 @@ from qmerge.codecs.base import (
     check_choice,
     expect_part,
     register,
+    sq_sum,
 )
 from qmerge.errors import ConfigError
 
@@ -186,5 +187,5 @@ class SignResidual(Residual):
         total = 0.0
         for a in range(0, out, step):
             b = min(out, a + step)
-            total += float((m[a:b] - self._rows(a, b)).double().pow(2).sum())
+            total += sq_sum(m[a:b], self._rows(a, b))
         return total

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qmerge.codecs.base import Residual, register
+from qmerge.codecs.base import Residual, register, sq_sum
 
 
 @dataclass(frozen=True)
@@ -43,4 +43,4 @@ class SkipResidual(Residual):
         return torch.zeros(self.shape, dtype=dtype)
 
     def error_energy(self, delta: Tensor) -> float:
-        return float(delta.double().pow(2).sum())
+        return sq_sum(delta)
