@@ -139,9 +139,6 @@ def _run(args: argparse.Namespace) -> dict:
     from qmerge import demo
 
     if args.verb == "demo":
-        for name in ("out_features", "in_features", "tasks"):
-            if getattr(args, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         log = (lambda _msg: None) if args.json else print
         return demo.demo(args.out_features, args.in_features, args.tasks,
                          demo.DTYPES[args.dtype], log)
@@ -198,7 +195,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    for name in ("out_features", "in_features", "tasks", "worst"):
+        if isinstance(getattr(args, name, None), int) and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:
         result = _run(args)
     except QmergeError as e:

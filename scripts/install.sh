@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 pip install --upgrade pip "setuptools>=77" wheel
 # A plain `torch` requirement would pull a multi-GB CUDA build: pin the CPU wheel.
-pip install torch==2.13.0 "numpy>=1.24" "pytest>=7" ninja
+pip install torch==2.13.0 "numpy>=1.24" "tqdm>=4.60" "pytest>=7" "hypothesis>=6" "safetensors>=0.4" ninja
 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -e .
 .venv/bin/python -c "from qmerge import ops; print('qmerge installed; kernels:', ops.backend())"
