@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from qmerge import api
 from qmerge.codecs.policy import Policy
 from qmerge.errors import ConfigError, QmergeError

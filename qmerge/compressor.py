@@ -167,8 +167,8 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
             costs.append(cfg.bytes_per_rank(*m.shape))
             params += d.numel()
             del d
-        for n, r in zip(names, lowrank.allocate_ranks(spectra, costs, cfg.budget_bits / 8 * params)):
-            ranks[n] = r
+        budget = cfg.budget_bits / 8 * params
+        ranks.update(zip(names, lowrank.allocate_ranks(spectra, costs, budget), strict=True))
 
     parts: dict[str, Tensor] = {}
     table: dict[str, dict] = {}

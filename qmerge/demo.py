@@ -51,7 +51,8 @@ def demo(out_features: int, in_features: int, tasks: int, dtype: torch.dtype,
     tau_sqnr = _sqnr_db(taus, approx)
     dense_bytes = tasks * base.numel() * base.element_size()
     log(f"      {bits:.3f} bits/param, task-vector SQNR {tau_sqnr:.1f} dB, "
-        f"{(packed.numel() + scales.numel() * 4) / 2**20:.1f} MiB vs {dense_bytes / 2**20:.0f} MiB dense")
+        f"{(packed.numel() + scales.numel() * 4) / 2**20:.1f} MiB vs "
+        f"{dense_bytes / 2**20:.0f} MiB dense")
 
     log("[3/4] rebuild task 0's weight with dequant_add_sign")
     one = torch.ones(1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from qmerge.codecs import Residual, load_residual
 from qmerge.codecs.policy import MODULE_TYPES

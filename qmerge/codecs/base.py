@@ -148,7 +148,8 @@ def _coerce(cls_name: str, field: str, hint: Any, raw: object) -> object:
                 return False
         elif t is int and not isinstance(raw, bool):
             try:
-                if isinstance(raw, int) or (isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
+                if isinstance(raw, int) or (
+                        isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
                     return int(raw)
             except ValueError:
                 pass

@@ -106,7 +106,8 @@ def spectrum(delta: Tensor, cfg: LowRankConfig) -> Tensor:
 def allocate_ranks(spectra: Sequence[Tensor], costs: Sequence[int], budget: float) -> list[int]:
     """Greedy ranks: take components in order of squared singular value per byte while the
     total stays within `budget` bytes. Spectra are descending, so each tensor gets a prefix."""
-    gains = [(float(s) ** 2 / c, i) for i, (sp, c) in enumerate(zip(spectra, costs)) for s in sp]
+    gains = [(float(s) ** 2 / c, i)
+             for i, (sp, c) in enumerate(zip(spectra, costs, strict=True)) for s in sp]
     gains.sort(key=lambda g: -g[0])
     ranks = [0] * len(spectra)
     spent = 0.0

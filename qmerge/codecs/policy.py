@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from qmerge.codecs.auto import AutoConfig
-from qmerge.codecs.base import make_config, parse_spec
+from qmerge.codecs.base import parse_spec
 from qmerge.errors import ConfigError
 
 MODULE_TYPES = ("attention", "mlp", "embedding", "norm", "other")
@@ -123,7 +123,8 @@ class Policy:
             raise ConfigError(f"{where}: must be a JSON object")
         known = {"codec", "types", "vectors", "patterns", "skip_below", "tasks"}
         if unknown := sorted(set(obj) - known):
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys: "
+                              f"{', '.join(sorted(known))}")
         try:
             return cls(**obj)
         except ConfigError as e:

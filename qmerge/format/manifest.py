@@ -7,9 +7,9 @@
                "tensors": {name: {"dtype", "shape", "sha256"}}},          # see fingerprint.py
       "tasks": {task: {"file": "tasks/<task>.safetensors", "source": str,
                        "tensors": {name: ENTRY}}},
-      "files": {relative path: {"sha256": hex, "bytes": int}},           # every file but this one
-      "merge": null | {...},                                               # merge recipe (later)
-      "router": null | {...}                                               # router reference (later)
+      "files": {relative path: {"sha256": hex, "bytes": int}},   # every file but this one
+      "merge": null | {...},                            # merge recipe (later)
+      "router": null | {...}                            # router reference (later)
     }
     ENTRY = {"codec": str, "config": {...}, "module_type": str, "shape": [int], "dtype": str,
              "params": int, "bytes": int, "bits_per_param": float, "sqnr_db": float | null,

@@ -250,8 +250,8 @@ def test_golden_bytes_of_a_tiny_pack(tmp_path, monkeypatch):
     manifest.pop("generator")
     # row 0 of the delta is 0.01*cos(3i), i = 0..11: signs alternate + - + - ..., and packed
     # least significant bit first that is 0b01010101, then 0b0101 (padding bits 0)
-    sign = SignResidual.from_dense(ft["layer.attn.q_proj.weight"] - base["layer.attn.q_proj.weight"],
-                                   SignConfig())
+    delta = ft["layer.attn.q_proj.weight"] - base["layer.attn.q_proj.weight"]
+    sign = SignResidual.from_dense(delta, SignConfig())
     assert sign.signs[0].tolist() == [0b01010101, 0b0101]
     digest = hashlib.sha256(task).hexdigest()
     mdigest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

@@ -101,7 +101,8 @@ def test_a_real_process_prints_no_traceback(models):
     proc = subprocess.run([sys.executable, "-m", "qmerge", "verify", str(models / "nothing")],
                           capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"qmerge verify: error: {models / 'nothing'}: not a pack (no manifest.json)"
+    want = f"qmerge verify: error: {models / 'nothing'}: not a pack (no manifest.json)"
+    assert proc.stderr.strip() == want
 
 
 def test_help_on_every_verb(capsys):

