@@ -178,13 +178,20 @@ def main() -> None:
     log()
     log(f"`qmerge verify --base`: {v.stdout.strip() or v.stderr.strip()}")
     log()
-    log("| task | bits/param, linear weights (attention + MLP) | bits/param, all "
-        "| worst SQNR (dB) |")
+    log("| task | bits/param, linear weight matrices (attention + MLP, sign) "
+        "| bits/param, all tensors | worst SQNR (dB) |")
     log("|---|---|---|---|")
+    manifest = json.loads((out / "manifest.json").read_text())
     for name, t in report["tasks"].items():
-        lin = [t["by_module_type"][k] for k in ("attention", "mlp") if k in t["by_module_type"]]
-        bits = sum(s["bytes"] for s in lin) * 8 / sum(s["params"] for s in lin)
-        log(f"| {name} | {bits:.4f} | {t['bits_per_param']:.4f} | {t['min_sqnr_db']:.2f} |")
+        lin = [e for e in manifest["tasks"][name]["tensors"].values()
+               if len(e["shape"]) == 2 and e["module_type"] in ("attention", "mlp")]
+        bits = sum(e["bytes"] for e in lin) * 8 / sum(e["params"] for e in lin)
+        codecs = sorted({e["codec"] for e in lin})
+        log(f"| {name} | {bits:.4f} ({len(lin)} matrices, {'/'.join(codecs)}) | "
+            f"{t['bits_per_param']:.4f} | {t['min_sqnr_db']:.2f} |")
+    log()
+    log("Biases and LayerNorm vectors are stored dense (bf16) by the default policy; they are "
+        "in the 'all tensors' column.")
     log()
     log(f"Wall {r['wall_s']:.1f} s, peak RssAnon {r['peak_rss_anon'] / 1e6:.0f} MB.")
     (ROOT / "results").mkdir(exist_ok=True)

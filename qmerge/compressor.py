@@ -122,15 +122,23 @@ def release_freed_memory() -> None:
         _TRIM(0)
 
 
+def _all_finite(d: Tensor) -> bool:
+    """NaN or Inf anywhere makes an fp64 sum non-finite (finite fp32 values cannot overflow
+    it). Summed a block at a time: `sum(dtype=float64)` over the whole tensor first makes an
+    fp64 copy of it (+216 MB for SmolLM2's embedding, measured)."""
+    flat = d.reshape(-1)
+    step = 1 << 20
+    return all(math.isfinite(float(flat[i:i + step].sum(dtype=torch.float64)))
+               for i in range(0, flat.numel(), step))
+
+
 def _delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
     f = ft.get(name)
     if extra:
         f = f[: f.shape[0] - extra]
     d = f.to(torch.float32, copy=True)  # our own copy: never write into the mapped file
     d.sub_(base.get(name))
-    # NaN or Inf anywhere makes the fp64 sum non-finite (and finite fp32 values cannot
-    # overflow it): one reduction instead of a mask the size of the tensor.
-    if not math.isfinite(float(d.sum(dtype=torch.float64))):
+    if not _all_finite(d):
         i = int((~torch.isfinite(d)).reshape(-1).nonzero()[0])
         idx = list(torch.unravel_index(torch.tensor(i), d.shape)) if d.dim() else []
         where = [int(k) for k in idx]

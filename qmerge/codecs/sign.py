@@ -34,7 +34,7 @@ from qmerge.codecs.base import (
 )
 from qmerge.errors import ConfigError
 
-_CHUNK = 1 << 22  # elements per block of rows: bounds the temporaries of a large tensor
+_CHUNK = 1 << 20  # elements per block of rows: bounds the temporaries of a large tensor
 
 
 @dataclass(frozen=True)
