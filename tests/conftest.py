@@ -34,3 +34,15 @@ def isa(request):
         yield request.param
     finally:
         ops.set_isa(before)
+
+
+@pytest.fixture
+def models(tmp_path):
+    """tmp_path with a tiny Llama-shaped base ("base") and three fine-tunes ("ft0".."ft2")."""
+    from tests.models import base_tensors, finetune_of, save
+
+    b = base_tensors()
+    save(b, tmp_path / "base")
+    for i in range(3):
+        save(finetune_of(b, i), tmp_path / f"ft{i}")
+    return tmp_path

@@ -19,14 +19,6 @@ from tests.models import base_tensors, finetune_of, save, tree_bytes
 QUIET = qmerge.Options(progress=False)
 
 
-@pytest.fixture
-def models(tmp_path):
-    b = base_tensors()
-    save(b, tmp_path / "base")
-    for i in range(3):
-        save(finetune_of(b, i), tmp_path / f"ft{i}")
-    return tmp_path
-
 
 def test_pack_holds_each_tensor_as_its_codec_encodes_it(models):
     pack = qmerge.compress(models / "base", {"a": models / "ft0", "b": models / "ft1"},

@@ -11,15 +11,6 @@ from qmerge.cli import main
 from tests.models import base_tensors, finetune_of, save, tree_bytes
 
 
-@pytest.fixture
-def models(tmp_path):
-    b = base_tensors()
-    save(b, tmp_path / "base")
-    for i in range(3):
-        save(finetune_of(b, i), tmp_path / f"ft{i}")
-    return tmp_path
-
-
 def _ok(capsys, *argv):
     assert main([str(a) for a in argv]) == 0
     return capsys.readouterr()
