@@ -24,7 +24,6 @@ from qmerge.codecs.base import (
     sqnr_db,
 )
 from qmerge.codecs.dense import DenseConfig
-from qmerge.codecs.sign import SignConfig
 from qmerge.errors import ConfigError
 
 DEFAULT_CANDIDATES = (
@@ -103,4 +102,4 @@ def choose(delta: Tensor, cfg: AutoConfig, calib: Tensor | None = None
     return best
 
 
-__all__ = ["AutoConfig", "SignConfig", "choose"]
+__all__ = ["AutoConfig", "choose"]
