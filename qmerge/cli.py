@@ -22,6 +22,7 @@ from pathlib import Path
 
 from qmerge import api
 from qmerge.codecs.policy import Policy
+from qmerge.compressor import bar
 from qmerge.errors import ConfigError, QmergeError
 from qmerge.format.safetensors_io import SafetensorsFile
 
@@ -119,8 +120,9 @@ def _run(args: argparse.Namespace) -> dict:
             print(f"removed {', '.join(args.names)}; tasks left: {', '.join(pack.tasks) or 'none'}")
         return result
     if args.verb == "verify":
-        progress = (lambda it: it) if args.quiet or args.json else _file_bar
-        result = api.verify(args.pack, base=args.base, progress=progress)
+        enabled = not (args.quiet or args.json)
+        result = api.verify(args.pack, base=args.base,
+                            progress=lambda it: bar(it, enabled, "sha256", unit="file"))
         if not args.json:
             print(f"ok: {result['pack']}: {len(result['tasks'])} task(s), "
                   f"{result['files_checked']} file(s) match their sha256, base "
@@ -145,12 +147,6 @@ def _run(args: argparse.Namespace) -> dict:
         for key, value in result.items():
             print(f"{key}: {value}")
     return result
-
-
-def _file_bar(items):
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="sha256", unit="file", leave=False, file=sys.stderr, disable=None)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -25,8 +25,8 @@ from torch import Tensor
 
 import qmerge
 from qmerge.codecs import choose, codec, config_dict, lowrank, sqnr_db
-from qmerge.codecs.base import Residual, parse_spec, sq_sum
-from qmerge.codecs.policy import Policy, make_auto
+from qmerge.codecs.base import Residual, as_matrix, sq_sum
+from qmerge.codecs.policy import Policy, resolve
 from qmerge.codecs.skip import SkipConfig, SkipResidual
 from qmerge.errors import CheckpointError, PackError
 from qmerge.format import manifest as mf
@@ -39,13 +39,14 @@ from qmerge.format.safetensors_io import dtype_name
 PathLike = str | os.PathLike
 
 
-def bar(items: Iterable, enabled: bool, desc: str, total: int | None = None) -> Iterable:
+def bar(items: Iterable, enabled: bool, desc: str, total: int | None = None,
+        unit: str = "tensor") -> Iterable:
     """A progress bar on stderr (tqdm) when enabled and stderr is a terminal."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, unit="tensor", leave=False, file=sys.stderr,
+    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
                 disable=None)
 
 
@@ -148,18 +149,13 @@ def _delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
     return d
 
 
-def _resolve(spec: str):
-    name = spec.partition(":")[0]
-    return ("auto", make_auto(spec)) if name == "auto" else parse_spec(spec)
-
-
 def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
                 ) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """Compresses one fine-tune: (stored tensors keyed 'name:part', codec table)."""
     extra_rows = plan(base, ft, opts)
     policy = opts.policy
     specs = {n: policy.spec_for(task, n, len(base.shape(n))) for n in extra_rows}
-    resolved = {n: _resolve(spec) for n, (_, spec) in specs.items()}
+    resolved = {n: resolve(spec) for n, (_, spec) in specs.items()}
     # A low-rank byte budget spans tensors: first their spectra, then ranks, then encoding.
     budget_groups: dict[object, list[str]] = {}
     for n, (name, cfg) in resolved.items():
@@ -171,8 +167,7 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
         for n in bar(names, opts.progress, f"{task}: spectra"):
             d = _delta(base, ft, n, extra_rows[n])
             spectra.append(lowrank.spectrum(d, cfg))
-            m = d.reshape(d.shape[0], -1) if d.dim() > 1 else d.reshape(1, -1)
-            costs.append(cfg.bytes_per_rank(*m.shape))
+            costs.append(cfg.bytes_per_rank(*as_matrix(d).shape))
             params += d.numel()
             del d
         budget = cfg.budget_bits / 8 * params

@@ -55,13 +55,13 @@ def module_type(name: str) -> str:
     return "other"
 
 
+def resolve(spec: str) -> tuple[str, Any]:
+    """(codec name or "auto", its config); ConfigError unless the spec is valid."""
+    return ("auto", make_auto(spec)) if spec.partition(":")[0] == "auto" else parse_spec(spec)
+
+
 def check_spec(spec: str) -> None:
-    """Raises ConfigError unless `spec` names a codec (or auto) with valid options."""
-    name, _, rest = spec.partition(":")
-    if name == "auto":
-        make_auto(spec)
-    else:
-        parse_spec(spec)
+    resolve(spec)
 
 
 def make_auto(spec: str) -> AutoConfig:
