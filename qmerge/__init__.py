@@ -7,14 +7,18 @@ from qmerge.api import (
     Policy,
     add_task,
     compress,
+    fit_router,
     inspect,
+    load,
     open_pack,
     remove_task,
     residual,
+    unload,
     verify,
 )
 from qmerge.errors import QmergeError
 
 __version__ = "0.1.0"
-__all__ = ["Options", "Policy", "QmergeError", "__version__", "add_task", "compress", "inspect",
-           "open_pack", "ops", "remove_task", "residual", "verify"]
+__all__ = ["Options", "Policy", "QmergeError", "__version__", "add_task", "compress",
+           "fit_router", "inspect", "load", "open_pack", "ops", "remove_task", "residual",
+           "unload", "verify"]

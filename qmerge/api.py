@@ -6,11 +6,15 @@
     qmerge.open_pack(pack, base=None)                  lazy reading; refuses a foreign base
     qmerge.verify(pack, base=None)                     checksums, residuals, fingerprint
     qmerge.inspect(pack)                               bytes, bits/param, worst SQNR
+    qmerge.load(base, pack)                            patch a model: model(..., task="math")
+    qmerge.unload(model)                               the original modules back, bit for bit
+    qmerge.fit_router(model, {"math": texts}, encode=tok)   a router saved into the pack
 """
 
 from qmerge.codecs.policy import Policy
 from qmerge.compressor import Options, add_task, compress, remove_task
+from qmerge.loader import fit_router, load, unload
 from qmerge.packs import inspect, open_pack, residual, verify
 
-__all__ = ["Options", "Policy", "add_task", "compress", "inspect", "open_pack", "remove_task",
-           "residual", "verify"]
+__all__ = ["Options", "Policy", "add_task", "compress", "fit_router", "inspect", "load",
+           "open_pack", "remove_task", "residual", "unload", "verify"]

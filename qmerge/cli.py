@@ -51,6 +51,9 @@ def _add_codec_options(p: argparse.ArgumentParser) -> None:
                    help="store rows a fine-tune added to a tensor (grown vocabulary) densely")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="leave out tensors matching GLOB, e.g. 'classifier.*' (repeatable)")
+    p.add_argument("--head", action="append", default=[], metavar="GLOB",
+                   help="keep fine-tune tensors matching GLOB that the base lacks (a task head, "
+                        "e.g. 'classifier.*') per task, as they are (repeatable)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,7 +69,8 @@ def _options(args: argparse.Namespace) -> api.Options:
         f = SafetensorsFile(args.calib, error=ConfigError)
         calib = {k: f.get(k).float() for k in f.keys()}
     return api.Options(policy=policy, calib=calib, allow_resized_vocab=args.allow_resized_vocab,
-                       exclude=tuple(args.exclude), progress=not (args.quiet or args.json))
+                       exclude=tuple(args.exclude), heads=tuple(args.head),
+                       progress=not (args.quiet or args.json))
 
 
 def _tasks(args: argparse.Namespace) -> dict[str, str]:

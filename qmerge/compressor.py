@@ -12,6 +12,7 @@ is added by writing its file, then the manifest, each atomically).
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
 import shutil
@@ -62,6 +63,8 @@ class Options:
             vocabulary) stores the shared rows' delta with its codec and the new rows dense,
             as they are in the fine-tune. Without it, that is an error.
         exclude: fnmatch globs of tensor names to leave out (e.g. a task head "classifier.*").
+        heads: fnmatch globs of fine-tune tensors the base does not have (a task head such as
+            "classifier.*"): stored as they are, per task, and put back on load.
         progress: show progress bars on stderr.
     """
 
@@ -69,6 +72,7 @@ class Options:
     calib: Mapping[str, Tensor] | None = None
     allow_resized_vocab: bool = False
     exclude: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
     progress: bool = True
 
 
@@ -76,15 +80,24 @@ def _names(ckpt: Checkpoint, exclude: tuple[str, ...]) -> set[str]:
     return {n for n in ckpt.names if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
 
 
+def heads(base: Checkpoint, ft: Checkpoint, opts: Options) -> list[str]:
+    """The fine-tune's task-head tensors: named by `opts.heads`, absent from the base."""
+    return sorted(n for n in _names(ft, opts.exclude) if n not in base
+                  and any(fnmatch.fnmatchcase(n, g) for g in opts.heads))
+
+
 def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
     """Checks the fine-tune against the base; returns {tensor: extra rows} for every tensor."""
-    b, f = _names(base, opts.exclude), _names(ft, opts.exclude)
+    ft.align_to(base.names)
+    b = _names(base, opts.exclude)
+    f = _names(ft, opts.exclude) - set(heads(base, ft, opts))
     if missing := sorted(b - f):
         raise CheckpointError(f"{ft.path}: has no tensor '{missing[0]}' that the base has "
                               f"({len(missing)} missing); is it a fine-tune of this base?")
     if extra := sorted(f - b):
         raise CheckpointError(f"{ft.path}: has tensor '{extra[0]}' that the base does not "
-                              f"({len(extra)} extra); leave task heads out with --exclude")
+                              f"({len(extra)} extra); keep task heads per task with --head "
+                              f"GLOB, or leave them out with --exclude GLOB")
     extra_rows = {}
     for n in sorted(b):
         bs, fs = base.shape(n), ft.shape(n)
@@ -147,6 +160,30 @@ def _delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
         raise CheckpointError(f"{ft.path}: tensor '{name}': the delta is not finite at index "
                               f"{where} (fine-tune {fv}, base {bv}); nothing was written")
     return d
+
+
+def labels(ft: Checkpoint) -> list[str] | None:
+    """The class names of a classification fine-tune (config.json id2label), if it has them."""
+    cfg = ft.path / "config.json" if ft.path.is_dir() else None
+    try:
+        id2label = json.loads(cfg.read_text()).get("id2label") if cfg else None
+        if isinstance(id2label, dict) and id2label:
+            return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def encode_heads(base: Checkpoint, ft: Checkpoint, opts: Options
+                 ) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """A task's head tensors, stored as they are: (parts keyed 'name:head', head table)."""
+    parts, table = {}, {}
+    for n in heads(base, ft, opts):
+        t = ft.get(n).contiguous()
+        parts[part_key(n, "head")] = t
+        table[n] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype),
+                    "bytes": t.numel() * t.element_size()}
+    return parts, table
 
 
 def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
@@ -235,11 +272,17 @@ def _open_inputs(base: PathLike, tasks: Mapping[str, PathLike], opts: Options
 def _write_task(pack_dir: Path, manifest: dict, name: str, base: Checkpoint, ft: Checkpoint,
                 opts: Options) -> None:
     parts, table = encode_task(name, base, ft, opts)
+    head_parts, head_table = encode_heads(base, ft, opts)
+    parts.update(head_parts)
     meta = {"qmerge.format": "task", "qmerge.format_version": str(mf.FORMAT_VERSION),
             "qmerge.task": name}
     manifest["files"][mf.task_file(name)] = write_task_file(pack_dir, name, parts, meta)
     manifest["tasks"][name] = {"file": mf.task_file(name), "source": str(ft.path),
                                "tensors": table}
+    if head_table:
+        manifest["tasks"][name]["heads"] = head_table
+    if (names := labels(ft)) is not None:
+        manifest["tasks"][name]["labels"] = names
     del parts
     release_freed_memory()
 

@@ -48,8 +48,11 @@ def verify(path: PathLike, base: PathLike | None = None,
     for task in pack.tasks:
         f = pack.task_file(task)
         table = pack.entries(task)
+        heads = pack.manifest["tasks"][task].get("heads", {})
+        pack.heads(task)
         for key in f.keys():
-            if key.partition(PART_SEP)[0] not in table:
+            tensor = key.partition(PART_SEP)[0]
+            if tensor not in table and tensor not in heads:
                 raise PackError(f"{f.path}: holds '{key}', which task {task!r}'s table does "
                                 f"not name")
         for name, entry in table.items():

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from qmerge.errors import CheckpointError
+from qmerge.format.names import alignment
 from qmerge.format.safetensors_io import SafetensorsFile, tensor_sha256
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -67,6 +68,26 @@ class Checkpoint:
         if not self._where:
             raise CheckpointError(f"{self.path}: holds no tensors")
         self.names: list[str] = sorted(self._where)
+        self._stored: dict[str, str] = {}  # name -> the name it has in its file (aligned)
+        self.alignment = "identity"
+
+    def align_to(self, reference: Iterable[str]) -> Checkpoint:
+        """Renames tensors to the reference's spelling where they differ by a model prefix
+        (format/names.py), e.g. a task model's 'bert.encoder...' to a base's 'encoder...'."""
+        how, rename = alignment(self.names, reference)
+        if how == "identity":
+            return self
+        where: dict[str, SafetensorsFile | dict[str, Tensor]] = {}
+        stored: dict[str, str] = {}
+        for n, src in self._where.items():
+            new = rename(n)
+            if new in where:
+                raise CheckpointError(f"{self.path}: tensors '{stored[new]}' and '{n}' both "
+                                      f"map to '{new}' ({how})")
+            where[new], stored[new] = src, self._stored.get(n, n)
+        self._where, self._stored, self.alignment = where, stored, how
+        self.names = sorted(where)
+        return self
 
     def _files(self) -> list[Path]:
         p = self.path
@@ -104,15 +125,15 @@ class Checkpoint:
         return len(self.names)
 
     def get(self, name: str) -> Tensor:
-        src = self._where[name]
+        src, name = self._where[name], self._stored.get(name, name)
         return src.get(name) if isinstance(src, SafetensorsFile) else src[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        src = self._where[name]
+        src, name = self._where[name], self._stored.get(name, name)
         return src.shape(name) if isinstance(src, SafetensorsFile) else tuple(src[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        src = self._where[name]
+        src, name = self._where[name], self._stored.get(name, name)
         return src.dtype(name) if isinstance(src, SafetensorsFile) else src[name].dtype
 
     def items(self) -> Iterator[tuple[str, Tensor]]:

@@ -6,10 +6,12 @@
       "base": {"structure": sha256, "content": sha256,
                "tensors": {name: {"dtype", "shape", "sha256"}}},          # see fingerprint.py
       "tasks": {task: {"file": "tasks/<task>.safetensors", "source": str,
-                       "tensors": {name: ENTRY}}},
+                       "tensors": {name: ENTRY},
+                       "heads": {name: {"shape", "dtype", "bytes"}},   # optional: task-only
+                       "labels": [str]}},                              # optional: class names
       "files": {relative path: {"sha256": hex, "bytes": int}},   # every file but this one
       "merge": null | {...},                            # merge recipe (later)
-      "router": null | {...}                            # router reference (later)
+      "router": null | {"kind", "file": "router.safetensors", ...}   # routing/store.py
     }
     ENTRY = {"codec": str, "config": {...}, "module_type": str, "shape": [int], "dtype": str,
              "params": int, "bytes": int, "bits_per_param": float, "sqnr_db": float | null,
@@ -134,6 +136,17 @@ def validate(obj: object) -> dict:
         for tname, e in entries.items():
             _entry(f"tasks[{name!r}].tensors[{tname!r}]", e)
             _need(tname in tensors, f"tasks[{name!r}].tensors[{tname!r}]", "names no base tensor")
+        heads = task.get("heads", {})
+        _need(isinstance(heads, dict), f"tasks[{name!r}].heads", "is not an object")
+        for hname, h in heads.items():
+            _need(isinstance(h, dict) and _shape(h.get("shape")) and isinstance(h.get("dtype"), str)
+                  and _is_int(h.get("bytes")), f"tasks[{name!r}].heads[{hname!r}]",
+                  "needs shape, dtype and bytes")
+            _need(hname not in entries, f"tasks[{name!r}].heads[{hname!r}]",
+                  "is also a residual")
+        labels = task.get("labels", [])
+        _need(isinstance(labels, list) and all(isinstance(x, str) for x in labels),
+              f"tasks[{name!r}].labels", "is not a list of strings")
     for key in ("merge", "router"):
         _need(obj.get(key) is None or isinstance(obj.get(key), dict), key, "is not null or object")
     _need(isinstance(obj.get("generator", ""), str), "generator", "is not a string")

@@ -105,6 +105,31 @@ class Pack:
         prefix = tensor + PART_SEP
         return {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
 
+    def close(self) -> None:
+        """Forgets the opened task files (their maps go once no tensor refers to them)."""
+        self._files.clear()
+
+    def heads(self, task: str) -> dict[str, Tensor]:
+        """The task's head tensors (present in the fine-tune, not in the base), by name."""
+        table = self.manifest["tasks"][task].get("heads", {}) if task in self.tasks else {}
+        if not table:
+            return {}
+        f = self.task_file(task)
+        out = {}
+        for name, h in table.items():
+            key = part_key(name, "head")
+            if key not in f.keys():
+                raise PackError(f"{f.path}: head tensor '{name}' is missing")
+            t = f.get(key)
+            if list(t.shape) != h["shape"]:
+                raise PackError(f"{f.path}: head tensor '{name}' has shape {list(t.shape)}, the "
+                                f"manifest says {h['shape']}")
+            out[name] = t
+        return out
+
+    def labels(self, task: str) -> list[str] | None:
+        return self.manifest["tasks"][task].get("labels")
+
     def stray_files(self) -> list[str]:
         """Files under tasks/ that the manifest does not name (left by an interrupted write)."""
         listed = set(self.manifest["files"])

@@ -1,0 +1,254 @@
+"""Every task's residual of one base weight, stacked per codec the way the fused ops take them.
+
+A WeightBank holds, for one base weight W0 [out, in] and the pack's T tasks:
+  sign banks    packed [Ts, out, ceil(in/8)] + scales [Ts, R, G] (fp32), one bank per scale
+                layout (tasks with per-tensor and per-row scales share one: R is widened);
+  a low-rank bank  U [Tl, out, r], V [Tl, r, in] in W0's dtype, ranks padded with zeros;
+  a dense bank     D [Td, out, in] in W0's dtype.
+Skipped (all-zero) residuals hold nothing. Each bank maps the pack's task index to its own
+(`lookup`), so a route over the pack drives every bank.
+
+Three ways to apply it (shared/DESIGN.md, "Runtime"):
+  fused(x, ...)   y = x W0^T + sum_t c_t x tau_t^T per row: the first sign bank (else the
+                  low-rank bank) runs its op with the base; other banks add delta-only terms;
+  merged(alphas)  W0 + sum_t alpha_t tau_t, one weight for a uniform batch;
+  gather(rows)    tau rows picked by index (embedding lookups).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qmerge import ops
+from qmerge.codecs import Residual
+from qmerge.codecs.lowrank import LowRankResidual
+from qmerge.codecs.sign import SignResidual
+from qmerge.codecs.skip import SkipResidual
+from qmerge.ops.reference import expand_scales
+
+
+def _terms(tasks: Sequence[int], ids: Tensor | None, coeffs: Tensor | None):
+    """(bank index, pack index, rows, fp32 coefficients) for each bank task some row uses."""
+    for b, t in enumerate(tasks):
+        if ids is not None:
+            rows = (ids == t).nonzero().flatten()
+            c = None
+        else:
+            assert coeffs is not None
+            rows = (coeffs[:, t] != 0).nonzero().flatten()
+            c = coeffs[rows, t].float()
+        if rows.numel():
+            yield b, t, rows, c
+
+
+def _add_rows(y: Tensor, rows: Tensor, c: Tensor | None, term: Tensor) -> None:
+    y.index_add_(0, rows, (term if c is None else term * c[:, None].to(term.dtype)).to(y.dtype))
+
+
+class _Bank:
+    def __init__(self, tasks: list[int], total: int):
+        self.tasks = tasks
+        self.lookup = torch.full((total,), -1, dtype=torch.int64)
+        self.lookup[tasks] = torch.arange(len(tasks))
+
+    def local(self, ids: Tensor | None, coeffs: Tensor | None
+              ) -> tuple[Tensor | None, Tensor | None]:
+        """The route in this bank's task numbering."""
+        if ids is not None:
+            return torch.where(ids >= 0, self.lookup[ids.clamp_min(0)], -1).contiguous(), None
+        assert coeffs is not None
+        return None, coeffs[:, self.tasks].contiguous()
+
+    def uses(self, ids: Tensor | None, coeffs: Tensor | None) -> bool:
+        if ids is not None:
+            return bool((self.lookup[ids.clamp_min(0)][ids >= 0] >= 0).any())
+        assert coeffs is not None
+        return bool(coeffs[:, self.tasks].any())
+
+
+class SignBank(_Bank):
+    def __init__(self, tasks: list[int], total: int, res: list[SignResidual], out: int, cols: int,
+                 device: torch.device):
+        super().__init__(tasks, total)
+        self.cols = cols
+        rows = out if any(r.scales.shape[0] > 1 for r in res) else 1
+        self.packed = torch.stack([r.signs for r in res]).to(device).contiguous()
+        self.scales = torch.stack([r.scales.float().expand(rows, -1) for r in res]
+                                  ).to(device).contiguous()
+
+    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs) -> Tensor:
+        i, c = self.local(ids, coeffs)
+        return ops.sign_linear(x, w0, self.packed, self.scales, i, c, b0)
+
+    def _delta(self, b: int, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
+        packed = self.packed[b] if rows is None else self.packed[b][rows]
+        scales = self.scales[b]
+        if rows is not None and scales.shape[0] > 1:
+            scales = scales[rows]
+        signs = ops.unpack_signs(packed.contiguous(), self.cols, torch.float32)
+        return (signs * expand_scales(scales[None], signs.shape[0], self.cols)[0]).to(dtype)
+
+    def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
+        for b, _, rows, c in _terms(self.tasks, ids, coeffs):
+            _add_rows(y, rows, c, x[rows] @ self._delta(b, None, x.dtype).T)
+
+    def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
+        a = alphas[self.tasks]
+        sel = a.nonzero().flatten()
+        if not sel.numel():
+            return w
+        if sel.numel() == len(self.tasks):
+            return ops.dequant_add_sign(w, self.packed, self.scales, a.float())
+        return ops.dequant_add_sign(w, self.packed[sel].contiguous(),
+                                    self.scales[sel].contiguous(), a[sel].float())
+
+    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
+        for b, t in enumerate(self.tasks):
+            rows = (c[:, t] != 0).nonzero().flatten()
+            if rows.numel():
+                _add_rows(out, rows, c[rows, t], self._delta(b, idx[rows], out.dtype))
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 4
+
+
+class LowRankBank(_Bank):
+    def __init__(self, tasks: list[int], total: int, res: list[LowRankResidual],
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(tasks, total)
+        r = max(x.rank for x in res)
+        factors = [x.factors(torch.float32) for x in res]
+        self.U = torch.stack([F.pad(u, (0, r - u.shape[1])) for u, _ in factors]
+                             ).to(device, dtype).contiguous()
+        self.V = torch.stack([F.pad(v, (0, 0, 0, r - v.shape[0])) for _, v in factors]
+                             ).to(device, dtype).contiguous()
+
+    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs) -> Tensor:
+        i, c = self.local(ids, coeffs)
+        return ops.lowrank_linear(x, w0, self.U, self.V, i, c, b0)
+
+    def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
+        for b, _, rows, c in _terms(self.tasks, ids, coeffs):
+            z = x[rows].float() @ self.V[b].float().T
+            _add_rows(y, rows, c, z @ self.U[b].float().T)
+
+    def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
+        acc = None
+        for b, t in enumerate(self.tasks):
+            if float(alphas[t]):
+                term = float(alphas[t]) * (self.U[b].float() @ self.V[b].float())
+                acc = term if acc is None else acc + term
+        return w if acc is None else (w.float() + acc).to(w.dtype)
+
+    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
+        for b, t in enumerate(self.tasks):
+            rows = (c[:, t] != 0).nonzero().flatten()
+            if rows.numel():
+                term = self.U[b][idx[rows]].float() @ self.V[b].float()
+                _add_rows(out, rows, c[rows, t], term)
+
+    def nbytes(self) -> int:
+        return self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
+
+
+class DenseBank(_Bank):
+    def __init__(self, tasks: list[int], total: int, res: list[Residual], shape: tuple[int, int],
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(tasks, total)
+        self.D = torch.stack([r.dequantize(torch.float32).reshape(shape) for r in res]
+                             ).to(device, dtype).contiguous()
+
+    def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
+        for b, _, rows, c in _terms(self.tasks, ids, coeffs):
+            _add_rows(y, rows, c, x[rows].float() @ self.D[b].float().T)
+
+    def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
+        acc = None
+        for b, t in enumerate(self.tasks):
+            if float(alphas[t]):
+                term = float(alphas[t]) * self.D[b].float()
+                acc = term if acc is None else acc + term
+        return w if acc is None else (w.float() + acc).to(w.dtype)
+
+    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
+        for b, t in enumerate(self.tasks):
+            rows = (c[:, t] != 0).nonzero().flatten()
+            if rows.numel():
+                _add_rows(out, rows, c[rows, t], self.D[b][idx[rows]])
+
+    def nbytes(self) -> int:
+        return self.D.numel() * self.D.element_size()
+
+
+class WeightBank:
+    """All tasks' residuals of one 2-D base weight [out, in] (see the module docstring)."""
+
+    def __init__(self, residuals: Sequence[Residual], shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device):
+        total = len(residuals)
+        self.shape = shape
+        out, cols = shape
+        groups: dict[int, list[tuple[int, SignResidual]]] = {}
+        low: list[tuple[int, LowRankResidual]] = []
+        dense: list[tuple[int, Residual]] = []
+        for t, r in enumerate(residuals):
+            if isinstance(r, SkipResidual):
+                continue
+            if isinstance(r, SignResidual):
+                groups.setdefault(r.scales.shape[1], []).append((t, r))
+            elif isinstance(r, LowRankResidual):
+                low.append((t, r))
+            else:
+                dense.append((t, r))
+        self.banks: list[SignBank | LowRankBank | DenseBank] = [
+            SignBank([t for t, _ in g], total, [r for _, r in g], out, cols, device)
+            for g in groups.values()]
+        if low:
+            self.banks.append(LowRankBank([t for t, _ in low], total, [r for _, r in low],
+                                          dtype, device))
+        if dense:
+            self.banks.append(DenseBank([t for t, _ in dense], total, [r for _, r in dense],
+                                        shape, dtype, device))
+
+    def __bool__(self) -> bool:
+        return bool(self.banks)
+
+    def fused(self, x: Tensor, w0: Tensor | None, b0: Tensor | None, ids, coeffs,
+              base_out: Tensor | None = None) -> Tensor:
+        """[n, out] = x W0^T + b0 + each row's task terms. With `base_out` (a base layer that
+        is not a plain matrix, e.g. bitsandbytes), every bank adds delta-only terms to it."""
+        rest = self.banks
+        if base_out is not None:
+            y = base_out
+        elif self.banks and not isinstance(self.banks[0], DenseBank) and \
+                self.banks[0].uses(ids, coeffs):
+            assert w0 is not None
+            y = self.banks[0].fused(x, w0, b0, ids, coeffs)
+            rest = self.banks[1:]
+        else:
+            assert w0 is not None
+            y = F.linear(x, w0, b0)
+        for bank in rest:
+            if bank.uses(ids, coeffs):
+                bank.add_delta(y, x, ids, coeffs)
+        return y
+
+    def merged(self, w0: Tensor, alphas: Tensor) -> Tensor:
+        w = w0
+        for bank in self.banks:
+            w = bank.merged(w, alphas)
+        return w.clone() if w is w0 else w
+
+    def gather(self, idx: Tensor, c: Tensor, dtype: torch.dtype) -> Tensor:
+        """[n, in]: sum_t c[n, t] * tau_t[idx[n]]."""
+        out = torch.zeros(idx.shape[0], self.shape[1], dtype=torch.float32, device=idx.device)
+        for bank in self.banks:
+            bank.gather(out, idx, c)
+        return out.to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.banks)

@@ -1,0 +1,53 @@
+"""DeltaParams: any other module whose own parameters have task residuals (LayerNorm, RMSNorm,
+...), run with per-row parameters.
+
+Rows with the same coefficients form a group; each group runs the module once with its
+merged parameters (torch.func.functional_call), so the module's own forward code is used as
+it is. The parameters of such modules are vectors: merging them is cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from qmerge.nn import context, rows
+
+
+class DeltaParams(nn.Module):
+    def __init__(self, base: nn.Module, deltas: dict[str, Tensor], name: str):
+        super().__init__()
+        self.base, self.name = base, name
+        self.deltas = deltas  # param name -> [T, *shape], the param's dtype
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: params={sorted(self.deltas)}"
+
+    def _params(self, c: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for n, d in self.deltas.items():
+            p = getattr(self.base, n)
+            out[n] = p + torch.tensordot(c.to(d.device, torch.float32), d.float(), 1).to(p.dtype)
+        return out
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        route = context.active()
+        if route is None or route.is_base():
+            return self.base(x, *args, **kwargs)
+        uniform = route.uniform()
+        if uniform is not None:
+            return functional_call(self.base, self._params(uniform), (x, *args), kwargs)
+        flat = x.reshape(-1, x.shape[-1]) if route.per_token else x
+        ids, coeffs = rows.for_rows(route, flat.reshape(flat.shape[0], -1))
+        c = rows.dense(ids, coeffs, len(route.tasks))
+        groups, inverse = torch.unique(c, dim=0, return_inverse=True)
+        out = None
+        for g in range(groups.shape[0]):
+            idx = (inverse == g).nonzero().flatten().to(x.device)
+            y = functional_call(self.base, self._params(groups[g]), (flat[idx], *args), kwargs)
+            if out is None:
+                out = y.new_empty((flat.shape[0], *y.shape[1:]))
+            out[idx] = y
+        assert out is not None
+        return out.reshape(*x.shape[:-1], out.shape[-1]) if route.per_token else out

@@ -1,0 +1,115 @@
+"""Task heads (classifiers with different label sets) and routers saved into the pack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import qmerge
+from qmerge.errors import PackError
+from qmerge.routing import LinearRouter, PrototypeRouter, store
+from tests.nn import tiny
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def cls(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    base, fts = tiny.bert(root)
+    pack = tiny.compress(base, fts, root / "pack", tiny.EXACT, heads=("classifier.*",))
+    return root, base, fts, pack
+
+
+IDS = torch.tensor([[2, 14, 33, 50, 7, 3], [2, 60, 61, 62, 4, 3], [2, 9, 9, 9, 9, 3],
+                    [2, 70, 5, 41, 8, 3]])
+
+
+def test_heads_are_stored_with_labels_and_verified(cls):
+    root, base, fts, pack = cls
+    m = json.loads((pack / "manifest.json").read_text())
+    assert set(m["tasks"]["c1"]["heads"]) == {"classifier.weight", "classifier.bias"}
+    assert m["tasks"]["c1"]["labels"] == [f"label{k}" for k in range(5)]
+    assert "bert.embeddings.word_embeddings.weight" not in m["tasks"]["c1"]["tensors"]
+    assert "embeddings.word_embeddings.weight" in m["tasks"]["c1"]["tensors"]
+    assert qmerge.verify(pack, base=base)["base"] == "matches"
+
+
+def test_mixed_batch_of_classifiers_equals_each_fine_tune(cls):
+    root, base, fts, pack = cls
+    model = qmerge.load(base, pack)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    route = ["c1", "c0", "c2", "c1"]
+    with torch.no_grad():
+        logits = model(input_ids=IDS, task=route).logits
+        assert logits.shape == (4, 5)
+        for i, t in enumerate(route):
+            ref = transformers.AutoModelForSequenceClassification.from_pretrained(
+                fts[t]).eval()(input_ids=IDS[i:i + 1]).logits[0]
+            n = ref.shape[0]
+            torch.testing.assert_close(logits[i, :n], ref, rtol=1e-5, atol=1e-5)
+            assert (logits[i, n:] == torch.finfo(logits.dtype).min).all()
+    assert model.qmerge.labels("c2") == ["label0", "label1"]
+
+
+def _features(dim=8, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {t: torch.randn(n, dim, generator=g) + 4 * torch.eye(dim)[k]
+            for k, t in enumerate(["c0", "c1", "c2"])}
+
+
+def test_prototype_and_linear_routers_separate_clusters():
+    train, test = _features(seed=0), _features(seed=1)
+    for router in (PrototypeRouter.fit(train, layer=2), LinearRouter.fit(train, layer=2)):
+        for t, f in test.items():
+            assert router.predict(f) == [t] * f.shape[0], router.kind
+        soft = type(router).from_saved(router.config() | {"mode": "softmax"}, router.tensors())
+        r = soft.route(test["c1"], ["c0", "c1", "c2", "extra"])
+        assert torch.allclose(r.coeffs.sum(-1), torch.ones(6)) and (r.coeffs[:, 3] == 0).all()
+
+
+def test_router_saved_into_the_pack_routes_a_forward(cls, tmp_path):
+    root, base, fts, pack = cls
+    import shutil
+
+    local = tmp_path / "pack"
+    shutil.copytree(pack, local)
+    model = qmerge.load(base, local)
+    examples = {"c0": [{"input_ids": IDS[:1]}], "c1": [{"input_ids": IDS[1:2]}],
+                "c2": [{"input_ids": IDS[2:3]}]}
+    router = qmerge.fit_router(model, examples, layer=2)
+    assert router.layer == 2
+    assert qmerge.verify(local)["files_checked"] == 4  # 3 tasks + router.safetensors
+    again = qmerge.load(base, local)
+    assert again.qmerge.router is not None and again.qmerge.router.tasks == ["c0", "c1", "c2"]
+    with torch.no_grad():
+        auto = again(input_ids=IDS[:3], router=True).logits
+        named = again(input_ids=IDS[:3], task=["c0", "c1", "c2"]).logits
+    torch.testing.assert_close(auto, named)  # each example routes to the task it defined
+    # the router costs a partial base forward: features stop at the router's layer
+    f = again.qmerge.features({"input_ids": IDS}, layer=2)
+    assert f.shape == (4, 32)
+    # removing a task leaves the router usable for the rest
+    qmerge.remove_task(local, ["c2"])
+    left = qmerge.load(base, local)
+    with torch.no_grad():
+        y = left(input_ids=IDS[2:3], router=True)
+    assert y.logits.shape[0] == 1
+
+
+def test_a_damaged_router_entry_is_refused(cls, tmp_path):
+    root, base, fts, pack = cls
+    import shutil
+
+    local = tmp_path / "pack"
+    shutil.copytree(pack, local)
+    model = qmerge.load(base, local)
+    qmerge.fit_router(model, {"c0": [{"input_ids": IDS[:1]}], "c1": [{"input_ids": IDS[1:2]}]},
+                      layer=1)
+    m = json.loads((local / "manifest.json").read_text())
+    m["router"]["mode"] = "bogus"
+    (local / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackError, match="router.mode"):
+        store.load(qmerge.open_pack(local))
