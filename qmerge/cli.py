@@ -5,6 +5,8 @@
     qmerge remove-task PACK NAME ...
     qmerge verify PACK [--base DIR]
     qmerge inspect PACK [--worst K]
+    qmerge fit-router PACK --base DIR --examples NAME=FILE ... [--kind prototype|linear]
+    qmerge run PACK --base DIR [--task NAME | --coeffs MIX | --auto] (--text T ... | --jsonl F)
     qmerge demo [--out-features N] [--in-features N] [--tasks T] [--dtype D]
     qmerge info
 
@@ -140,6 +142,8 @@ def _run(args: argparse.Namespace) -> dict:
         if not args.json:
             _print_inspect(result)
         return result
+    if args.verb in ("run", "fit-router"):
+        return _infer(args)
     from qmerge import demo
 
     if args.verb == "demo":
@@ -150,6 +154,54 @@ def _run(args: argparse.Namespace) -> dict:
     if not args.json:
         for key, value in result.items():
             print(f"{key}: {value}")
+    return result
+
+
+def _infer(args: argparse.Namespace) -> dict:
+    from qmerge import inference
+
+    enabled = not (args.quiet or args.json)
+    if args.verb == "fit-router":
+        result = inference.fit(
+            args.pack, args.base, dict(args.examples), kind=args.kind, layer=args.layer,
+            mode=args.mode, temperature=args.temperature, max_examples=args.max_examples,
+            evaluate=dict(args.eval) if args.eval else None,
+            progress=lambda it: bar(it, enabled, "features", unit="task"))
+        if not args.json:
+            r = result["router"]
+            print(f"router: {r['kind']} over {', '.join(r['tasks'])}, features after block "
+                  f"{r['layer']} ({r['pooling']}-pooled), mode {r['mode']}; examples: "
+                  + ", ".join(f"{t}={n}" for t, n in r["examples"].items()))
+            if ev := result.get("evaluation"):
+                print(f"held-out accuracy: {ev['accuracy']:.1%} of {ev['examples']}")
+                tasks = r["tasks"]
+                print("confusion (rows: true task, columns: routed to):")
+                print("  " + " ".join(f"{t[:10]:>10}" for t in ["", *tasks]))
+                for t, row in ev["confusion"].items():
+                    print("  " + f"{t[:10]:>10} " + " ".join(f"{row[c]:>10}" for c in tasks))
+        return result
+    if args.jsonl:
+        requests = inference.read_requests(args.jsonl)
+    else:
+        requests = [{"text": t} for t in args.text]
+    default = ({"task": args.task} if args.task else {"coeffs": args.coeffs} if args.coeffs
+               else {"auto": True} if args.auto else {})
+    requests = [r if any(k in r for k in ("task", "coeffs", "auto")) else r | default
+                for r in requests]
+    result = inference.run(args.pack, args.base, requests, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, mode=args.mode,
+                           progress=lambda it: bar(it, enabled, "batches", unit="batch"))
+    if not args.json:
+        for r in result["results"]:
+            route = r["route"] if isinstance(r["route"], str) else "+".join(
+                f"{t}:{w:.3g}" for t, w in r["route"].items())
+            if "label" in r:
+                answer = f"{r['label']} ({r['scores'][str(r['label'])]:.3f})"
+            elif "output" in r:
+                answer = repr(r["output"])
+            else:
+                answer = f"embedding[{len(r['embedding'])}]"
+            print(f"[{route}] {r['text'][:60]!r} -> {answer}")
     return result
 
 
@@ -179,6 +231,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("pack", type=Path)
     p.add_argument("--worst", type=int, default=5, help="tensors listed per task (default 5)")
     _common(p)
+    p = sub.add_parser("fit-router", help="fit the pack's router from example inputs per task")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--base", required=True, help="the base model directory (with tokenizer)")
+    p.add_argument("--examples", action="append", required=True, type=_task_arg,
+                   metavar="NAME=FILE", help="example inputs of a task: one per line, or JSONL "
+                   "with a \"text\" field (repeat per task)")
+    p.add_argument("--kind", choices=["prototype", "linear"], default="prototype",
+                   help="prototype: no training, cosine to each task's mean feature; linear: "
+                   "logistic regression (default: %(default)s)")
+    p.add_argument("--layer", type=int, help="block whose output is the feature (default: 2/3 "
+                   "of the depth)")
+    p.add_argument("--mode", choices=["top1", "softmax"], default="top1",
+                   help="one task per input, or a softmax mixture (default: %(default)s)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (default 0.05 "
+                   "prototype, 1.0 linear)")
+    p.add_argument("--max-examples", type=int, default=32,
+                   help="examples used per task (default: %(default)s)")
+    p.add_argument("--eval", action="append", type=_task_arg, metavar="NAME=FILE",
+                   help="held-out inputs of a task: report accuracy and confusion")
+    _common(p)
+    p = sub.add_parser("run", help="answer texts with a task, a mixture or the router")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--base", required=True, help="the base model directory (with tokenizer)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--task", help="task for every request ('base' for the bare base)")
+    how.add_argument("--coeffs", metavar="MIX", help="mixture for every request, e.g. "
+                     "'math:0.7+code:0.3'")
+    how.add_argument("--auto", action="store_true", help="route with the pack's router")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", action="append", help="an input text (repeatable)")
+    what.add_argument("--jsonl", type=Path, help="requests, one JSON object per line: "
+                      "{\"text\", and optionally \"task\" | \"coeffs\" | \"auto\"}")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="tokens generated for a causal LM (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="requests per forward pass (default: %(default)s)")
+    p.add_argument("--mode", choices=["auto", "fused", "materialized"], default="auto",
+                   help="execution path (default: %(default)s)")
+    _common(p)
     from qmerge.demo import DTYPES
 
     p = sub.add_parser("demo", help="the ops on one real-sized weight, checked and timed")
@@ -195,7 +286,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    for name in ("out_features", "in_features", "tasks", "worst"):
+    for name in ("out_features", "in_features", "tasks", "worst", "max_examples",
+                 "max_new_tokens", "batch_size"):
         if isinstance(getattr(args, name, None), int) and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:

@@ -74,3 +74,25 @@ def compress(base: Path, fts: dict[str, Path], out: Path, codec: str | qmerge.Po
     qmerge.compress(base, fts, out, opts=qmerge.Options(policy=policy, heads=heads,
                                                         progress=False))
     return out
+
+
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "red", "blue", "big",
+         "small", "a", "is", "was", "very", "not", "and", "or"]
+
+
+def save_tokenizer(directory: Path, vocab_size: int, specials: dict[str, int]) -> None:
+    """A word-level tokenizer over WORDS (ids after the specials), saved beside a model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(specials)
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    assert len(vocab) <= vocab_size
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    names = {v: k for k, v in specials.items()}
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
+                                  pad_token=names.get(0), **({"eos_token": "[EOS]"} if
+                                                            "[EOS]" in specials else {}))
+    tok.save_pretrained(directory)
