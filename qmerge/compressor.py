@@ -87,10 +87,14 @@ def heads(base: Checkpoint, ft: Checkpoint, opts: Options) -> list[str]:
 
 
 def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
-    """Checks the fine-tune against the base; returns {tensor: extra rows} for every tensor."""
+    """Checks the fine-tune against the base; returns {tensor: extra rows} for every tensor.
+
+    An integer base tensor the fine-tune does not save (a buffer such as BERT's
+    `position_ids`, which newer transformers leave out) is not a weight: it is skipped."""
     ft.align_to(base.names)
-    b = _names(base, opts.exclude)
     f = _names(ft, opts.exclude) - set(heads(base, ft, opts))
+    b = {n for n in _names(base, opts.exclude)
+         if n in f or base.dtype(n).is_floating_point}
     if missing := sorted(b - f):
         raise CheckpointError(f"{ft.path}: has no tensor '{missing[0]}' that the base has "
                               f"({len(missing)} missing); is it a fine-tune of this base?")

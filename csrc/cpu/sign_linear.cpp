@@ -7,6 +7,8 @@
 //                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "checks.h"
 #include "dequant_add_sign.h"
 #include "isa.h"
@@ -56,6 +58,50 @@ at::Tensor mixture_materialized(const at::Tensor& x, const at::Tensor& base_w, c
   return y32.to(x.scalar_type());
 }
 
+// Rows [begin, end) that use one weight: slot 0 the base, slot t + 1 the base plus task t.
+struct Segment {
+  int64_t slot, begin, end;
+};
+
+// The rows of one slot as runs of consecutive rows (a sequence's tokens are consecutive), so
+// each run is a view of x and of y: no row is gathered or scattered.
+void add_runs(int64_t slot, const std::vector<int64_t>& group, std::vector<Segment>& out) {
+  size_t i = 0;
+  while (i < group.size()) {
+    size_t j = i + 1;
+    while (j < group.size() && group[j] == group[j - 1] + 1) ++j;
+    out.push_back({slot, group[i], group[j - 1] + 1});
+    i = j;
+  }
+}
+
+// y[run] = x[run] W_slot^T + bias for every segment, a slot's weight rebuilt once into a
+// scratch buffer. (Handing segments to threads, one single-threaded GEMM each, measured the
+// same as this on the 2-core machine: bench/results/routing.md.)
+void run_segments(const at::Tensor& x, const at::Tensor& base_w, const SignSet& s,
+                  const std::vector<Segment>& segments, const std::optional<at::Tensor>& bias,
+                  at::Tensor& y) {
+  const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
+  at::Tensor scratch;
+  int64_t built = -1;
+  for (const Segment& g : segments) {
+    const at::Tensor* w = &base_w;
+    if (g.slot > 0) {
+      if (!scratch.defined()) scratch = at::empty_like(base_w);
+      if (built != g.slot) dequant_one(base_w, s, g.slot - 1, scratch);
+      built = g.slot;
+      w = &scratch;
+    }
+    at::Tensor out = y.narrow(0, g.begin, g.end - g.begin);
+    const at::Tensor xs = x.narrow(0, g.begin, g.end - g.begin);
+    if (b.defined()) {
+      at::addmm_out(out, b, xs, w->t());
+    } else {
+      at::mm_out(out, xs, w->t());
+    }
+  }
+}
+
 at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
                        const at::Tensor& scales, const std::optional<at::Tensor>& task_ids,
                        const std::optional<at::Tensor>& coeffs,
@@ -87,21 +133,16 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
     for (int64_t n = 0; n < rows; ++n) {
       by_task[r.terms(n) ? r.task[r.offset[n]] + 1 : 0].push_back(n);
     }
-    at::Tensor merged;
+    std::vector<Segment> segments;
     for (int64_t slot = 0; slot < int64_t(by_task.size()); ++slot) {
       const auto& group = by_task[slot];
       if (int64_t(group.size()) < kMaterializeRows) {
         fused.insert(fused.end(), group.begin(), group.end());
         continue;
       }
-      const at::Tensor* w = &base_w;
-      if (slot > 0) {
-        if (!merged.defined()) merged = at::empty_like(base_w);
-        dequant_one(base_w, s, slot - 1, merged);
-        w = &merged;
-      }
-      y.index_copy_(0, at::tensor(group, at::kLong), linear_rows(x, group, *w, bias));
+      add_runs(slot, group, segments);
     }
+    run_segments(x, base_w, s, segments, bias, y);
     std::sort(fused.begin(), fused.end());
   } else {
     for (int64_t n = 0; n < rows; ++n) fused.push_back(n);

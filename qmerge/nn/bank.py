@@ -17,7 +17,8 @@ Three ways to apply it (shared/DESIGN.md, "Runtime"):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,13 @@ def _terms(tasks: Sequence[int], ids: Tensor | None, coeffs: Tensor | None):
             yield b, t, rows, c
 
 
+Memo = Callable[[Hashable, Callable[[], Any]], Any]
+
+
+def _no_memo(_key: Hashable, make: Callable[[], Any]) -> Any:
+    return make()
+
+
 def _add_rows(y: Tensor, rows: Tensor, c: Tensor | None, term: Tensor) -> None:
     y.index_add_(0, rows, (term if c is None else term * c[:, None].to(term.dtype)).to(y.dtype))
 
@@ -55,15 +63,24 @@ class _Bank:
         self.lookup = torch.full((total,), -1, dtype=torch.int64)
         self.lookup[tasks] = torch.arange(len(tasks))
 
-    def local(self, ids: Tensor | None, coeffs: Tensor | None
+    def local(self, ids: Tensor | None, coeffs: Tensor | None, memo: Memo = _no_memo
               ) -> tuple[Tensor | None, Tensor | None]:
         """The route in this bank's task numbering."""
+        n = (ids if ids is not None else coeffs).shape[0]
+        return memo(("local", tuple(self.tasks), n), lambda: self._local(ids, coeffs))
+
+    def _local(self, ids: Tensor | None, coeffs: Tensor | None
+               ) -> tuple[Tensor | None, Tensor | None]:
         if ids is not None:
             return torch.where(ids >= 0, self.lookup[ids.clamp_min(0)], -1).contiguous(), None
         assert coeffs is not None
         return None, coeffs[:, self.tasks].contiguous()
 
-    def uses(self, ids: Tensor | None, coeffs: Tensor | None) -> bool:
+    def uses(self, ids: Tensor | None, coeffs: Tensor | None, memo: Memo = _no_memo) -> bool:
+        n = (ids if ids is not None else coeffs).shape[0]
+        return memo(("uses", tuple(self.tasks), n), lambda: self._uses(ids, coeffs))
+
+    def _uses(self, ids: Tensor | None, coeffs: Tensor | None) -> bool:
         if ids is not None:
             return bool((self.lookup[ids.clamp_min(0)][ids >= 0] >= 0).any())
         assert coeffs is not None
@@ -80,8 +97,9 @@ class SignBank(_Bank):
         self.scales = torch.stack([r.scales.float().expand(rows, -1) for r in res]
                                   ).to(device).contiguous()
 
-    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs) -> Tensor:
-        i, c = self.local(ids, coeffs)
+    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs,
+              memo: Memo = _no_memo) -> Tensor:
+        i, c = self.local(ids, coeffs, memo)
         return ops.sign_linear(x, w0, self.packed, self.scales, i, c, b0)
 
     def _delta(self, b: int, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -127,8 +145,9 @@ class LowRankBank(_Bank):
         self.V = torch.stack([F.pad(v, (0, 0, 0, r - v.shape[0])) for _, v in factors]
                              ).to(device, dtype).contiguous()
 
-    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs) -> Tensor:
-        i, c = self.local(ids, coeffs)
+    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs,
+              memo: Memo = _no_memo) -> Tensor:
+        i, c = self.local(ids, coeffs, memo)
         return ops.lowrank_linear(x, w0, self.U, self.V, i, c, b0)
 
     def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
@@ -218,22 +237,23 @@ class WeightBank:
         return bool(self.banks)
 
     def fused(self, x: Tensor, w0: Tensor | None, b0: Tensor | None, ids, coeffs,
-              base_out: Tensor | None = None) -> Tensor:
+              base_out: Tensor | None = None, memo: Memo = _no_memo) -> Tensor:
         """[n, out] = x W0^T + b0 + each row's task terms. With `base_out` (a base layer that
-        is not a plain matrix, e.g. bitsandbytes), every bank adds delta-only terms to it."""
+        is not a plain matrix, e.g. bitsandbytes), every bank adds delta-only terms to it.
+        `memo` caches route-derived index tensors across the layers of one call."""
         rest = self.banks
+        first = self.banks[0] if self.banks else None
         if base_out is not None:
             y = base_out
-        elif self.banks and not isinstance(self.banks[0], DenseBank) and \
-                self.banks[0].uses(ids, coeffs):
+        elif isinstance(first, (SignBank, LowRankBank)) and first.uses(ids, coeffs, memo):
             assert w0 is not None
-            y = self.banks[0].fused(x, w0, b0, ids, coeffs)
+            y = first.fused(x, w0, b0, ids, coeffs, memo)
             rest = self.banks[1:]
         else:
             assert w0 is not None
             y = F.linear(x, w0, b0)
         for bank in rest:
-            if bank.uses(ids, coeffs):
+            if bank.uses(ids, coeffs, memo):
                 bank.add_delta(y, x, ids, coeffs)
         return y
 

@@ -68,13 +68,13 @@ class DeltaLinear(nn.Module):
         x2 = x.reshape(-1, n_in).contiguous()
         if self.plain:
             w0, b0 = self.base.weight, self.base.bias
-            y = (self.bank.fused(x2, w0, b0, ids, coeffs) if self.bank
+            y = (self.bank.fused(x2, w0, b0, ids, coeffs, memo=route.memo) if self.bank
                  else F.linear(x2, w0, b0))
         else:
             y = self.base(x2)
             if self.bank:
-                y = self.bank.fused(x2, None, None, ids, coeffs, base_out=y)
+                y = self.bank.fused(x2, None, None, ids, coeffs, base_out=y, memo=route.memo)
         if self.bias_deltas is not None:
-            c = rows.dense(ids, coeffs, len(route.tasks)).to(y.device)
-            y = y + (c @ self.bias_deltas.float()).to(y.dtype)
+            c, per = rows.per_sequence(route, x)
+            y = rows.add_per_sequence(y, c, per, self.bias_deltas)
         return y.reshape(*lead, y.shape[-1])

@@ -1,4 +1,9 @@
-"""From a per-sequence (or per-token) Route to one route entry per row of a layer's input."""
+"""From a per-sequence (or per-token) Route to the rows of one layer's input.
+
+x's first dimension is the batch (or the batch times the beams of a search); the rows of one
+sequence are contiguous. Every layer of a forward pass asks the same questions, so the
+answers are memoized on the route (one route per call and thread).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,16 @@ from qmerge.errors import ConfigError
 from qmerge.routing.route import Route
 
 
-def for_rows(route: Route, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """(task_ids [n], None) or (None, coeffs [n, T]) for the n = numel / x.shape[-1] rows of x.
-
-    x's first dimension is the batch (or the batch times the beams of a search); the rows of
-    one sequence are contiguous."""
+def _shape(x: Tensor) -> tuple[int, int]:
     rows = x.numel() // max(x.shape[-1], 1) if x.dim() > 1 else 1
     lead = x.shape[0] if x.dim() > 1 else 1
+    return rows, lead
+
+
+def per_sequence(route: Route, x: Tensor) -> tuple[Tensor, int]:
+    """(coefficients [L, T], rows per entry): L sequences of `per` contiguous rows each (per
+    token: L = rows, per = 1)."""
+    rows, lead = _shape(x)
     if route.per_token:
         assert route.coeffs is not None
         c = route.coeffs.reshape(-1, len(route.tasks))
@@ -23,7 +31,19 @@ def for_rows(route: Route, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
             raise ConfigError(f"per-token routing gave {c.shape[0]} token rows but a layer got "
                               f"{rows}: per-token routing is for one full forward pass (route "
                               f"per sequence when decoding with a KV cache)")
-        return None, c
+        return c, 1
+    return route.expand(lead).dense(), rows // lead
+
+
+def for_rows(route: Route, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(task_ids [n], None) or (None, coeffs [n, T]) for the n rows of x."""
+    rows, lead = _shape(x)
+    return route.memo(("rows", rows, lead), lambda: _for_rows(route, x, rows, lead))
+
+
+def _for_rows(route: Route, x: Tensor, rows: int, lead: int):
+    if route.per_token:
+        return None, per_sequence(route, x)[0]
     r = route.expand(lead)
     per = rows // lead
     if r.task_ids is not None:
@@ -41,3 +61,10 @@ def dense(task_ids: Tensor | None, coeffs: Tensor | None, tasks: int) -> Tensor:
     hit = (task_ids >= 0).nonzero().flatten()
     c[hit, task_ids[hit]] = 1.0
     return c
+
+
+def add_per_sequence(y: Tensor, c: Tensor, per: int, table: Tensor) -> Tensor:
+    """y [L*per, D] += (c [L, T] @ table [T, D]) broadcast over each entry's rows, in place."""
+    d = (c.to(table.device, torch.float32) @ table.float()).to(y.dtype)
+    y.view(c.shape[0], per, -1).add_(d[:, None, :])
+    return y

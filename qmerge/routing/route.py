@@ -12,8 +12,9 @@ tensor) into a Route and names the offending entry when it cannot.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,10 +29,18 @@ class Route:
     tasks: tuple[str, ...]
     task_ids: Tensor | None = None
     coeffs: Tensor | None = None
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if (self.task_ids is None) == (self.coeffs is None):
             raise ConfigError("a Route needs exactly one of task_ids or coeffs")
+
+    def memo(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """A value derived from this route, computed once (every layer of a forward pass asks
+        for the same row expansions; a Route lives for one call, in one thread)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     @property
     def batch(self) -> int:
@@ -48,6 +57,9 @@ class Route:
         search, num_return_sequences)."""
         if batch == self.batch:
             return self
+        return self.memo(("expand", batch), lambda: self._expand(batch))
+
+    def _expand(self, batch: int) -> Route:
         if batch % self.batch:
             raise ConfigError(f"the batch has {batch} sequences but {self.batch} were routed; "
                               f"route one task per sequence")
@@ -59,6 +71,9 @@ class Route:
 
     def uniform(self) -> Tensor | None:
         """The one coefficient vector [T] every row uses, or None if rows differ."""
+        return self.memo("uniform", self._uniform)
+
+    def _uniform(self) -> Tensor | None:
         if self.task_ids is not None:
             t = int(self.task_ids[0])
             if not bool((self.task_ids == t).all()):
@@ -72,6 +87,9 @@ class Route:
         return flat[0].clone() if bool((flat == flat[0]).all()) else None
 
     def is_base(self) -> bool:
+        return self.memo("is_base", self._is_base)
+
+    def _is_base(self) -> bool:
         if self.task_ids is not None:
             return bool((self.task_ids < 0).all())
         assert self.coeffs is not None
@@ -86,6 +104,9 @@ class Route:
 
     def dense(self) -> Tensor:
         """coeffs [B, T] or [B, S, T] (one-hot of task_ids; base rows all zero)."""
+        return self.memo("dense", self._dense)
+
+    def _dense(self) -> Tensor:
         if self.coeffs is not None:
             return self.coeffs
         assert self.task_ids is not None

