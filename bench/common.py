@@ -49,6 +49,7 @@ def smollm2_base() -> Path:
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    cfg["architectures"] = [type(model).__name__]  # a GGUF-loaded config does not say
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     with open(out / "model.safetensors", "wb") as f:
         write_safetensors(f, {k: v.contiguous() for k, v in sd.items()})

@@ -81,6 +81,20 @@ void dequant_one(const at::Tensor& base, const SignSet& signs, int64_t task, at:
   run_dequant(a, dst.size(0));
 }
 
+void dequant_rows(const at::Tensor& base, const SignSet& signs, int64_t task, int64_t row0,
+                  int64_t rows, at::Tensor& dst) {
+  DequantArgs a;
+  a.dtype = float_dtype(dst, kOp, "dst");
+  a.in = base.size(1);
+  a.base = static_cast<const char*>(base.data_ptr()) + row0 * a.in * base.element_size();
+  a.dst = dst.data_ptr();
+  a.tasks = 1;
+  a.signs = signs;
+  a.signs.packed = signs.bits_row(task, row0);
+  a.signs.scales = signs.scale_row(task, row0);
+  run_dequant(a, rows);
+}
+
 TORCH_LIBRARY_IMPL(qmerge, CPU, m) {
   m.impl("dequant_add_sign", &dequant_add_sign);
   m.impl("dequant_add_sign_out", &dequant_add_sign_out);

@@ -75,30 +75,53 @@ void add_runs(int64_t slot, const std::vector<int64_t>& group, std::vector<Segme
   }
 }
 
-// y[run] = x[run] W_slot^T + bias for every segment, a slot's weight rebuilt once into a
-// scratch buffer. (Handing segments to threads, one single-threaded GEMM each, measured the
-// same as this on the 2-core machine: bench/results/routing.md.)
+// The buffer a task's weight is rebuilt into, kept per thread: a fresh buffer per call mapped
+// fresh pages every time, which cost a third of a mixed MiniLM batch once other models had
+// run (bench/results/routing.md). It holds one weight of the largest layer seen.
+at::Tensor scratch_for(const at::Tensor& like) {
+  thread_local at::Tensor buffer;
+  const int64_t need = like.numel() * like.element_size();
+  if (!buffer.defined() || buffer.nbytes() < size_t(need)) {
+    buffer = at::empty({std::max<int64_t>(need, 1)}, like.options().dtype(at::kByte));
+  }
+  return at::from_blob(buffer.data_ptr(), like.sizes(), like.options());
+}
+
+// y[rows] = x[rows] W_slot^T + bias for each slot's segments, the slot's weight rebuilt once.
+// A slot with one run of rows uses views of x and y; with several runs its rows are gathered
+// into one GEMM, which is faster on few cores than a GEMM per run (GEMMs of a few dozen rows
+// lose a fifth of their speed: bench/results/routing.md).
 void run_segments(const at::Tensor& x, const at::Tensor& base_w, const SignSet& s,
                   const std::vector<Segment>& segments, const std::optional<at::Tensor>& bias,
                   at::Tensor& y) {
   const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
-  at::Tensor scratch;
-  int64_t built = -1;
-  for (const Segment& g : segments) {
-    const at::Tensor* w = &base_w;
-    if (g.slot > 0) {
-      if (!scratch.defined()) scratch = at::empty_like(base_w);
-      if (built != g.slot) dequant_one(base_w, s, g.slot - 1, scratch);
-      built = g.slot;
-      w = &scratch;
+  size_t k = 0;
+  while (k < segments.size()) {
+    size_t end = k;
+    while (end < segments.size() && segments[end].slot == segments[k].slot) ++end;
+    const int64_t slot = segments[k].slot;
+    at::Tensor w = base_w;
+    if (slot > 0) {
+      w = scratch_for(base_w);
+      dequant_one(base_w, s, slot - 1, w);
     }
-    at::Tensor out = y.narrow(0, g.begin, g.end - g.begin);
-    const at::Tensor xs = x.narrow(0, g.begin, g.end - g.begin);
-    if (b.defined()) {
-      at::addmm_out(out, b, xs, w->t());
+    if (end - k == 1) {
+      const Segment& g = segments[k];
+      at::Tensor dst = y.narrow(0, g.begin, g.end - g.begin);
+      const at::Tensor xs = x.narrow(0, g.begin, g.end - g.begin);
+      if (b.defined()) {
+        at::addmm_out(dst, b, xs, w.t());
+      } else {
+        at::mm_out(dst, xs, w.t());
+      }
     } else {
-      at::mm_out(out, xs, w->t());
+      std::vector<int64_t> rows;
+      for (size_t i = k; i < end; ++i) {
+        for (int64_t n = segments[i].begin; n < segments[i].end; ++n) rows.push_back(n);
+      }
+      y.index_copy_(0, at::tensor(rows, at::kLong), linear_rows(x, rows, w, bias));
     }
+    k = end;
   }
 }
 

@@ -108,6 +108,8 @@ class SignBank(_Bank):
         if rows is not None and scales.shape[0] > 1:
             scales = scales[rows]
         signs = ops.unpack_signs(packed.contiguous(), self.cols, torch.float32)
+        if scales.shape[1] == 1:  # one scale per row (or tensor): broadcast, no [n, in] copy
+            return (signs * scales).to(dtype)
         return (signs * expand_scales(scales[None], signs.shape[0], self.cols)[0]).to(dtype)
 
     def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:

@@ -24,6 +24,7 @@ class Spec:
     router: bool = False
     per_token: bool = False
     resolved: Route | None = field(default=None, compare=False)  # set by the first forward
+    pinned: bool = False  # resolved once for a whole `generate` call (from its prompt batch)
 
     def given(self) -> bool:
         return self.task is not None or self.coeffs is not None or self.router

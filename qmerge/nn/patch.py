@@ -196,7 +196,13 @@ class Patched:
         return x.shape[0] if x.dim() > 1 else 1
 
     def _route(self, s: context.Spec, args: tuple, kwargs: dict) -> Route:
-        if s.resolved is not None and _has_past(kwargs):
+        """The route of this call, for its actual batch (beam search and
+        num_return_sequences repeat each routed sequence)."""
+        route = self._resolve(s, args, kwargs)
+        return route if route.per_token else route.expand(self._batch(args, kwargs))
+
+    def _resolve(self, s: context.Spec, args: tuple, kwargs: dict) -> Route:
+        if s.resolved is not None and (s.pinned or _has_past(kwargs)):
             return s.resolved
         if s.per_token and _has_past(kwargs):
             raise ConfigError("per-token routing is for one full forward pass; route per "
@@ -245,6 +251,11 @@ class Patched:
                     outer = context.spec()
                     s = context.Spec(outer.task, outer.coeffs, outer.router,
                                      outer.per_token) if outer else s
+                if not s.router and not s.per_token:
+                    # names and mixtures are per prompt: resolve them on the prompt batch,
+                    # before generate repeats rows for beams or several returned sequences
+                    s.resolved = resolve(self.tasks, self._batch(args, kwargs), s.task, s.coeffs)
+                    s.pinned = True
                 with context.asking(s):
                     return orig_generate(*args, **kwargs)
 

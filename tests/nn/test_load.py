@@ -169,6 +169,22 @@ def test_generate_mixed_batch_equals_each_merged_model(lm):
     assert torch.equal(out, out2)
 
 
+def test_beam_search_and_several_returns_keep_each_sequence_on_its_task(lm):
+    root, base, fts = lm
+    pack = _pack(lm, "sign", "sign")
+    model = qmerge.load(base, pack)
+    prompts = IDS[:2, :4]
+    kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
+              num_beams=3, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(prompts, task=["t1", "t2"], **kw)
+        for i, t in enumerate(["t1", "t2"]):
+            kwi = kw | {"attention_mask": kw["attention_mask"][i:i + 1]}
+            ref = _merged_model(base, pack, t).generate(prompts[i:i + 1], **kwi)
+            got = out[2 * i:2 * i + 2, :ref.shape[1]]
+            assert got.tolist() == ref.tolist(), t
+
+
 def test_threads_with_different_tasks_equal_sequential_calls(lm):
     root, base, fts = lm
     model = qmerge.load(base, _pack(lm, "sign", "sign"), min_rows=10)
