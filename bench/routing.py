@@ -47,6 +47,7 @@ import tasks as task_data  # noqa: E402
 from common import CACHE, minilm_base, perturbed, smollm2_base  # noqa: E402
 
 import qmerge  # noqa: E402
+from qmerge.compressor import release_freed_memory  # noqa: E402
 
 TASKS = list(task_data.ALL)
 BATCH = 8
@@ -241,7 +242,8 @@ def minilm(log, reps: int) -> None:
     plain = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=model.config.num_labels).eval()
     merged = {t: qmerge.load(base, pack, mode="materialized") for t in TASKS}
-    t_fused, timing_inputs = time_mixed(log, model, plain, merged, data, enc, 5, reps)
+    _, timing_inputs = time_mixed(log, model, plain, merged, data, enc, 5, reps)
+    route5 = [TASKS[i % 5] for i in range(BATCH)]
     time_mixed(log, model, plain, merged, data, enc, 4, reps)
 
     # 3. routers
@@ -267,14 +269,17 @@ def minilm(log, reps: int) -> None:
     router = qmerge.fit_router(model, examples, kind="prototype", encode=enc)  # saved
     inputs = timing_inputs
     with torch.no_grad():
-        t_feat = timeit(lambda: model.qmerge.features(inputs, router.layer), reps)
-        t_auto = timeit(lambda: model(**inputs, router=True), reps)
-    log(f"Routing cost: the features are a base forward through blocks 1-{router.layer} and "
-        f"stop there: {t_feat * 1e3:.1f} ms for this batch, vs {t_fused * 1e3:.1f} ms for the "
-        f"routed forward ({t_feat / t_fused:.0%}); a routed call with router=True takes "
-        f"{t_auto * 1e3:.1f} ms in all. Nothing of the feature pass is reused by the routed pass "
-        f"(its blocks run with other weights) except the tokenized input; in `generate` the "
-        f"route is computed once on the prompt and kept for every decoding step. The "
+        t_routed, t_feat, feat_ratio = paired(lambda: model(**inputs, task=route5), lambda:
+                                              model.qmerge.features(inputs, router.layer), reps)
+        _, t_auto, auto_ratio = paired(lambda: model(**inputs, task=route5),
+                                       lambda: model(**inputs, router=True), reps)
+    log(f"Routing cost (each in turns with the routed forward with task names, "
+        f"{t_routed * 1e3:.1f} ms): the features are a base forward through blocks "
+        f"1-{router.layer} that stops there, {t_feat * 1e3:.1f} ms ({feat_ratio:.0%} of the "
+        f"routed forward); a call with router=True takes {t_auto * 1e3:.1f} ms "
+        f"({auto_ratio:.2f}x). Nothing of the feature pass is reused by the routed pass (its "
+        f"blocks run with other weights) except the tokenized input; in `generate` the route "
+        f"is computed once on the prompt and kept for every decoding step. The "
         f"noun/verb gloss tasks share a domain (WordNet definitions), which is where most "
         f"confusions are.")
     log()
@@ -365,22 +370,26 @@ def child(mode: str) -> None:
     base = smollm2_base()
     pack = CACHE / "pack-smollm2-5"
     prompt = torch.tensor([[1, 504, 3575, 282, 4649, 314, 2, 3, 4, 5, 6, 7]] * 5)
+    big = prompt.repeat(2, 8)  # 10 x 96 tokens: a uniform batch large enough to materialize
     extra = {}
-    with torch.no_grad():
+    with torch.no_grad():  # every configuration runs the same two batches
         if mode == "base":
             m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
             m(input_ids=prompt)
+            m(input_ids=big)
         elif mode == "routed":
             m = qmerge.load(base, pack, cache_bytes=64 << 20)
             m(input_ids=prompt, task=[f"ft{i}" for i in range(5)])     # fused, mixed
-            m(input_ids=prompt.repeat(2, 8), task="ft0")                 # materialized
+            m(input_ids=big, task="ft0")                                 # materialized, cached
             extra = m.qmerge.resident_bytes() | {"cache": m.qmerge.runtime.cache.stats()}
         else:
             ms = [AutoModelForCausalLM.from_pretrained(CACHE / f"smollm2-ft{i}",
                                                        dtype=torch.float32).eval()
                   for i in range(5)]
-            for m in ms:
-                m(input_ids=prompt[:1])
+            for i, m in enumerate(ms):
+                m(input_ids=prompt[i:i + 1])
+            ms[0](input_ids=big)
+    release_freed_memory()  # freed activations are not what serving costs
     gc.collect()
     print(json.dumps({"mode": mode, "rss": status_bytes("VmRSS"),
                       "rss_anon": status_bytes("RssAnon"), "rss_file": status_bytes("RssFile"),
@@ -416,8 +425,9 @@ def memory(log) -> None:
         f"{mb(r['residuals'])} MB + dense vectors {mb(r['vectors_and_heads'])} MB (pack on "
         f"disk: {mb(pack_bytes)} MB) + merged-weight cache {mb(r['cache']['bytes'])} MB "
         f"(bound {mb(r['cache']['max_bytes'])} MB) = {mb(held)} MB; the rest "
-        f"({mb(over - held)} MB) is allocator and transformers overhead. 5 separate models: "
-        f"{res['separate']['rss'] / r['rss']:.1f}x the routed process.")
+        f"({mb(over - held)} MB) is what the allocator keeps of the batches' activations and "
+        f"the rebuilt weights too big for the cache (the 113 MB fp32 embedding). 5 separate "
+        f"models: {res['separate']['rss'] / r['rss']:.1f}x the routed process.")
     log()
 
 
@@ -450,6 +460,9 @@ def main() -> None:
     log()
     smollm(log, a.new_tokens)
     memory(log)
+    notes = ROOT / "results" / "routing-notes.md"
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "routing.md").write_text("\n".join(lines) + "\n")
 

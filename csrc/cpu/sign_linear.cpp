@@ -77,7 +77,7 @@ void add_runs(int64_t slot, const std::vector<int64_t>& group, std::vector<Segme
 
 // The buffer a task's weight is rebuilt into, kept per thread: a fresh buffer per call mapped
 // fresh pages every time, which cost a third of a mixed MiniLM batch once other models had
-// run (bench/results/routing.md). It holds one weight of the largest layer seen.
+// run (bench/results/routing-notes.md). It holds one weight of the largest layer seen.
 at::Tensor scratch_for(const at::Tensor& like) {
   thread_local at::Tensor buffer;
   const int64_t need = like.numel() * like.element_size();
@@ -90,7 +90,7 @@ at::Tensor scratch_for(const at::Tensor& like) {
 // y[rows] = x[rows] W_slot^T + bias for each slot's segments, the slot's weight rebuilt once.
 // A slot with one run of rows uses views of x and y; with several runs its rows are gathered
 // into one GEMM, which is faster on few cores than a GEMM per run (GEMMs of a few dozen rows
-// lose a fifth of their speed: bench/results/routing.md).
+// lose a fifth of their speed: bench/results/routing-notes.md).
 void run_segments(const at::Tensor& x, const at::Tensor& base_w, const SignSet& s,
                   const std::vector<Segment>& segments, const std::optional<at::Tensor>& bias,
                   at::Tensor& y) {

@@ -237,8 +237,20 @@ class Patched:
             s = context.Spec(task, coeffs, router or False, per_token)
             if not s.given():
                 s = context.spec() or s
-            with context.using(self._route(s, args, kwargs)):
-                return orig_forward(*args, **kwargs)
+            route = self._route(s, args, kwargs)
+            order = self._task_order(route, kwargs)
+            if order is None:
+                with context.using(route):
+                    return orig_forward(*args, **kwargs)
+            # Sequences of one task side by side: every layer then runs each task's rows as
+            # one block, without gathering them (bench/results/routing-notes.md).
+            batch = route.batch
+            args = tuple(_take(a, order, batch) for a in args)
+            kwargs = {k: _take(v, order, batch) for k, v in kwargs.items()}
+            assert route.task_ids is not None
+            with context.using(Route(route.tasks, task_ids=route.task_ids[order])):
+                out = orig_forward(*args, **kwargs)
+            return _untake(out, torch.argsort(order), batch)
 
         model.forward = forward
         if hasattr(model, "generate"):
@@ -260,6 +272,23 @@ class Patched:
                     return orig_generate(*args, **kwargs)
 
             model.generate = generate
+
+    def _task_order(self, route: Route, kwargs: dict) -> Tensor | None:
+        """A stable order that puts each task's sequences side by side, when reordering the
+        batch is safe (no KV cache is read or written: an encoder, or use_cache=False) and
+        useful (a mixed batch of task names whose tasks are not already together)."""
+        if not self.runtime.sort_batches or route.task_ids is None or route.batch < 3:
+            return None
+        ids = route.task_ids
+        if bool((ids[1:] >= ids[:-1]).all()) or route.uniform() is not None:
+            return None
+        cfg = getattr(self.model, "config", None)
+        caches = (getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False)
+                  or hasattr(self.model, "generate") and getattr(cfg, "use_cache", False))
+        if kwargs.get("past_key_values") is not None or (caches and kwargs.get("use_cache")
+                                                           is not False):
+            return None
+        return torch.sort(ids, stable=True).indices
 
     @contextmanager
     def route(self, task=None, coeffs=None, router=None, per_token: bool = False
@@ -310,6 +339,26 @@ class Patched:
         self.runtime.cache.clear()
         self.model.__dict__.pop("qmerge", None)
         return self.model
+
+
+def _take(v, order: Tensor, batch: int):
+    """v with its batch rows in `order` (anything not batch-shaped as it is)."""
+    if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == batch:
+        return v.index_select(0, order.to(v.device))
+    return v
+
+
+def _untake(out, inverse: Tensor, batch: int):
+    """A model output with its batch rows put back (tensors, tuples of them, ModelOutputs)."""
+    if isinstance(out, Tensor):
+        return _take(out, inverse, batch)
+    if isinstance(out, tuple) and not hasattr(out, "keys"):
+        return type(out)(_untake(v, inverse, batch) for v in out)
+    if hasattr(out, "keys"):
+        for k in list(out.keys()):
+            out[k] = _untake(out[k], inverse, batch)
+        return out
+    return out
 
 
 def patch(model: nn.Module, pack: Pack, residual: Callable[[str, str], Residual], *,

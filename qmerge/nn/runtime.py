@@ -22,6 +22,7 @@ class Runtime:
     cache: MergedCache
     mode: str = "auto"
     min_rows: int = 64
+    sort_batches: bool = True  # run a mixed batch's sequences grouped by task (patch.py)
 
     def __post_init__(self):
         self.set_mode(self.mode)

@@ -54,6 +54,23 @@ def test_mixed_batch_of_classifiers_equals_each_fine_tune(cls):
     assert model.qmerge.labels("c2") == ["label0", "label1"]
 
 
+def test_grouping_a_mixed_batch_by_task_changes_nothing(cls):
+    """An encoder's mixed batch runs with each task's sequences side by side; every output
+    (logits, hidden states) comes back in the caller's order."""
+    root, base, fts, pack = cls
+    model = qmerge.load(base, pack, mode="fused")
+    route = ["c2", "c0", "c2", "c1"]
+    assert model.qmerge._task_order(qmerge.routing.resolve(model.qmerge.tasks, 4, route),
+                                    {}).tolist() == [1, 3, 0, 2]
+    with torch.no_grad():
+        grouped = model(input_ids=IDS, task=route, output_hidden_states=True)
+        model.qmerge.runtime.sort_batches = False
+        plain = model(input_ids=IDS, task=route, output_hidden_states=True)
+    torch.testing.assert_close(grouped.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grouped.hidden_states, plain.hidden_states, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _features(dim=8, n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {t: torch.randn(n, dim, generator=g) + 4 * torch.eye(dim)[k]
