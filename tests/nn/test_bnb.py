@@ -71,3 +71,19 @@ def test_quantized_base_loads_and_routes(tmp_path, bits):
     assert err < (0.05 if bits == 8 else 0.25), float(err)
     qmerge.unload(q)
     assert not any(isinstance(m, DeltaLinear) for m in q.modules())
+
+
+def test_load_by_path_quantized_8bit(tmp_path):
+    """qmerge.load(path, pack, quantize='8bit'): transformers quantizes the base on load."""
+    _bnb()
+    pytest.importorskip("accelerate")  # transformers needs it for quantization_config
+    base, fts = tiny.llama(tmp_path)
+    pack = tiny.compress(base, fts, tmp_path / "pack", "sign")
+    q = qmerge.load(base, pack, quantize="8bit")
+    assert any(isinstance(m, DeltaLinear) and not m.plain for m in q.modules())
+    fp = qmerge.load(base, pack)
+    ids = torch.tensor([[5, 9, 3, 17]])
+    with torch.no_grad():
+        got = q(input_ids=ids, task="t1").logits
+        want = fp(input_ids=ids, task="t1").logits
+    assert float((got - want).abs().max() / want.abs().max()) < 0.05
