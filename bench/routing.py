@@ -62,18 +62,6 @@ def status_bytes(key: str) -> int:
     return 0
 
 
-def timeit(fn, reps: int) -> float:
-    """Median seconds of `reps` calls after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def paired(base, fn, reps: int) -> tuple[float, float, float]:
     """(base s, fn s, median of the per-pair ratios fn/base), base and fn run in turns so that
     the shared 2-core VM's slow spells (copy bandwidth and GEMM speed both swing by +-20%

@@ -25,54 +25,50 @@ from qmerge.routing.route import parse_mixture
 PathLike = str | os.PathLike
 
 
-def read_texts(path: PathLike) -> list[str]:
-    """One example per line, or JSONL objects with a "text" field; blank lines skipped."""
+def _json_lines(path: PathLike) -> list[tuple[int, object]]:
+    """(line number, parsed JSON or the stripped text) of every non-blank line."""
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read: {e}") from None
-    out = []
+    out: list[tuple[int, object]] = []
     for i, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         if line.startswith("{"):
             try:
-                obj = json.loads(line)
+                out.append((i, json.loads(line)))
             except ValueError as e:
                 raise ConfigError(f"{p}:{i}: not valid JSON ({e})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ConfigError(f"{p}:{i}: a JSON line needs a string field \"text\"")
-            out.append(obj["text"])
         else:
-            out.append(line)
+            out.append((i, line))
     if not out:
-        raise ConfigError(f"{p}: holds no examples")
+        raise ConfigError(f"{p}: is empty")
     return out
 
 
+def _text_of(path: PathLike, i: int, obj: object, what: str) -> dict:
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ConfigError(f"{path}:{i}: {what} needs a string field \"text\"")
+    return obj
+
+
+def read_texts(path: PathLike) -> list[str]:
+    """One example per line, or JSONL objects with a "text" field; blank lines skipped."""
+    return [obj if isinstance(obj, str) else _text_of(path, i, obj, "a JSON line")["text"]
+            for i, obj in _json_lines(path)]
+
+
 def read_requests(path: PathLike) -> list[dict]:
-    p = Path(path)
+    """JSONL requests: {"text", and at most one of "task", "coeffs", "auto"}."""
     reqs = []
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: cannot read: {e}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{p}:{i}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"{p}:{i}: a request needs a string field \"text\"")
-        if sum(k in obj for k in ("task", "coeffs", "auto")) > 1:
-            raise ConfigError(f"{p}:{i}: give at most one of task, coeffs, auto")
-        reqs.append(obj)
-    if not reqs:
-        raise ConfigError(f"{p}: holds no requests")
+    for i, obj in _json_lines(path):
+        req = _text_of(path, i, obj, "a request")
+        if sum(k in req for k in ("task", "coeffs", "auto")) > 1:
+            raise ConfigError(f"{path}:{i}: give at most one of task, coeffs, auto")
+        reqs.append(req)
     return reqs
 
 

@@ -76,6 +76,30 @@ class _Bank:
         assert coeffs is not None
         return None, coeffs[:, self.tasks].contiguous()
 
+    def delta(self, b: int) -> Tensor:
+        """Bank task b's residual as an fp32 [out, in] matrix."""
+        raise NotImplementedError
+
+    def delta_rows(self, b: int, idx: Tensor) -> Tensor:
+        """Rows `idx` of bank task b's residual, fp32 [len(idx), in]."""
+        raise NotImplementedError
+
+    def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
+        """w + sum_t alphas[t] tau_t (fp32 sum, one rounding to w's dtype)."""
+        acc = None
+        for b, t in enumerate(self.tasks):
+            if float(alphas[t]):
+                term = float(alphas[t]) * self.delta(b)
+                acc = term if acc is None else acc + term
+        return w if acc is None else (w.float() + acc).to(w.dtype)
+
+    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
+        """out[n] += sum_t c[n, t] tau_t[idx[n]] (embedding lookups)."""
+        for b, t in enumerate(self.tasks):
+            rows = (c[:, t] != 0).nonzero().flatten()
+            if rows.numel():
+                _add_rows(out, rows, c[rows, t], self.delta_rows(b, idx[rows]))
+
     def uses(self, ids: Tensor | None, coeffs: Tensor | None, memo: Memo = _no_memo) -> bool:
         n = (ids if ids is not None else coeffs).shape[0]
         return memo(("uses", tuple(self.tasks), n), lambda: self._uses(ids, coeffs))
@@ -102,19 +126,22 @@ class SignBank(_Bank):
         i, c = self.local(ids, coeffs, memo)
         return ops.sign_linear(x, w0, self.packed, self.scales, i, c, b0)
 
-    def _delta(self, b: int, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
+    def delta(self, b: int) -> Tensor:
+        return self.delta_rows(b, None)
+
+    def delta_rows(self, b: int, rows: Tensor | None) -> Tensor:
         packed = self.packed[b] if rows is None else self.packed[b][rows]
         scales = self.scales[b]
         if rows is not None and scales.shape[0] > 1:
             scales = scales[rows]
         signs = ops.unpack_signs(packed.contiguous(), self.cols, torch.float32)
         if scales.shape[1] == 1:  # one scale per row (or tensor): broadcast, no [n, in] copy
-            return (signs * scales).to(dtype)
-        return (signs * expand_scales(scales[None], signs.shape[0], self.cols)[0]).to(dtype)
+            return signs * scales
+        return signs * expand_scales(scales[None], signs.shape[0], self.cols)[0]
 
     def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
         for b, _, rows, c in _terms(self.tasks, ids, coeffs):
-            _add_rows(y, rows, c, x[rows] @ self._delta(b, None, x.dtype).T)
+            _add_rows(y, rows, c, x[rows] @ self.delta(b).to(x.dtype).T)
 
     def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
         a = alphas[self.tasks]
@@ -125,12 +152,6 @@ class SignBank(_Bank):
             return ops.dequant_add_sign(w, self.packed, self.scales, a.float())
         return ops.dequant_add_sign(w, self.packed[sel].contiguous(),
                                     self.scales[sel].contiguous(), a[sel].float())
-
-    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
-        for b, t in enumerate(self.tasks):
-            rows = (c[:, t] != 0).nonzero().flatten()
-            if rows.numel():
-                _add_rows(out, rows, c[rows, t], self._delta(b, idx[rows], out.dtype))
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales.numel() * 4
@@ -157,20 +178,11 @@ class LowRankBank(_Bank):
             z = x[rows].float() @ self.V[b].float().T
             _add_rows(y, rows, c, z @ self.U[b].float().T)
 
-    def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
-        acc = None
-        for b, t in enumerate(self.tasks):
-            if float(alphas[t]):
-                term = float(alphas[t]) * (self.U[b].float() @ self.V[b].float())
-                acc = term if acc is None else acc + term
-        return w if acc is None else (w.float() + acc).to(w.dtype)
+    def delta(self, b: int) -> Tensor:
+        return self.U[b].float() @ self.V[b].float()
 
-    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
-        for b, t in enumerate(self.tasks):
-            rows = (c[:, t] != 0).nonzero().flatten()
-            if rows.numel():
-                term = self.U[b][idx[rows]].float() @ self.V[b].float()
-                _add_rows(out, rows, c[rows, t], term)
+    def delta_rows(self, b: int, idx: Tensor) -> Tensor:
+        return self.U[b][idx].float() @ self.V[b].float()
 
     def nbytes(self) -> int:
         return self.U.numel() * self.U.element_size() + self.V.numel() * self.V.element_size()
@@ -187,19 +199,11 @@ class DenseBank(_Bank):
         for b, _, rows, c in _terms(self.tasks, ids, coeffs):
             _add_rows(y, rows, c, x[rows].float() @ self.D[b].float().T)
 
-    def merged(self, w: Tensor, alphas: Tensor) -> Tensor:
-        acc = None
-        for b, t in enumerate(self.tasks):
-            if float(alphas[t]):
-                term = float(alphas[t]) * self.D[b].float()
-                acc = term if acc is None else acc + term
-        return w if acc is None else (w.float() + acc).to(w.dtype)
+    def delta(self, b: int) -> Tensor:
+        return self.D[b].float()
 
-    def gather(self, out: Tensor, idx: Tensor, c: Tensor) -> None:
-        for b, t in enumerate(self.tasks):
-            rows = (c[:, t] != 0).nonzero().flatten()
-            if rows.numel():
-                _add_rows(out, rows, c[rows, t], self.D[b][idx[rows]])
+    def delta_rows(self, b: int, idx: Tensor) -> Tensor:
+        return self.D[b][idx].float()
 
     def nbytes(self) -> int:
         return self.D.numel() * self.D.element_size()
