@@ -18,10 +18,11 @@ Needs the bench extras (not part of the test set-up):
      a forward per task group / per request);
    - routers: prototype (32 unlabeled examples per task) and linear (32 labeled), held-out
      accuracy and confusion; the cost of routing (a partial base forward) vs a full forward.
-2. SmolLM2-135M (fp32) with 5 synthetic fine-tunes (base + 1% RMS Gaussian noise per
-   tensor; no LLM fine-tuning runs here): one `generate` over a mixed batch vs each task's
-   merged model generating greedily alone; and resident memory of serving the 5 tasks vs
-   the base alone vs 5 separate fine-tuned models (each in a fresh process).
+2. SmolLM2-135M (fp32) with 5 tasks: two short real fine-tunes (40 steps of causal-LM
+   training on fortunes and on WordNet glosses, bench/quality/finetune_lm.py, cached) and
+   three synthetic ones (base + 1% RMS Gaussian noise per tensor): one `generate` over a
+   mixed batch vs each task's merged model generating greedily alone; and resident memory of
+   serving the 5 tasks vs the base alone vs 5 separate fine-tuned models (fresh processes).
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def status_bytes(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 64 MiB copy, best of 3: a probe of the VM's slow spells."""
+    a = torch.empty(64 << 20, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() / (time.perf_counter() - t0) / 1e9)
+    return best
 
 
 def paired(base, fn, reps: int) -> tuple[float, float, float]:
@@ -139,26 +152,51 @@ def time_mixed(log, model, plain, merged, data, enc, n_tasks: int, reps: int):
     with torch.no_grad():
         for name in names:  # fill each merged model's cache
             merged[name](**sub[name], task=name)
+        bandwidth = {}
         for key, (_, fn) in paths.items():
-            trials = 3 if key == "fused" else 1
-            res[key] = [paired(lambda: plain(**inputs), fn, reps) for _ in range(trials)]
+            res[key] = []
+            for i in range(6 if key == "fused" else 1):
+                bw = copy_bandwidth()
+                res[key].append(paired(lambda: plain(**inputs), fn, reps))
+                bandwidth[(key, i)] = min(bw, copy_bandwidth())
     log(f"### Forward time, one batch of {BATCH} sentences over {n_tasks} tasks ({rows} "
         f"token rows), torch threads {torch.get_num_threads()}")
     log()
     log(f"Each path runs in turns with the base model alone (same architecture and batch: the "
-        f"ceiling), {reps} pairs; the ratio is the median of the per-pair ratios. The fused "
-        f"path is measured in 3 such trials.")
+        f"ceiling), {reps} pairs; the ratio is the median of the per-pair ratios. Copy "
+        f"bandwidth is probed before and after each trial (the lower is shown): this shared "
+        f"VM has slow spells, and in them the fused path, which moves more bytes, slows more "
+        f"than the base (routing-notes.md). The fused path runs 6 trials; its verdict is the "
+        f"median of the trials whose bandwidth is within 80% of the best probe.")
     log()
-    log("| path | ms | base ms (same pairs) | vs base |")
-    log("|---|---|---|---|")
+    log("| path | ms | base ms (same pairs) | vs base | copy GB/s |")
+    log("|---|---|---|---|---|")
     for key, (label, _) in paths.items():
-        for tb, tf, ratio in res[key]:
-            log(f"| {label} | {tf * 1e3:.1f} | {tb * 1e3:.1f} | {ratio:.2f}x |")
+        for i, (tb, tf, ratio) in enumerate(res[key]):
+            log(f"| {label} | {tf * 1e3:.1f} | {tb * 1e3:.1f} | {ratio:.2f}x | "
+                f"{bandwidth[(key, i)]:.1f} |")
     log()
-    fused = statistics.median(r for _, _, r in res["fused"])
-    verdict = "PASS" if fused <= 1.5 else "FAIL"
-    log(f"Target: a mixed batch through the fused path <= 1.5x the base: median of the trials "
-        f"{fused:.2f}x ({', '.join(f'{r:.2f}' for _, _, r in res['fused'])}), **{verdict}**.")
+    top = max(bandwidth.values())
+    quiet = [r for i, (_, _, r) in enumerate(res["fused"])
+             if bandwidth[("fused", i)] >= 0.8 * top]
+    fused = statistics.median(quiet) if quiet else float("nan")
+    verdict = "PASS" if len(quiet) >= 3 and fused <= 1.5 else "FAIL"
+    log(f"Target: a mixed batch through the fused path <= 1.5x the base: median of "
+        f"{len(quiet)} quiet trials {fused:.2f}x (all trials: "
+        f"{', '.join(f'{r:.2f}' for _, _, r in res['fused'])}), **{verdict}**.")
+    log()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            one_thread = [paired(lambda: plain(**inputs), paths["fused"][1], reps)
+                          for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    log(f"The same with one thread for both (3 trials): fused "
+        f"{', '.join(f'{tf * 1e3:.0f} ms' for _, tf, _ in one_thread)} vs base "
+        f"{', '.join(f'{tb * 1e3:.0f} ms' for tb, _, _ in one_thread)}: "
+        f"{', '.join(f'{r:.2f}x' for _, _, r in one_thread)}.")
     log()
     t = {"fused": statistics.median(tf for _, tf, _ in res["fused"])}
     return t["fused"], inputs
@@ -296,19 +334,33 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a
            "My favourite programming language is", "The best way to learn"]
 
 
+def smollm_tasks() -> dict[str, Path]:
+    """Two short real fine-tunes (causal LM on fortunes and on WordNet glosses,
+    bench/quality/finetune_lm.py) and three synthetic ones (base + 1% RMS noise)."""
+    import finetune_lm
+
+    base = smollm2_base()
+    fts = {"fortunes": finetune_lm.finetune_lm("fortune_topic"),
+           "glosses": finetune_lm.finetune_lm("noun_sense")}
+    fts |= {f"noise{i}": perturbed(base, f"smollm2-ft{i}", i) for i in range(3)}
+    return fts
+
+
 def smollm(log, new_tokens: int) -> None:
     from transformers import AutoTokenizer
 
     base = smollm2_base()
-    fts = {f"ft{i}": perturbed(base, f"smollm2-ft{i}", i) for i in range(5)}
+    fts = smollm_tasks()
     pack = CACHE / "pack-smollm2-5"
-    if not (pack / "manifest.json").exists():
+    if not (pack / "manifest.json").exists() or \
+            sorted(json.loads((pack / "manifest.json").read_text())["tasks"]) != sorted(fts):
         qmerge.compress(base, fts, pack, overwrite=True)
     tok = AutoTokenizer.from_pretrained(base)
     ids = [tok(p, return_tensors="pt")["input_ids"][0] for p in PROMPTS]
     n = min(len(x) for x in ids)
     prompt = torch.stack([x[:n] for x in ids])  # equal lengths: no padding in the batch
-    route = [f"ft{i % 5}" for i in range(len(PROMPTS))]
+    names = list(fts)
+    route = [names[i % len(names)] for i in range(len(PROMPTS))]
     model = qmerge.load(base, pack)
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -340,7 +392,7 @@ def smollm(log, new_tokens: int) -> None:
     log(f"- identical to the task's own merged model generating alone: **{same}/{len(rows)}** "
         f"({'PASS' if same == len(rows) else 'FAIL'})")
     log(f"- sequences whose tokens differ from the bare base's: {differs_from_base}/{len(rows)} "
-        f"(the synthetic fine-tunes are small perturbations)")
+        f"(the synthetic tasks are small perturbations; the real ones were trained 40 steps)")
     log(f"- wall time of the routed generate: {t_gen:.1f} s")
     log()
     log("| # | task | same tokens | continuation |")
@@ -367,13 +419,12 @@ def child(mode: str) -> None:
             m(input_ids=big)
         elif mode == "routed":
             m = qmerge.load(base, pack, cache_bytes=64 << 20)
-            m(input_ids=prompt, task=[f"ft{i}" for i in range(5)])     # fused, mixed
-            m(input_ids=big, task="ft0")                                 # materialized, cached
+            m(input_ids=prompt, task=m.qmerge.tasks)     # fused, mixed: one row per task
+            m(input_ids=big, task="fortunes")            # materialized, cached
             extra = m.qmerge.resident_bytes() | {"cache": m.qmerge.runtime.cache.stats()}
         else:
-            ms = [AutoModelForCausalLM.from_pretrained(CACHE / f"smollm2-ft{i}",
-                                                       dtype=torch.float32).eval()
-                  for i in range(5)]
+            ms = [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+                  for path in smollm_tasks().values()]
             for i, m in enumerate(ms):
                 m(input_ids=prompt[i:i + 1])
             ms[0](input_ids=big)
@@ -444,7 +495,7 @@ def main() -> None:
     log("## all-MiniLM-L6-v2, 5 fine-tuned classification tasks, sign codec")
     log()
     minilm(log, a.reps)
-    log("## SmolLM2-135M, 5 synthetic fine-tunes, sign codec")
+    log("## SmolLM2-135M, 5 tasks (2 short real fine-tunes, 3 synthetic), sign codec")
     log()
     smollm(log, a.new_tokens)
     memory(log)

@@ -75,9 +75,10 @@ void add_runs(int64_t slot, const std::vector<int64_t>& group, std::vector<Segme
   }
 }
 
-// The buffer a task's weight is rebuilt into, kept per thread: a fresh buffer per call mapped
-// fresh pages every time, which cost a third of a mixed MiniLM batch once other models had
-// run (bench/results/routing-notes.md). It holds one weight of the largest layer seen.
+// The buffer a task's weight is rebuilt into, kept per thread: a fresh buffer per call can be
+// served by glibc with fresh pages, faulted in on every call (page faults are not cheap on
+// this project's VM: bench/results/routing-notes.md). It holds one weight of the largest
+// layer seen.
 at::Tensor scratch_for(const at::Tensor& like) {
   thread_local at::Tensor buffer;
   const int64_t need = like.numel() * like.element_size();

@@ -1,0 +1,77 @@
+"""Fine-tunes SmolLM2-135M (fp32) as a causal LM on the text of a task of tasks.py, a few dozen
+steps, and caches it under bench/.cache/smollm2-<name> (not in git). Real (if short) LLM
+fine-tunes for the routing benchmark; issue 5's quality track trains longer.
+
+    .venv/bin/python bench/quality/finetune_lm.py [--steps 40] [--tasks fortune_topic,noun_sense]
+
+About 1.5 s a step (batch 4, 64 tokens) on the project's 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import tasks as task_data  # noqa: E402
+from common import CACHE, smollm2_base  # noqa: E402
+
+
+def finetune_lm(name: str, steps: int = 40, force: bool = False, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = CACHE / f"smollm2-{name}"
+    if (out / "model.safetensors").is_file() and not force:
+        return out
+    base = smollm2_base()
+    texts = [t for t, _ in task_data.load(name).train]
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+    rng = random.Random(seed)
+    t0 = time.time()
+    for step in range(steps):
+        enc = tok(rng.sample(texts, 4), return_tensors="pt", padding=True, truncation=True,
+                  max_length=64)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 10 == 0 or step == steps - 1:
+            print(f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps}))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--tasks", default="fortune_topic,noun_sense")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    task_data.ensure_data()
+    torch.set_num_threads(2)
+    for name in a.tasks.split(","):
+        print(finetune_lm(name, a.steps, a.force))
+
+
+if __name__ == "__main__":
+    main()
