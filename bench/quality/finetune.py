@@ -72,17 +72,18 @@ def finetune(name: str, steps: int, force: bool = False, seed: int = 0) -> Path:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--tasks", default=",".join(task_data.ALL))
+def run_cli(doc: str, train, steps: int, tasks: str) -> None:
+    """The command line of a fine-tuning script: --steps, --tasks a,b, --force."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--tasks", default=tasks)
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     task_data.ensure_data()
     torch.set_num_threads(2)
     for name in a.tasks.split(","):
-        print(finetune(name, a.steps, a.force))
+        print(train(name, a.steps, a.force))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(__doc__, finetune, 200, ",".join(task_data.ALL))

@@ -9,7 +9,6 @@ About 1.5 s a step (batch 4, 64 tokens) on the project's 2-core machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -60,18 +59,7 @@ def finetune_lm(name: str, steps: int = 40, force: bool = False, seed: int = 0) 
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--tasks", default="fortune_topic,noun_sense")
-    ap.add_argument("--force", action="store_true")
-    a = ap.parse_args()
-    task_data.ensure_data()
-    torch.set_num_threads(2)
-    for name in a.tasks.split(","):
-        print(finetune_lm(name, a.steps, a.force))
-
-
 if __name__ == "__main__":
-    main()
+    from finetune import run_cli
+
+    run_cli(__doc__, finetune_lm, 40, "fortune_topic,noun_sense")
