@@ -5,6 +5,7 @@
 //                (kernels/gemv.h): decoding and small mixed batches; nothing is materialized;
 //   materialized a task with many rows gets its weight rebuilt once (dequant_add_sign) and a
 //                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -88,10 +89,35 @@ at::Tensor scratch_for(const at::Tensor& like) {
   return at::from_blob(buffer.data_ptr(), like.sizes(), like.options());
 }
 
-// y[rows] = x[rows] W_slot^T + bias for each slot's segments, the slot's weight rebuilt once.
-// A slot with one run of rows uses views of x and y; with several runs its rows are gathered
-// into one GEMM, which is faster on few cores than a GEMM per run (GEMMs of a few dozen rows
-// lose a fifth of their speed: bench/results/routing-notes.md).
+// ys = xs W_slot^T + bias for a task's rows, the task's weight rebuilt in blocks of output rows,
+// one block per thread: each thread rebuilds its rows and runs the (single-threaded) GEMM that
+// reads them. Rebuilding on all threads and then running one multi-threaded GEMM made other
+// cores read the freshly written rows, and on the 2-core VM that ran 1.9x slower than this in
+// stretches of minutes (bench/results/routing-notes.md).
+void rebuild_and_gemm(const at::Tensor& xs, const at::Tensor& base_w, const SignSet& s,
+                      int64_t task, const at::Tensor& b, at::Tensor& ys) {
+  const int64_t out = base_w.size(0), in = base_w.size(1);
+  const at::Tensor w = scratch_for(base_w);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(16, (out + threads - 1) / threads);
+  at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
+    at::AutoDispatchBelowAutograd below_autograd;  // workers do not inherit the grad mode
+    at::Tensor rows = w.narrow(0, o0, o1 - o0);
+    dequant_rows(base_w, s, task, o0, o1 - o0, rows);
+    at::Tensor dst = ys.narrow(1, o0, o1 - o0);
+    if (b.defined()) {
+      at::addmm_out(dst, b.narrow(0, o0, o1 - o0), xs, rows.t());
+    } else {
+      at::mm_out(dst, xs, rows.t());
+    }
+  });
+  (void)in;
+}
+
+// y[rows] = x[rows] W_slot^T + bias for each slot's segments. A slot with one run of rows uses
+// views of x and y; with several runs its rows are gathered into one block, which is faster
+// on few cores than a GEMM per run (GEMMs of a few dozen rows lose a fifth of their speed:
+// bench/results/routing-notes.md).
 void run_segments(const at::Tensor& x, const at::Tensor& base_w, const SignSet& s,
                   const std::vector<Segment>& segments, const std::optional<at::Tensor>& bias,
                   at::Tensor& y) {
@@ -101,27 +127,29 @@ void run_segments(const at::Tensor& x, const at::Tensor& base_w, const SignSet& 
     size_t end = k;
     while (end < segments.size() && segments[end].slot == segments[k].slot) ++end;
     const int64_t slot = segments[k].slot;
-    at::Tensor w = base_w;
-    if (slot > 0) {
-      w = scratch_for(base_w);
-      dequant_one(base_w, s, slot - 1, w);
-    }
+    at::Tensor idx, xs, ys;
     if (end - k == 1) {
-      const Segment& g = segments[k];
-      at::Tensor dst = y.narrow(0, g.begin, g.end - g.begin);
-      const at::Tensor xs = x.narrow(0, g.begin, g.end - g.begin);
-      if (b.defined()) {
-        at::addmm_out(dst, b, xs, w.t());
-      } else {
-        at::mm_out(dst, xs, w.t());
-      }
+      xs = x.narrow(0, segments[k].begin, segments[k].end - segments[k].begin);
+      ys = y.narrow(0, segments[k].begin, segments[k].end - segments[k].begin);
     } else {
       std::vector<int64_t> rows;
       for (size_t i = k; i < end; ++i) {
         for (int64_t n = segments[i].begin; n < segments[i].end; ++n) rows.push_back(n);
       }
-      y.index_copy_(0, at::tensor(rows, at::kLong), linear_rows(x, rows, w, bias));
+      idx = at::tensor(rows, at::kLong);
+      xs = x.index_select(0, idx);
+      ys = at::empty({xs.size(0), y.size(1)}, y.options());
     }
+    if (slot == 0) {
+      if (b.defined()) {
+        at::addmm_out(ys, b, xs, base_w.t());
+      } else {
+        at::mm_out(ys, xs, base_w.t());
+      }
+    } else {
+      rebuild_and_gemm(xs, base_w, s, slot - 1, b, ys);
+    }
+    if (idx.defined()) y.index_copy_(0, idx, ys);
     k = end;
   }
 }
