@@ -154,10 +154,9 @@ def time_mixed(log, model, plain, merged, data, enc, n_tasks: int, reps: int):
     log()
     log(f"Each path runs in turns with the base model alone (same architecture and batch: the "
         f"ceiling), {reps} pairs; the ratio is the median of the per-pair ratios. Copy "
-        f"bandwidth is probed before and after each trial (the lower is shown): this shared "
-        f"VM has slow spells, and in them the fused path, which moves more bytes, slows more "
-        f"than the base (routing-notes.md). The fused path runs 6 trials; its verdict is the "
-        f"median of the trials whose bandwidth is within 80% of the best probe.")
+        f"bandwidth is probed before and after each trial (the lower is shown), since this "
+        f"shared VM has slow spells. The fused path runs 6 trials; its verdict is the median "
+        f"of the trials whose bandwidth is within 80% of the best probe (routing-notes.md).")
     log()
     log("| path | ms | base ms (same pairs) | vs base | copy GB/s |")
     log("|---|---|---|---|---|")
