@@ -96,7 +96,7 @@ at::Tensor scratch_for(const at::Tensor& like) {
 // stretches of minutes (bench/results/routing-notes.md).
 void rebuild_and_gemm(const at::Tensor& xs, const at::Tensor& base_w, const SignSet& s,
                       int64_t task, const at::Tensor& b, at::Tensor& ys) {
-  const int64_t out = base_w.size(0), in = base_w.size(1);
+  const int64_t out = base_w.size(0);
   const at::Tensor w = scratch_for(base_w);
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t grain = std::max<int64_t>(16, (out + threads - 1) / threads);
@@ -111,7 +111,6 @@ void rebuild_and_gemm(const at::Tensor& xs, const at::Tensor& base_w, const Sign
       at::mm_out(dst, xs, rows.t());
     }
   });
-  (void)in;
 }
 
 // y[rows] = x[rows] W_slot^T + bias for each slot's segments. A slot with one run of rows uses
