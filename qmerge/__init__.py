@@ -7,6 +7,7 @@ from qmerge.api import (
     Policy,
     add_task,
     compress,
+    export,
     fit_router,
     inspect,
     load,
@@ -20,5 +21,5 @@ from qmerge.errors import QmergeError
 
 __version__ = "0.1.0"
 __all__ = ["Options", "Policy", "QmergeError", "__version__", "add_task", "compress",
-           "fit_router", "inspect", "load", "open_pack", "ops", "remove_task", "residual",
+           "export", "fit_router", "inspect", "load", "open_pack", "ops", "remove_task", "residual",
            "unload", "verify"]

@@ -144,6 +144,8 @@ def _run(args: argparse.Namespace) -> dict:
         return result
     if args.verb in ("run", "fit-router"):
         return _infer(args)
+    if args.verb == "export":
+        return _export(args)
     from qmerge import demo
 
     if args.verb == "demo":
@@ -203,6 +205,39 @@ def _infer(args: argparse.Namespace) -> dict:
                 answer = f"embedding[{len(r['embedding'])}]"
             print(f"[{route}] {r['text'][:60]!r} -> {answer}")
     return result
+
+
+def _export(args: argparse.Namespace) -> dict:
+    from qmerge.inference import read_texts
+
+    enabled = not (args.quiet or args.json)
+    texts = read_texts(args.inputs) if args.inputs else None
+    r = api.export(args.pack, args.base, args.out, fmt=args.format, task=args.task,
+                   coeffs=args.coeffs, shared=args.shared, dtype=args.dtype, rank=args.rank,
+                   max_shard_bytes=int(args.max_shard_mb * (1 << 20)), texts=texts,
+                   check_inputs=args.check_inputs, new_tokens=args.check_tokens,
+                   tolerance=args.tolerance, min_agreement=args.min_agreement,
+                   overwrite=args.overwrite,
+                   progress=lambda it: bar(it, enabled, "tensors", unit="tensor"))
+    if not args.json:
+        c, z = r["check"], r["sizes"]
+        print(f"exported {r['selection']} as {r['format']} ({r['class']}, {r['dtype']}) to "
+              f"{r['out']}")
+        line = (f"check ({c['source']}, fresh process without qmerge): max abs "
+                f"{c['max_abs']:.3g}, max rel {c['max_rel']:.3g}, agreement "
+                f"{c['agreement']:.1%} of {c['compared']}")
+        if "greedy_identical" in c:
+            line += f", greedy continuations identical {c['greedy_identical']}"
+        print(line + f"; {c['criterion']}: passed")
+        ft = [b for b in z["finetune_bytes"].values() if b]
+        print(f"sizes: export {z['export_bytes'] / 2**20:.2f} MiB, pack task file(s) "
+              f"{z['pack_task_bytes'] / 2**20:.2f} MiB, base fp32 "
+              f"{z['base_fp32_bytes'] / 2**20:.2f} MiB"
+              + (f", fine-tune {ft[0] / 2**20:.2f} MiB" if len(ft) == 1 else ""))
+        if (e := r["written"].get("energy_kept_min")) is not None:
+            print(f"note: {r['written']['svd_tensors']} residual(s) were not low-rank and were "
+                  f"cut to rank {args.rank} by SVD; the worst keeps {e:.1%} of its energy")
+    return r
 
 
 def parser() -> argparse.ArgumentParser:
@@ -270,6 +305,40 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["auto", "fused", "materialized"], default="auto",
                    help="execution path (default: %(default)s)")
     _common(p)
+    p = sub.add_parser("export", help="bake a task or mixture into a model other runtimes load "
+                       "(hf, peft, int8, onnx), checked against the routed model")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--base", required=True, type=Path, help="the base model directory")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="the task to export")
+    what.add_argument("--coeffs", metavar="MIX", help="a mixture, e.g. 'math:0.7+code:0.3'")
+    what.add_argument("--shared", action="store_true",
+                      help="the pack's shared delta (written by merge methods)")
+    p.add_argument("--out", required=True, type=Path, help="the directory to write")
+    p.add_argument("--format", choices=["hf", "peft", "int8", "onnx"], default="hf",
+                   help="hf: transformers model directory; peft: LoRA adapter; int8: "
+                   "per-channel int8 weights + loader; onnx: for onnxruntime (default: "
+                   "%(default)s)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="floating-point tensors written (default: the base's; fp32 for onnx, "
+                   "int8 and peft)")
+    p.add_argument("--rank", type=int, default=16, help="peft: rank of the truncated SVD of "
+                   "a residual that is not low-rank (default: %(default)s)")
+    p.add_argument("--max-shard-mb", type=float, default=2048,
+                   help="hf: shard the weights above this size (default: %(default)s)")
+    p.add_argument("--inputs", type=Path, help="texts for the check, one per line or JSONL "
+                   "with \"text\" (default: built-in texts)")
+    p.add_argument("--check-inputs", type=int, default=8,
+                   help="inputs the check runs (default: %(default)s)")
+    p.add_argument("--check-tokens", type=int, default=16,
+                   help="greedy tokens per prompt for a causal LM (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="exact exports (fp32): largest error relative to the largest output "
+                   "(default: %(default)s)")
+    p.add_argument("--min-agreement", type=float, default=0.9,
+                   help="lossy exports: top-1 / next-token agreement (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _common(p)
     from qmerge.demo import DTYPES
 
     p = sub.add_parser("demo", help="the ops on one real-sized weight, checked and timed")
@@ -287,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     for name in ("out_features", "in_features", "tasks", "worst", "max_examples",
-                 "max_new_tokens", "batch_size"):
+                 "max_new_tokens", "batch_size", "rank", "check_inputs"):
         if isinstance(getattr(args, name, None), int) and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:

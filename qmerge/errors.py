@@ -4,10 +4,11 @@ exits non-zero; nothing is half-written when one is raised.
     QmergeError
     ├── ConfigError        a codec / policy / argument value that is not valid (also a ValueError)
     ├── CheckpointError    an input checkpoint that cannot be read or does not match its base
-    └── PackError          a pack that cannot be used
-        ├── ChecksumError      a file is truncated or its sha256 differs from the manifest
-        ├── FormatVersionError the manifest was written by a newer qmerge
-        └── BaseMismatchError  the pack was made from a different base model
+    ├── PackError          a pack that cannot be used
+    │   ├── ChecksumError      a file is truncated or its sha256 differs from the manifest
+    │   ├── FormatVersionError the manifest was written by a newer qmerge
+    │   └── BaseMismatchError  the pack was made from a different base model
+    └── ExportError        an export that cannot be built, or whose artifact fails its check
 """
 
 from __future__ import annotations
@@ -39,3 +40,7 @@ class FormatVersionError(PackError):
 
 class BaseMismatchError(PackError):
     """A pack opened, verified or extended against a base other than the one it was made from."""
+
+
+class ExportError(QmergeError):
+    """An export whose artifact could not be built, or does not match the routed model."""

@@ -1,0 +1,125 @@
+"""Runs an exported artifact the way its users will, in a fresh process where qmerge cannot be
+imported, and writes its outputs for `check.py` to compare with the routed model's.
+
+    python _child.py SPEC.json
+
+SPEC names the format, the export directory, the model kind, the inputs file (safetensors:
+`seq.{i}` token ids [L], `prompt.{i}` the prompt length) and where to write the outputs
+(`out.{i}`: logits or hidden states over the whole sequence; `greedy.{i}`: for a causal LM,
+the tokens greedy decoding appends to the prompt). This file imports only torch,
+transformers, safetensors and the format's own runtime (peft, onnxruntime, the int8 loader).
+"""
+
+import importlib.abc
+import json
+import sys
+from pathlib import Path
+
+
+class _NoQmerge(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "qmerge" or name.startswith("qmerge."):
+            raise ImportError(f"{name} is blocked: an export must run without qmerge")
+        return None
+
+
+sys.meta_path.insert(0, _NoQmerge())
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+
+def _auto(spec):
+    import transformers
+
+    return getattr(transformers, spec["auto"])
+
+
+def load_model(spec):
+    fmt, d = spec["format"], Path(spec["dir"])
+    if fmt == "hf":
+        return _auto(spec).from_pretrained(d, dtype=torch.float32).eval()
+    if fmt == "int8":
+        sys.path.insert(0, str(d))
+        import qmerge_int8
+
+        return qmerge_int8.load(d).eval()
+    if fmt == "peft":
+        from peft import PeftModel
+
+        kwargs = {"num_labels": spec["num_labels"]} if spec.get("num_labels") else {}
+        base = _auto(spec).from_pretrained(spec["base"], dtype=torch.float32, **kwargs)
+        return PeftModel.from_pretrained(base, d).eval()
+    raise SystemExit(f"unknown format {fmt!r}")
+
+
+def output(spec, out):
+    if spec["kind"] == "encoder":
+        return out.last_hidden_state[0]
+    return out.logits[0]
+
+
+def greedy_generate(model, prompt, n, eos):
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1,
+                           eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0)
+    ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                         generation_config=cfg)
+    return ids[0, prompt.shape[1]:]
+
+
+def run_torch(spec, inputs, results):
+    model = load_model(spec)
+    with torch.no_grad():
+        for i in range(spec["count"]):
+            seq = inputs[f"seq.{i}"][None]
+            results[f"out.{i}"] = output(spec, model(input_ids=seq,
+                                                     attention_mask=torch.ones_like(seq))).float()
+            if spec["kind"] == "causal-lm":
+                p = int(inputs[f"prompt.{i}"])
+                n = seq.shape[1] - p
+                results[f"greedy.{i}"] = greedy_generate(model, seq[:, :p], n, spec["eos"]) \
+                    if n else torch.zeros(0, dtype=torch.long)
+
+
+def run_onnx(spec, inputs, results):
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(Path(spec["dir"]) / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+
+    def fwd(ids):
+        return torch.from_numpy(sess.run(None, {"input_ids": ids,
+                                                "attention_mask": np.ones_like(ids)})[0][0])
+
+    for i in range(spec["count"]):
+        seq = inputs[f"seq.{i}"][None].numpy()
+        results[f"out.{i}"] = fwd(seq).float()
+        if spec["kind"] == "causal-lm":
+            p = int(inputs[f"prompt.{i}"])
+            ids, new = seq[:, :p], []
+            for _ in range(seq.shape[1] - p):
+                nxt = int(fwd(ids)[-1].argmax())
+                new.append(nxt)
+                ids = np.concatenate([ids, np.array([[nxt]], dtype=ids.dtype)], axis=1)
+                if nxt in spec["eos"]:
+                    break
+            results[f"greedy.{i}"] = torch.tensor(new, dtype=torch.long)
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    inputs = load_file(spec["inputs"])
+    results = {}
+    if spec["format"] == "onnx":
+        run_onnx(spec, inputs, results)
+    else:
+        run_torch(spec, inputs, results)
+    save_file({k: v.contiguous() for k, v in results.items()}, spec["output"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The `peft` format: the selection's residuals as a PEFT LoRA adapter over the base, which
+`PeftModel.from_pretrained(base, dir)` loads and adapter servers (vLLM, LoRAX, S-LoRA) serve.
+
+Per module, what the selected tasks change becomes:
+  Linear weight      LoRA: B = [c_1 U_1 | c_2 U_2 ...], A = [V_1; V_2; ...] when every residual
+                     is low-rank (exact; rank = the sum), else a truncated SVD of
+                     sum_t c_t dequant(tau_t) at `rank` (the energy kept is reported)
+  Embedding weight   LoRA on the embedding the same way (and on a tied output layer, so the
+                     LM head changes with it as the routed model's does)
+  Linear bias        the adapted layer's bias (`bias="lora_only"`), base + delta
+  anything else      norms, task heads, a layer whose only change is its bias: the whole
+                     module, merged (`modules_to_save`)
+Each module's rank is its own (`rank_pattern`), with alpha = rank so the LoRA scale is 1.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qmerge.codecs.lowrank import LowRankResidual
+from qmerge.errors import ConfigError, ExportError
+from qmerge.export.job import Job
+from qmerge.export.merged import delta, merged, residuals
+
+
+def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict] | None:
+    """(B [out, r], A [r, in], info) with B @ A = the selection's delta of `name`."""
+    rs = residuals(job.pack, job.sel, name)
+    if not rs:
+        return None
+    if all(isinstance(r, LowRankResidual) for _, r in rs):
+        us, vs = [], []
+        for c, r in rs:
+            u, v = r.factors(torch.float32)
+            us.append(u * c)
+            vs.append(v)
+        return torch.cat(us, 1), torch.cat(vs, 0), {"exact": True}
+    d = delta(job.pack, job.sel, name, shape)
+    assert d is not None
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    r = min(job.rank, s.numel())
+    energy = float(s[:r].pow(2).sum() / s.pow(2).sum()) if float(s.pow(2).sum()) else 1.0
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r], {"exact": False, "energy": energy}
+
+
+def write(job: Job, out: Path) -> dict:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("the peft format needs `peft` (pip install peft)") from None
+    t = job.target
+    if job.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"peft adapters are stored in fp32, bf16 or fp16, not {job.dtype}")
+    changed = [n for n in t.names if n in job.head or residuals(job.pack, job.sel, n)]
+    model = t.build(torch.float32)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    by_module: dict[str, set[str]] = {}
+    for src in changed:
+        by_module.setdefault(t.modules[src], set()).add(src)
+    lora: dict[str, tuple[Tensor, Tensor, bool]] = {}   # module path -> (B, A, is_embedding)
+    save: set[str] = set()
+    infos = {}
+    for mod, srcs in sorted(by_module.items()):
+        weight = next((s for s in srcs if s in t.linears or s in t.embeddings), None)
+        rest = {t.names[s].rpartition(".")[2] for s in srcs if s != weight}
+        if weight is None or srcs & set(job.head) or not rest <= {"bias"}:
+            save.add(mod)
+            continue
+        f = factors(job, weight, shapes[t.names[weight]])
+        assert f is not None
+        emb = weight in t.embeddings
+        lora[mod] = (f[0], f[1], emb)
+        infos[weight] = f[2]
+        if emb:
+            for alias, first in t.tied.items():
+                if first == t.names[weight]:
+                    lora[alias.rpartition(".")[0]] = (f[0], f[1], False)
+    lora_biases = {m for m in lora if f"{m}.bias" in shapes}
+    if not lora:
+        raise ExportError(f"{job.sel.describe} changes no Linear or Embedding weight; there is "
+                          f"no LoRA adapter to export (use --format hf)")
+    ranks = {m: a.shape[0] for m, (_, a, _) in lora.items()}
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    cfg = LoraConfig(
+        r=r0, lora_alpha=r0, lora_dropout=0.0, target_modules=sorted(lora),
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
+        bias="lora_only" if lora_biases else "none",
+        modules_to_save=sorted(save) or None, inference_mode=True,
+        base_model_name_or_path=str(job.base.resolve()))
+    model.name_or_path = cfg.base_model_name_or_path  # else peft records None
+    with warnings.catch_warnings():
+        # peft warns that a tied layer is adapted; both sides get the same factors here
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for m, (b, a, emb) in lora.items():
+            layer = peft_model.base_model.model.get_submodule(m)
+            if emb:
+                layer.lora_embedding_A["default"].copy_(b.T)
+                layer.lora_embedding_B["default"].copy_(a.T)
+            else:
+                layer.lora_A["default"].weight.copy_(a)
+                layer.lora_B["default"].weight.copy_(b)
+            if m in lora_biases:
+                src = _source(t, f"{m}.bias")
+                layer.base_layer.bias.copy_(merged(job.pack, job.checkpoint, job.sel, src))
+        for m in save:
+            wrapper = peft_model.base_model.model.get_submodule(m)
+            copy = wrapper.modules_to_save["default"]
+            for pname, p in copy.named_parameters():
+                src = _source(t, f"{m}.{pname}")
+                value = job.head[src] if src in job.head else merged(job.pack, job.checkpoint,
+                                                                     job.sel, src)
+                p.copy_(value)
+    if job.dtype != torch.float32:
+        peft_model = peft_model.to(job.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # the base's embedding stays the base's: saving it into the adapter would copy it
+        peft_model.save_pretrained(out, save_embedding_layers=False)
+    converted = [i for i in infos.values() if not i["exact"]]
+    return {"target_modules": len(lora), "modules_to_save": sorted(save),
+            "ranks": dict(Counter(ranks.values())), "svd_tensors": len(converted),
+            "energy_kept_min": min((i["energy"] for i in converted), default=None),
+            "exact": not converted and job.dtype == torch.float32}
+
+
+def _source(t, dst: str) -> str:
+    for s, d in t.names.items():
+        if d == dst:
+            return s
+    raise ExportError(f"no pack tensor for '{dst}'")

@@ -1,0 +1,141 @@
+"""`export`: one task (or mixture) of a pack, baked into an artifact other runtimes load, checked
+against the routed model, and installed atomically.
+
+Steps: open the pack against the base (refused if it is another base), resolve the selection
+and the target class, write the format into a hidden staging directory next to `out`, run the
+check (check.py: the artifact in a fresh process without qmerge vs `qmerge.load`), write
+`qmerge-export.json` (what was exported, the check's numbers, the sizes), then swap the
+directory in. A failed write or check leaves `out` as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from qmerge.errors import ConfigError
+from qmerge.export import adapter, hf, int8, to_onnx
+from qmerge.export.check import eos_ids, probe, verify
+from qmerge.export.job import Job
+from qmerge.export.selection import head, select
+from qmerge.export.target import resolve
+from qmerge.format.atomic import install_dir, temp_sibling
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.packs import open_pack
+
+FORMATS = {"hf": hf.write, "peft": adapter.write, "int8": int8.write, "onnx": to_onnx.write}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REPORT = "qmerge-export.json"
+PathLike = str | os.PathLike
+
+
+def _dtype(name: str, base: Checkpoint, fmt: str) -> torch.dtype:
+    if name == "auto":
+        if fmt in ("onnx", "int8", "peft"):
+            return torch.float32
+        floats = [base.dtype(n) for n in base.names if base.dtype(n).is_floating_point]
+        return max(set(floats), key=floats.count) if floats else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _weights_bytes(path: Path) -> int | None:
+    if not path.is_dir():
+        return None
+    files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
+    return sum(f.stat().st_size for f in files) or None
+
+
+def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
+           task: str | None = None, coeffs: str | Mapping[str, float] | None = None,
+           shared: bool = False, dtype: str = "auto", rank: int = 16,
+           max_shard_bytes: int = 2 << 30, texts: list[str] | None = None,
+           check_inputs: int = 8, new_tokens: int = 16, tolerance: float = 1e-3,
+           min_agreement: float = 0.9, overwrite: bool = False,
+           progress: Callable[[Iterable], Iterable] = iter) -> dict:
+    """Exports and checks; returns the report (also written to `out/qmerge-export.json`).
+
+    Args:
+        fmt: 'hf', 'peft', 'int8' or 'onnx'.
+        task / coeffs / shared: what to bake in (exactly one).
+        dtype: of the written floating-point tensors ('auto': the base's; fp32 for onnx).
+        rank: peft only: the rank of a truncated SVD of a residual that is not low-rank.
+        texts: inputs of the check (default: built-in texts through the base's tokenizer).
+        check_inputs, new_tokens: how many inputs, and greedy tokens per causal-LM prompt.
+        tolerance: an exact export (fp32, nothing lossy) passes at max_rel <= tolerance.
+        min_agreement: a lossy export passes at top-1 / next-token agreement >= this.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {rank}")
+    if check_inputs < 1:
+        raise ConfigError(f"check_inputs must be >= 1, got {check_inputs}")
+    base_dir, out_dir = Path(base), Path(out)
+    if out_dir.exists() and not overwrite:
+        raise ConfigError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    pk = open_pack(pack, base=base_dir)
+    sel = select(pk, task=task, coeffs=coeffs, shared=shared)
+    hd, labels = head(pk, sel)
+    ckpt = Checkpoint(base_dir)
+    dt = _dtype(dtype, ckpt, fmt)
+    target = resolve(base_dir, pk, hd, labels, dt)
+    job = Job(base_dir, pk, sel, target, hd, labels, dt, rank=rank,
+              max_shard_bytes=max_shard_bytes, progress=progress, _ckpt=ckpt)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staged = temp_sibling(out_dir, "export")
+    staged.mkdir()
+    try:
+        info = FORMATS[fmt](job, staged)
+        exact = dt == torch.float32 and fmt != "int8" and info.get("exact", True)
+        from qmerge.loader import load
+
+        model = load(base_dir, pk, dtype=torch.float32, check_base=False)
+        spec = {"format": fmt, "dir": str(staged), "kind": target.kind, "auto": target.auto,
+                "base": str(base_dir.resolve()), "eos": eos_ids(target.config),
+                "num_labels": target.config.get("num_labels") if target.kind == "classifier"
+                else None}
+        pr = probe(base_dir, target.config, texts, check_inputs)
+        rep = verify(model, sel, spec, pr, new_tokens if target.kind == "causal-lm" else 0,
+                     exact, tolerance, min_agreement)
+        del model
+        pack_bytes = sum(pk.manifest["files"][f"tasks/{t}.safetensors"]["bytes"]
+                         for t in sel.used() if f"tasks/{t}.safetensors" in pk.manifest["files"])
+        sources = {t: _weights_bytes(Path(pk.manifest["tasks"][t].get("source") or ""))
+                   for t in sel.used()}
+        report = {
+            "format": fmt, "selection": sel.describe, "route": sel.route(),
+            "class": target.arch, "auto_class": target.auto, "kind": target.kind,
+            "dtype": str(dt).removeprefix("torch."), "base": str(base_dir.resolve()),
+            "pack": str(pk.path), "base_fingerprint": pk.base_fingerprint["content"],
+            "labels": labels, "written": info, "check": rep,
+            "sizes": {"export_bytes": 0, "pack_task_bytes": pack_bytes,
+                      "finetune_bytes": sources,
+                      "base_fp32_bytes": sum(4 * _numel(ckpt.shape(n)) for n in ckpt.names
+                                             if ckpt.dtype(n).is_floating_point)},
+        }
+        report["sizes"]["export_bytes"] = dir_bytes(staged)
+        (staged / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        install_dir(staged, out_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    report["out"] = str(out_dir)
+    return report
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,54 @@
+"""One export's inputs, shared by the format writers: the base, the pack, what is baked in,
+the target model and the options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qmerge.export.selection import Selection
+from qmerge.export.target import Target
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.format.pack import Pack
+
+
+@dataclass
+class Job:
+    base: Path
+    pack: Pack
+    sel: Selection
+    target: Target
+    head: dict[str, Tensor]          # the selection's head tensors (pack names), fp32
+    labels: list[str] | None
+    dtype: torch.dtype               # of the written floating-point tensors
+    rank: int = 16                   # peft: rank of a truncated SVD of a non-low-rank residual
+    max_shard_bytes: int = 2 << 30   # hf: shard above this
+    progress: Callable[[Iterable], Iterable] = iter
+    _ckpt: Checkpoint | None = field(default=None, repr=False)
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        if self._ckpt is None:
+            self._ckpt = Checkpoint(self.base)
+        return self._ckpt
+
+    def merged_model(self) -> nn.Module:
+        """The target model holding the merged weights in fp32, in memory (ONNX, peft base)."""
+        from qmerge.export.merged import merged
+
+        model = self.target.build(torch.float32)
+        state = {dst: (self.head[src] if src in self.head
+                       else merged(self.pack, self.checkpoint, self.sel, src))
+                 for src, dst in self.target.names.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if m not in self.target.tied]
+        if missing or unexpected:
+            from qmerge.errors import ExportError
+
+            raise ExportError(f"the merged state does not fit {self.target.arch}: missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]}")
+        return model.eval()

@@ -1,0 +1,47 @@
+"""Merged weights, one tensor at a time: W = W0 + sum_t c_t * dequant(tau_t), summed in fp32
+in task order (the semantics of `dequant_add_sign` and of the routed model), read from the
+memory-mapped base and pack so memory holds one tensor, whatever the number of tasks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qmerge.codecs import Residual
+from qmerge.errors import ConfigError
+from qmerge.export.selection import Selection
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.format.pack import Pack
+from qmerge.packs import residual
+
+
+def residuals(pack: Pack, sel: Selection, name: str) -> list[tuple[float, Residual]]:
+    """(coefficient, residual) of every selected task that changes base tensor `name`."""
+    out = []
+    for t, c in sel.coeffs.items():
+        entry = pack.entries(t).get(name)
+        if entry is None or entry["codec"] == "skip":
+            continue
+        if entry.get("extra_rows", 0):
+            raise ConfigError(f"{pack.path}: task {t!r} grows '{name}' by {entry['extra_rows']} "
+                              f"rows; exporting a resized vocabulary is not supported")
+        out.append((c, residual(pack, t, name)))
+    return out
+
+
+def delta(pack: Pack, sel: Selection, name: str, shape: tuple[int, ...]) -> Tensor | None:
+    """sum_t c_t * dequant(tau_t) in fp32, or None where no selected task changes `name`."""
+    acc = None
+    for c, r in residuals(pack, sel, name):
+        d = r.dequantize(torch.float32).reshape(shape)
+        acc = d.mul_(c) if acc is None else acc.add_(d, alpha=c)
+    return acc
+
+
+def merged(pack: Pack, base: Checkpoint, sel: Selection, name: str) -> Tensor:
+    """The merged tensor in fp32 (integer buffers as they are in the base)."""
+    w = base.get(name)
+    if not w.is_floating_point():
+        return w.clone()
+    d = delta(pack, sel, name, tuple(w.shape))
+    return w.float() if d is None else d.add_(w.float())
