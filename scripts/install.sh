@@ -14,5 +14,8 @@ pip install torch==2.13.0 "numpy>=1.24" "tqdm>=4.60" "pytest>=7" "hypothesis>=6"
 # base (its CPU backend). --no-deps on bitsandbytes: its only other needs are torch and numpy.
 pip install "transformers==5.23.0"
 pip install --no-deps "bitsandbytes==0.50.2"
+# Export formats: PEFT adapters, ONNX (torch's dynamo exporter needs onnxscript) and
+# onnxruntime, which checks the ONNX export.
+pip install "peft==0.21.2" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31.1"
 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -e .
 .venv/bin/python -c "from qmerge import ops; print('qmerge installed; kernels:', ops.backend())"

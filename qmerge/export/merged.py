@@ -33,8 +33,10 @@ def delta(pack: Pack, sel: Selection, name: str, shape: tuple[int, ...]) -> Tens
     """sum_t c_t * dequant(tau_t) in fp32, or None where no selected task changes `name`."""
     acc = None
     for c, r in residuals(pack, sel, name):
+        # dequantize may return the stored (memory-mapped) tensor itself, e.g. a dense fp32
+        # residual: never write into it; the first product is a fresh tensor
         d = r.dequantize(torch.float32).reshape(shape)
-        acc = d.mul_(c) if acc is None else acc.add_(d, alpha=c)
+        acc = d * c if acc is None else acc.add_(d, alpha=c)
     return acc
 
 

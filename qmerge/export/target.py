@@ -23,9 +23,9 @@ from qmerge.format.pack import Pack
 
 KINDS = {"AutoModelForSequenceClassification": "classifier",
          "AutoModelForCausalLM": "causal-lm", "AutoModel": "encoder"}
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx", ".h5", ".msgpack")
-SKIP_FILES = ("config.json", "README.md", "model.safetensors.index.json",
-              "pytorch_model.bin.index.json")
+# files of the base directory an export carries: tokenizer and generation settings
+SIDE_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece",
+              "sentencepiece", "generation_config", "chat_template", "preprocessor_config")
 
 
 @dataclass
@@ -152,10 +152,10 @@ def resolve(base: Path, pack: Pack, head: dict[str, torch.Tensor], labels: list[
 
 
 def copy_side_files(base: Path, out: Path) -> list[str]:
-    """Copies the base directory's tokenizer, generation and other non-weight files."""
+    """Copies the base directory's tokenizer and generation files."""
     copied = []
     for f in sorted(base.iterdir()):
-        if not f.is_file() or f.name in SKIP_FILES or f.name.endswith(WEIGHT_FILES):
+        if not f.is_file() or not f.name.startswith(SIDE_FILES):
             continue
         (out / f.name).write_bytes(f.read_bytes())
         copied.append(f.name)
