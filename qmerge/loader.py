@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qmerge.codecs import Residual
+from qmerge.codecs.skip import SkipResidual
 from qmerge.errors import BaseMismatchError, CheckpointError, ConfigError
 from qmerge.format.names import alignment
 from qmerge.format.pack import Pack
@@ -106,7 +108,7 @@ def _from_pretrained(base: Path, pack: Pack, dtype, device, quantize: str | None
 def load(base: PathLike | nn.Module, pack: PathLike | Pack, *, dtype: torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None,
          cache_bytes: int = 256 << 20, mode: str = "auto", min_rows: int = 64,
-         check_base: bool | str = True) -> nn.Module:
+         check_base: bool | str = True, _only: Sequence[str] | None = None) -> nn.Module:
     """Patches a model with a pack's tasks, in place; returns the model.
 
     Args:
@@ -138,8 +140,13 @@ def load(base: PathLike | nn.Module, pack: PathLike | Pack, *, dtype: torch.dtyp
         if check_base:
             open_pack(pk.path, base=path)
         model = _from_pretrained(path, pk, dtype, device, quantize)
-    patch(model, pk, lambda t, n: residual(pk, t, n), cache_bytes=cache_bytes, mode=mode,
-          min_rows=min_rows, router=store.load(pk))
+    def res(t: str, n: str) -> Residual:
+        # _only (for export's check): the other tasks' residuals are never read, so memory
+        # holds the selected tasks only; routing to another task then gives the bare base
+        return residual(pk, t, n) if _only is None or t in _only else SkipResidual(())
+
+    patch(model, pk, res, cache_bytes=cache_bytes, mode=mode, min_rows=min_rows,
+          router=store.load(pk))
     return model
 
 

@@ -59,6 +59,56 @@ def finetune_lm(name: str, steps: int = 40, force: bool = False, seed: int = 0) 
     return out
 
 
+def answer_prompt(text: str) -> str:
+    """A task input as a prompt whose answer is the label word (the LLM track's format)."""
+    return f"{' '.join(text.split()[:40])}\nTopic:"
+
+
+def finetune_answers(name: str, steps: int = 150, force: bool = False, seed: int = 0) -> Path:
+    """SmolLM2 taught to answer a task's label word after `answer_prompt(text)` (loss on the
+    answer tokens only), cached under bench/.cache/smollm2-<name>-answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = CACHE / f"smollm2-{name}-answers"
+    if (out / "model.safetensors").is_file() and not force:
+        return out
+    base = smollm2_base()
+    task = task_data.load(name)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    rng = random.Random(seed)
+    t0 = time.time()
+    for step in range(steps):
+        ids, labels = [], []
+        for text, y in rng.sample(task.train, 8):
+            p = tok(answer_prompt(text))["input_ids"]
+            a = tok(f" {task.labels[y]}")["input_ids"] + [tok.eos_token_id]
+            ids.append(p + a)
+            labels.append([-100] * len(p) + a)
+        n = max(len(x) for x in ids)
+        pad = tok.eos_token_id
+        batch = torch.tensor([x + [pad] * (n - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+        lab = torch.tensor([x + [-100] * (n - len(x)) for x in labels])
+        loss = model(input_ids=batch, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"{name} answers: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
+                  flush=True)
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps,
+                                                      "format": "answers"}))
+    return out
+
+
 if __name__ == "__main__":
     from finetune import run_cli
 

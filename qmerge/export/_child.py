@@ -5,8 +5,9 @@ imported, and writes its outputs for `check.py` to compare with the routed model
 
 SPEC names the format, the export directory, the model kind, the inputs file (safetensors:
 `seq.{i}` token ids [L], `prompt.{i}` the prompt length) and where to write the outputs
-(`out.{i}`: logits or hidden states over the whole sequence; `greedy.{i}`: for a causal LM,
-the tokens greedy decoding appends to the prompt). This file imports only torch,
+(`out.{i}`: a classifier's logits, an encoder's hidden states, a causal LM's logits from the
+last prompt position on; `greedy.{i}`: for a causal LM, the tokens greedy decoding appends to
+the prompt). This file imports only torch,
 transformers, safetensors and the format's own runtime (peft, onnxruntime, the int8 loader).
 """
 
@@ -60,6 +61,14 @@ def output(spec, out):
     return out.logits[0]
 
 
+def scored(spec, out, inputs, i):
+    """A causal LM's logits from the last prompt position on (the predictions of the
+    continuation, and the one after it); other kinds' outputs whole."""
+    if spec["kind"] != "causal-lm":
+        return out
+    return out[int(inputs[f"prompt.{i}"]) - 1:].contiguous()
+
+
 def greedy_generate(model, prompt, n, eos):
     from transformers import GenerationConfig
 
@@ -75,8 +84,8 @@ def run_torch(spec, inputs, results):
     with torch.no_grad():
         for i in range(spec["count"]):
             seq = inputs[f"seq.{i}"][None]
-            results[f"out.{i}"] = output(spec, model(input_ids=seq,
-                                                     attention_mask=torch.ones_like(seq))).float()
+            out = output(spec, model(input_ids=seq, attention_mask=torch.ones_like(seq))).float()
+            results[f"out.{i}"] = scored(spec, out, inputs, i)
             if spec["kind"] == "causal-lm":
                 p = int(inputs[f"prompt.{i}"])
                 n = seq.shape[1] - p
@@ -97,7 +106,7 @@ def run_onnx(spec, inputs, results):
 
     for i in range(spec["count"]):
         seq = inputs[f"seq.{i}"][None].numpy()
-        results[f"out.{i}"] = fwd(seq).float()
+        results[f"out.{i}"] = scored(spec, fwd(seq).float(), inputs, i)
         if spec["kind"] == "causal-lm":
             p = int(inputs[f"prompt.{i}"])
             ids, new = seq[:, :p], []

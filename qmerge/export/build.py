@@ -49,7 +49,8 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _weights_bytes(path: Path) -> int | None:
+def _weights_bytes(source: str) -> int | None:
+    path = Path(source)
     if not path.is_dir():
         return None
     files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
@@ -100,7 +101,7 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
         exact = dt == torch.float32 and fmt != "int8" and info.get("exact", True)
         from qmerge.loader import load
 
-        model = load(base_dir, pk, dtype=torch.float32, check_base=False)
+        model = load(base_dir, pk, dtype=torch.float32, check_base=False, _only=sel.used())
         spec = {"format": fmt, "dir": str(staged), "kind": target.kind, "auto": target.auto,
                 "base": str(base_dir.resolve()), "eos": eos_ids(target.config),
                 "num_labels": target.config.get("num_labels") if target.kind == "classifier"
@@ -111,8 +112,8 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
         del model
         pack_bytes = sum(pk.manifest["files"][f"tasks/{t}.safetensors"]["bytes"]
                          for t in sel.used() if f"tasks/{t}.safetensors" in pk.manifest["files"])
-        sources = {t: _weights_bytes(Path(pk.manifest["tasks"][t].get("source") or ""))
-                   for t in sel.used()}
+        sources = {t: _weights_bytes(src) if (src := pk.manifest["tasks"][t].get("source"))
+                   else None for t in sel.used()}
         report = {
             "format": fmt, "selection": sel.describe, "route": sel.route(),
             "class": target.arch, "auto_class": target.auto, "kind": target.kind,

@@ -4,7 +4,8 @@ model (`qmerge.load(base, pack)` with the same task or mixture) on the same inpu
 
 Reported per export:
   max_abs, max_rel     largest |artifact - routed| over all outputs, and that over max |routed|
-                       (logits for LMs and classifiers, hidden states for a bare encoder)
+                       (a classifier's logits; a causal LM's logits from the last prompt
+                       position on; a bare encoder's hidden states)
   agreement            classifiers: top-1 agreement; causal LMs: teacher-forced next-token
                        agreement on the routed model's greedy continuation; encoders: share of
                        inputs whose mean-pooled outputs have cosine >= 0.99
@@ -99,8 +100,9 @@ def reference(model: nn.Module, sel: Selection, kind: str, pr: Probe, new_tokens
                                      generation_config=cfg, **route)
             res[f"seq.{i}"] = ids[0].clone()
             res[f"prompt.{i}"] = torch.tensor(seq.numel())
-            res[f"out.{i}"] = _out(kind, model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                               **route))
+            out = _out(kind, model(input_ids=ids, attention_mask=torch.ones_like(ids), **route))
+            # a causal LM: the logits that predict the continuation (and the token after it)
+            res[f"out.{i}"] = out[seq.numel() - 1:].contiguous() if kind == "causal-lm" else out
     return res
 
 
@@ -144,10 +146,10 @@ def compare(kind: str, ref: dict[str, Tensor], got: dict[str, Tensor], count: in
             total += 1
         else:
             p = int(ref[f"prompt.{i}"])
-            span = slice(p - 1, r.shape[0] - 1)
-            if span.start < span.stop:
-                agree += int((r[span].argmax(-1) == g[span].argmax(-1)).sum())
-                total += span.stop - span.start
+            n = r.shape[0] - 1  # outputs start at the last prompt position
+            if n:
+                agree += int((r[:n].argmax(-1) == g[:n].argmax(-1)).sum())
+                total += n
             cont = ref[f"seq.{i}"][p:]
             identical += int(torch.equal(got[f"greedy.{i}"], cont))
     report = {"inputs": count, "max_abs": max_abs,
