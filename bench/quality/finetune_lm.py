@@ -36,26 +36,39 @@ def finetune_lm(name: str, steps: int = 40, force: bool = False, seed: int = 0) 
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
     rng = random.Random(seed)
-    t0 = time.time()
-    for step in range(steps):
+
+    def batch_loss():
         enc = tok(rng.sample(texts, 4), return_tensors="pt", padding=True, truncation=True,
                   max_length=64)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
+        return model(**enc, labels=labels).loss
+
+    train(model, steps, 5e-5, batch_loss, name, every=10)
+    return save(model, tok, out, {"task": name, "steps": steps})
+
+
+def train(model, steps: int, lr: float, batch_loss, name: str, every: int) -> None:
+    """AdamW over `steps` calls of batch_loss(), logging every `every` steps."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(steps):
+        loss = batch_loss()
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if step % 10 == 0 or step == steps - 1:
+        if step % every == 0 or step == steps - 1:
             print(f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
                   flush=True)
     model.eval()
+
+
+def save(model, tok, out: Path, meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps}))
+    (out / "qmerge-task.json").write_text(json.dumps(meta))
     return out
 
 
@@ -77,11 +90,10 @@ def finetune_answers(name: str, steps: int = 150, force: bool = False, seed: int
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     rng = random.Random(seed)
-    t0 = time.time()
-    for step in range(steps):
+    pad = tok.eos_token_id
+
+    def batch_loss():
         ids, labels = [], []
         for text, y in rng.sample(task.train, 8):
             p = tok(answer_prompt(text))["input_ids"]
@@ -89,24 +101,13 @@ def finetune_answers(name: str, steps: int = 150, force: bool = False, seed: int
             ids.append(p + a)
             labels.append([-100] * len(p) + a)
         n = max(len(x) for x in ids)
-        pad = tok.eos_token_id
         batch = torch.tensor([x + [pad] * (n - len(x)) for x in ids])
         mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
         lab = torch.tensor([x + [-100] * (n - len(x)) for x in labels])
-        loss = model(input_ids=batch, attention_mask=mask, labels=lab).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"{name} answers: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
-                  flush=True)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps,
-                                                      "format": "answers"}))
-    return out
+        return model(input_ids=batch, attention_mask=mask, labels=lab).loss
+
+    train(model, steps, 1e-4, batch_loss, f"{name} answers", every=25)
+    return save(model, tok, out, {"task": name, "steps": steps, "format": "answers"})
 
 
 if __name__ == "__main__":
