@@ -212,12 +212,20 @@ def report(rows: list, argv: str) -> str:
             f"- SmolLM2 free-text continuations of {q['check']['inputs']} held-out fortunes "
             f"(first 8 words, 16 greedy tokens): int8 agrees with the routed model on "
             f"{q['check']['agreement']:.2%} of next tokens, and a plain bf16 cast of the same "
-            f"merged weights on {b['check']['agreement']:.2%}. Neither reaches 98% there: "
-            f"after a few words of a fortune the model's next-token distribution is nearly "
-            f"flat (the flips happen where its top two logits are a few hundredths apart), so "
-            f"any rounding of the weights, even bf16's, flips some ties. On the task's own "
-            f"form (answering the label word) the margins are large and int8 keeps the "
-            f"answers; that is the row the target is checked on.")
+            f"merged weights on {b['check']['agreement']:.2%}. Neither reaches 98% there. "
+            f"Every position where they disagree is a near-tie of the routed model: its two "
+            f"best logits are at most {q['check']['flip_margin_max']:.3f} (int8) and "
+            f"{b['check']['flip_margin_max']:.3f} (bf16) apart, against logits of magnitude "
+            f"~{q['check']['max_abs'] / q['check']['max_rel']:.0f}. A few words into a fortune "
+            f"the next-token distribution is that flat, so any rounding of the weights, even "
+            f"bf16's, flips some ties. In the task's own form (answering the label word) the "
+            f"margins are large and int8 keeps the answers; that is the row the target is "
+            f"checked on.")
+    for r in rows:
+        if r["check"].get("flip_margin_max") is not None and r["format"] == "int8":
+            lines.append(f"- {r['model']} int8 {r['label']}: disagreements only where the "
+                         f"routed model's top two logits are <= "
+                         f"{r['check']['flip_margin_max']:.3f} apart.")
     for r in rows:
         if r["format"] == "peft" and r["written"].get("svd_tensors"):
             lines.append(f"- {r['model']} peft from the sign pack: {r['written']['svd_tensors']} "

@@ -10,6 +10,8 @@ Reported per export:
                        agreement on the routed model's greedy continuation; encoders: share of
                        inputs whose mean-pooled outputs have cosine >= 0.99
   greedy_identical     causal LMs: prompts whose greedy continuation is token-for-token equal
+  flip_margin_max      where top-1 differs: the largest gap between the routed model's two
+                       best logits (small: the export only flips near-ties)
 An exact export (fp32, no lossy conversion) passes when max_rel <= tolerance; a lossy one
 (bf16/fp16, int8, truncated SVD) when agreement >= min_agreement.
 """
@@ -129,6 +131,15 @@ def run_child(spec: dict, ref: dict[str, Tensor], count: int) -> dict[str, Tenso
 def compare(kind: str, ref: dict[str, Tensor], got: dict[str, Tensor], count: int) -> dict:
     max_abs, ref_max = 0.0, 0.0
     agree = total = identical = 0
+    flips: list[float] = []  # the routed model's top-1 minus top-2 logit where they disagree
+
+    def score(r2: Tensor, g2: Tensor) -> int:
+        same = r2.argmax(-1) == g2.argmax(-1)
+        if not bool(same.all()):
+            top = r2[~same].topk(2, dim=-1).values
+            flips.extend((top[..., 0] - top[..., 1]).flatten().tolist())
+        return int(same.sum())
+
     for i in range(count):
         r, g = ref[f"out.{i}"], got[f"out.{i}"]
         if kind == "classifier":
@@ -139,7 +150,7 @@ def compare(kind: str, ref: dict[str, Tensor], got: dict[str, Tensor], count: in
         max_abs = max(max_abs, float((r - g).abs().max()))
         ref_max = max(ref_max, float(r.abs().max()))
         if kind == "classifier":
-            agree += int(r.argmax(-1) == g.argmax(-1))
+            agree += score(r[None], g[None])
             total += 1
         elif kind == "encoder":
             agree += int(F.cosine_similarity(r.mean(0), g.mean(0), dim=0) >= 0.99)
@@ -148,13 +159,14 @@ def compare(kind: str, ref: dict[str, Tensor], got: dict[str, Tensor], count: in
             p = int(ref[f"prompt.{i}"])
             n = r.shape[0] - 1  # outputs start at the last prompt position
             if n:
-                agree += int((r[:n].argmax(-1) == g[:n].argmax(-1)).sum())
+                agree += score(r[:n], g[:n])
                 total += n
             cont = ref[f"seq.{i}"][p:]
             identical += int(torch.equal(got[f"greedy.{i}"], cont))
     report = {"inputs": count, "max_abs": max_abs,
               "max_rel": max_abs / ref_max if ref_max else 0.0,
-              "agreement": agree / total if total else 1.0, "compared": total}
+              "agreement": agree / total if total else 1.0, "compared": total,
+              "flip_margin_max": max(flips) if flips else None}
     if kind == "causal-lm":
         report["greedy_identical"] = f"{identical}/{count}"
     return report
