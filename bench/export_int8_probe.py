@@ -50,8 +50,8 @@ def main() -> None:
     pk = open_pack(CACHE / "pack-smollm2-5")
     sel = select(pk, task="fortunes")
     hd, labels = head(pk, sel)
-    job = Job(base, pk, sel, resolve(base, pk, hd, labels, torch.float32), hd, labels,
-              torch.float32, _ckpt=Checkpoint(base))
+    job = Job(base, pk, sel, resolve(base, pk, hd, labels, torch.float32), hd, torch.float32,
+              _ckpt=Checkpoint(base))
     model = job.merged_model()
     tok = AutoTokenizer.from_pretrained(base)
     held = [" ".join(t.split()[:8]) for t, _ in task_data.load("fortune_topic").test]

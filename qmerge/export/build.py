@@ -91,7 +91,7 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
     ckpt = Checkpoint(base_dir)
     dt = _dtype(dtype, ckpt, fmt)
     target = resolve(base_dir, pk, hd, labels, dt)
-    job = Job(base_dir, pk, sel, target, hd, labels, dt, rank=rank,
+    job = Job(base_dir, pk, sel, target, hd, dt, rank=rank,
               max_shard_bytes=max_shard_bytes, progress=progress, _ckpt=ckpt)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = temp_sibling(out_dir, "export")

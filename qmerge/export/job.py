@@ -23,7 +23,6 @@ class Job:
     sel: Selection
     target: Target
     head: dict[str, Tensor]          # the selection's head tensors (pack names), fp32
-    labels: list[str] | None
     dtype: torch.dtype               # of the written floating-point tensors
     rank: int = 16                   # peft: rank of a truncated SVD of a non-low-rank residual
     max_shard_bytes: int = 2 << 30   # hf: shard above this
