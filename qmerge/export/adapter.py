@@ -26,7 +26,7 @@ from torch import Tensor
 from qmerge.codecs.lowrank import LowRankResidual
 from qmerge.errors import ConfigError, ExportError
 from qmerge.export.job import Job
-from qmerge.export.merged import delta, merged, residuals
+from qmerge.export.merged import delta, residuals
 
 
 def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict] | None:
@@ -110,16 +110,12 @@ def write(job: Job, out: Path) -> dict:
                 layer.lora_A["default"].weight.copy_(a)
                 layer.lora_B["default"].weight.copy_(b)
             if m in lora_biases:
-                src = _source(t, f"{m}.bias")
-                layer.base_layer.bias.copy_(merged(job.pack, job.checkpoint, job.sel, src))
+                layer.base_layer.bias.copy_(job.tensor(t.sources[f"{m}.bias"]))
         for m in save:
             wrapper = peft_model.base_model.model.get_submodule(m)
             copy = wrapper.modules_to_save["default"]
             for pname, p in copy.named_parameters():
-                src = _source(t, f"{m}.{pname}")
-                value = job.head[src] if src in job.head else merged(job.pack, job.checkpoint,
-                                                                     job.sel, src)
-                p.copy_(value)
+                p.copy_(job.tensor(t.sources[f"{m}.{pname}"]))
     if job.dtype != torch.float32:
         peft_model = peft_model.to(job.dtype)
     with warnings.catch_warnings():
@@ -132,9 +128,3 @@ def write(job: Job, out: Path) -> dict:
             "energy_kept_min": min((i["energy"] for i in converted), default=None),
             "exact": not converted and job.dtype == torch.float32}
 
-
-def _source(t, dst: str) -> str:
-    for s, d in t.names.items():
-        if d == dst:
-            return s
-    raise ExportError(f"no pack tensor for '{dst}'")

@@ -11,6 +11,7 @@ directory in. A failed write or check leaves `out` as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -122,7 +123,7 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
             "labels": labels, "written": info, "check": rep,
             "sizes": {"export_bytes": 0, "pack_task_bytes": pack_bytes,
                       "finetune_bytes": sources,
-                      "base_fp32_bytes": sum(4 * _numel(ckpt.shape(n)) for n in ckpt.names
+                      "base_fp32_bytes": sum(4 * math.prod(ckpt.shape(n)) for n in ckpt.names
                                              if ckpt.dtype(n).is_floating_point)},
         }
         report["sizes"]["export_bytes"] = dir_bytes(staged)
@@ -134,9 +135,3 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
     report["out"] = str(out_dir)
     return report
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

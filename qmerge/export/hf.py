@@ -9,6 +9,7 @@ Tensors are computed and written one shard at a time: memory holds one shard, no
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import torch
 from torch import Tensor
 
 from qmerge.export.job import Job
-from qmerge.export.merged import merged
 from qmerge.export.target import copy_side_files
 from qmerge.format.safetensors_io import write_safetensors
 
@@ -26,17 +26,11 @@ INDEX = "model.safetensors.index.json"
 def tensors(job: Job) -> Iterable[tuple[str, str, Callable[[], Tensor]]]:
     """(pack name, written name, make fp32 tensor) for everything the target holds."""
     for src, dst in sorted(job.target.names.items(), key=lambda kv: kv[1]):
-        if src in job.head:
-            yield src, dst, lambda s=src: job.head[s]
-        else:
-            yield src, dst, lambda s=src: merged(job.pack, job.checkpoint, job.sel, s)
+        yield src, dst, lambda s=src: job.tensor(s)
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def cast(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qmerge.export.merged import merged
 from qmerge.export.selection import Selection
 from qmerge.export.target import Target
 from qmerge.format.checkpoint import Checkpoint
@@ -35,14 +36,16 @@ class Job:
             self._ckpt = Checkpoint(self.base)
         return self._ckpt
 
+    def tensor(self, src: str) -> Tensor:
+        """Pack tensor `src` as exported, fp32: the selection's head, or the merged weight."""
+        if src in self.head:
+            return self.head[src]
+        return merged(self.pack, self.checkpoint, self.sel, src)
+
     def merged_model(self) -> nn.Module:
         """The target model holding the merged weights in fp32, in memory (ONNX, peft base)."""
-        from qmerge.export.merged import merged
-
         model = self.target.build(torch.float32)
-        state = {dst: (self.head[src] if src in self.head
-                       else merged(self.pack, self.checkpoint, self.sel, src))
-                 for src, dst in self.target.names.items()}
+        state = {dst: self.tensor(src) for src, dst in self.target.names.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if m not in self.target.tied]
         if missing or unexpected:

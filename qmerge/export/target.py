@@ -10,6 +10,7 @@ exactly what `from_pretrained` of that class reads, spelled its way (a base save
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,11 @@ class Target:
     linears: set[str] = field(default_factory=set)       # pack names of nn.Linear weights
     embeddings: set[str] = field(default_factory=set)    # pack names of nn.Embedding weights
     modules: dict[str, str] = field(default_factory=dict)  # pack name -> owning module path
+
+    @functools.cached_property
+    def sources(self) -> dict[str, str]:
+        """state-dict name -> pack tensor name (the inverse of `names`)."""
+        return {t: s for s, t in self.names.items()}
 
     @property
     def kind(self) -> str:
@@ -136,11 +142,10 @@ def resolve(base: Path, pack: Pack, head: dict[str, torch.Tensor], labels: list[
                           f"{config['architectures'][0]}; is this the base's architecture?")
     target = Target(auto, config["architectures"][0], config, names, tied)
     modules = dict(model.named_modules())
-    inverse = {t: s for s, t in names.items()}
     for mod_name, mod in modules.items():
         for pname, _ in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{pname}" if mod_name else pname
-            src = inverse.get(full) or inverse.get(tied.get(full, ""))
+            src = target.sources.get(full) or target.sources.get(tied.get(full, ""))
             if src is None:
                 continue
             target.modules.setdefault(src, mod_name)
