@@ -7,6 +7,8 @@
     qmerge inspect PACK [--worst K]
     qmerge fit-router PACK --base DIR --examples NAME=FILE ... [--kind prototype|linear]
     qmerge run PACK --base DIR [--task NAME | --coeffs MIX | --auto] (--text T ... | --jsonl F)
+    qmerge export PACK --base DIR (--task T | --coeffs MIX) --out DIR [--format hf|peft|int8|onnx]
+    qmerge serve PACK --base DIR [--host H] [--port N] [--max-batch B] [--batch-window-ms W]
     qmerge demo [--out-features N] [--in-features N] [--tasks T] [--dtype D]
     qmerge info
 
@@ -146,6 +148,8 @@ def _run(args: argparse.Namespace) -> dict:
         return _infer(args)
     if args.verb == "export":
         return _export(args)
+    if args.verb == "serve":
+        return _serve(args)
     from qmerge import demo
 
     if args.verb == "demo":
@@ -238,6 +242,31 @@ def _export(args: argparse.Namespace) -> dict:
             print(f"note: {r['written']['svd_tensors']} residual(s) were not low-rank and were "
                   f"cut to rank {args.rank} by SVD; the worst keeps {e:.1%} of its energy")
     return r
+
+
+def _serve(args: argparse.Namespace) -> dict:
+    import logging
+
+    import torch
+
+    try:
+        from qmerge.serve import Limits, serve
+    except ImportError as e:
+        raise ConfigError(f"qmerge serve needs fastapi and uvicorn ({e}); pip install "
+                          f"fastapi uvicorn") from None
+    if args.timeout_s <= 0 or args.batch_window_ms < 0:
+        raise ConfigError("--timeout-s must be > 0 and --batch-window-ms >= 0")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s "
+                        "%(levelname)s: %(message)s")
+    limits = Limits(max_batch=args.max_batch, window_ms=args.batch_window_ms,
+                    max_queue=args.max_queue, timeout_s=args.timeout_s,
+                    max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                    max_inputs=max(64, args.max_batch))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype or "")
+    serve(args.pack, args.base, host=args.host, port=args.port, limits=limits, dtype=dtype,
+          mode=args.mode, threads=args.threads, log_level=args.log_level)
+    return {"served": str(args.pack)}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -339,6 +368,39 @@ def parser() -> argparse.ArgumentParser:
                    help="lossy exports: top-1 / next-token agreement (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _common(p)
+    p = sub.add_parser("serve", help="serve the pack over HTTP (OpenAI-compatible API): every "
+                       "request names its task, requests of different tasks share a batch",
+                       description="Serves one base and the pack's tasks over HTTP until "
+                       "interrupted: POST /v1/completions, /v1/chat/completions (causal LMs), "
+                       "/v1/classify (task heads); GET /v1/models, /health, /metrics; the "
+                       "OpenAPI spec at /openapi.json. The request's `model` is a task, "
+                       "'base', 'auto' (the pack's router) or a mixture 'a:0.7+b:0.3'. Tasks "
+                       "added to or removed from the pack on disk are picked up without a "
+                       "restart.")
+    p.add_argument("pack", type=Path)
+    p.add_argument("--base", required=True, type=Path,
+                   help="the base model directory (with its tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="sequences decoded in one batch (default: %(default)s)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long an idle server waits for more requests to batch "
+                   "(default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting before the server answers 429 (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=120.0,
+                   help="per-request time limit; 504 past it (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="default: %(default)s")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="largest max_tokens a request may ask (default: %(default)s)")
+    p.add_argument("--mode", choices=["auto", "fused", "materialized"], default="auto",
+                   help="execution path (default: %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="load the base in this "
+                   "dtype (default: as stored)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
     from qmerge.demo import DTYPES
 
     p = sub.add_parser("demo", help="the ops on one real-sized weight, checked and timed")
@@ -356,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     for name in ("out_features", "in_features", "tasks", "worst", "max_examples",
-                 "max_new_tokens", "batch_size", "rank", "check_inputs"):
+                 "max_new_tokens", "batch_size", "rank", "check_inputs", "max_batch",
+                 "max_queue", "max_prompt_tokens", "max_tokens", "threads"):
         if isinstance(getattr(args, name, None), int) and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     try:

@@ -81,7 +81,7 @@ def tokenizer(base: PathLike):
     return tok
 
 
-def _kind(model) -> str:
+def kind_of(model) -> str:
     if any(isinstance(m, TaskHead) for m in model.modules()):
         return "classify"
     if hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM"):
@@ -89,8 +89,9 @@ def _kind(model) -> str:
     return "embed"
 
 
-def _rows(model, tok, batch: Sequence[dict], max_length: int) -> list:
-    """Each request's route entry (a task name, a mixture dict, or 'base')."""
+def routes(model, tok, batch: Sequence[dict], max_length: int) -> list:
+    """Each request's route entry (a task name, a mixture dict, or 'base'); requests with
+    "auto" go through the pack's router, all in one base forward."""
     handle = model.qmerge
     out: list = [None] * len(batch)
     auto = [i for i, r in enumerate(batch) if r.get("auto")]
@@ -116,12 +117,12 @@ def _rows(model, tok, batch: Sequence[dict], max_length: int) -> list:
     return out
 
 
-def _answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
+def answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
             max_length: int) -> list[dict]:
     handle = model.qmerge
-    routes = _rows(model, tok, batch, max_length)
-    names = all(isinstance(r, str) and (r in handle.tasks or r == "base") for r in routes)
-    kw = {"task": routes} if names else {"coeffs": routes}
+    rows = routes(model, tok, batch, max_length)
+    names = all(isinstance(r, str) and (r in handle.tasks or r == "base") for r in rows)
+    kw = {"task": rows} if names else {"coeffs": rows}
     if kind == "generate":
         tok.padding_side = "left"
     enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=True,
@@ -132,12 +133,12 @@ def _answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id, **kw)
             new = out[:, enc["input_ids"].shape[1]:]
-            for r, route, ids in zip(batch, routes, new, strict=True):
+            for r, route, ids in zip(batch, rows, new, strict=True):
                 results.append({"text": r["text"], "route": route,
                                 "output": tok.decode(ids, skip_special_tokens=True)})
         elif kind == "classify":
             logits = model(**enc, **kw).logits.float()
-            for r, route, row in zip(batch, routes, logits, strict=True):
+            for r, route, row in zip(batch, rows, logits, strict=True):
                 mix = (route if isinstance(route, dict) else {route: 1.0}
                        if route in handle.tasks or route == "base"
                        else parse_mixture(route, handle.tasks))
@@ -153,7 +154,7 @@ def _answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
         else:
             h = model(**enc, **kw).last_hidden_state
             emb = pool(h.float(), enc.get("attention_mask"), "mean")
-            for r, route, e in zip(batch, routes, emb, strict=True):
+            for r, route, e in zip(batch, rows, emb, strict=True):
                 results.append({"text": r["text"], "route": route,
                                 "embedding": [round(float(v), 6) for v in e]})
     return results
@@ -165,10 +166,10 @@ def run(pack: PathLike, base: PathLike, requests: Sequence[dict], *, batch_size:
     """Answers requests, `batch_size` at a time, each batch one mixed forward."""
     model = load(base, pack, mode=mode)
     tok = tokenizer(base)
-    kind = _kind(model)
+    kind = kind_of(model)
     out: list[dict] = []
     for i in progress(range(0, len(requests), batch_size)):
-        out.extend(_answer(model, tok, list(requests[i:i + batch_size]), kind, max_new_tokens,
+        out.extend(answer(model, tok, list(requests[i:i + batch_size]), kind, max_new_tokens,
                            max_length))
     return {"pack": str(pack), "kind": kind, "results": out}
 

@@ -17,5 +17,7 @@ pip install --no-deps "bitsandbytes==0.50.2"
 # Export formats: PEFT adapters, ONNX (torch's dynamo exporter needs onnxscript) and
 # onnxruntime, which checks the ONNX export.
 pip install "peft==0.21.2" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31.1"
+# The HTTP server (qmerge serve) and its tests: an HTTP client and the OpenAPI fuzzer.
+pip install "fastapi==0.163.2" "uvicorn==0.54.0" "httpx==0.28.1" "schemathesis==4.32.5"
 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -e .
 .venv/bin/python -c "from qmerge import ops; print('qmerge installed; kernels:', ops.backend())"

@@ -1,0 +1,193 @@
+"""The model side of the server: one base patched with the served pack, the three forward
+passes the scheduler batches (prefill, one decoding step, classify), and reloading the pack
+when it changes on disk.
+
+Only the scheduler's thread calls into an Engine, so nothing here locks. Request routes are
+checked against the engine's current tasks when the scheduler admits a request, which is what
+makes a task added to (or removed from) the served pack answerable (or 404) without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qmerge import inference
+from qmerge.errors import ConfigError, QmergeError
+from qmerge.loader import load
+from qmerge.packs import open_pack
+from qmerge.routing.route import BASE, parse_mixture
+from qmerge.serve.kv import KV
+from qmerge.serve.sequence import Sequence
+
+log = logging.getLogger("qmerge.serve")
+AUTO = "auto"
+
+
+class UnknownTask(QmergeError):
+    """A request names a task the served pack does not have (HTTP 404)."""
+
+
+class Engine:
+    def __init__(self, pack: str | os.PathLike, base: str | os.PathLike, *,
+                 dtype: torch.dtype | None = None, mode: str = "auto", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.pack_path, self.base_path = Path(pack), Path(base)
+        self.mode = mode
+        self.model = load(self.base_path, self.pack_path, dtype=dtype, mode=mode)
+        # one tokenizer for the scheduler thread, one for request handlers: a fast tokenizer
+        # refuses concurrent use ("Already borrowed")
+        self.tok = inference.tokenizer(self.base_path)
+        self.front_tok = inference.tokenizer(self.base_path)
+        self._front_lock = threading.Lock()
+        self.kind = inference.kind_of(self.model)
+        cfg = self.model.config
+        self.context = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.tok.eos_token_id
+        self.eos = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.reload_error: str | None = None
+        self._stamp = self._manifest_stamp()
+        self._refresh()
+
+    # --- what is served ------------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        h = self.model.qmerge
+        self.tasks: tuple[str, ...] = tuple(h.tasks)
+        self.has_router = h.router is not None
+        self.labels = {t: h.labels(t) for t in self.tasks}
+
+    def _manifest_stamp(self) -> tuple:
+        try:
+            st = os.stat(self.pack_path / "manifest.json")
+        except OSError:
+            return ()
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def changed(self) -> bool:
+        """Whether the pack on disk is not the one loaded (a cheap stat, polled)."""
+        return self._manifest_stamp() != self._stamp
+
+    def reload(self) -> None:
+        """Re-patches the model with the pack as it is now on disk. Called with no sequence in
+        flight. A pack that cannot be served (corrupt, another base) is refused and the old
+        one stays: the error is logged and shown by /health."""
+        stamp = self._manifest_stamp()
+        old = self.model.qmerge.pack
+        try:
+            new = open_pack(self.pack_path)
+            same = new.base_fingerprint["content"] == old.base_fingerprint["content"]
+            if not same:
+                raise ConfigError(f"{self.pack_path}: the pack now belongs to another base; "
+                                  f"restart the server with that base")
+            handle = self.model.qmerge
+            model = handle.unload()
+            try:
+                self.model = load(model, new, mode=self.mode, check_base=False)
+            except Exception:
+                self.model = load(model, old, mode=self.mode, check_base=False)
+                raise
+        except Exception as e:  # noqa: BLE001 - any fault keeps the old pack serving
+            self.reload_error = f"{type(e).__name__}: {e}"
+            log.error("reloading %s failed, still serving the previous tasks: %s",
+                      self.pack_path, self.reload_error)
+        else:
+            self.reload_error = None
+            log.info("reloaded %s: tasks %s", self.pack_path, ", ".join(self.model.qmerge.tasks))
+        self._stamp = stamp
+        self._refresh()
+
+    def check_route(self, model: str) -> object:
+        """A request's `model` field -> a route entry ('base', a task, a mixture dict, or
+        'auto'); UnknownTask (404) or ConfigError (400) when it names no served route."""
+        if model == AUTO:
+            if not self.has_router:
+                raise ConfigError(f"model 'auto' routes with the pack's router, and "
+                                  f"{self.pack_path.name} has none; name a task")
+            return AUTO
+        if model == BASE or model in self.tasks:
+            return model
+        if "+" in model or ":" in model:
+            for item in model.split("+"):
+                name = item.strip().rpartition(":")[0] if ":" in item else item.strip()
+                if name != BASE and name not in self.tasks:
+                    raise UnknownTask(self._unknown(name))
+            return parse_mixture(model, self.tasks)
+        raise UnknownTask(self._unknown(model))
+
+    def _unknown(self, name: str) -> str:
+        return (f"the model {name!r} does not exist: served tasks are "
+                f"{', '.join(self.tasks) or 'none'}, 'base', 'auto' or a mixture such as "
+                f"'a:0.7+b:0.3'")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt (request-handler side)."""
+        with self._front_lock:
+            return list(self.front_tok(text, add_special_tokens=True)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        with self._front_lock:
+            tok = self.front_tok
+            if getattr(tok, "chat_template", None):
+                return str(tok.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=True))
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def decode(self, ids: Seq[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    # --- forward passes (scheduler thread) ---------------------------------------------------
+
+    def resolve_auto(self, texts: list[str]) -> list[dict]:
+        """Mixtures the router picks for prompts (one base forward to its feature layer)."""
+        reqs = [{"text": t, AUTO: True} for t in texts]
+        return inference.routes(self.model, self.tok, reqs, max_length=self.context)
+
+    @staticmethod
+    def _route_kw(routes: list[object]) -> dict:
+        names = all(isinstance(r, str) for r in routes)
+        return {"task": list(routes)} if names else {"coeffs": list(routes)}
+
+    def prefill(self, seqs: list[Sequence]) -> tuple[Tensor, KV]:
+        """One forward over new prompts (left-padded): next-token logits [B, V] and their KV."""
+        n = max(len(s.prompt) for s in seqs)
+        pad = self.tok.pad_token_id or 0
+        ids = torch.tensor([[pad] * (n - len(s.prompt)) + s.prompt for s in seqs])
+        lens = torch.tensor([len(s.prompt) for s in seqs])
+        mask = (torch.arange(n)[None, :] >= (n - lens)[:, None]).long()
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1,
+                             **self._route_kw([s.route for s in seqs]))
+        return out.logits[:, -1].float(), KV.from_cache(out.past_key_values, lens)
+
+    def step(self, seqs: list[Sequence], kv: KV) -> tuple[Tensor, KV]:
+        """One decoding step for every sequence of a running batch."""
+        ids = torch.tensor([[s.last] for s in seqs])
+        with torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=kv.mask(1),
+                             position_ids=kv.lens[:, None].clone(),
+                             past_key_values=kv.to_cache(self.model.config), use_cache=True,
+                             **self._route_kw([s.route for s in seqs]))
+        return out.logits[:, -1].float(), KV.from_cache(out.past_key_values, kv.lens + 1)
+
+    def classify(self, items: list[tuple[str, object]]) -> list[dict]:
+        """Label and scores for (text, route) pairs, in one mixed forward."""
+        reqs = [{"text": text, "coeffs": route} if isinstance(route, dict) else
+                {"text": text, "task": route} for text, route in items]
+        return inference.answer(self.model, self.tok, reqs, "classify", 0, self.context)
+
+    def describe(self) -> dict:
+        return {"pack": str(self.pack_path), "base": str(self.base_path), "kind": self.kind,
+                "tasks": list(self.tasks), "router": self.has_router, "context": self.context}
