@@ -57,7 +57,9 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(engine: Engine, limits: Limits | None = None, *, metrics: Metrics | None = None,
-               scheduler: Scheduler | None = None) -> FastAPI:
+               scheduler: Scheduler | None = None, scheduler_thread: bool = True) -> FastAPI:
+    """The API over `engine`. With scheduler_thread=False the caller runs
+    `app.state.scheduler.run()` itself (in the thread that loaded the model: server.py)."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     sched = scheduler or Scheduler(engine, metrics, max_batch=limits.max_batch,
@@ -65,11 +67,13 @@ def create_app(engine: Engine, limits: Limits | None = None, *, metrics: Metrics
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        sched.start()
+        if scheduler_thread:
+            sched.start()
         try:
             yield
         finally:
-            sched.stop()
+            if scheduler_thread:
+                sched.stop()
 
     app = FastAPI(title="qmerge", version="0.1.0", lifespan=lifespan,
                   description="One base model, many compressed task vectors, one batch: "

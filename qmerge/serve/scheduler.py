@@ -59,7 +59,8 @@ class Scheduler:
         self.poll_s = poll_s
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qmerge-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self.run, name="qmerge-scheduler", daemon=True)
+        self._running = False
         self.active: list[Job] = []
         self.kv: KV | None = None
         self.draining = False
@@ -69,11 +70,13 @@ class Scheduler:
     # --- handler side -----------------------------------------------------------------------
 
     def start(self) -> None:
+        """Runs the loop in a thread of its own."""
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         """Queues a job; raises queue.Full when the queue is at its bound."""
@@ -81,11 +84,23 @@ class Scheduler:
         self.metrics.queue_depth = self.queue.qsize()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running
 
     # --- the loop -----------------------------------------------------------------------------
 
+    def run(self) -> None:
+        """Runs the loop in the calling thread until `stop`. Best in the thread that loaded
+        the model: torch's CPU thread pool then has one owner (a second thread running
+        parallel ops next to an idle pool of the first made decoding steps up to 1.5x slower
+        on 2 cores, bench/results/serve.md)."""
+        self._running = True
+        try:
+            self._run()
+        finally:
+            self._running = False
+
     def _run(self) -> None:
+        self._running = True
         while not self._stop.is_set():
             try:
                 self._turn()

@@ -22,9 +22,9 @@ PathLike = str | os.PathLike
 
 
 def _app(pack: PathLike, base: PathLike, limits: Limits, dtype: torch.dtype | None,
-         mode: str, threads: int | None):
+         mode: str, threads: int | None, scheduler_thread: bool = True):
     engine = Engine(pack, base, dtype=dtype, mode=mode, threads=threads)
-    return create_app(engine, limits)
+    return create_app(engine, limits, scheduler_thread=scheduler_thread)
 
 
 def _config(app, host: str, port: int, log_level: str):
@@ -37,14 +37,36 @@ def _config(app, host: str, port: int, log_level: str):
 def serve(pack: PathLike, base: PathLike, *, host: str = "127.0.0.1", port: int = 8000,
           limits: Limits | None = None, dtype: torch.dtype | None = None, mode: str = "auto",
           threads: int | None = None, log_level: str = "info") -> None:
-    """Serves the pack over HTTP until interrupted."""
+    """Serves the pack over HTTP until interrupted. The model runs in this thread (where it
+    was loaded), HTTP in a background thread."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("qmerge serve needs fastapi and uvicorn (pip install fastapi "
                           "uvicorn)") from None
-    app = _app(pack, base, limits or Limits(), dtype, mode, threads)
-    uvicorn.Server(_config(app, host, port, log_level)).run()
+    app = _app(pack, base, limits or Limits(), dtype, mode, threads, scheduler_thread=False)
+    server = uvicorn.Server(_config(app, host, port, log_level))
+    http = threading.Thread(target=server.run, name="qmerge-http", daemon=True)
+    http.start()
+    sched = app.state.scheduler
+    watcher = threading.Thread(target=_stop_with, args=(http, sched), daemon=True)
+    watcher.start()
+    try:
+        sched.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
+    if not server.started:
+        raise ConfigError(f"could not serve on {host}:{port} (is the port in use? see the "
+                          f"log above)")
+
+
+def _stop_with(http: threading.Thread, sched) -> None:
+    """Stops the scheduler when the HTTP server ends (a bind error, or shutdown)."""
+    http.join()
+    sched.stop()
 
 
 class Server:

@@ -296,6 +296,31 @@ def test_classify_mixed_tasks_equal_qmerge_run(cls_server):
         assert abs(sum(d["scores"].values()) - 1) < 1e-4
 
 
+def test_router_fitted_while_serving_makes_auto_answer(cls_server):
+    """Fitting a router writes it into the pack; the server picks it up like a task change,
+    and 'auto' then routes each text on its own."""
+    from qmerge.inference import tokenizer
+
+    s, base, pack = cls_server
+    with httpx.Client(base_url=s.url, timeout=60) as c:
+        r = c.post("/v1/classify", json={"model": "auto", "input": "the cat"})
+        assert r.status_code == 400 and "router" in r.json()["error"]["message"]
+        tok = tokenizer(base)
+        model = qmerge.load(base, pack)
+        examples = {"c0": ["the cat sat on the mat"] * 3, "c1": ["red blue big small"] * 3,
+                    "c2": ["is was not and or"] * 3}
+        qmerge.fit_router(model, examples, layer=2, encode=lambda x: dict(
+            tok(list(x), return_tensors="pt", padding=True)))
+        deadline = time.monotonic() + 30
+        while "auto" not in [m["id"] for m in c.get("/v1/models").json()["data"]]:
+            assert time.monotonic() < deadline, "the router never appeared"
+            time.sleep(0.1)
+        r = c.post("/v1/classify", json={"model": "auto", "input": [
+            "the cat sat on the mat", "red blue big small", "is was not and or"]})
+    assert r.status_code == 200, r.text
+    assert [d["route"] for d in r.json()["data"]] == [{"c0": 1.0}, {"c1": 1.0}, {"c2": 1.0}]
+
+
 def test_fuzz_the_openapi_spec(server, offline):
     """Requests generated from the server's own OpenAPI spec, valid and invalid (schemathesis
     positive and negative modes): none may get a 5xx, and the server answers correctly
