@@ -91,13 +91,18 @@ class Proc:
             except httpx.TransportError:
                 pass
             if self.p.poll() is not None:
-                raise RuntimeError(f"server exited: {self.p.stderr.read() if self.p.stderr else ''}")
+                err = self.p.stderr.read() if self.p.stderr else ""
+                raise RuntimeError(f"server exited: {err}")
             if time.monotonic() > end:
                 raise RuntimeError("server did not start")
             time.sleep(0.3)
 
     def rss_mb(self) -> tuple[float, float]:
         return status_kb(self.p.pid, "VmRSS") / 1024, status_kb(self.p.pid, "VmHWM") / 1024
+
+    def rss(self) -> str:
+        now, peak = self.rss_mb()
+        return f"{now:.0f} / {peak:.0f}"
 
     def stop(self) -> None:
         self.p.terminate()
@@ -243,11 +248,11 @@ def main() -> None:
         print("one at a time ...", flush=True)
         res, wall = asyncio.run(load(reqs, lambda r: srv.url, 1, args.timeout))
         rows.append(summary("one server, one request at a time", res, wall, expected,
-                            "%.0f / %.0f" % srv.rss_mb()))
+                            srv.rss()))
         print(f"{args.clients} clients ...", flush=True)
         res, wall = asyncio.run(load(reqs, lambda r: srv.url, args.clients, args.timeout))
         rows.append(summary(f"one server, {args.clients} concurrent clients, mixed tasks", res,
-                            wall, expected, "%.0f / %.0f" % srv.rss_mb()))
+                            wall, expected, srv.rss()))
         batches = [x for x in httpx.get(srv.url + "/metrics").text.splitlines()
                    if x.startswith("qmerge_batch_size")]
         print("fuzz ...", flush=True)

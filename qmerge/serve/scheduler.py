@@ -159,27 +159,10 @@ class Scheduler:
                 jobs.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        now = time.monotonic()
-        live = []
-        for j in jobs:
-            if j.cancelled:
-                continue
-            if now > j.deadline:
-                j.emit(("error", 504, "the request timed out in the queue"))
-                continue
-            live.append(j)
-        return live
+        return [jobs[i] for i in _live(jobs, "in the queue")]
 
     def _drop_abandoned(self) -> None:
-        now = time.monotonic()
-        keep = []
-        for i, j in enumerate(self.active):
-            if j.cancelled:
-                continue
-            if now > j.deadline:
-                j.emit(("error", 504, "the request timed out while generating"))
-                continue
-            keep.append(i)
+        keep = _live(self.active, "while generating")
         if len(keep) != len(self.active):
             self._keep(keep)
 
@@ -304,3 +287,18 @@ class Scheduler:
                 and self._push(j, logits[i])]
         if len(keep) != len(self.active):
             self._keep(keep)
+
+
+def _live(jobs: list[Job], where: str) -> list[int]:
+    """Indices of the jobs still wanted: a cancelled job is dropped silently, one past its
+    deadline is told it timed out (504)."""
+    now = time.monotonic()
+    keep = []
+    for i, j in enumerate(jobs):
+        if j.cancelled:
+            continue
+        if now > j.deadline:
+            j.emit(("error", 504, f"the request timed out {where}"))
+            continue
+        keep.append(i)
+    return keep
