@@ -100,7 +100,6 @@ class Scheduler:
             self._running = False
 
     def _run(self) -> None:
-        self._running = True
         while not self._stop.is_set():
             try:
                 self._turn()
@@ -131,8 +130,6 @@ class Scheduler:
             self._admit(generate)
         if self.active:
             self._step()
-        elif not jobs and self.draining:
-            time.sleep(0.001)
 
     def _collect(self) -> list[Job]:
         """New jobs: if nothing runs, block for the first, then gather for the window."""
