@@ -117,12 +117,18 @@ def routes(model, tok, batch: Sequence[dict], max_length: int) -> list:
     return out
 
 
+def route_kwargs(rows: Sequence[object], tasks: Sequence[str]) -> dict:
+    """The forward's routing keywords for per-row routes: task= when every row names a task
+    (or 'base'), else coeffs= (rows may then be mixtures)."""
+    names = all(isinstance(r, str) and (r in tasks or r == "base") for r in rows)
+    return {"task": list(rows)} if names else {"coeffs": list(rows)}
+
+
 def answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
             max_length: int) -> list[dict]:
     handle = model.qmerge
     rows = routes(model, tok, batch, max_length)
-    names = all(isinstance(r, str) and (r in handle.tasks or r == "base") for r in rows)
-    kw = {"task": rows} if names else {"coeffs": rows}
+    kw = route_kwargs(rows, handle.tasks)
     if kind == "generate":
         tok.padding_side = "left"
     enc = tok([r["text"] for r in batch], return_tensors="pt", padding=True, truncation=True,

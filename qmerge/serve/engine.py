@@ -150,11 +150,6 @@ class Engine:
         reqs = [{"text": t, AUTO: True} for t in texts]
         return inference.routes(self.model, self.tok, reqs, max_length=self.context)
 
-    @staticmethod
-    def _route_kw(routes: list[object]) -> dict:
-        names = all(isinstance(r, str) for r in routes)
-        return {"task": list(routes)} if names else {"coeffs": list(routes)}
-
     def prefill(self, seqs: list[Sequence]) -> tuple[Tensor, KV]:
         """One forward over new prompts (left-padded): next-token logits [B, V] and their KV."""
         n = max(len(s.prompt) for s in seqs)
@@ -169,7 +164,7 @@ class Engine:
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                              past_key_values=cache, use_cache=True, logits_to_keep=1,
-                             **self._route_kw([s.route for s in seqs]))
+                             **inference.route_kwargs([s.route for s in seqs], self.tasks))
         return out.logits[:, -1].float(), KV.from_cache(out.past_key_values, lens)
 
     def step(self, seqs: list[Sequence], kv: KV) -> tuple[Tensor, KV]:
@@ -179,7 +174,7 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=kv.mask(1),
                              position_ids=kv.lens[:, None].clone(),
                              past_key_values=kv.to_cache(self.model.config), use_cache=True,
-                             **self._route_kw([s.route for s in seqs]))
+                             **inference.route_kwargs([s.route for s in seqs], self.tasks))
         return out.logits[:, -1].float(), KV.from_cache(out.past_key_values, kv.lens + 1)
 
     def classify(self, items: list[tuple[str, object]]) -> list[dict]:
@@ -187,7 +182,3 @@ class Engine:
         reqs = [{"text": text, "coeffs": route} if isinstance(route, dict) else
                 {"text": text, "task": route} for text, route in items]
         return inference.answer(self.model, self.tok, reqs, "classify", 0, self.context)
-
-    def describe(self) -> dict:
-        return {"pack": str(self.pack_path), "base": str(self.base_path), "kind": self.kind,
-                "tasks": list(self.tasks), "router": self.has_router, "context": self.context}

@@ -95,18 +95,15 @@ class Scheduler:
         on 2 cores, bench/results/serve.md)."""
         self._running = True
         try:
-            self._run()
+            while not self._stop.is_set():
+                try:
+                    self._turn()
+                except Exception:  # noqa: BLE001 - the loop must survive anything
+                    log.exception("scheduler turn failed; failing the running batch")
+                    self._fail(self.active, 500, "internal error while decoding this batch")
+                    self.active, self.kv = [], None
         finally:
             self._running = False
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._turn()
-            except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("scheduler turn failed; failing the running batch")
-                self._fail(self.active, 500, "internal error while decoding this batch")
-                self.active, self.kv = [], None
 
     def _turn(self) -> None:
         now = time.monotonic()
@@ -226,27 +223,23 @@ class Scheduler:
         e = self.engine
         for j in jobs:
             j.seq = Sequence(j.prompt, j.route, j.sampling, e.eos, e.decode, e.context)
+        self._prefill(jobs)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward for the new prompts; if it raises, each prompt alone, so only a
+        failing prompt fails."""
         try:
-            logits, kv = e.prefill([j.seq for j in jobs])  # type: ignore[misc]
-        except Exception:  # noqa: BLE001 - prefill alone: only the failing prompt fails
+            logits, kv = self.engine.prefill([j.seq for j in jobs])  # type: ignore[misc]
+        except Exception:  # noqa: BLE001
             if len(jobs) == 1:
                 log.exception("prefill failed")
                 self._fail(jobs, 500, "the forward pass failed on this prompt")
                 return
             for j in jobs:
-                self._admit_one(j)
+                self._prefill([j])
             return
         self.metrics.batch("prefill", len(jobs))
         self._emit_tokens(jobs, logits, kv)
-
-    def _admit_one(self, j: Job) -> None:
-        try:
-            logits, kv = self.engine.prefill([j.seq])  # type: ignore[list-item]
-        except Exception:  # noqa: BLE001
-            log.exception("prefill failed")
-            self._fail([j], 500, "the forward pass failed on this prompt")
-            return
-        self._emit_tokens([j], logits, kv)
 
     def _emit_tokens(self, jobs: list[Job], logits, kv: KV) -> None:
         """Pushes each new sequence's first token; the unfinished ones join the batch."""
