@@ -7,7 +7,8 @@
     qmerge inspect PACK [--worst K]
     qmerge fit-router PACK --base DIR --examples NAME=FILE ... [--kind prototype|linear]
     qmerge run PACK --base DIR [--task NAME | --coeffs MIX | --auto] (--text T ... | --jsonl F)
-    qmerge export PACK --base DIR (--task T | --coeffs MIX) --out DIR [--format hf|peft|int8|onnx]
+    qmerge export PACK --base DIR (--task T | --coeffs MIX | --shared) --out DIR [--format ...]
+    qmerge merge PACK --method NAME [--option K=V ...] --out PACK2 [--exclusive-codec SPEC]
     qmerge serve PACK --base DIR [--host H] [--port N] [--max-batch B] [--batch-window-ms W]
     qmerge demo [--out-features N] [--in-features N] [--tasks T] [--dtype D]
     qmerge info
@@ -121,6 +122,8 @@ def _run(args: argparse.Namespace) -> dict:
             _print_inspect(result)
             print(f"{args.verb}: done in {result['seconds']:.1f} s")
         return result
+    if args.verb == "merge":
+        return _merge(args, t0)
     if args.verb == "remove-task":
         pack = api.remove_task(args.pack, args.names)
         result = {"pack": str(pack.path), "removed": args.names, "tasks": pack.tasks}
@@ -269,6 +272,53 @@ def _serve(args: argparse.Namespace) -> dict:
     return {"served": str(args.pack)}
 
 
+def _merge(args: argparse.Namespace, t0: float) -> dict:
+    from qmerge.merge import METHODS, make_config
+
+    values = {}
+    for item in args.option:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        values[key] = value
+    if args.method not in METHODS:
+        raise ConfigError(f"unknown merge method {args.method!r}; known: "
+                          f"{', '.join(sorted(METHODS))}")
+    cfg = make_config(args.method, values)
+    exclusive = (Policy.from_file(args.exclusive_policy, codec=args.exclusive_codec)
+                 if args.exclusive_policy else Policy(codec=args.exclusive_codec))
+    enabled = not (args.quiet or args.json)
+    api.merge_pack(args.pack, args.out, args.method, cfg, shared_codec=args.shared_codec,
+              exclusive=exclusive, overwrite=args.overwrite,
+              progress=lambda it: bar(it, enabled, f"merge ({args.method})"))
+    result = api.inspect(args.out, worst=3)
+    result["seconds"] = time.perf_counter() - t0
+    if not args.json:
+        m = result["merge"]
+        shared = m["shared"]
+        print(f"merged {len(result['tasks'])} task(s) with {m['method']} "
+              f"{json.dumps(m['config'])} into {args.out}")
+        if shared:
+            print(f"  shared delta: {shared['bytes'] / 2**20:.2f} MiB, "
+                  f"{shared['bits_per_param']:.3f} bits/param")
+        for name, t in result["tasks"].items():
+            print(f"  {name}: exclusive part {t['bytes'] / 2**20:.2f} MiB "
+                  f"({t['bits_per_param']:.3f} bits/param of what it changes)")
+        print(f"merge: done in {result['seconds']:.1f} s")
+    return result
+
+
+def _merge_help() -> str:
+    from qmerge.merge import METHODS
+
+    lines = []
+    for name, m in sorted(METHODS.items()):
+        doc = (m.config.__doc__ or "").strip()
+        lines.append(f"  {name}: {m.summary}\n    " + "\n    ".join(
+            ln.strip() for ln in doc.splitlines() if ln.strip()))
+    return "methods and their --option keys:\n" + "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="qmerge", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,6 +332,24 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add-task", help="add fine-tunes to an existing pack (same base)")
     p.add_argument("pack", type=Path)
     _add_codec_options(p)
+    _common(p)
+    p = sub.add_parser("merge", help="merge a pack's tasks (TIES, DARE, EMR, Twin, ...) into a "
+                       "new pack", epilog=_merge_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pack", type=Path, help="the pack whose tasks are merged")
+    p.add_argument("--method", required=True, help="task_arithmetic, ties, dare, lines, emr or "
+                   "twin (below)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. --option density=0.2")
+    p.add_argument("--out", required=True, type=Path, help="the merged pack to write")
+    p.add_argument("--shared-codec", default="dense:dtype=bf16",
+                   help="codec spec of the shared delta (default: %(default)s)")
+    p.add_argument("--exclusive-codec", default="sign",
+                   help="codec of the per-task exclusive parts (twin), as for compress "
+                   "(default: %(default)s)")
+    p.add_argument("--exclusive-policy", metavar="FILE", help="JSON codec policy of the "
+                   "exclusive parts (as compress --policy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     _common(p)
     p = sub.add_parser("remove-task", help="remove tasks from a pack")
     p.add_argument("pack", type=Path)

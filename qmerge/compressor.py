@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 import qmerge
-from qmerge.codecs import choose, codec, config_dict, lowrank, sqnr_db
-from qmerge.codecs.base import Residual, as_matrix, sq_sum
+from qmerge.codecs import codec, lowrank
+from qmerge.codecs.base import Residual, as_matrix
+from qmerge.codecs.encode import encode
+from qmerge.codecs.encode import entry as table_entry
 from qmerge.codecs.policy import Policy, resolve
 from qmerge.codecs.skip import SkipConfig, SkipResidual
 from qmerge.errors import CheckpointError, PackError
@@ -221,31 +223,20 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
         d = _delta(base, ft, n, extra_rows[n])
         kind, spec = specs[n]
         name, cfg = resolved[n]
-        info_extra: dict[str, object] = {}
-        amax = max(float(d.max()), -float(d.min())) if d.numel() else 0.0
         res: Residual
-        if amax <= policy.skip_below or (n in ranks and ranks[n] == 0):
+        info_extra: dict[str, object] = {}
+        if n in ranks and ranks[n] == 0:
             res, cfg = SkipResidual(tuple(d.shape)), SkipConfig()
-        elif name == "auto":
-            target = cfg.sqnr_db
-            res, cfg, _ = choose(d, cfg, calib.get(n))
-            info_extra["auto_sqnr_db"] = target
-        elif n in ranks:
+        elif n in ranks and max(float(d.max()), -float(d.min())) > policy.skip_below:
             res = codec("lowrank").residual.from_dense(d, cfg, rank=ranks[n])
         else:
-            res = codec(name).residual.from_dense(d, cfg, calib.get(n))
-        signal = sq_sum(d)
-        db = sqnr_db(signal, res.error_energy(d))
+            res, cfg, info_extra = encode(d, spec, calib.get(n), policy.skip_below)
         stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
         if extra_rows[n]:
             f = ft.get(n)
             stored[part_key(n, "extra_rows")] = f[f.shape[0] - extra_rows[n]:].clone()
-        nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-        numel = d.numel()
-        entry = {"codec": res.codec, "config": config_dict(cfg), "module_type": kind,
-                 "shape": list(base.shape(n)), "dtype": dtype_name(ft.dtype(n)), "params": numel,
-                 "bytes": nbytes, "bits_per_param": nbytes * 8 / numel if numel else 0.0,
-                 "sqnr_db": db, "info": res.info() | info_extra}
+        entry = table_entry(res, cfg, kind, list(base.shape(n)), dtype_name(ft.dtype(n)), d,
+                            stored, info_extra)
         if extra_rows[n]:
             entry["extra_rows"] = extra_rows[n]
         table[n] = entry

@@ -19,7 +19,7 @@ from qmerge.format.pack import Pack
 from qmerge.format.safetensors_io import dtype_name, tensor_sha256
 from qmerge.nn.features import resolve_layer
 from qmerge.nn.patch import Patched, patch
-from qmerge.packs import open_pack, residual
+from qmerge.packs import open_pack, residual, shared_residual
 from qmerge.routing import store
 from qmerge.routing.linear import LinearRouter
 from qmerge.routing.prototype import PrototypeRouter
@@ -146,7 +146,7 @@ def load(base: PathLike | nn.Module, pack: PathLike | Pack, *, dtype: torch.dtyp
         return residual(pk, t, n) if _only is None or t in _only else SkipResidual(())
 
     patch(model, pk, res, cache_bytes=cache_bytes, mode=mode, min_rows=min_rows,
-          router=store.load(pk))
+          router=store.load(pk), shared=lambda n: shared_residual(pk, n))
     return model
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+import torch
+
 from qmerge.codecs import Residual, load_residual
 from qmerge.codecs.policy import MODULE_TYPES
 from qmerge.errors import PackError
@@ -26,13 +28,28 @@ def open_pack(path: PathLike, base: PathLike | None = None, verify_files: bool =
 
 
 def residual(pack: Pack, task: str, tensor: str) -> Residual:
-    """One task's residual of one base tensor, over the memory-mapped file."""
+    """One task's residual of one base tensor, over the memory-mapped file. In a merged pack
+    it is the task's exclusive part, over a backbone that has the shared delta."""
     entry = pack.entries(task).get(tensor)
     if entry is None:
         raise PackError(f"{pack.path}: task {task!r} has no tensor '{tensor}'")
     parts = pack.parts(task, tensor)
     parts.pop("extra_rows", None)
+    if entry["codec"] == "mask":  # a mask over the shared delta (codecs/mask.py)
+        if tensor not in pack.shared_entries():
+            raise PackError(f"{pack.path}: task {task!r} tensor '{tensor}' is a mask over the "
+                            f"shared delta, which has no such tensor")
+        parts["unified"] = shared_residual(pack, tensor).dequantize(torch.float32)
     return load_residual(entry, parts, f"{pack.path}: task {task!r} tensor '{tensor}'")
+
+
+def shared_residual(pack: Pack, tensor: str) -> Residual:
+    """The shared delta of one base tensor (a merged pack's), over the memory-mapped file."""
+    entry = pack.shared_entries().get(tensor)
+    if entry is None:
+        raise PackError(f"{pack.path}: the shared delta has no tensor '{tensor}'")
+    return load_residual(entry, pack.shared_parts(tensor),
+                         f"{pack.path}: shared delta tensor '{tensor}'")
 
 
 def verify(path: PathLike, base: PathLike | None = None,
@@ -63,6 +80,14 @@ def verify(path: PathLike, base: PathLike | None = None,
                 if rows is None or list(rows.shape) != want:
                     raise PackError(f"{f.path}: tensor '{name}': extra rows missing or not "
                                     f"shaped {want}")
+    shared = pack.shared_entries()
+    if shared:
+        f = pack.check_file(mf.SHARED_FILE)
+        for key in f.keys():
+            if key.partition(PART_SEP)[0] not in shared:
+                raise PackError(f"{f.path}: holds '{key}', which the merge table does not name")
+        for name in shared:
+            shared_residual(pack, name)
     report = {"pack": str(pack.path), "format_version": pack.manifest["format_version"],
               "tasks": pack.tasks, "files_checked": checked,
               "bytes": sum(f["bytes"] for f in pack.manifest["files"].values()),
@@ -111,9 +136,19 @@ def inspect(path: PathLike, worst: int = 5) -> dict:
     return {"pack": str(pack.path), "format_version": pack.manifest["format_version"],
             "generator": pack.manifest.get("generator", ""), "base_params": base_params,
             "base_bytes_fp32": base_params * 4,
+            "merge": _merge_summary(pack),
             "pack_bytes": sum(f["bytes"] for f in pack.manifest["files"].values())
             + len(mf.dumps(pack.manifest)),
             "tasks": tasks}
+
+
+def _merge_summary(pack: Pack) -> dict | None:
+    merge = pack.manifest.get("merge")
+    if merge is None:
+        return None
+    shared = pack.shared_entries()
+    return {"method": merge["method"], "config": merge.get("config", {}),
+            "shared": _summary(shared.values()) if shared else None}
 
 
 def _numel(shape: list[int]) -> int:

@@ -1,7 +1,7 @@
 """Fine-tunes all-MiniLM-L6-v2 on each task of tasks.py (whole encoder + a classification head)
-and caches the result under bench/.cache/minilm-<task> (a transformers directory; not in git).
+and caches the result under bench/.cache/minilm-<task>[-s<seed>] (a transformers directory; not in git).
 
-    .venv/bin/python bench/quality/finetune.py [--steps 200] [--tasks a,b,...]
+    .venv/bin/python bench/quality/finetune.py [--steps 200] [--tasks a,b,...] [--seeds 0,1,2]
 
 A cached fine-tune is reused unless --force. 200 steps of batch 16 at 64 tokens take about
 2 minutes per task on the project's 2-core machine.
@@ -36,7 +36,7 @@ def minilm_base() -> Path:
 def finetune(name: str, steps: int, force: bool = False, seed: int = 0) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out = CACHE / f"minilm-{name}"
+    out = CACHE / (f"minilm-{name}" if seed == 0 else f"minilm-{name}-s{seed}")
     if (out / "model.safetensors").is_file() and not force:
         return out
     task = task_data.load(name)
@@ -68,7 +68,7 @@ def finetune(name: str, steps: int, force: bool = False, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps}))
+    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps, "seed": seed}))
     return out
 
 
@@ -77,12 +77,14 @@ def run_cli(doc: str, train, steps: int, tasks: str) -> None:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--tasks", default=tasks)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     task_data.ensure_data()
     torch.set_num_threads(2)
-    for name in a.tasks.split(","):
-        print(train(name, a.steps, a.force))
+    for seed in (int(s) for s in a.seeds.split(",")):
+        for name in a.tasks.split(","):
+            print(train(name, a.steps, a.force, seed=seed))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from qmerge.errors import ConfigError
 from qmerge.export.selection import Selection
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.pack import Pack
-from qmerge.packs import residual
+from qmerge.packs import residual, shared_residual
 
 
 def residuals(pack: Pack, sel: Selection, name: str) -> list[tuple[float, Residual]]:
@@ -30,8 +30,11 @@ def residuals(pack: Pack, sel: Selection, name: str) -> list[tuple[float, Residu
 
 
 def delta(pack: Pack, sel: Selection, name: str, shape: tuple[int, ...]) -> Tensor | None:
-    """sum_t c_t * dequant(tau_t) in fp32, or None where no selected task changes `name`."""
+    """[shared +] sum_t c_t * dequant(tau_t) in fp32 (a merged pack's shared delta first, as
+    the routed model's backbone has it), or None where nothing selected changes `name`."""
     acc = None
+    if name in pack.shared_entries():
+        acc = shared_residual(pack, name).dequantize(torch.float32).reshape(shape).clone()
     for c, r in residuals(pack, sel, name):
         # dequantize may return the stored (memory-mapped) tensor itself, e.g. a dense fp32
         # residual: never write into it; the first product is a fresh tensor

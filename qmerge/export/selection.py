@@ -1,5 +1,8 @@
 """What an export bakes in: one task, a mixture of tasks, or the pack's shared delta.
 
+In a merged pack every selection also bakes in the shared delta (W0 + shared is the backbone
+the tasks' exclusive parts sit on); `shared=True` selects it alone, with no task on top.
+
 A selection is a coefficient per task (W = W0 + sum_t c_t * dequant(tau_t), the routed model's
 semantics for that mixture) plus, for packs whose tasks have heads, the head those
 coefficients give: the routed TaskHead computes sum_t c_t * head_t(x), which is the one linear
@@ -44,11 +47,12 @@ def select(pack: Pack, task: str | None = None, coeffs: str | Mapping[str, float
         raise ConfigError("say what to export with exactly one of task=, coeffs= or shared=True "
                           f"(got {', '.join(given) or 'none'})")
     if shared:
-        # No verb writes shared.safetensors yet (merge methods are their own issue); until
-        # one does, there is nothing this could read.
-        raise ConfigError(f"{pack.path}: the pack has no shared delta (shared.safetensors is "
-                          f"written by merge methods, which this qmerge does not have yet); "
-                          f"export a task or a mixture")
+        # a merged pack's backbone (W0 + shared) is in every export of it; this one is that
+        # alone: the static merge
+        if not pack.shared_entries():
+            raise ConfigError(f"{pack.path}: the pack has no shared delta (`qmerge merge` "
+                              f"writes one); export a task or a mixture")
+        return Selection({}, "the shared delta (the static merge)")
     if task is not None:
         if task == BASE:
             return Selection({}, "the bare base")
@@ -75,8 +79,8 @@ def head(pack: Pack, sel: Selection) -> tuple[dict[str, Tensor], list[str] | Non
     if not any(pack.manifest["tasks"][t].get("heads") for t in pack.tasks):
         return {}, None
     if not sel.coeffs:
-        raise ConfigError(f"{pack.path}: the tasks have their own heads, and the bare base has "
-                          f"none to export; name a task or a mixture")
+        raise ConfigError(f"{pack.path}: the tasks have their own heads, and {sel.describe} "
+                          f"has none to export; name a task or a mixture")
     out: dict[str, Tensor] = {}
     labels: list[str] | None = None
     for t, c in sel.coeffs.items():

@@ -10,7 +10,8 @@
                        "heads": {name: {"shape", "dtype", "bytes"}},   # optional: task-only
                        "labels": [str]}},                              # optional: class names
       "files": {relative path: {"sha256": hex, "bytes": int}},   # every file but this one
-      "merge": null | {...},                            # merge recipe (later)
+      "merge": null | {"method": str, "config": {...}, "source": str,   # merge/build.py
+                       "file": "shared.safetensors", "tensors": {name: ENTRY}},
       "router": null | {"kind", "file": "router.safetensors", ...}   # routing/store.py
     }
     ENTRY = {"codec": str, "config": {...}, "module_type": str, "shape": [int], "dtype": str,
@@ -33,7 +34,8 @@ FORMAT_VERSION = 1
 NAME = "manifest.json"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-OPTIONAL_FILES = ("shared.safetensors", "router.safetensors")
+SHARED_FILE = "shared.safetensors"
+OPTIONAL_FILES = (SHARED_FILE, "router.safetensors")
 
 
 def task_file(task: str) -> str:
@@ -149,6 +151,18 @@ def validate(obj: object) -> dict:
               f"tasks[{name!r}].labels", "is not a list of strings")
     for key in ("merge", "router"):
         _need(obj.get(key) is None or isinstance(obj.get(key), dict), key, "is not null or object")
+    merge = obj.get("merge")
+    if merge is not None:
+        _need(isinstance(merge.get("method"), str), "merge.method", "is missing or not a string")
+        shared = merge.get("tensors", {})
+        _need(isinstance(shared, dict), "merge.tensors", "is not an object")
+        if shared:
+            _need(merge.get("file") == SHARED_FILE, "merge.file", f"must be {SHARED_FILE!r}")
+            _need(SHARED_FILE in files, "merge.file", "has no entry in 'files'")
+        for tname, e in shared.items():
+            _entry(f"merge.tensors[{tname!r}]", e)
+            _need(tname in tensors, f"merge.tensors[{tname!r}]", "names no base tensor")
+            _need(e["codec"] != "mask", f"merge.tensors[{tname!r}]", "cannot be a mask")
     _need(isinstance(obj.get("generator", ""), str), "generator", "is not a string")
     return obj
 

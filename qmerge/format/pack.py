@@ -109,6 +109,21 @@ class Pack:
         """Forgets the opened task files (their maps go once no tensor refers to them)."""
         self._files.clear()
 
+    def shared_entries(self) -> dict[str, dict]:
+        """The codec table of the shared delta a merge method wrote ({} when there is none)."""
+        merge = self.manifest.get("merge") or {}
+        return merge.get("tensors", {})
+
+    def shared_parts(self, tensor: str) -> dict[str, Tensor]:
+        """The stored tensors of the shared delta of one base tensor, by part name."""
+        if tensor not in self.shared_entries():
+            raise PackError(f"{self.path}: the shared delta has no tensor '{tensor}'")
+        if mf.SHARED_FILE not in self._files:
+            self._files[mf.SHARED_FILE] = self.check_file(mf.SHARED_FILE, self._verify_files)
+        f = self._files[mf.SHARED_FILE]
+        prefix = tensor + PART_SEP
+        return {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
+
     def heads(self, task: str) -> dict[str, Tensor]:
         """The task's head tensors (present in the fine-tune, not in the base), by name."""
         table = self.manifest["tasks"][task].get("heads", {}) if task in self.tasks else {}

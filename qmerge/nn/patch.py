@@ -59,17 +59,57 @@ class Patched:
 
     def __init__(self, model: nn.Module, pack: Pack, residual: Callable[[str, str], Residual],
                  cache_bytes: int, mode: str, min_rows: int,
-                 router: tuple[Router, dict] | None):
+                 router: tuple[Router, dict] | None,
+                 shared: Callable[[str], Residual] | None = None):
         self.model, self.pack = model, pack
         self.tasks = tuple(pack.tasks)
         self.runtime = Runtime(self.tasks, MergedCache(cache_bytes), mode, min_rows)
         self.router, self.router_entry = router if router else (None, None)
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
+        self._backbone: list[tuple[nn.Parameter, Tensor]] = []
+        if shared is not None:
+            self._add_shared(shared)
         self._patch(residual)
         self._orig_forward = model.forward
         self._wrap()
 
     # --- building ------------------------------------------------------------------------
+
+    def _add_shared(self, shared: Callable[[str], Residual]) -> None:
+        """A merged pack's shared delta goes into the backbone: each parameter it names gets
+        a new tensor W0 + shared (fp32 sum, rounded once); the original stays for `unload`,
+        so this costs one copy of those parameters."""
+        names = set(self.pack.shared_entries())
+        if not names:
+            return
+        params = list(self.model.named_parameters(remove_duplicate=False))
+        _, rename = alignment([n for n, _ in params], set(self.pack.base_fingerprint["tensors"]))
+        found: set[str] = set()
+        try:
+            for n, p in params:
+                name = rename(n)
+                if name not in names or name in found:
+                    continue
+                if not p.is_floating_point():
+                    raise ConfigError(f"{self.pack.path}: is a merged pack whose shared delta "
+                                      f"changes '{name}', which this model holds quantized "
+                                      f"({p.dtype}); load the base in a float dtype")
+                d = shared(name).dequantize(torch.float32).reshape(p.shape).to(p.device)
+                self._backbone.append((p, p.data))
+                p.data = (p.data.float() + d).to(p.dtype)
+                found.add(name)
+        except BaseException:
+            self._restore_backbone()
+            raise
+        if missing := sorted(names - found):
+            self._restore_backbone()
+            raise ConfigError(f"{self.pack.path}: the shared delta changes '{missing[0]}', "
+                              f"which the model does not have")
+
+    def _restore_backbone(self) -> None:
+        for p, orig in reversed(self._backbone):
+            p.data = orig
+        self._backbone.clear()
 
     def _patch(self, residual: Callable[[str, str], Residual]) -> None:
         model, pack = self.model, self.pack
@@ -334,6 +374,7 @@ class Patched:
         for parent, child, orig in reversed(self._originals):
             setattr(parent, child, orig)
         self._originals.clear()
+        self._restore_backbone()
         for attr in ("forward", "generate"):
             self.model.__dict__.pop(attr, None)
         self.runtime.cache.clear()
@@ -363,10 +404,13 @@ def _untake(out, inverse: Tensor, batch: int):
 
 def patch(model: nn.Module, pack: Pack, residual: Callable[[str, str], Residual], *,
           cache_bytes: int = 256 << 20, mode: str = "auto", min_rows: int = 64,
-          router: tuple[Router, dict] | None = None) -> Patched:
+          router: tuple[Router, dict] | None = None,
+          shared: Callable[[str], Residual] | None = None) -> Patched:
+    """Patches `model` with the pack's tasks; `residual(task, tensor)` reads a residual and
+    `shared(tensor)` the shared delta of a merged pack (added into the backbone first)."""
     if isinstance(getattr(model, "qmerge", None), Patched):
         raise ConfigError("this model is already patched; call model.qmerge.unload() first")
-    patched = Patched(model, pack, residual, cache_bytes, mode, min_rows, router)
+    patched = Patched(model, pack, residual, cache_bytes, mode, min_rows, router, shared)
     model.qmerge = patched
     return patched
 

@@ -1,0 +1,41 @@
+"""One tensor's delta through a codec spec, and its entry in a pack's codec table (the shape
+of manifest.py's ENTRY): what the compressor and the merge methods both write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from qmerge.codecs.auto import choose
+from qmerge.codecs.base import Residual, codec, config_dict, sq_sum, sqnr_db
+from qmerge.codecs.policy import resolve
+from qmerge.codecs.skip import SkipConfig, SkipResidual
+
+
+def encode(delta: Tensor, spec: str, calib: Tensor | None = None, skip_below: float = 0.0
+           ) -> tuple[Residual, Any, dict[str, Any]]:
+    """(residual, its config, extra info) of `delta` under codec spec `spec` ("auto" picks).
+    A delta whose largest magnitude is <= skip_below (0 by default: an all-zero delta) is
+    `skip`."""
+    name, cfg = resolve(spec)
+    amax = max(float(delta.max()), -float(delta.min())) if delta.numel() else 0.0
+    if amax <= skip_below:
+        return SkipResidual(tuple(delta.shape)), SkipConfig(), {}
+    if name == "auto":
+        target = cfg.sqnr_db
+        res, cfg, _ = choose(delta, cfg, calib)
+        return res, cfg, {"auto_sqnr_db": target}
+    return codec(name).residual.from_dense(delta, cfg, calib), cfg, {}
+
+
+def entry(res: Residual, cfg: Any, kind: str, shape: list[int], dtype: str, delta: Tensor,
+          stored: dict[str, Tensor], info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The table entry of `res` encoding `delta`: bytes of what is `stored`, SQNR, info."""
+    nbytes = sum(t.numel() * t.element_size() for t in stored.values())
+    numel = delta.numel()
+    return {"codec": res.codec, "config": config_dict(cfg), "module_type": kind,
+            "shape": list(shape), "dtype": dtype, "params": numel, "bytes": nbytes,
+            "bits_per_param": nbytes * 8 / numel if numel else 0.0,
+            "sqnr_db": sqnr_db(sq_sum(delta), res.error_energy(delta)),
+            "info": res.info() | (info or {})}

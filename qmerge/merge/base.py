@@ -1,0 +1,106 @@
+"""What every merge method shares: the registry, the per-tensor inputs and the result.
+
+A merge method is a frozen config dataclass (fields documented, validated in `__post_init__`,
+the paper cited in its module) and a function over one base tensor at a time:
+
+    fn(deltas [T, *shape] fp32, cfg, ctx) -> Merged(shared, exclusive)
+
+`shared` is the delta every task gets (it goes into the backbone: W = W0 + shared + excl_t);
+`exclusive` is, per task, the rest of its delta (a dense tensor that the pack then encodes
+with the exclusive codec, an already encoded Residual, or None for nothing), or None when the
+method has no per-task part (a static merge). Working a tensor at a time keeps the memory of
+a merge at T copies of one tensor, never a model per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from qmerge.codecs import Residual
+from qmerge.codecs.base import _coerce
+from qmerge.errors import ConfigError
+
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorCtx:
+    """Where a tensor sits: its name, its block index (None outside the blocks), the number
+    of blocks, the task names, and the merge's seed (methods that sample derive theirs from
+    seed and name, so a tensor's result does not depend on the order tensors are merged)."""
+
+    name: str
+    depth: int | None
+    n_layers: int
+    tasks: tuple[str, ...]
+    seed: int = 0
+
+
+@dataclass
+class Merged:
+    shared: Tensor | None
+    exclusive: list[Tensor | Residual | None] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type
+    fn: Callable[[Tensor, Any, TensorCtx], Merged]
+    summary: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config: type, summary: str):
+    """Function decorator: registers `fn(deltas, cfg, ctx) -> Merged` as method `name`."""
+
+    def deco(fn):
+        METHODS[name] = Method(name, config, fn, summary)
+        return fn
+
+    return deco
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown merge method {name!r}; known: "
+                          f"{', '.join(sorted(METHODS))}") from None
+
+
+def make_config(name: str, values: Mapping[str, object]) -> Any:
+    """The config of method `name` from field values (strings from the CLI, or JSON values)."""
+    cls = method(name).config
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, raw in values.items():
+        if key not in fields:
+            raise ConfigError(f"merge method {name!r} has no option {key!r}; options: "
+                              f"{', '.join(sorted(fields)) or 'none'}")
+        kwargs[key] = _coerce(cls.__name__, key, hints[key], raw)
+    return cls(**kwargs)
+
+
+def layer_index(name: str) -> int | None:
+    """The block index in a tensor name ('encoder.layer.3.attention...' -> 3), else None."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def check_fraction(cls: str, field: str, v: float, lo_open: bool = False,
+                   hi_open: bool = False) -> None:
+    ok = (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
+    if not ok:
+        lo, hi = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ConfigError(f"{cls}.{field} must be in {lo}0, 1{hi}; got {v}")
