@@ -22,5 +22,5 @@ from qmerge.errors import QmergeError
 
 __version__ = "0.1.0"
 __all__ = ["Options", "Policy", "QmergeError", "__version__", "add_task", "compress",
-           "export", "fit_router", "inspect", "load", "merge_pack", "open_pack", "ops", "remove_task", "residual",
-           "unload", "verify"]
+           "export", "fit_router", "inspect", "load", "merge_pack", "open_pack", "ops",
+           "remove_task", "residual", "unload", "verify"]

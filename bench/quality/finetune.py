@@ -1,5 +1,6 @@
 """Fine-tunes all-MiniLM-L6-v2 on each task of tasks.py (whole encoder + a classification head)
-and caches the result under bench/.cache/minilm-<task>[-s<seed>] (a transformers directory; not in git).
+and caches the result under bench/.cache/minilm-<task>[-s<seed>] (a transformers directory; not
+in git).
 
     .venv/bin/python bench/quality/finetune.py [--steps 200] [--tasks a,b,...] [--seeds 0,1,2]
 

@@ -1,4 +1,5 @@
-"""`merge_pack`: a pack's tasks through a merge method into a new pack (shared/DESIGN.md, "The pack").
+"""`merge_pack`: a pack's tasks through a merge method into a new pack (shared/DESIGN.md,
+"The pack").
 
 The new pack has the same base and tasks. `shared.safetensors` holds the shared delta (encoded
 with `shared_codec`); each task file holds the task's exclusive part, if the method has one
