@@ -385,7 +385,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     png = a.out.with_suffix(".png")
     plot(rows, png, f"MiniLM-L6, {len(names)} tasks, {len(seeds)} seed(s)")
-    cmd = "  ".join(sys.argv[1:])
+    cmd = " ".join(a for a in sys.argv[1:])
     text = [
         "# Quality: static merges vs routed compressed deltas",
         "",
