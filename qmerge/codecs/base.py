@@ -163,31 +163,42 @@ def _coerce(cls_name: str, field: str, hint: Any, raw: object) -> object:
     raise ConfigError(f"{cls_name}.{field}: {raw!r} is not a valid {hint}")
 
 
-def make_config(name: str, values: Mapping[str, object]) -> Any:
-    """The config of codec `name` from field values (strings from a spec, or JSON values)."""
-    cfg_cls = codec(name).config
-    hints = typing.get_type_hints(cfg_cls)
-    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+def build_config(cls: type, values: Mapping[str, object], what: str) -> Any:
+    """A config dataclass from field values (strings from a spec, or JSON values); `what`
+    names its owner in errors ("codec 'sign'", "merge method 'ties'")."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, raw in values.items():
         if key not in fields:
-            raise ConfigError(f"codec {name!r} has no option {key!r}; options: "
+            raise ConfigError(f"{what} has no option {key!r}; options: "
                               f"{', '.join(sorted(fields)) or 'none'}")
-        kwargs[key] = _coerce(cfg_cls.__name__, key, hints[key], raw)
-    return cfg_cls(**kwargs)
+        kwargs[key] = _coerce(cls.__name__, key, hints[key], raw)
+    return cls(**kwargs)
 
 
-def parse_spec(spec: str) -> tuple[str, Any]:
-    """`"name"` or `"name:key=value,key=value"` -> (codec name, config)."""
+def split_spec(spec: str, what: str) -> tuple[str, dict[str, str]]:
+    """`"name"` or `"name:key=value,key=value"` -> (name, {key: value})."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"codec spec {spec!r} is empty")
+        raise ConfigError(f"{what} spec {spec!r} is empty")
     name, _, rest = spec.strip().partition(":")
     values = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ConfigError(f"codec spec {spec!r}: {item!r} is not key=value")
+            raise ConfigError(f"{what} spec {spec!r}: {item!r} is not key=value")
         values[key.strip()] = value.strip()
+    return name, values
+
+
+def make_config(name: str, values: Mapping[str, object]) -> Any:
+    """The config of codec `name` from field values (strings from a spec, or JSON values)."""
+    return build_config(codec(name).config, values, f"codec {name!r}")
+
+
+def parse_spec(spec: str) -> tuple[str, Any]:
+    """`"name"` or `"name:key=value,key=value"` -> (codec name, config)."""
+    name, values = split_spec(spec, "codec")
     return name, make_config(name, values)
 
 

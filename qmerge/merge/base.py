@@ -14,9 +14,7 @@ a merge at T copies of one tensor, never a model per task.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from qmerge.codecs import Residual
-from qmerge.codecs.base import _coerce
+from qmerge.codecs.base import build_config
 from qmerge.errors import ConfigError
 
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
@@ -80,16 +78,7 @@ def method(name: str) -> Method:
 
 def make_config(name: str, values: Mapping[str, object]) -> Any:
     """The config of method `name` from field values (strings from the CLI, or JSON values)."""
-    cls = method(name).config
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, raw in values.items():
-        if key not in fields:
-            raise ConfigError(f"merge method {name!r} has no option {key!r}; options: "
-                              f"{', '.join(sorted(fields)) or 'none'}")
-        kwargs[key] = _coerce(cls.__name__, key, hints[key], raw)
-    return cls(**kwargs)
+    return build_config(method(name).config, values, f"merge method {name!r}")
 
 
 def layer_index(name: str) -> int | None:
