@@ -15,7 +15,6 @@ import fnmatch
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from qmerge.codecs.policy import Policy, resolve
 from qmerge.codecs.skip import SkipConfig, SkipResidual
 from qmerge.errors import CheckpointError, PackError
 from qmerge.format import manifest as mf
-from qmerge.format.atomic import install_dir, temp_sibling
+from qmerge.format.atomic import staged_dir
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.fingerprint import checkpoint_fingerprint
 from qmerge.format.pack import Pack, locked, part_key, write_manifest, write_task_file
@@ -311,17 +310,10 @@ def compress(base: PathLike, tasks: Mapping[str, PathLike], out: PathLike, *,
     base_ckpt, fts = _open_inputs(base, tasks, opts)
     fp = checkpoint_fingerprint(base_ckpt, lambda it: bar(it, opts.progress, "fingerprint base"))
     manifest = mf.new(fp, _generator())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = temp_sibling(out)
-    staged.mkdir()
-    try:
+    with staged_dir(out) as staged:
         for name, ft in fts.items():
             _write_task(staged, manifest, name, base_ckpt, ft, opts)
         write_manifest(staged, manifest)
-        install_dir(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return Pack.open(out)
 
 

@@ -92,3 +92,19 @@ def install_dir(staged: Path, target: Path) -> None:
         os.rename(staged, target)
         shutil.rmtree(old)
     fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path, tag: str = "tmp") -> Iterator[Path]:
+    """Yields a new hidden directory beside `target` to build into; on a clean exit it is
+    installed as `target` (install_dir), on an exception it is removed and `target` is
+    untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = temp_sibling(target, tag)
+    staged.mkdir()
+    try:
+        yield staged
+        install_dir(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -34,10 +33,11 @@ from qmerge.codecs.mask import MaskConfig, MaskResidual
 from qmerge.codecs.policy import Policy, check_spec, module_type
 from qmerge.errors import ConfigError, PackError
 from qmerge.format import manifest as mf
-from qmerge.format.atomic import atomic_file, install_dir, temp_sibling
+from qmerge.format.atomic import atomic_file, staged_dir
 from qmerge.format.pack import Pack, part_key, write_manifest, write_task_file
 from qmerge.format.safetensors_io import write_safetensors
 from qmerge.merge.base import METHODS, Merged, TensorCtx, layer_index
+from qmerge.merge.base import method as method_of
 from qmerge.merge.spec import parse
 from qmerge.packs import residual
 
@@ -101,9 +101,7 @@ def merge_pack(pack: PathLike, out: PathLike, method: str, config: Any = None, *
     if not src.tasks:
         raise PackError(f"{src.path}: has no tasks to merge")
     name, cfg = parse(method) if config is None else (method, config)
-    if name not in METHODS:
-        parse(name)  # raises the "unknown merge method" error
-    if not isinstance(cfg, METHODS[name].config):
+    if not isinstance(cfg, method_of(name).config):
         raise ConfigError(f"config for {name!r} must be a {METHODS[name].config.__name__}")
     check_spec(shared_codec)
     policy = exclusive or Policy()
@@ -174,10 +172,7 @@ def merge_pack(pack: PathLike, out: PathLike, method: str, config: Any = None, *
         del deltas, res, result
 
     manifest = mf.new(src.base_fingerprint, f"qmerge {qmerge.__version__}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = temp_sibling(out)
-    staged.mkdir()
-    try:
+    with staged_dir(out) as staged:
         for t in tasks:
             parts = dict(task_parts.pop(t))
             info = src.manifest["tasks"][t]
@@ -206,10 +201,6 @@ def merge_pack(pack: PathLike, out: PathLike, method: str, config: Any = None, *
             manifest["files"][mf.SHARED_FILE] = {"sha256": sha, "bytes": nbytes}
         manifest["merge"] = merge_entry
         write_manifest(staged, manifest)
-        install_dir(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return Pack.open(out)
 
 
