@@ -1,11 +1,12 @@
-// Argument checks shared by the op files. Every message names the op and the argument, with the
-// expected and the actual value (qmerge/ops/_checks.py raises the same errors for the reference).
+// CPU-side argument handling: the checks shared with the CUDA wrappers (csrc/common/checks.h)
+// plus the conversions into the kernels' argument structs.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
 #include "kernels.h"
+#include "../common/checks.h"
 
 namespace qmerge::cpu {
 
@@ -16,33 +17,8 @@ inline DType float_dtype(const at::Tensor& t, const char* op, const char* name) 
     case at::kBFloat16: return DType::bf16;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, "qmerge.", op, ": '", name,
-                   "' must be float32, float16 or bfloat16, got ", t.scalar_type());
-}
-
-inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), "qmerge.", op, ": '", name,
-                    "' must be contiguous (got sizes ", t.sizes(), ", strides ", t.strides(),
-                    "); call .contiguous() first");
-}
-
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == dim, "qmerge.", op, ": '", name, "' must have ", dim,
-                    " dimensions, got shape ", t.sizes());
-}
-
-inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                             const char* name, const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "qmerge.", op, ": '", name,
-                   "' must have the dtype of '", ref_name, "' (", ref.scalar_type(), "), got ",
-                   t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                              const char* name, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "qmerge.", op, ": '", name,
-                    "' must be on the device of '", ref_name, "' (", ref.device(), "), got ",
-                    t.device());
+  check_float(t, op, name);  // throws
+  return DType::f32;
 }
 
 // packed [T, out, ceil(in/8)] uint8 and scales [T, R in {1, out}, G in 1..in] float; returns the

@@ -35,14 +35,8 @@ void dequant_into(const at::Tensor& base, const at::Tensor& packed, const at::Te
   at::Tensor scales32;
   a.signs = sign_set(kOp, packed, scales, rows, in, scales32);
   a.tasks = packed.size(0);
-  float_dtype(alphas, kOp, "alphas");
-  check_dim(alphas, 1, kOp, "alphas");
-  TORCH_CHECK_VALUE(alphas.size(0) == a.tasks, "qmerge.", kOp, ": 'alphas' must have ", a.tasks,
-                    " entries (one per task), got ", alphas.size(0));
-  check_same_dtype(out, base, kOp, "out", "base");
-  check_contiguous(out, kOp, "out");
-  TORCH_CHECK_VALUE(out.sizes() == base.sizes(), "qmerge.", kOp, ": 'out' must have the shape of ",
-                    "'base' ", base.sizes(), ", got ", out.sizes());
+  check_alphas(kOp, alphas, a.tasks);
+  check_out(kOp, out, base);
   // alpha_t * scale_t in fp32, exactly the reference's product.
   const at::Tensor ascales =
       (scales32 * alphas.to(at::kFloat).view({a.tasks, 1, 1})).contiguous();

@@ -32,34 +32,11 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
                           const at::Tensor& V, const std::optional<at::Tensor>& task_ids,
                           const std::optional<at::Tensor>& coeffs,
                           const std::optional<at::Tensor>& bias, std::optional<int64_t> rank) {
-  float_dtype(x, kOp, "x");
-  check_dim(x, 2, kOp, "x");
-  check_contiguous(x, kOp, "x");
-  const int64_t rows = x.size(0), in = x.size(1);
-  for (auto [t, name] : {std::pair{&base_w, "base_w"}, {&U, "U"}, {&V, "V"}}) {
-    check_same_dtype(*t, x, kOp, name, "x");
-    check_contiguous(*t, kOp, name);
-  }
-  check_dim(base_w, 2, kOp, "base_w");
-  const int64_t out = base_w.size(0);
-  TORCH_CHECK_VALUE(base_w.size(1) == in, "qmerge.", kOp, ": 'base_w' must have ", in,
-                    " columns (in_features of 'x'), got shape ", base_w.sizes());
-  check_dim(U, 3, kOp, "U");
-  check_dim(V, 3, kOp, "V");
+  check_linear(kOp, x, base_w);
+  const int64_t rows = x.size(0), in = x.size(1), out = base_w.size(0);
+  const int64_t r = check_lowrank(kOp, x, U, V, out, rank);
   const int64_t tasks = U.size(0), full_rank = U.size(2);
-  TORCH_CHECK_VALUE(U.size(1) == out, "qmerge.", kOp, ": 'U' must have shape [T, ", out,
-                    ", r], got ", U.sizes());
-  TORCH_CHECK_VALUE(V.size(0) == tasks && V.size(1) == full_rank && V.size(2) == in, "qmerge.",
-                    kOp, ": 'V' must have shape [", tasks, ", ", full_rank, ", ", in,
-                    "] to match 'U' ", U.sizes(), ", got ", V.sizes());
-  const int64_t r = rank.value_or(full_rank);
-  TORCH_CHECK_VALUE(r >= 0 && r <= full_rank, "qmerge.", kOp, ": 'rank' must be in [0, ",
-                    full_rank, "] (the stored rank), got ", r);
-  if (bias) {
-    float_dtype(*bias, kOp, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "qmerge.", kOp,
-                      ": 'bias' must have shape [", out, "], got ", bias->sizes());
-  }
+  check_bias(kOp, bias, out);
   const Routes routes = parse_routes(kOp, rows, tasks, task_ids, coeffs);
   if (rows == 0) return at::empty({0, out}, x.options());
 

@@ -8,20 +8,12 @@ namespace qmerge::cpu {
 Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
                     const std::optional<at::Tensor>& task_ids,
                     const std::optional<at::Tensor>& coeffs) {
-  TORCH_CHECK_VALUE(task_ids.has_value() != coeffs.has_value(), "qmerge.", op,
-                    ": pass exactly one of 'task_ids' (one task per row) or 'coeffs' (a mixture "
-                    "per row), got ", task_ids ? "both" : "neither");
+  check_routes(op, rows, tasks, task_ids, coeffs);
   Routes r;
   r.offset.reserve(rows + 1);
   r.offset.push_back(0);
   if (task_ids) {
     const at::Tensor& ids = *task_ids;
-    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "qmerge.",
-                     op, ": 'task_ids' must be int64 or int32, got ", ids.scalar_type());
-    check_dim(ids, 1, op, "task_ids");
-    check_contiguous(ids, op, "task_ids");
-    TORCH_CHECK_VALUE(ids.size(0) == rows, "qmerge.", op, ": 'task_ids' must have ", rows,
-                      " entries (rows of 'x'), got ", ids.size(0));
     const at::Tensor ids64 = ids.to(at::kLong);
     const int64_t* p = ids64.data_ptr<int64_t>();
     for (int64_t n = 0; n < rows; ++n) {
@@ -35,12 +27,6 @@ Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
     }
   } else {
     const at::Tensor& c = *coeffs;
-    float_dtype(c, op, "coeffs");
-    check_dim(c, 2, op, "coeffs");
-    check_contiguous(c, op, "coeffs");
-    TORCH_CHECK_VALUE(c.size(0) == rows && c.size(1) == tasks, "qmerge.", op,
-                      ": 'coeffs' must have shape [", rows, ", ", tasks,
-                      "] (rows of 'x', tasks), got ", c.sizes());
     const at::Tensor c32 = c.to(at::kFloat).contiguous();
     const float* p = c32.data_ptr<float>();
     for (int64_t n = 0; n < rows; ++n) {

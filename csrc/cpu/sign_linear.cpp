@@ -157,23 +157,12 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
                        const at::Tensor& scales, const std::optional<at::Tensor>& task_ids,
                        const std::optional<at::Tensor>& coeffs,
                        const std::optional<at::Tensor>& bias) {
-  float_dtype(x, kOp, "x");
-  check_dim(x, 2, kOp, "x");
-  check_contiguous(x, kOp, "x");
-  check_same_dtype(base_w, x, kOp, "base_w", "x");
-  check_dim(base_w, 2, kOp, "base_w");
-  check_contiguous(base_w, kOp, "base_w");
+  check_linear(kOp, x, base_w);
   const int64_t rows = x.size(0), in = x.size(1), out = base_w.size(0);
-  TORCH_CHECK_VALUE(base_w.size(1) == in, "qmerge.", kOp, ": 'base_w' must have ", in,
-                    " columns (in_features of 'x'), got shape ", base_w.sizes());
   at::Tensor scales32;
   const SignSet s = sign_set(kOp, packed, scales, out, in, scales32);
   const Routes r = parse_routes(kOp, rows, packed.size(0), task_ids, coeffs);
-  if (bias) {
-    float_dtype(*bias, kOp, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "qmerge.", kOp,
-                      ": 'bias' must have shape [", out, "], got ", bias->sizes());
-  }
+  check_bias(kOp, bias, out);
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
 

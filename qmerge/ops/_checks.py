@@ -165,3 +165,24 @@ def lowrank(op: str, x: Tensor, U: Tensor, V: Tensor, out: int, rank: int | None
     if not 0 <= r <= full:
         raise ValueError(f"qmerge.{op}: 'rank' must be in [0, {full}] (the stored rank), got {r}")
     return r
+
+
+def alphas(op: str, a: Tensor, tasks: int) -> None:
+    """alphas [T] float: the weight of each task (dequant_add_sign)."""
+    float_dtype(a, op, "alphas")
+    dim(a, 1, op, "alphas")
+    if a.shape[0] != tasks:
+        raise ValueError(
+            f"qmerge.{op}: 'alphas' must have {tasks} entries (one per task), got {a.shape[0]}"
+        )
+
+
+def out_like(op: str, out: Tensor, base: Tensor) -> None:
+    """An output buffer of base's dtype and shape, contiguous (dequant_add_sign_out)."""
+    same_dtype(out, base, op, "out", "base")
+    contiguous(out, op, "out")
+    if out.shape != base.shape:
+        raise ValueError(
+            f"qmerge.{op}: 'out' must have the shape of 'base' {list(base.shape)}, got "
+            f"{list(out.shape)}"
+        )

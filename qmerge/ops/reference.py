@@ -77,7 +77,7 @@ def dequant_add_sign(base: Tensor, packed: Tensor, scales: Tensor, alphas: Tenso
     _checks.matrix(base, op, "base")
     out, in_features = base.shape
     _checks.sign_set(op, packed, scales, out, in_features)
-    _check_alphas(op, alphas, packed.shape[0])
+    _checks.alphas(op, alphas, packed.shape[0])
     signs = unpack_signs(packed, in_features)
     ascales = scales.float() * alphas.float().view(-1, 1, 1)
     steps = expand_scales(ascales, out, in_features)
@@ -93,7 +93,7 @@ def dequant_add_sign_out(
     """Semantics: out[...] = dequant_add_sign(base, packed, scales, alphas); out may be base."""
     op = "dequant_add_sign"
     _checks.matrix(base, op, "base")
-    _check_out(op, out, base)
+    _checks.out_like(op, out, base)
     out.copy_(dequant_add_sign(base, packed, scales, alphas))
 
 
@@ -167,22 +167,3 @@ def _terms(
             c = coeffs[idx, t].float()
         if idx.numel():
             yield t, idx, c
-
-
-def _check_alphas(op: str, alphas: Tensor, tasks: int) -> None:
-    _checks.float_dtype(alphas, op, "alphas")
-    _checks.dim(alphas, 1, op, "alphas")
-    if alphas.shape[0] != tasks:
-        raise ValueError(
-            f"qmerge.{op}: 'alphas' must have {tasks} entries (one per task), got {alphas.shape[0]}"
-        )
-
-
-def _check_out(op: str, out: Tensor, base: Tensor) -> None:
-    _checks.same_dtype(out, base, op, "out", "base")
-    _checks.contiguous(out, op, "out")
-    if out.shape != base.shape:
-        raise ValueError(
-            f"qmerge.{op}: 'out' must have the shape of 'base' {list(base.shape)}, got "
-            f"{list(out.shape)}"
-        )
