@@ -124,6 +124,14 @@ def bench_shape(out: int, inn: int, bw: float, flush, log, loop_rows: int) -> li
     log(f"{shape} dequant T=1: {ms:.3f} ms, {gbs:.0f} GB/s ({gbs / bw:.2f} of copy); "
         f"torch {ms_naive:.3f} ms")
 
+    # the first step of the N >= 3 paths: cuBLAS x W^T with fp32 output, vs F.linear's bf16
+    x64 = torch.randn(64, inn, device="cuda").to(DTYPE)
+    ms32, ms16 = time_turns([lambda: torch.mm(x64, base.T, out_dtype=torch.float32),
+                             lambda: F.linear(x64, base)], flush)
+    rows.append({"shape": shape, "op": "cuBLAS x W^T N=64, fp32 out", "ms": ms32,
+                 "base_ms": ms16, "vs_base": ms32 / ms16})
+    log(f"{shape} cuBLAS fp32-out N=64: {ms32:.3f} ms vs bf16 out {ms16:.3f}")
+
     # sign_linear: N rows over k distinct tasks vs base-only cuBLAS and the per-request loop
     for n, k in ROUTES:
         x = (torch.randn(n, inn, device="cuda")).to(DTYPE)

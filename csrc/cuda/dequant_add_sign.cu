@@ -8,6 +8,7 @@ namespace qmerge::cuda {
 namespace {
 
 constexpr const char* kOp = "dequant_add_sign";
+constexpr int64_t kThreads = 128;  // a block covers kThreads * kDequantChunks bytes of a row
 
 void dequant_into(const at::Tensor& base, const at::Tensor& packed, const at::Tensor& scales,
                   const at::Tensor& alphas, at::Tensor& out) {
@@ -28,24 +29,25 @@ void dequant_into(const at::Tensor& base, const at::Tensor& packed, const at::Te
       (scales.to(at::kFloat) * alphas.to(at::kFloat).view({tasks, 1, 1})).contiguous();
   const int64_t groups = scales.size(2), gs = ceil_div(in, groups);
   const int64_t nb = ceil_div(in, 8);
-  const dim3 grid{unsigned(ceil_div(nb, 256)), unsigned(std::min<int64_t>(rows, 65535))};
+  const dim3 grid{unsigned(ceil_div(nb, kThreads * kDequantChunks)),
+                 unsigned(std::min<int64_t>(rows, 65535))};
   const int vec = vec_ok(in, {&base, &out});
   const int srows = int(scales.size(1));
   const auto* bits = packed.data_ptr<uint8_t>();
   const float* as = ascales.data_ptr<float>();
   switch (dtype_of(base)) {
     case Dt::f32:
-      qm_dequant_f32<<<grid, 256, 0, stream()>>>(base.data_ptr<float>(), bits, as, srows,
+      qm_dequant_f32<<<grid, kThreads, 0, stream()>>>(base.data_ptr<float>(), bits, as, srows,
                                                  int(groups), gs, int(tasks),
                                                  out.data_ptr<float>(), rows, in, vec);
       break;
     case Dt::f16:
-      qm_dequant_f16<<<grid, 256, 0, stream()>>>(
+      qm_dequant_f16<<<grid, kThreads, 0, stream()>>>(
           static_cast<const qm_u16*>(base.data_ptr()), bits, as, srows, int(groups), gs,
           int(tasks), static_cast<qm_u16*>(out.data_ptr()), rows, in, vec);
       break;
     case Dt::bf16:
-      qm_dequant_bf16<<<grid, 256, 0, stream()>>>(
+      qm_dequant_bf16<<<grid, kThreads, 0, stream()>>>(
           static_cast<const qm_u16*>(base.data_ptr()), bits, as, srows, int(groups), gs,
           int(tasks), static_cast<qm_u16*>(out.data_ptr()), rows, in, vec);
       break;

@@ -60,21 +60,38 @@ struct QmF16 {
   }
 };
 
+// 8 values in 16-byte words: one word (bf16/fp16) or two (fp32).
+template <class D>
+struct QmRaw8 {
+  qm_v16 v[8 / D::kPerV16];
+};
+
+template <class D>
+__device__ __forceinline__ QmRaw8<D> qm_load_raw8(const typename D::T* p) {
+  const qm_v16* q = reinterpret_cast<const qm_v16*>(p);
+  QmRaw8<D> r;
+#pragma unroll
+  for (int h = 0; h < 8 / D::kPerV16; ++h) r.v[h] = q[h];
+  return r;
+}
+
+template <class D>
+__device__ __forceinline__ void qm_unpack8(const QmRaw8<D>& r, float v[8]) {
+#pragma unroll
+  for (int h = 0; h < 8 / D::kPerV16; ++h) {
+    const typename D::T* e = reinterpret_cast<const typename D::T*>(&r.v[h]);
+#pragma unroll
+    for (int j = 0; j < D::kPerV16; ++j) v[h * D::kPerV16 + j] = D::load(e[j]);
+  }
+}
+
 // 8 consecutive values p[c0 .. c0+8) as fp32; columns at or past `in` read as 0. `vec`: p is
-// 16-byte aligned and `in` a multiple of 8, so the chunk is one (bf16/fp16) or two (fp32)
-// 16-byte loads.
+// 16-byte aligned and the chunk is whole, so it is one (bf16/fp16) or two (fp32) 16-byte loads.
 template <class D>
 __device__ __forceinline__ void qm_load8(const typename D::T* p, qm_i64 c0, qm_i64 in, bool vec,
                                          float v[8]) {
   if (vec) {
-    const qm_v16* q = reinterpret_cast<const qm_v16*>(p + c0);
-#pragma unroll
-    for (int h = 0; h < 8 / D::kPerV16; ++h) {
-      const qm_v16 w = q[h];
-      const typename D::T* e = reinterpret_cast<const typename D::T*>(&w);
-#pragma unroll
-      for (int j = 0; j < D::kPerV16; ++j) v[h * D::kPerV16 + j] = D::load(e[j]);
-    }
+    qm_unpack8<D>(qm_load_raw8<D>(p + c0), v);
   } else {
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = c0 + j < in ? D::load(p[c0 + j]) : 0.0f;
@@ -145,39 +162,80 @@ __device__ __forceinline__ float qm_warp_sum(float v) {
 
 // --- dequant_add_sign ---------------------------------------------------------------------------
 // dst = base + sum_t ascales[t] (expanded) * (2 bits[t] - 1); ascales = alpha_t * scale_t, fp32.
-// Thread (blockIdx.x * blockDim.x + threadIdx.x) owns byte b of a row: 8 columns, one 16-byte
-// load and store (bf16/fp16), task by task in order. Rows stride over blockIdx.y. `dst` may be
-// `base` (in place): each thread reads its columns before writing them.
+// A thread owns kDequantChunks bytes of a row (8 columns each, blockDim.x bytes apart): all their
+// 16-byte loads are issued before the first use, so that enough bytes are in flight per SM to
+// reach the copy bandwidth (one load per thread reached 0.70 of it on an H100). Tasks are added
+// in order. Rows stride over blockIdx.y. `dst` may be `base` (in place): each thread reads its
+// columns before writing them.
+constexpr int kDequantChunks = 4;
+
 template <class D>
 __device__ void qm_dequant(const typename D::T* base, const qm_u8* packed, const float* ascales,
                            int scale_rows, int groups, qm_i64 gs, int tasks, typename D::T* dst,
                            qm_i64 rows, qm_i64 in, int vec) {
   const qm_i64 nb = (in + 7) / 8;
-  const qm_i64 b = qm_i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= nb) return;
-  const qm_i64 c0 = b * 8;
-  const bool v = vec && c0 + 8 <= in;
+  const qm_i64 b0 = qm_i64(blockIdx.x) * blockDim.x * kDequantChunks + threadIdx.x;
+  if (b0 >= nb) return;
+  const qm_i64 step = blockDim.x;
+  // Every chunk of this thread whole and aligned: raw 16-byte words held until use (few
+  // registers, so many threads per SM).
+  const bool fast = vec && (b0 + (kDequantChunks - 1) * step) * 8 + 8 <= in;
   for (qm_i64 r = blockIdx.y; r < rows; r += gridDim.y) {
-    float w[8];
-    qm_load8<D>(base + r * in, c0, in, v, w);
-    for (int t = 0; t < tasks; ++t) {
-      const qm_u32 bits = packed[(qm_i64(t) * rows + r) * nb + b];
-      float s[8];
-      qm_scales8(ascales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : r)) * groups, groups,
-                 gs, c0, s);
+    const typename D::T* src = base + r * in;
+    if (fast) {
+      QmRaw8<D> raw[kDequantChunks];
+      qm_u32 first[kDequantChunks];
+      const qm_u8* bits0 = packed + r * nb;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) w[j] += (bits >> j) & 1u ? s[j] : -s[j];
+      for (int j = 0; j < kDequantChunks; ++j) {
+        raw[j] = qm_load_raw8<D>(src + (b0 + j * step) * 8);
+        first[j] = tasks > 0 ? bits0[b0 + j * step] : 0u;
+      }
+#pragma unroll
+      for (int j = 0; j < kDequantChunks; ++j) {
+        const qm_i64 b = b0 + j * step;
+        float w[8];
+        qm_unpack8<D>(raw[j], w);
+        for (int t = 0; t < tasks; ++t) {
+          const qm_u32 byte = t == 0 ? first[j] : packed[(qm_i64(t) * rows + r) * nb + b];
+          float s[8];
+          qm_scales8(ascales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : r)) * groups,
+                     groups, gs, b * 8, s);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) w[e] += (byte >> e) & 1u ? s[e] : -s[e];
+        }
+        qm_store8<D>(dst + r * in, b * 8, in, true, w);
+      }
+      continue;
     }
-    qm_store8<D>(dst + r * in, c0, in, v, w);
+    for (int j = 0; j < kDequantChunks; ++j) {  // tails, unaligned rows: one chunk at a time
+      const qm_i64 b = b0 + j * step;
+      if (b >= nb) break;
+      const bool v = vec && b * 8 + 8 <= in;
+      float w[8];
+      qm_load8<D>(src, b * 8, in, v, w);
+      for (int t = 0; t < tasks; ++t) {
+        const qm_u32 byte = packed[(qm_i64(t) * rows + r) * nb + b];
+        float s[8];
+        qm_scales8(ascales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : r)) * groups,
+                   groups, gs, b * 8, s);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) w[e] += (byte >> e) & 1u ? s[e] : -s[e];
+      }
+      qm_store8<D>(dst + r * in, b * 8, in, v, w);
+    }
   }
 }
 
 // --- sign_linear, small batches: one pass over the base and the bits ---------------------------
 // y[n, o] = x[n] . W[o] + sum over row n's terms (t, c) of c * sum_g s[t, o, g] x[n, g] . sign
 // (+ bias), for up to NR rows. A warp owns an output row o at a time; each lane reads 8 columns
-// per step (16 bytes of W, one byte of bits per task used). With task ids every row's task is
-// read in the same pass as W; a mixture (coeffs) runs its terms in a second pass over the bits,
-// reading x again (from L1/L2: it is small).
+// per chunk (16 bytes of W, one byte of bits per row's task), kGemvChunks chunks at a time with
+// all their loads issued first. With task ids every row's task is read in the same pass as W; a
+// mixture (coeffs) runs its terms in a second pass over the bits, reading x again (from L1/L2:
+// it is small).
+constexpr int kGemvChunks = 4;
+
 template <class D, int NR>
 __device__ void qm_sign_gemv(const typename D::T* x, const typename D::T* w, const qm_u8* packed,
                              const float* scales, int scale_rows, int groups, qm_i64 gs,
@@ -192,41 +250,64 @@ __device__ void qm_sign_gemv(const typename D::T* x, const typename D::T* w, con
   for (int n = 0; n < NR; ++n) {
     task[n] = (ids != nullptr && n < rows) ? qm_task_id(ids, ids64, n, tasks, "sign_linear") : -1;
   }
+  const bool uniform = groups == 1 || gs % 8 == 0;  // one scale per 8-column chunk
   for (qm_i64 o = qm_i64(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); o < out;
        o += warps) {
     float acc[NR];
 #pragma unroll
     for (int n = 0; n < NR; ++n) acc[n] = 0.0f;
-    const bool uniform = groups == 1 || gs % 8 == 0;  // one scale per 8-column chunk
-#pragma unroll 2
-    for (qm_i64 b = lane; b < nb; b += 32) {
-      const qm_i64 c0 = b * 8;
-      const bool v = vec && c0 + 8 <= in;
-      float wv[8];
-      qm_load8<D>(w + o * in, c0, in, v, wv);
+    const float* srow[NR];
 #pragma unroll
-      for (int n = 0; n < NR; ++n) {
-        if (n >= rows) break;
-        float xv[8];
-        qm_load8<D>(x + n * in, c0, in, v, xv);
-        float d = 0.0f;
+    for (int n = 0; n < NR; ++n) {
+      const int t = task[n] < 0 ? 0 : task[n];
+      srow[n] = scales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : o)) * groups;
+    }
+    for (qm_i64 bb = lane; bb < nb; bb += 32 * kGemvChunks) {
+      QmRaw8<D> wraw[kGemvChunks];  // raw 16-byte words until use: few registers
+      qm_u32 bits[kGemvChunks][NR];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) d = fmaf(xv[j], wv[j], d);
-        acc[n] += d;
-        const int t = task[n];
-        if (t >= 0) {
-          const qm_u32 bits = packed[(qm_i64(t) * out + o) * nb + b];
-          const float* srow = scales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : o)) * groups;
+      for (int u = 0; u < kGemvChunks; ++u) {
+        const qm_i64 b = bb + 32 * u;
+        if (vec && b < nb && b * 8 + 8 <= in) wraw[u] = qm_load_raw8<D>(w + o * in + b * 8);
+#pragma unroll
+        for (int n = 0; n < NR; ++n) {
+          bits[u][n] = (b < nb && n < rows && task[n] >= 0)
+                           ? packed[(qm_i64(task[n]) * out + o) * nb + b] : 0u;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kGemvChunks; ++u) {
+        const qm_i64 b = bb + 32 * u;
+        if (b >= nb) break;
+        const qm_i64 c0 = b * 8;
+        const bool v = vec && c0 + 8 <= in;
+        float wv[8];
+        if (v) {
+          qm_unpack8<D>(wraw[u], wv);
+        } else {
+          qm_load8<D>(w + o * in, c0, in, false, wv);
+        }
+#pragma unroll
+        for (int n = 0; n < NR; ++n) {
+          if (n >= rows) break;
+          float xv[8];
+          qm_load8<D>(x + n * in, c0, in, v, xv);
+          float d = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) d = fmaf(xv[j], wv[j], d);
+          acc[n] += d;
+          if (task[n] < 0) continue;
+          const qm_u32 byte = bits[u][n];
           if (uniform) {
             float sd = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) sd += (bits >> j) & 1u ? xv[j] : -xv[j];
-            acc[n] = fmaf(srow[groups == 1 ? 0 : c0 / gs], sd, acc[n]);
+            for (int j = 0; j < 8; ++j) sd += (byte >> j) & 1u ? xv[j] : -xv[j];
+            acc[n] = fmaf(srow[n][groups == 1 ? 0 : c0 / gs], sd, acc[n]);
           } else {
             float s[8];
-            qm_scales8(srow, groups, gs, c0, s);
+            qm_scales8(srow[n], groups, gs, c0, s);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[n] = fmaf((bits >> j) & 1u ? s[j] : -s[j], xv[j], acc[n]);
+            for (int j = 0; j < 8; ++j) acc[n] = fmaf((byte >> j) & 1u ? s[j] : -s[j], xv[j], acc[n]);
           }
         }
       }
@@ -236,16 +317,16 @@ __device__ void qm_sign_gemv(const typename D::T* x, const typename D::T* w, con
         for (int t = 0; t < tasks; ++t) {
           const float c = coeffs[qm_i64(n) * tasks + t];
           if (c == 0.0f) continue;
-          const float* srow = scales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : o)) * groups;
+          const float* sr = scales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : o)) * groups;
           float part = 0.0f;
           for (qm_i64 b = lane; b < nb; b += 32) {
             const qm_i64 c0 = b * 8;
             float xv[8], s[8];
             qm_load8<D>(x + n * in, c0, in, vec && c0 + 8 <= in, xv);
-            qm_scales8(srow, groups, gs, c0, s);
-            const qm_u32 bits = packed[(qm_i64(t) * out + o) * nb + b];
+            qm_scales8(sr, groups, gs, c0, s);
+            const qm_u32 byte = packed[(qm_i64(t) * out + o) * nb + b];
 #pragma unroll
-            for (int j = 0; j < 8; ++j) part = fmaf((bits >> j) & 1u ? s[j] : -s[j], xv[j], part);
+            for (int j = 0; j < 8; ++j) part = fmaf((byte >> j) & 1u ? s[j] : -s[j], xv[j], part);
           }
 #pragma unroll
           for (int k = 0; k < NR; ++k) {
@@ -319,13 +400,15 @@ template <class D>
 __device__ void qm_sign_mma(const qm_u16* x, const qm_u8* packed, const float* scales,
                             int scale_rows, int groups, qm_i64 gs, int tasks, const void* ids,
                             int ids64, const int* order, const float* coeffs, float* y32,
-                            int rows, qm_i64 out, qm_i64 in) {
+                            int rows, qm_i64 out, qm_i64 in, int wide_ok) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const qm_i64 o0 = (qm_i64(blockIdx.y) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;
   const qm_i64 n0 = qm_i64(blockIdx.x) * 8;
   if (o0 >= out) return;
   const qm_i64 nb = (in + 7) / 8;
   const bool even = in % 2 == 0;
+  // 16-byte loads of bits: rows start 16-byte aligned and every group starts on a 128 boundary.
+  const bool wide = wide_ok && nb % 16 == 0 && (groups == 1 || gs % 128 == 0);
   // This lane's B column (row n0 + g) and its two accumulator columns (rows n0 + 2q, + 1).
   const int nb_row = n0 + g < rows ? order[n0 + g] : -1;
   const int ncol[2] = {n0 + 2 * q < rows ? order[n0 + 2 * q] : -1,
@@ -370,7 +453,34 @@ __device__ void qm_sign_mma(const qm_u16* x, const qm_u8* packed, const float* s
     for (int gi = 0; gi < groups; ++gi) {
       const qm_i64 k_begin = gi * gs, k_end = k_begin + gs < in ? k_begin + gs : in;
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (qm_i64 k0 = k_begin; k0 < k_end; k0 += 16) {
+      qm_i64 k0 = k_begin;
+      if (wide) {
+        // 128 columns at a time: one 16-byte load of bits per row, 16 loads of x, then 8 mmas
+        // from registers (one load round trip per 8 k-steps instead of one per k-step).
+        for (; k0 < k_end; k0 += 128) {  // 128-aligned groups: chunks never straddle one
+          const qm_v16 bg = *reinterpret_cast<const qm_v16*>(bits[0] + k0 / 8);
+          const qm_v16 bh = *reinterpret_cast<const qm_v16*>(bits[1] + k0 / 8);
+          const qm_u32 wg[4] = {bg.a, bg.b, bg.c, bg.d}, wh[4] = {bh.a, bh.b, bh.c, bh.d};
+          qm_u32 xb[16];
+#pragma unroll
+          for (int s = 0; s < 8; ++s) {
+            xb[2 * s] = xr ? qm_pair16(xr, k0 + 16 * s + 2 * q, k_end, even) : 0u;
+            xb[2 * s + 1] = xr ? qm_pair16(xr, k0 + 16 * s + 8 + 2 * q, k_end, even) : 0u;
+          }
+#pragma unroll
+          for (int s = 0; s < 8; ++s) {
+            const int sh = 16 * (s & 1);
+            qm_u32 a[4];
+            a[0] = qm_sign_pair<D>((wg[s >> 1] >> sh) & 0xFFu, q);
+            a[1] = qm_sign_pair<D>((wh[s >> 1] >> sh) & 0xFFu, q);
+            a[2] = qm_sign_pair<D>((wg[s >> 1] >> (sh + 8)) & 0xFFu, q);
+            a[3] = qm_sign_pair<D>((wh[s >> 1] >> (sh + 8)) & 0xFFu, q);
+            const qm_u32 b[2] = {xb[2 * s], xb[2 * s + 1]};
+            qm_mma<D>(acc, a, b);
+          }
+        }
+      }
+      for (; k0 < k_end; k0 += 16) {
         const qm_i64 byte0 = k0 / 8;
         qm_u32 a[4], b[2];
 #pragma unroll
@@ -414,9 +524,12 @@ __device__ void qm_finish(const float* y32, const float* bias, typename D::T* y,
 }
 
 // --- lowrank_linear -----------------------------------------------------------------------------
-// shrink: z[n, slot, k] = c * x[n] . V_t[k] for k < rank, one block per (row n, slot); with task
-// ids slot 0 is the row's task, with coeffs slot t is task t (skipped, z = 0, when c = 0). A warp
-// per rank component at a time, 16-byte loads.
+// shrink: z[n, slot, k] += c * x[n, cols] . V_t[k, cols] for k < rank, over the columns of
+// blockIdx.z (kShrinkCols each); z starts at 0. With task ids slot 0 is the row's task, with
+// coeffs slot t is task t (nothing to add when c = 0). A warp per rank component at a time,
+// 16-byte loads; splitting the columns over blocks gives a batch of a few rows enough warps.
+constexpr int kShrinkCols = 2048;
+
 template <class D>
 __device__ void qm_lowrank_shrink(const typename D::T* x, const typename D::T* V, int tasks,
                                   int full_rank, int rank, const void* ids, int ids64,
@@ -432,26 +545,24 @@ __device__ void qm_lowrank_shrink(const typename D::T* x, const typename D::T* V
     t = slot;
     c = coeffs[qm_i64(n) * tasks + t];
   }
+  if (t < 0 || c == 0.0f) return;
   float* zn = z + (qm_i64(n) * slots + slot) * rank;
-  if (t < 0 || c == 0.0f) {
-    for (int k = threadIdx.x; k < rank; k += blockDim.x) zn[k] = 0.0f;
-    return;
-  }
-  const qm_i64 nb = (in + 7) / 8;
+  const qm_i64 col0 = qm_i64(blockIdx.z) * kShrinkCols;
+  const qm_i64 col1 = col0 + kShrinkCols < in ? col0 + kShrinkCols : in;
   for (int k = warp; k < rank; k += warps) {
     const typename D::T* vrow = V + (qm_i64(t) * full_rank + k) * in;
     float d = 0.0f;
-    for (qm_i64 b = lane; b < nb; b += 32) {
-      const qm_i64 c0 = b * 8;
+#pragma unroll 4
+    for (qm_i64 c0 = col0 + lane * 8; c0 < col1; c0 += 32 * 8) {
       const bool v = vec && c0 + 8 <= in;
       float xv[8], vv[8];
-      qm_load8<D>(x + qm_i64(n) * in, c0, in, v, xv);
-      qm_load8<D>(vrow, c0, in, v, vv);
+      qm_load8<D>(x + qm_i64(n) * in, c0, col1, v, xv);
+      qm_load8<D>(vrow, c0, col1, v, vv);
 #pragma unroll
       for (int j = 0; j < 8; ++j) d = fmaf(xv[j], vv[j], d);
     }
     d = qm_warp_sum(d);
-    if (lane == 0) zn[k] = c * d;
+    if (lane == 0) atomicAdd(zn + k, c * d);
   }
 }
 
@@ -528,9 +639,9 @@ __device__ void qm_lowrank_expand(const float* y32, const typename D::T* U, int 
   extern "C" __global__ void qm_sign_mma_##SUF(                                               \
       const qm_u16* x, const qm_u8* packed, const float* scales, int scale_rows, int groups,  \
       qm_i64 gs, int tasks, const void* ids, int ids64, const int* order, const float* coeffs,\
-      float* y32, int rows, qm_i64 out, qm_i64 in)                                            \
+      float* y32, int rows, qm_i64 out, qm_i64 in, int wide_ok)                               \
       QM_BODY(qm_sign_mma<D>(x, packed, scales, scale_rows, groups, gs, tasks, ids, ids64,    \
-                             order, coeffs, y32, rows, out, in))
+                             order, coeffs, y32, rows, out, in, wide_ok))
 
 QM_DTYPE_KERNELS(f32, QmF32)
 QM_DTYPE_KERNELS(f16, QmF16)

@@ -34,7 +34,7 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor y32 = base_gemm_f32(x, base_w);
   const int64_t slots = task_ids ? 1 : tasks;
-  const at::Tensor z = at::empty({rows, slots, std::max<int64_t>(r, 1)},
+  const at::Tensor z = at::zeros({rows, slots, std::max<int64_t>(r, 1)},
                                  x.options().dtype(at::kFloat));
   const int vec = vec_ok(in, {&x, &V});
   const int64_t esize = x.element_size();
@@ -49,11 +49,11 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
     float* zp = z.data_ptr<float>() + n0 * slots * std::max<int64_t>(r, 1);
     const float* y32p = y32.data_ptr<float>() + n0 * out;
     void* yp = static_cast<char*>(y.data_ptr()) + n0 * out * esize;
-    const dim3 shrink_grid{unsigned(n), unsigned(slots)};
+    const dim3 shrink_grid{unsigned(n), unsigned(slots), unsigned(ceil_div(in, kShrinkCols))};
     const dim3 expand_grid{unsigned(ceil_div(out, 256)), unsigned(n)};
 #define QM_LOWRANK(SUF, CT)                                                                      \
   if (r > 0) {                                                                                   \
-    qm_lowrank_shrink_##SUF<<<shrink_grid, 128, 0, stream()>>>(                                  \
+    qm_lowrank_shrink_##SUF<<<shrink_grid, 256, 0, stream()>>>(                                  \
         static_cast<const CT*>(xp), static_cast<const CT*>(V.data_ptr()), int(tasks),            \
         int(full_rank), int(r), idp, ra.ids64, cp, zp, in, vec);                                 \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                              \

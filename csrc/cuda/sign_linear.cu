@@ -1,7 +1,7 @@
 // sign_linear on CUDA (semantics: qmerge/ops/reference.py). The wrapper picks per call:
 //   gemv  up to 8 rows per pass, one read of the base and of each used task's bits
-//         (qm_sign_gemv): decoding, small mixed batches, fp32, and groups not 16-aligned;
-//   mma   more rows (fp16/bf16, sm_80+): the base as one cuBLAS GEMM over every row (fp32 out),
+//         (qm_sign_gemv): decoding (1-2 rows), fp32, and groups not 16-aligned;
+//   mma   3 rows or more (fp16/bf16, sm_80+): the base as one cuBLAS GEMM over every row (fp32 out),
 //         then the task terms on tensor cores with the signs expanded in registers
 //         (qm_sign_mma), rows sorted by task on the device; no host sync.
 #include <torch/library.h>
@@ -13,8 +13,13 @@ namespace {
 
 constexpr const char* kOp = "sign_linear";
 constexpr int64_t kGemvRows = 8;   // rows per qm_sign_gemv pass
+// From this many rows (fp16/bf16) the mma path: a gemv pass computes every row's dot products on
+// CUDA cores, which stops being memory-bound past 2 rows (bench/results/kernels-gpu-notes.md).
+constexpr int64_t kMmaMinRows = 3;
 constexpr int kGemvWarps = 8;      // warps (output rows in flight) per gemv block
 constexpr int kMmaWarps = 4;       // 16-row output tiles per mma block
+
+bool aligned16_ptr(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 bool has_mma(const at::Tensor& x) {
   int major = 0;
@@ -89,7 +94,7 @@ void run_mma(const at::Tensor& x_in, const at::Tensor& w, const SignArgs& s, con
   const int* op = order.data_ptr<int>();
 #define QM_MMA_ARGS                                                                          \
   xp, s.packed, s.scales, s.scale_rows, s.groups, s.gs, s.tasks, r.ids_ptr(), r.ids64, op,  \
-      r.coeffs_ptr(), y32.data_ptr<float>(), int(rows), out, in
+      r.coeffs_ptr(), y32.data_ptr<float>(), int(rows), out, in, int(aligned16_ptr(s.packed))
   if (dtype_of(x) == Dt::bf16) {
     qm_sign_mma_bf16<<<grid, kMmaWarps * 32, 0, stream()>>>(QM_MMA_ARGS);
   } else {
@@ -135,7 +140,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   s.tasks = int(packed.size(0));
   s.gs = ceil_div(in, s.groups);
   const RoutesArg r = routes_arg(task_ids, coeffs);
-  const bool mma = rows > kGemvRows && x.scalar_type() != at::kFloat &&
+  const bool mma = rows >= kMmaMinRows && x.scalar_type() != at::kFloat &&
                    (s.groups == 1 || s.gs % 16 == 0) && has_mma(x);
   if (mma) {
     run_mma(x, base_w, s, r, bias32, y);

@@ -19,8 +19,12 @@ _SOURCE_NAMES = ("csrc/cuda/kernels.cuh",)
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _GEMV_ROWS = 8
 _GEMV_WARPS = 8
+_MMA_MIN_ROWS = 3  # kMmaMinRows in csrc/cuda/sign_linear.cu
 _MMA_WARPS = 4
 _MAX_GRID_Y = 65535
+_DEQUANT_THREADS = 128
+_SHRINK_COLS = 2048  # kShrinkCols in kernels.cuh
+_DEQUANT_CHUNKS = 4  # kDequantChunks in kernels.cuh
 
 
 def kernel_source() -> Path:
@@ -61,6 +65,17 @@ def _launch(name: str, grid: tuple[int, ...], block: int, args: tuple) -> None:
     _kernel(name)(grid, (block,), args)
 
 
+def _cupy_stream(cupy, stream: torch.cuda.Stream):
+    """torch's stream as a CuPy stream (CuPy 14 deprecates ExternalStream for from_external)."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(stream)
+        except (TypeError, AttributeError):  # a torch stream without the CUDA stream protocol
+            pass
+    return cupy.cuda.ExternalStream(stream.cuda_stream)
+
+
 def _on_torch_stream(fn):
     """Runs an op with torch's current stream as CuPy's: DLPack exchanges and launches are
     ordered with the torch work around them, with no synchronization."""
@@ -73,7 +88,7 @@ def _on_torch_stream(fn):
         if ref.device.type != "cuda":  # the checks name the misplaced argument
             return fn(*args, **kwargs)
         with torch.cuda.device(ref.device), cupy.cuda.Device(ref.device.index or 0):
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            with _cupy_stream(cupy, torch.cuda.current_stream()):
                 return fn(*args, **kwargs)
 
     return wrapper
@@ -124,9 +139,9 @@ def _dequant_into(base: Tensor, packed: Tensor, scales: Tensor, alphas: Tensor, 
     ascales = (scales.float() * alphas.float().view(-1, 1, 1)).contiguous()
     groups = scales.shape[2]
     nb = (inn + 7) // 8
-    grid = (-(-nb // 256), min(rows, _MAX_GRID_Y))
+    grid = (-(-nb // (_DEQUANT_THREADS * _DEQUANT_CHUNKS)), min(rows, _MAX_GRID_Y))
     _launch(
-        f"qm_dequant_{_SUFFIX[base.dtype]}", grid, 256,
+        f"qm_dequant_{_SUFFIX[base.dtype]}", grid, _DEQUANT_THREADS,
         (_arr(base), _arr(packed), _arr(ascales), np.int32(scales.shape[1]), np.int32(groups),
          np.int64(-(-inn // groups)), np.int32(tasks), _arr(out), np.int64(rows), np.int64(inn),
          _vec(inn, base, out)),
@@ -183,7 +198,7 @@ def sign_linear(
     ids, ids64, c32 = _routes(task_ids, coeffs)
     sign = (_arr(packed), _arr(scales32), np.int32(scales.shape[1]), np.int32(groups),
             np.int64(gs), np.int32(tasks))
-    mma = (rows > _GEMV_ROWS and x.dtype != torch.float32 and (groups == 1 or gs % 16 == 0)
+    mma = (rows >= _MMA_MIN_ROWS and x.dtype != torch.float32 and (groups == 1 or gs % 16 == 0)
            and _has_mma(x))
     suffix = _SUFFIX[x.dtype]
     if mma:
@@ -195,7 +210,8 @@ def sign_linear(
         grid = (-(-rows // 8), -(-tiles // _MMA_WARPS))
         _launch(f"qm_sign_mma_{suffix}", grid, _MMA_WARPS * 32,
                 (_arr(xa), *sign, _arr(ids), ids64, _arr(order), _arr(c32), _arr(y32),
-                 np.int32(rows), np.int64(out), np.int64(inn)))
+                 np.int32(rows), np.int64(out), np.int64(inn),
+                 np.int32(packed.data_ptr() % 16 == 0)))
         _launch(f"qm_finish_{suffix}", (-(-(rows * out) // 256),), 256,
                 (_arr(y32), _arr(bias32), _arr(y), np.int64(rows), np.int64(out)))
         return y
@@ -240,7 +256,7 @@ def lowrank_linear(
     bias32 = None if bias is None else bias.float().contiguous()
     y32 = _base_gemm_f32(x, base_w)
     slots = 1 if ids is not None else tasks
-    z = torch.empty((rows, slots, max(r, 1)), device=x.device, dtype=torch.float32)
+    z = torch.zeros((rows, slots, max(r, 1)), device=x.device, dtype=torch.float32)
     suffix = _SUFFIX[x.dtype]
     for n0 in range(0, rows, _MAX_GRID_Y):
         n = min(_MAX_GRID_Y, rows - n0)
@@ -248,7 +264,7 @@ def lowrank_linear(
         ids_s = None if ids is None else ids[n0 : n0 + n]
         c_s = None if c32 is None else c32[n0 : n0 + n]
         if r > 0:
-            _launch(f"qm_lowrank_shrink_{suffix}", (n, slots), 128,
+            _launch(f"qm_lowrank_shrink_{suffix}", (n, slots, -(-inn // _SHRINK_COLS)), 256,
                     (_arr(xs), _arr(V), np.int32(tasks), np.int32(full_rank), np.int32(r),
                      _arr(ids_s), ids64, _arr(c_s), _arr(z[n0 : n0 + n]), np.int64(inn),
                      _vec(inn, xs, V)))
