@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs the test suite twice: with the compiled kernels (every instruction set this CPU has),
+# Compile-checks the CUDA kernels, then runs the test suite twice: with the compiled kernels (every instruction set this CPU has),
 # and with them disabled (the pure-torch reference path). Installs first if needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The CUDA sources compile (sm_80, sm_90) even where no GPU can run them; skipped without nvcc.
+bash scripts/check_cuda.sh
 .venv/bin/python -m pytest -q tests "$@"
 QMERGE_DISABLE_EXT=1 .venv/bin/python -m pytest -q tests "$@"
