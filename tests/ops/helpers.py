@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from qmerge import ops
@@ -30,3 +31,21 @@ def merged_weights(base: Tensor, packed: Tensor, scales: Tensor) -> Tensor:
     out, inn = base.shape
     deltas = ops.reference.expand_scales(scales, out, inn) * ops.reference.unpack_signs(packed, inn)
     return base.float() + deltas
+
+
+def route_coeffs(route: dict, rows: int, tasks: int) -> Tensor:
+    """fp32 [rows, T]: the one-hot of task_ids (-1: no task) or the coeffs given."""
+    if "task_ids" in route:
+        ids = route["task_ids"]
+        c = torch.zeros(rows, tasks)
+        c[ids >= 0, ids[ids >= 0]] = 1.0
+        return c
+    return route["coeffs"].float()
+
+
+def sign_eager(x, base, packed, scales, c, bias=None) -> Tensor:
+    """What torch does at x's dtype: materialize each row's weight in that dtype, F.linear."""
+    deltas = merged_weights(base, packed, scales) - base.float()
+    w = base.float()[None] + torch.einsum("nt,toi->noi", c, deltas)
+    y = torch.stack([F.linear(x[n : n + 1], w[n].to(x.dtype))[0] for n in range(x.shape[0])])
+    return y if bias is None else y + bias.to(x.dtype)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from qmerge import ops
 from qmerge.ops import _cupy
 from tests.conftest import DTYPES
-from tests.ops.helpers import assert_within_eager, make_signs, merged_weights
+from tests.ops.helpers import assert_within_eager, make_signs, route_coeffs, sign_eager
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -120,18 +120,8 @@ def _sign_check(impl, x, base, packed, scales, bias=None, **route):
         x.float(), base.float(), packed, scales, bias=None if bias is None else bias.float(),
         **{k: (v.float() if k == "coeffs" else v) for k, v in route.items()},
     )
-    tasks = packed.shape[0]
-    if "task_ids" in route:
-        ids = route["task_ids"]
-        c = torch.zeros(x.shape[0], tasks)
-        c[ids >= 0, ids[ids >= 0]] = 1.0
-    else:
-        c = route["coeffs"].float()
-    deltas = merged_weights(base, packed, scales) - base.float()
-    w = base.float()[None] + torch.einsum("nt,toi->noi", c, deltas)
-    eager = torch.stack([F.linear(x[n : n + 1], w[n].to(x.dtype))[0] for n in range(x.shape[0])])
-    if bias is not None:
-        eager = eager + bias.to(x.dtype)
+    c = route_coeffs(route, x.shape[0], packed.shape[0])
+    eager = sign_eager(x, base, packed, scales, c, bias)
     assert_within_eager(y.cpu(), exact, eager, str(route.keys()))
 
 

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from qmerge import ops
 from tests.conftest import DTYPES
-from tests.ops.helpers import assert_within_eager, make_signs, merged_weights
+from tests.ops.helpers import assert_within_eager, make_signs, route_coeffs, sign_eager
 
 CASES = [  # (rows N, out, in, tasks T, groups)
     (1, 16, 24, 1, 1), (3, 9, 13, 2, 1), (5, 32, 77, 3, 4), (8, 40, 64, 8, 1),
     (9, 17, 100, 5, 3), (30, 24, 45, 4, 1), (64, 20, 40, 2, 2), (300, 12, 33, 8, 1),
 ]
-
-
-def eager(x, base, packed, scales, c, bias=None):
-    """What torch does at x's dtype: materialize each row's weight in that dtype, F.linear."""
-    deltas = merged_weights(base, packed, scales) - base.float()
-    w = base.float()[None] + torch.einsum("nt,toi->noi", c, deltas)
-    y = torch.stack([F.linear(x[n : n + 1], w[n].to(x.dtype))[0] for n in range(x.shape[0])])
-    return y if bias is None else y + bias.to(x.dtype)
 
 
 def check(x, base, packed, scales, bias=None, **route):
@@ -31,14 +22,8 @@ def check(x, base, packed, scales, bias=None, **route):
         x.float(), base.float(), packed, scales, bias=None if bias is None else bias.float(),
         **{k: (v.float() if k == "coeffs" else v) for k, v in route.items()},
     )
-    tasks = packed.shape[0]
-    if "task_ids" in route:
-        ids = route["task_ids"]
-        c = torch.zeros(x.shape[0], tasks)
-        c[ids >= 0, ids[ids >= 0]] = 1.0
-    else:
-        c = route["coeffs"].float()
-    assert_within_eager(y, exact, eager(x, base, packed, scales, c, bias), str(route.keys()))
+    c = route_coeffs(route, x.shape[0], packed.shape[0])
+    assert_within_eager(y, exact, sign_eager(x, base, packed, scales, c, bias), str(route.keys()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
