@@ -41,11 +41,16 @@ done
 pids+=($!)
 fail=0
 for p in "${pids[@]}"; do wait "$p" || fail=1; done
-# The kernel source must stay free of #include outside the nvcc-only block (NVRTC compiles it).
-if grep -n '^#include' csrc/cuda/kernels.cuh | grep -v cstdio; then
-  echo "check_cuda: csrc/cuda/kernels.cuh must not include headers (the CuPy fallback compiles it with NVRTC)"
+# The kernel source must stay free of system headers outside the nvcc-only block (NVRTC compiles
+# it, its own qm_*.cuh includes inlined by qmerge/ops/_cupy.py).
+if grep -n '^#include <' csrc/cuda/kernels.cuh csrc/cuda/qm_*.cuh | grep -v cstdio; then
+  echo "check_cuda: the kernel source (kernels.cuh, qm_*.cuh) must not include system headers (the CuPy fallback compiles it with NVRTC)"
   fail=1
 fi
+# The text the CuPy fallback hands to NVRTC is self-contained and compiles as one file.
+"$PY" -c "from qmerge.ops._cupy import source_text; print(source_text())" > "$OUT/nvrtc_source.cu"
+if grep -n '#include "' "$OUT/nvrtc_source.cu"; then echo "check_cuda: local include left in the NVRTC source"; fail=1; fi
+"$NVCC" -std=c++17 -O1 -gencode arch=compute_90,code=sm_90 -c "$OUT/nvrtc_source.cu" -o "$OUT/nvrtc_source.o" || fail=1
 if [[ $fail -ne 0 ]]; then
   echo "check_cuda: FAILED"
   exit 1

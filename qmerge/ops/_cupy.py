@@ -7,6 +7,7 @@ same choice of path); `register()` installs them as the ops' CUDA kernels.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +40,30 @@ def kernel_source() -> Path:
     )
 
 
+def source_text(path: Path | None = None, seen: set[Path] | None = None) -> str:
+    """kernels.cuh with its local includes (`#include "qm_*.cuh"`) inlined, each once: one
+    self-contained text for NVRTC, whatever include paths it is given."""
+    path = path or kernel_source()
+    seen = set() if seen is None else seen
+    out = []
+    for line in path.read_text().splitlines():
+        m = re.match(r'\s*#include "([^"]+)"', line)
+        if m:
+            dep = (path.parent / m.group(1)).resolve()
+            if dep not in seen:
+                seen.add(dep)
+                out.append(source_text(dep, seen))
+            continue
+        if line.strip() != "#pragma once":  # one file now
+            out.append(line)
+    return "\n".join(out)
+
+
 @functools.cache
 def _module():
     import cupy
 
-    return cupy.RawModule(code=kernel_source().read_text(), options=("-std=c++17",))
+    return cupy.RawModule(code=source_text(), options=("-std=c++17",))
 
 
 def _kernel(name: str):
