@@ -22,31 +22,25 @@ __device__ __forceinline__ qm_u32 qm_sign_pair(qm_u32 byte, int q) {
 template <class D>
 __device__ __forceinline__ void qm_mma(float c[4], const qm_u32 a[4], const qm_u32 b[2]);
 
-template <>
-__device__ __forceinline__ void qm_mma<QmBF16>(float c[4], const qm_u32 a[4], const qm_u32 b[2]) {
+// mma.m16n8k16 with fp32 accumulators, one specialization per 16-bit input type (its PTX name).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#define QM_MMA_BODY(PTX)                                                                         \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0,%1,%2,%3}, "     \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                          \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 #else
-  __trap();
+#define QM_MMA_BODY(PTX) __trap()
 #endif
-}
-
-template <>
-__device__ __forceinline__ void qm_mma<QmF16>(float c[4], const qm_u32 a[4], const qm_u32 b[2]) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();
-#endif
-}
+#define QM_MMA_SPECIALIZATION(D, PTX)                                                             \
+  template <>                                                                                     \
+  __device__ __forceinline__ void qm_mma<D>(float c[4], const qm_u32 a[4], const qm_u32 b[2]) { \
+    QM_MMA_BODY(PTX);                                                                             \
+  }
+QM_MMA_SPECIALIZATION(QmBF16, "bf16")
+QM_MMA_SPECIALIZATION(QmF16, "f16")
+#undef QM_MMA_SPECIALIZATION
+#undef QM_MMA_BODY
 
 // Two consecutive 16-bit values of row p at column k (k even) as one register; 0 past `in`.
 __device__ __forceinline__ qm_u32 qm_pair16(const qm_u16* p, qm_i64 k, qm_i64 in, bool even) {

@@ -21,11 +21,15 @@ constexpr int kMmaWarps = 4;       // 16-row output tiles per mma block
 
 bool aligned16_ptr(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// Tensor cores for mma.m16n8k16 (sm_80+); the capability is looked up once per device.
 bool has_mma(const at::Tensor& x) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        x.device().index()));
-  return major >= 8;
+  static int major[64] = {};  // 0: not looked up yet
+  const int dev = x.device().index();
+  if (dev < 0 || dev >= 64) return false;
+  if (major[dev] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[dev], cudaDevAttrComputeCapabilityMajor, dev));
+  }
+  return major[dev] >= 8;
 }
 
 struct SignArgs {

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from qmerge.ops import _checks
 
-_SOURCE_NAMES = ("csrc/cuda/kernels.cuh",)
+_SOURCE = "csrc/cuda/kernels.cuh"
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _GEMV_ROWS = 8
 _GEMV_WARPS = 8
@@ -31,11 +31,10 @@ _DEQUANT_CHUNKS = 4  # kDequantChunks in kernels.cuh
 def kernel_source() -> Path:
     """The kernel source shipped with the repository (an editable install)."""
     root = Path(__file__).resolve().parents[2]
-    for name in _SOURCE_NAMES:
-        if (root / name).is_file():
-            return root / name
+    if (root / _SOURCE).is_file():
+        return root / _SOURCE
     raise RuntimeError(
-        f"qmerge: the CuPy fallback needs the kernel source {_SOURCE_NAMES[0]} next to the "
+        f"qmerge: the CuPy fallback needs the kernel source {_SOURCE} next to the "
         f"package (looked in {root}); install qmerge from its repository with pip install -e ."
     )
 
