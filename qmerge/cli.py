@@ -174,11 +174,12 @@ def _infer(args: argparse.Namespace) -> dict:
         result = inference.fit(
             args.pack, args.base, dict(args.examples), kind=args.kind, layer=args.layer,
             mode=args.mode, temperature=args.temperature, max_examples=args.max_examples,
-            evaluate=dict(args.eval) if args.eval else None,
+            metric=args.metric, evaluate=dict(args.eval) if args.eval else None,
             progress=lambda it: bar(it, enabled, "features", unit="task"))
         if not args.json:
             r = result["router"]
-            print(f"router: {r['kind']} over {', '.join(r['tasks'])}, features after block "
+            kind = r["kind"] + (f" ({r['metric']})" if "metric" in r else "")
+            print(f"router: {kind} over {', '.join(r['tasks'])}, features after block "
                   f"{r['layer']} ({r['pooling']}-pooled), mode {r['mode']}; examples: "
                   + ", ".join(f"{t}={n}" for t, n in r["examples"].items()))
             if ev := result.get("evaluation"):
@@ -370,14 +371,17 @@ def parser() -> argparse.ArgumentParser:
                    metavar="NAME=FILE", help="example inputs of a task: one per line, or JSONL "
                    "with a \"text\" field (repeat per task)")
     p.add_argument("--kind", choices=["prototype", "linear"], default="prototype",
-                   help="prototype: no training, cosine to each task's mean feature; linear: "
+                   help="prototype: no training, distance to each task's mean feature; linear: "
                    "logistic regression (default: %(default)s)")
+    p.add_argument("--metric", choices=["mahalanobis", "cosine"], default="mahalanobis",
+                   help="the prototype router's distance: under the examples' shared "
+                   "covariance, or cosine (default: %(default)s)")
     p.add_argument("--layer", type=int, help="block whose output is the feature (default: 2/3 "
                    "of the depth)")
     p.add_argument("--mode", choices=["top1", "softmax"], default="top1",
                    help="one task per input, or a softmax mixture (default: %(default)s)")
     p.add_argument("--temperature", type=float, help="softmax temperature (default 0.05 "
-                   "prototype, 1.0 linear)")
+                   "prototype cosine, 1.0 otherwise)")
     p.add_argument("--max-examples", type=int, default=32,
                    help="examples used per task (default: %(default)s)")
     p.add_argument("--eval", action="append", type=_task_arg, metavar="NAME=FILE",

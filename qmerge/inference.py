@@ -182,7 +182,7 @@ def run(pack: PathLike, base: PathLike, requests: Sequence[dict], *, batch_size:
 
 def fit(pack: PathLike, base: PathLike, examples: dict[str, PathLike], *,
         kind: str = "prototype", layer: int | None = None, mode: str = "top1",
-        temperature: float | None = None, max_examples: int = 32,
+        temperature: float | None = None, max_examples: int = 32, metric: str = "mahalanobis",
         evaluate: dict[str, PathLike] | None = None, max_length: int = 128,
         progress: Callable[[Iterable], Iterable] = iter) -> dict:
     """Fits and saves the pack's router from example files; with `evaluate`, also reports its
@@ -196,7 +196,8 @@ def fit(pack: PathLike, base: PathLike, examples: dict[str, PathLike], *,
 
     texts = {t: read_texts(p)[:max_examples] for t, p in examples.items()}
     router = fit_router(model, texts, kind=kind, layer=layer, mode=mode,
-                        temperature=temperature, encode=encode, progress=progress)
+                        temperature=temperature, metric=metric, encode=encode,
+                        progress=progress)
     result = {"pack": str(pack), "router": model.qmerge.router_entry}
     if evaluate:
         result["evaluation"] = evaluate_router(model, router, {t: read_texts(p) for t, p in

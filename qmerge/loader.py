@@ -160,7 +160,7 @@ def unload(model: nn.Module) -> nn.Module:
 def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str = "prototype",
                layer: int | None = None, pooling: str = "mean", mode: str = "top1",
                temperature: float | None = None, encode: Callable[[Sequence], dict] | None = None,
-               save: bool = True, batch_size: int = 32,
+               save: bool = True, batch_size: int = 32, metric: str = "mahalanobis",
                progress: Callable[[Iterable], Iterable] = iter):
     """Fits a router on a patched model's base features and (by default) saves it in the pack.
 
@@ -171,6 +171,8 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
             task; the linear router as (features, task) pairs.
         kind: 'prototype' or 'linear'.
         layer: the block whose output is the feature (default: 2/3 of the depth).
+        metric: the prototype router's 'mahalanobis' (shared covariance) or 'cosine'
+            (routing/prototype.py).
     """
     handle = getattr(model, "qmerge", None)
     if not isinstance(handle, Patched):
@@ -191,7 +193,7 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
             rows.append(handle.features(inputs, layer, pooling))
         feats[task] = torch.cat(rows)
     if kind == "prototype":
-        router = PrototypeRouter.fit(feats, layer, mode, temperature or 0.05)
+        router = PrototypeRouter.fit(feats, layer, mode, temperature, metric)
     elif kind == "linear":
         router = LinearRouter.fit(feats, layer, mode, temperature or 1.0)
     else:

@@ -3,7 +3,9 @@ the rest:
 
     "router": {"kind": "prototype" | "linear", "file": "router.safetensors",
                "tasks": [str], "layer": int, "pooling": "mean", "mode": "top1" | "softmax",
-               "temperature": float, "examples": {task: int}}
+               "temperature": float, "examples": {task: int},
+               "metric": "mahalanobis" | "cosine", "shrinkage": float}   (prototype only;
+                                                    no metric: cosine, as first saved)
 
 Saving writes the file atomically, then the manifest, under the pack's lock (the order
 format/pack.py uses for task files), so an interrupted save leaves the old router.
