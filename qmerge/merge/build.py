@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,27 +114,15 @@ def merge_pack(pack: PathLike, out: PathLike, method: str, config: Any = None, *
         if (out / mf.NAME).is_file() and not overwrite:
             raise PackError(f"{out}: a pack already exists; pass --overwrite to replace it")
 
-    names = sorted({n for t in src.tasks for n in src.entries(t)})
-    depths = [d for n in src.base_fingerprint["tensors"] if (d := layer_index(n)) is not None]
-    n_layers = max(depths) + 1 if depths else 1
     tasks = tuple(src.tasks)
-    seed = int(getattr(cfg, "seed", 0))
     shared_parts: dict[str, Tensor] = {}
     shared_table: dict[str, dict] = {}
     task_parts: dict[str, dict[str, Tensor]] = {t: {} for t in tasks}
     task_tables: dict[str, dict[str, dict]] = {t: {} for t in tasks}
-    for n in progress(names):
+    for n, deltas, result in _merged(src, name, cfg, progress):
         shape = _shape(src, n)
         dtype = src.base_fingerprint["tensors"][n]["dtype"]
         kind = module_type(n)
-        ctx = TensorCtx(n, layer_index(n), n_layers, tasks, seed)
-        deltas, res = _deltas(src, n)
-        result: Merged | None = None
-        if name == "task_arithmetic":
-            fast = _sum_from_bits(res, cfg.scale, shape)
-            result = Merged(fast) if fast is not None else None
-        if result is None:
-            result = METHODS[name].fn(deltas, cfg, ctx)
         shared = result.shared
         decoded_shared = None
         if shared is not None:
@@ -169,7 +157,7 @@ def merge_pack(pack: PathLike, out: PathLike, method: str, config: Any = None, *
             stored = {part_key(n, k): v.contiguous() for k, v in r.parts().items()}
             task_tables[t][n] = entry(r, rcfg, kind, list(shape), dtype, target, stored, info)
             task_parts[t].update(stored)
-        del deltas, res, result
+        del deltas, result
 
     manifest = mf.new(src.base_fingerprint, f"qmerge {qmerge.__version__}")
     with staged_dir(out) as staged:
@@ -202,6 +190,42 @@ def merge_pack(pack: PathLike, out: PathLike, method: str, config: Any = None, *
         manifest["merge"] = merge_entry
         write_manifest(staged, manifest)
     return Pack.open(out)
+
+
+def _merged(src: Pack, name: str, cfg: Any, progress: Callable[[Iterable], Iterable]
+            ) -> Iterator[tuple[str, Tensor, Merged]]:
+    """(tensor name, the tasks' deltas [T, *shape], the method's result) for every tensor some
+    task of `src` has, one at a time."""
+    names = sorted({n for t in src.tasks for n in src.entries(t)})
+    depths = [d for n in src.base_fingerprint["tensors"] if (d := layer_index(n)) is not None]
+    n_layers = max(depths) + 1 if depths else 1
+    tasks = tuple(src.tasks)
+    seed = int(getattr(cfg, "seed", 0))
+    for n in progress(names):
+        shape = _shape(src, n)
+        ctx = TensorCtx(n, layer_index(n), n_layers, tasks, seed)
+        deltas, res = _deltas(src, n)
+        result: Merged | None = None
+        if name == "task_arithmetic":
+            fast = _sum_from_bits(res, cfg.scale, shape)
+            result = Merged(fast) if fast is not None else None
+        if result is None:
+            result = METHODS[name].fn(deltas, cfg, ctx)
+        del res
+        yield n, deltas, result
+
+
+def shared_deltas(pack: PathLike, method: str, config: Any = None) -> Iterator[tuple[str, Tensor]]:
+    """The shared delta of `method` over the tasks of `pack`, per tensor, dense fp32 and not
+    encoded (what `merge_pack` would store before its shared codec): for tuning a merge's
+    scale in memory, or for analysis. One tensor at a time, like `merge_pack`."""
+    src = Pack.open(pack)
+    if not src.tasks:
+        raise PackError(f"{src.path}: has no tasks to merge")
+    name, cfg = parse(method) if config is None else (method, config)
+    for n, _, result in _merged(src, name, cfg, lambda it: it):
+        if result.shared is not None:
+            yield n, result.shared
 
 
 def _has_exclusive(tables: dict[str, dict[str, dict]]) -> bool:

@@ -154,6 +154,23 @@ def test_export_shared_is_the_static_merge(lm, tmp_path):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spec", ["task_arithmetic:scale=0.7", "ties:density=0.3", "lines"])
+def test_shared_deltas_in_memory_equal_the_merged_packs(lm, spec):
+    root, base, fts, pack = lm
+    name = spec.split(":")[0]
+    out = qmerge.merge_pack(pack, root / f"mem-{name}", spec, shared_codec=FP32,
+                            exclusive=tiny.EXACT, overwrite=True)
+    got = dict(qmerge.merge.shared_deltas(pack, spec))
+    stored = out.shared_entries()
+    assert stored and set(stored) <= set(got)
+    for n, d in got.items():
+        if n not in stored:  # the pack skips an all-zero delta (tiny.perturbed leaves norms)
+            assert not d.any(), n
+            continue
+        torch.testing.assert_close(d.reshape(-1), shared_residual(out, n).dequantize().reshape(-1),
+                                   rtol=0, atol=0)
+
+
 def test_classifier_heads_survive_the_merge(tmp_path):
     base, fts = tiny.bert(tmp_path)
     pack = tiny.compress(base, fts, tmp_path / "pack", tiny.EXACT, heads=("classifier.*",))
