@@ -19,5 +19,7 @@ pip install --no-deps "bitsandbytes==0.50.2"
 pip install "peft==0.21.2" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31.1"
 # The HTTP server (qmerge serve) and its tests: an HTTP client and the OpenAPI fuzzer.
 pip install "fastapi==0.163.2" "uvicorn==0.54.0" "httpx==0.28.1" "schemathesis==4.32.5"
+# The quality benchmark's plot (bench/quality/run.py; its smoke test runs in the suite).
+pip install "matplotlib==3.11.2"
 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -e .
 .venv/bin/python -c "from qmerge import ops; print('qmerge installed; kernels:', ops.backend())"

@@ -72,9 +72,21 @@ def save(model, tok, out: Path, meta: dict) -> Path:
     return out
 
 
-def answer_prompt(text: str) -> str:
+# The word after the input that asks for the label (fortune_topic's was the first, "Topic").
+CUES = {"fortune_topic": "Topic", "sentiment": "Sentiment", "language": "Language",
+        "noun_sense": "Category", "verb_sense": "Category"}
+# Label words the model answers where a task's labels are codes.
+WORDS = {"language": {"en": "English", "de": "German", "es": "Spanish", "it": "Italian",
+                      "pl": "Polish", "cs": "Czech", "pt": "Portuguese"}}
+
+
+def answer_word(name: str, label: str) -> str:
+    return WORDS.get(name, {}).get(label, label)
+
+
+def answer_prompt(text: str, cue: str = "Topic") -> str:
     """A task input as a prompt whose answer is the label word (the LLM track's format)."""
-    return f"{' '.join(text.split()[:40])}\nTopic:"
+    return f"{' '.join(text.split()[:40])}\n{cue}:"
 
 
 def finetune_answers(name: str, steps: int = 150, force: bool = False, seed: int = 0) -> Path:
@@ -96,8 +108,8 @@ def finetune_answers(name: str, steps: int = 150, force: bool = False, seed: int
     def batch_loss():
         ids, labels = [], []
         for text, y in rng.sample(task.train, 8):
-            p = tok(answer_prompt(text))["input_ids"]
-            a = tok(f" {task.labels[y]}")["input_ids"] + [tok.eos_token_id]
+            p = tok(answer_prompt(text, CUES[name]))["input_ids"]
+            a = tok(f" {answer_word(name, task.labels[y])}")["input_ids"] + [tok.eos_token_id]
             ids.append(p + a)
             labels.append([-100] * len(p) + a)
         n = max(len(x) for x in ids)

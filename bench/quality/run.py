@@ -1,15 +1,17 @@
 """The quality benchmark: static merges vs routed compressed deltas on real fine-tunes.
 
-    .venv/bin/python bench/quality/run.py [--seeds 0,1,2] [--max-test 500] [--lm-tasks ...]
+    .venv/bin/python bench/quality/run.py [--seeds 0,1,2] [--max-test 200] [--lm-max-test 100]
 
-MiniLM track: all-MiniLM-L6-v2 fine-tuned (whole encoder + a head) on the 5 tasks of tasks.py,
-one fine-tune per task and seed (finetune.py, cached in bench/.cache). Heads are per task and
-kept out of every merge: every setup is scored with the task's own head on the pooled output
-of the encoder that setup gives. LLM track: SmolLM2-135M taught to answer each task's label
-word (finetune_lm.finetune_answers), scored by exact match of its greedy answer.
+MiniLM track (minilm.py): all-MiniLM-L6-v2 fine-tuned (whole encoder + a head) on the 5 tasks
+of tasks.py, one fine-tune per task and seed (finetune.py, cached in bench/.cache). LLM track
+(lm.py): SmolLM2-135M taught to answer the label word of 3 tasks (finetune_lm.py), scored by
+exact match of its greedy answer, one seed. Each task's test split (a hash of the text) gives
+its last examples to a held-out split, on which the static merges' scales are tuned
+(measure.py); the rest, up to --max-test, is the test set.
 
-Writes bench/results/quality.md, quality.json and quality.png. Needs the extras of tasks.py's
-`ensure_data()` and matplotlib (`.venv/bin/pip install matplotlib`) for the plot.
+Writes bench/results/quality.md, quality.json and quality.png; the analysis of the figures is
+kept in quality-notes.md. Needs tasks.py's data (`ensure_data()` names what to install), the
+base models of finetune.py and common.py, and matplotlib for the plot.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,261 +28,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+import lm as lm_track  # noqa: E402
+import minilm as minilm_track  # noqa: E402
 import tasks as task_data  # noqa: E402
-from common import CACHE  # noqa: E402
-from finetune import finetune, minilm_base  # noqa: E402
-
-import qmerge  # noqa: E402
-from qmerge.codecs.policy import Policy  # noqa: E402
+from measure import LABELS  # noqa: E402
 
 RESULTS = HERE.parent / "results"
-MATRIX_TYPES = ("attention", "mlp", "other")
-
-
-# --- measuring ---------------------------------------------------------------------------
-
-
-def linear_bits(pack: Path) -> tuple[float, float, float]:
-    """(bytes per task incl. heads, bits/param of the compressed linear weights, bits/param
-    of all the task's residuals), averaged over tasks; a merged pack's shared delta is
-    divided among its tasks."""
-    p = qmerge.open_pack(pack)
-    shared = p.shared_entries()
-    lb = lp = ab = ap = fb = 0
-    for t in p.tasks:
-        for e in p.entries(t).values():
-            ap += e["params"]
-            ab += e["bytes"]
-            if len(e["shape"]) == 2 and e["module_type"] in MATRIX_TYPES:
-                lp += e["params"]
-                lb += e["bytes"]
-        fb += p.manifest["files"][f"tasks/{t}.safetensors"]["bytes"]
-    n = len(p.tasks)
-    for e in shared.values():
-        ab += e["bytes"]
-        if len(e["shape"]) == 2 and e["module_type"] in MATRIX_TYPES:
-            lb += e["bytes"]
-    fb += p.manifest["files"].get("shared.safetensors", {"bytes": 0})["bytes"]
-    params = sum(_numel(x["shape"]) for x in p.base_fingerprint["tensors"].values())
-    lin = sum(_numel(x["shape"]) for k, x in p.base_fingerprint["tensors"].items()
-              if len(x["shape"]) == 2 and qmerge.codecs.module_type(k) in MATRIX_TYPES)
-    return fb / n, lb * 8 / (lin * n) if lin else 0.0, ab * 8 / (params * n)
-
-
-def _numel(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
-
-
-class MiniLM:
-    """One seed of the MiniLM track: fine-tunes, test sets, and scoring of a setup."""
-
-    def __init__(self, seed: int, max_test: int, steps: int, names: list[str]):
-        from transformers import AutoTokenizer
-
-        self.seed, self.names = seed, names
-        self.base = minilm_base()
-        self.tok = AutoTokenizer.from_pretrained(self.base)
-        self.fts = {n: finetune(n, steps, seed=seed) for n in names}
-        self.tasks = {n: task_data.load(n) for n in names}
-        self.test = {n: self.tasks[n].test[:max_test] for n in names}
-        self.work = CACHE / "quality" / f"minilm-s{seed}"
-        self.work.mkdir(parents=True, exist_ok=True)
-
-    def enc(self, texts):
-        return self.tok(texts, padding=True, truncation=True, max_length=64,
-                        return_tensors="pt")
-
-    def batches(self, task: str, bs: int = 64):
-        data = self.test[task]
-        for i in range(0, len(data), bs):
-            chunk = data[i:i + bs]
-            yield self.enc([t for t, _ in chunk]), torch.tensor([y for _, y in chunk])
-
-    def score_model(self, model_for: Callable[[str], torch.nn.Module]) -> dict[str, float]:
-        """Accuracy per task of plain transformers classifiers (fine-tunes, floor)."""
-        out = {}
-        for t in self.names:
-            m = model_for(t)
-            right = n = 0
-            with torch.no_grad():
-                for enc, y in self.batches(t):
-                    right += int((m(**enc).logits.argmax(-1) == y).sum())
-                    n += len(y)
-            out[t] = right / n
-        return out
-
-    def finetuned(self, t: str):
-        from transformers import AutoModelForSequenceClassification
-
-        return AutoModelForSequenceClassification.from_pretrained(self.fts[t]).eval()
-
-    def floor(self, t: str):
-        m = self.finetuned(t)
-        from transformers import AutoModel
-
-        m.bert.load_state_dict(AutoModel.from_pretrained(self.base).state_dict())
-        return m
-
-    def compress(self, name: str, policy: Policy, calib: bool = False) -> Path:
-        out = self.work / name
-        if not (out / "manifest.json").is_file():
-            opts = qmerge.Options(policy=policy, heads=("classifier.*",), progress=False)
-            for t in self.names:
-                if calib:
-                    opts.calib = self.calibration(t)
-                qmerge.add_task(out, self.base, {t: self.fts[t]}, opts=opts) if \
-                    (out / "manifest.json").is_file() else \
-                    qmerge.compress(self.base, {t: self.fts[t]}, out, opts=opts)
-        return out
-
-    def calibration(self, t: str, n: int = 64) -> dict[str, torch.Tensor]:
-        """Inputs of every Linear of the fine-tune on n training texts, keyed by base name."""
-        m = self.finetuned(t)
-        texts = [x for x, _ in self.tasks[t].train[:n]]
-        enc = self.enc(texts)
-        keep = enc["attention_mask"].reshape(-1).bool()
-        seen: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name, mod in m.bert.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                def hook(_m, args, _out, name=name):
-                    x = args[0]
-                    x = x.reshape(-1, x.shape[-1])
-                    seen[f"{name}.weight"] = x[keep] if x.shape[0] == keep.shape[0] else x
-                hooks.append(mod.register_forward_hook(hook))
-        with torch.no_grad():
-            m(**enc)
-        for h in hooks:
-            h.remove()
-        return seen
-
-    def merge(self, name: str, src: Path, method: str, exclusive: str = "sign") -> Path:
-        out = self.work / name
-        if not (out / "manifest.json").is_file():
-            qmerge.merge_pack(src, out, method, exclusive=Policy(codec=exclusive))
-        return out
-
-    def score_pack(self, pack: Path, route: str, preds: dict[str, list[str]] | None = None
-                   ) -> dict[str, float]:
-        """Accuracy per task of a pack: the encoder routed by `route` ('oracle': the true
-        task; 'base': the backbone alone, i.e. a static merge; 'router': `preds`), scored
-        with the true task's head on the pooled output."""
-        model = qmerge.load(self.base, pack)
-        pk = qmerge.open_pack(pack)
-        pooled: list[torch.Tensor] = []
-        h = model.bert.pooler.register_forward_hook(lambda _m, _a, out: pooled.append(out))
-        out = {}
-        try:
-            for t in self.names:
-                head = pk.heads(t)
-                w, b = head["classifier.weight"].float(), head["classifier.bias"].float()
-                right = n = 0
-                with torch.no_grad():
-                    for i, (enc, y) in enumerate(self.batches(t)):
-                        if route == "oracle":
-                            groups = {t: list(range(len(y)))}
-                        elif route == "base":
-                            groups = {"base": list(range(len(y)))}
-                        else:
-                            assert preds is not None
-                            groups = {}
-                            for k, p in enumerate(preds[t][i * 64:i * 64 + len(y)]):
-                                groups.setdefault(p, []).append(k)
-                        # one forward per routed task: the hook then sees rows in order
-                        pooled_rows = torch.empty(len(y), w.shape[1])
-                        for task, rows in groups.items():
-                            idx = torch.tensor(rows)
-                            pooled.clear()
-                            model(**{k: v[idx] for k, v in enc.items()}, task=task)
-                            pooled_rows[idx] = pooled[-1]
-                        logits = pooled_rows @ w.T + b
-                        right += int((logits.argmax(-1) == y).sum())
-                        n += len(y)
-                out[t] = right / n
-        finally:
-            h.remove()
-            qmerge.unload(model)
-        return out
-
-    def router_preds(self, pack: Path, kind: str, per_task: int = 32
-                     ) -> tuple[dict[str, list[str]], float]:
-        model = qmerge.load(self.base, pack)
-        examples = {t: [x for x, _ in self.tasks[t].train[:per_task]] for t in self.names}
-        router = qmerge.fit_router(model, examples, kind=kind, encode=self.enc, save=False)
-        preds, right, n = {}, 0, 0
-        for t in self.names:
-            preds[t] = []
-            for enc, _ in self.batches(t):
-                feats = model.qmerge.features(enc, router.layer)
-                preds[t] += router.predict(feats)
-            right += sum(p == t for p in preds[t])
-            n += len(preds[t])
-        qmerge.unload(model)
-        return preds, right / n
-
-
-def setups_minilm(s: MiniLM, log) -> list[dict]:
-    rows = []
-    ceiling = s.score_model(s.finetuned)
-
-    def add(name: str, group: str, acc: dict[str, float], pack: Path | None, note: str = ""):
-        bytes_task, lin_bits, all_bits = linear_bits(pack) if pack else (None, None, None)
-        if name == "individual fine-tunes":
-            bytes_task = sum((s.fts[t] / "model.safetensors").stat().st_size
-                             for t in s.names) / len(s.names)
-            lin_bits = all_bits = 32.0
-        norm = {t: acc[t] / ceiling[t] for t in s.names}
-        rows.append({"setup": name, "group": group, "acc": acc, "norm": norm,
-                     "avg_acc": statistics.mean(acc.values()),
-                     "avg_norm": statistics.mean(norm.values()), "bytes_per_task": bytes_task,
-                     "linear_bits": lin_bits, "all_bits": all_bits, "note": note})
-        log(f"  seed {s.seed} {name}: acc {rows[-1]['avg_acc']:.3f} norm "
-            f"{rows[-1]['avg_norm']:.3f}" + (f" linear bits {lin_bits:.3f}" if lin_bits else ""))
-
-    add("base + head (floor)", "reference", s.score_model(s.floor), None)
-    add("individual fine-tunes", "reference", ceiling, None)
-    exact = Policy(codec="dense:dtype=fp32", vectors="dense:dtype=fp32",
-                   types={"norm": "dense:dtype=fp32"})
-    dense = s.compress("dense", exact)
-    for name, method in (("task arithmetic (λ=0.3)", "task_arithmetic"),
-                         ("TIES (k=20%, λ=1)", "ties"),
-                         ("DARE (p=0.9) + TA (λ=0.3)", "dare"),
-                         ("LiNeS (α=1/T, β=0.5) on TA", "lines")):
-        pack = s.merge(method, dense, method)
-        add(name, "static merge", s.score_pack(pack, "base"), pack)
-    sign = s.compress("sign", Policy(codec="sign"))
-    preds_p, route_p = s.router_preds(sign, "prototype")
-    preds_l, route_l = s.router_preds(sign, "linear")
-    log(f"  seed {s.seed} routers: prototype {route_p:.3f}, linear {route_l:.3f}")
-    emr = s.merge("emr", dense, "emr")
-    add("EMR (unified + 1-bit masks), oracle ids", "shared+exclusive", s.score_pack(emr, "oracle"),
-        emr)
-    twin = s.merge("twin-sign", dense, "twin", "sign")
-    add("Twin (TIES shared + 1-bit exclusive), oracle ids", "shared+exclusive",
-        s.score_pack(twin, "oracle"), twin)
-    add("Twin (TIES shared + 1-bit exclusive), prototype router", "shared+exclusive",
-        s.score_pack(twin, "router", preds_p), twin, f"routing accuracy {route_p:.3f}")
-    twin_lr = s.merge("twin-lowrank16", dense, "twin", "lowrank:rank=16")
-    add("Twin (TIES shared + low-rank 16 exclusive), oracle ids", "shared+exclusive",
-        s.score_pack(twin_lr, "oracle"), twin_lr)
-    add("routed sign per-row, oracle ids", "routed", s.score_pack(sign, "oracle"), sign)
-    add("routed sign per-row, prototype router", "routed", s.score_pack(sign, "router", preds_p),
-        sign, f"routing accuracy {route_p:.3f}")
-    add("routed sign per-row, linear router", "routed", s.score_pack(sign, "router", preds_l),
-        sign, f"routing accuracy {route_l:.3f}")
-    cal = s.compress("sign-calibrated", Policy(codec="sign:calibrate=true"), calib=True)
-    add("routed sign calibrated, oracle ids", "routed", s.score_pack(cal, "oracle"), cal)
-    add("routed sign calibrated, prototype router", "routed",
-        s.score_pack(cal, "router", preds_p), cal, f"routing accuracy {route_p:.3f}")
-    for r in (8, 16, 32):
-        lr = s.compress(f"lowrank{r}", Policy(codec=f"lowrank:rank={r}"))
-        add(f"routed low-rank r={r}, oracle ids", "routed", s.score_pack(lr, "oracle"), lr)
-    auto = s.compress("auto", Policy(codec="auto"))
-    add("routed auto (SQNR 6 dB), oracle ids", "routed", s.score_pack(auto, "oracle"), auto)
-    return rows
+LM_TASKS = "fortune_topic,sentiment,language"
 
 
 # --- report ------------------------------------------------------------------------------
@@ -296,11 +49,28 @@ def summarize(per_seed: dict[int, list[dict]]) -> list[dict]:
         norm = [r["avg_norm"] for r in runs]
         tasks = list(row["acc"])
         out.append(row | {
+            "setup": _merge_names([r["setup"] for r in runs]),
             "acc_mean": statistics.mean(acc), "acc_spread": max(acc) - min(acc),
             "norm_mean": statistics.mean(norm), "norm_spread": max(norm) - min(norm),
+            "norm_by_seed": dict(zip(seeds, norm, strict=True)),
             "task_acc": {t: statistics.mean(r["acc"][t] for r in runs) for t in tasks},
-            "task_norm": {t: statistics.mean(r["norm"][t] for r in runs) for t in tasks}})
+            "bytes_per_task": _mean([r["bytes_per_task"] for r in runs]),
+            "linear_bits": _mean([r["linear_bits"] for r in runs]),
+            "all_bits": _mean([r["all_bits"] for r in runs])})
     return out
+
+
+def _mean(xs):
+    return None if any(x is None for x in xs) else statistics.mean(xs)
+
+
+def _merge_names(names: list[str]) -> str:
+    """A tuned static merge may pick a different value per seed: 'TA (λ=0.3 / 0.5, tuned)'."""
+    if len(set(names)) == 1:
+        return names[0]
+    head = names[0].split("=")[0]
+    values = [n.split("=", 1)[1].split(",")[0] for n in names]
+    return f"{head}={' / '.join(values)}, tuned)"
 
 
 def _b(x):
@@ -311,10 +81,10 @@ def _f(x, d=3):
     return "—" if x is None else f"{x:.{d}f}"
 
 
-def table(rows: list[dict], seeds: list[int]) -> list[str]:
+def table(rows: list[dict], score: str) -> list[str]:
     tasks = list(rows[0]["acc"])
-    head = ("| setup | " + " | ".join(tasks) + " | avg acc | avg normalized | spread (norm) | "
-            "MB per task | bits/param linear | bits/param all |")
+    head = ("| setup | " + " | ".join(tasks) + f" | avg {score} | avg normalized | "
+            "spread (norm) | MB per task | bits/param linear | bits/param all |")
     lines = [head, "|" + "---|" * (len(tasks) + 7)]
     for r in rows:
         cells = [f"{r['task_acc'][t]:.3f}" for t in tasks]
@@ -325,90 +95,198 @@ def table(rows: list[dict], seeds: list[int]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def sweep_table(sweeps: dict[int, dict]) -> list[str]:
+    """Held-out accuracy over each static merge's grid, per seed, and the chosen value."""
+    lines = ["| method | knob | paper's value | held-out average accuracy per value (seed: "
+             "chosen) |", "|---|---|---|---|"]
+    seeds = sorted(sweeps)
+    for method in sweeps[seeds[0]]:
+        first = sweeps[seeds[0]][method]
+        curves = "; ".join(
+            f"seed {s}: " + ", ".join(f"{v}: {a:.3f}" for v, a in sweeps[s][method]["curve"]
+                                      .items()) + f" (**{sweeps[s][method]['best']:g}**)"
+            for s in seeds)
+        lines.append(f"| {LABELS[method]} | {first['knob']} | {first['paper']:g} | {curves} |")
+    return lines
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 5's targets, read off the MiniLM rows."""
+    by = {r["setup"]: r for r in rows}
+    oracle = by["routed sign calibrated, oracle ids"]
+    proto = by["routed sign calibrated, prototype router"]
+    statics = [r for r in rows if r["group"] == "static merge"]
+    best_static = max(statics, key=lambda r: r["acc_mean"])
+    best_se = max((r for r in rows if r["group"] == "shared+exclusive"),
+                  key=lambda r: r["acc_mean"])
+    gap = (best_se["acc_mean"] - best_static["acc_mean"]) * 100
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    worst = min(oracle["norm_by_seed"].values())
+    return [
+        "| target (MiniLM track) | measured | |", "|---|---|---|",
+        f"| routed 1-bit, oracle ids: ≥ 99% normalized at ≤ 1.1 bits/param (linear) | "
+        f"{oracle['norm_mean'] * 100:.1f}% (lowest seed {worst * 100:.1f}%) at "
+        f"{oracle['linear_bits']:.3f} bits/param | "
+        f"{verdict(oracle['norm_mean'] >= 0.99 and oracle['linear_bits'] <= 1.1)} |",
+        f"| prototype router instead of oracle ids: ≥ 97% normalized | "
+        f"{proto['norm_mean'] * 100:.1f}% (lowest seed "
+        f"{min(proto['norm_by_seed'].values()) * 100:.1f}%) | "
+        f"{verdict(proto['norm_mean'] >= 0.97)} |",
+        f"| best shared+exclusive beats every static merge by ≥ 10 points of average accuracy | "
+        f"{best_se['setup']} {best_se['acc_mean']:.3f} vs {best_static['setup']} "
+        f"{best_static['acc_mean']:.3f}: +{gap:.1f} points | {verdict(gap >= 10)} |",
+    ]
+
+
+def plot(tracks: list[tuple[str, list[dict]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, len(tracks), figsize=(8 * len(tracks), 5.5), squeeze=False)
     colors = {"reference": "k", "static merge": "tab:red", "shared+exclusive": "tab:green",
               "routed": "tab:blue"}
-    for r in rows:
-        x = r["bytes_per_task"] / 2**20 if r["bytes_per_task"] else 0.05
-        ax.scatter(x, r["norm_mean"] * 100, c=colors[r["group"]], label=r["group"])
-        ax.annotate(r["setup"].split(",")[0][:28], (x, r["norm_mean"] * 100), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles, strict=False))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("stored MB per task (merged packs: shared delta divided among the tasks)")
-    ax.set_ylabel("normalized accuracy, % of the individual fine-tunes")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
+    for ax, (title, rows) in zip(axes[0], tracks, strict=True):
+        for r in rows:
+            x = r["bytes_per_task"] / 2**20 if r["bytes_per_task"] else 0.05
+            ax.scatter(x, r["norm_mean"] * 100, c=colors[r["group"]], label=r["group"])
+            ax.annotate(r["setup"][:34], (x, r["norm_mean"] * 100), fontsize=5.5,
+                        xytext=(3, 2), textcoords="offset points")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles, strict=False))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="lower right")
+        ax.set_xscale("log")
+        ax.set_xlabel("stored MB per task (merged packs: shared delta divided among the tasks)")
+        ax.set_ylabel("normalized accuracy, % of the individual fine-tunes")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def write_report(out: Path, command: str, meta: str, minilm: tuple[list[dict], dict[int, dict]],
+                 lm: tuple[list[dict], dict[int, dict]] | None) -> None:
+    rows, sweeps = minilm
+    png = out.with_suffix(".png")
+    tracks = [("MiniLM-L6 (classification heads)", rows)]
+    if lm:
+        tracks.append(("SmolLM2-135M (exact-match answers)", lm[0]))
+    plot(tracks, png)
+    how = ("Per-task {score} is the mean over seeds; *normalized* is {score} ÷ the individual "
+           "fine-tune's, per task, averaged over tasks, then over seeds; *spread* is max − min "
+           "of it over seeds (points). Bytes and bits/param are per task (a merged pack's "
+           "shared delta is divided among the tasks); *linear* counts the attention/MLP "
+           "matrices only. Static merges are scored as stored packs, at the value their sweep "
+           "chose on the held-out split (table below).")
+    text = [
+        "# Quality: static merges vs routed compressed deltas", "",
+        f"Command: `{command}`", "", meta, "",
+        "Analysis, and why each figure is what it is: [quality-notes.md](quality-notes.md).", "",
+        "## Targets", "", *targets(rows), "",
+        "## MiniLM track (all-MiniLM-L6-v2, whole-encoder fine-tunes + per-task heads)", "",
+        how.format(score="accuracy"), "", *table(rows, "acc"), "",
+        "Static-merge sweeps (held-out split, average accuracy over tasks):", "",
+        *sweep_table(sweeps), "",
+    ]
+    if lm:
+        text += ["## LLM track (SmolLM2-135M answering each task's label word)", "",
+                 how.format(score="exact match"), "", *table(lm[0], "exact"), "",
+                 "Static-merge sweeps (held-out split, average exact match):", "",
+                 *sweep_table(lm[1]), ""]
+    text += [f"![normalized accuracy vs bytes per task]({png.name})", ""]
+    from qmerge.format.atomic import atomic_file
+
+    with atomic_file(out) as f:
+        f.write("\n".join(text).encode())
+    with atomic_file(out.with_suffix(".json")) as f:
+        f.write(json.dumps({"minilm": rows, "minilm_sweeps": sweeps,
+                            "lm": lm[0] if lm else None, "lm_sweeps": lm[1] if lm else None},
+                           indent=1).encode())
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+def run_seeds(make, seeds: list[int], cache: Path | None, log) -> tuple[list[dict], dict]:
+    """Every seed of one track (`make(seed)` -> (track, setups)); a seed's rows are taken
+    from `cache/<seed>.json` when given and present."""
+    per_seed, sweeps = {}, {}
+    for seed in seeds:
+        cached = cache / f"{seed}.json" if cache else None
+        if cached and cached.is_file():
+            log(f"seed {seed}: rows from {cached}")
+            per_seed[seed], sweeps[seed] = json.loads(cached.read_text())
+            continue
+        log(f"seed {seed}")
+        track, setups = make(seed)
+        per_seed[seed], sweeps[seed] = setups(track, log)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps([per_seed[seed], sweeps[seed]]))
+    return summarize(per_seed), sweeps
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--max-test", type=int, default=500, help="test examples per task")
-    ap.add_argument("--steps", type=int, default=200, help="fine-tuning steps (MiniLM)")
-    ap.add_argument("--tasks", default=",".join(task_data.ALL))
+    ap.add_argument("--seeds", default="0,1,2", help="MiniLM fine-tuning seeds")
+    ap.add_argument("--max-test", type=int, default=200, help="MiniLM test examples per task")
+    ap.add_argument("--steps", type=int, default=200, help="MiniLM fine-tuning steps")
+    ap.add_argument("--tasks", default=",".join(task_data.ALL), help="MiniLM tasks")
+    ap.add_argument("--lm-tasks", default=LM_TASKS, help="LLM tasks ('' skips the track)")
+    ap.add_argument("--lm-max-test", type=int, default=100, help="LLM test examples per task")
+    ap.add_argument("--lm-steps", type=int, default=60,
+                    help="LLM answer fine-tuning steps for tasks not cached yet")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.md")
-    ap.add_argument("--reuse", action="store_true", help="take a seed's rows from its cached "
-                    "JSON (bench/.cache/quality) when the same --max-test made it")
-    a = ap.parse_args()
+    ap.add_argument("--reuse", action="store_true", help="take a seed's rows from the cache "
+                    "(bench/.cache/quality) when the same settings made them")
+    a = ap.parse_args(argv)
+    from common import CACHE, smollm2_base
+    from finetune import finetune, minilm_base
+    from finetune_lm import finetune_answers
+
     task_data.ensure_data()
     torch.set_num_threads(2)
     seeds = [int(x) for x in a.seeds.split(",")]
     names = a.tasks.split(",")
+    lm_names = [n for n in a.lm_tasks.split(",") if n]
     t0 = time.time()
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.0f} s] {msg}", flush=True)
 
-    per_seed = {}
-    for seed in seeds:
-        cached = CACHE / "quality" / f"minilm-s{seed}-n{a.max_test}.json"
-        if a.reuse and cached.is_file():
-            log(f"MiniLM seed {seed}: rows from {cached}")
-            per_seed[seed] = json.loads(cached.read_text())
-            continue
-        log(f"MiniLM seed {seed}")
-        per_seed[seed] = setups_minilm(MiniLM(seed, a.max_test, a.steps, names), log)
-        cached.write_text(json.dumps(per_seed[seed]))
-    rows = summarize(per_seed)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    png = a.out.with_suffix(".png")
-    plot(rows, png, f"MiniLM-L6, {len(names)} tasks, {len(seeds)} seed(s)")
-    cmd = " ".join(a for a in sys.argv[1:])
-    text = [
-        "# Quality: static merges vs routed compressed deltas",
-        "",
-        f"Command: `.venv/bin/python bench/quality/run.py {cmd}`".rstrip(),
-        "",
-        f"- date {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; "
-        f"{a.max_test} test examples per task at most; seeds {seeds}; "
-        f"{time.time() - t0:.0f} s",
-        "",
-        "## MiniLM track (all-MiniLM-L6-v2, whole-encoder fine-tunes + per-task heads)",
-        "",
-        "Per-task accuracy is the mean over seeds; *normalized* is accuracy ÷ the individual "
-        "fine-tune's, per task, averaged over tasks, then over seeds; *spread* is max − min of "
-        "it over seeds (points). Bytes and bits/param are per task (a merged pack's shared "
-        "delta is divided among the tasks); *linear* counts the attention/MLP matrices only.",
-        "",
-        *table(rows, seeds),
-        "",
-        f"![accuracy vs bytes]({png.name})",
-        "",
-    ]
-    a.out.write_text("\n".join(text))
-    (a.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    data = {n: task_data.load(n) for n in {*names, *lm_names}}
+    work = CACHE / "quality"
+    tag = f"n{a.max_test}-s{a.steps}-{'+'.join(names)}"
+
+    def make_minilm(seed):
+        fts = {n: finetune(n, a.steps, seed=seed) for n in names}
+        return minilm_track.MiniLM(minilm_base(), fts, data, work / f"minilm-s{seed}", seed,
+                                   a.max_test), minilm_track.setups
+
+    log("MiniLM track")
+    minilm = run_seeds(make_minilm, seeds, work / f"rows-minilm-{tag}" if a.reuse else None, log)
+    lm = None
+    if lm_names:
+        def make_lm(seed):
+            fts = {n: finetune_answers(n, a.lm_steps) for n in lm_names}
+            return lm_track.LM(smollm2_base(), fts, data, work / "lm-s0", seed,
+                               a.lm_max_test), lm_track.setups
+
+        log("LLM track")
+        lm_tag = f"n{a.lm_max_test}-{'+'.join(lm_names)}"
+        lm = run_seeds(make_lm, [0], work / f"rows-lm-{lm_tag}" if a.reuse else None, log)
+    command = ".venv/bin/python bench/quality/run.py " + " ".join(sys.argv[1:] if argv is None
+                                                                    else argv)
+    meta = (f"- date {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; MiniLM: seeds "
+            f"{seeds}, {a.max_test} test examples per task at most, {a.steps} fine-tuning "
+            f"steps; LLM: {', '.join(lm_names) or 'skipped'}, 1 seed, {a.lm_max_test} test "
+            f"examples per task at most; {time.time() - t0:.0f} s")
+    write_report(a.out, command.rstrip(), meta, minilm, lm)
     log(f"wrote {a.out}")
 
 

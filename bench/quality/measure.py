@@ -1,0 +1,248 @@
+"""What both tracks of the quality benchmark share: stored bytes per task, the setups' row
+records, calibration inputs, and tuning a static merge's scale on held-out data.
+
+A track is an object with `names` (its tasks), `base` (the base model directory), `work` (its
+packs), `score_pack(pack, route, preds)`, `score_state(state, split)` (accuracy per task of the
+base with some tensors replaced) and `router_preds(pack, kind, metric)`; minilm.py and lm.py
+are the two.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import qmerge
+from qmerge.codecs.policy import Policy
+
+MATRIX_TYPES = ("attention", "mlp", "other")
+EXACT = Policy(codec="dense:dtype=fp32", vectors="dense:dtype=fp32",
+               types={"norm": "dense:dtype=fp32"})
+
+# Static merges, each with the scale (or LiNeS's depth slope) swept on held-out data and the
+# value its paper uses. TA, TIES and DARE are linear in their scale: one shared delta at scale 1
+# serves every grid point.
+SWEEPS = {
+    "task_arithmetic": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8), 0.3),
+    "ties": ("scale", (0.3, 0.5, 0.8, 1.0, 1.5), 1.0),
+    "dare": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8), 0.3),
+    "lines": ("beta", (0.1, 0.25, 0.5, 1.0), 0.5),
+}
+LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES (k=20%)",
+          "dare": "DARE (p=0.9) + TA", "lines": "LiNeS (α=1/T) on TA"}
+SYMBOL = {"scale": "λ", "beta": "β"}
+
+
+def _numel(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def pack_bits(pack: Path) -> tuple[float, float, float]:
+    """(bytes per task incl. heads, bits/param of the compressed linear weights, bits/param
+    of all the task's residuals), averaged over tasks; a merged pack's shared delta is
+    divided among its tasks."""
+    p = qmerge.open_pack(pack)
+    lb = lp = ab = fb = 0
+    for t in p.tasks:
+        for e in p.entries(t).values():
+            ab += e["bytes"]
+            if len(e["shape"]) == 2 and e["module_type"] in MATRIX_TYPES:
+                lp += e["params"]
+                lb += e["bytes"]
+        fb += p.manifest["files"][f"tasks/{t}.safetensors"]["bytes"]
+    n = len(p.tasks)
+    for e in p.shared_entries().values():
+        ab += e["bytes"]
+        if len(e["shape"]) == 2 and e["module_type"] in MATRIX_TYPES:
+            lb += e["bytes"]
+    fb += p.manifest["files"].get("shared.safetensors", {"bytes": 0})["bytes"]
+    params = sum(_numel(x["shape"]) for x in p.base_fingerprint["tensors"].values())
+    lin = sum(_numel(x["shape"]) for k, x in p.base_fingerprint["tensors"].items()
+              if len(x["shape"]) == 2 and qmerge.codecs.module_type(k) in MATRIX_TYPES)
+    return fb / n, lb * 8 / (lin * n) if lin else 0.0, ab * 8 / (params * n)
+
+
+class Rows:
+    """The setups of one track and seed, scored against the individual fine-tunes."""
+
+    def __init__(self, ceiling: dict[str, float], seed: int, log: Callable[[str], None]):
+        self.ceiling, self.seed, self.log, self.rows = ceiling, seed, log, []
+
+    def add(self, name: str, group: str, acc: dict[str, float], pack: Path | None = None,
+            bits: tuple[float, float, float] | None = None, note: str = "") -> None:
+        bytes_task, lin_bits, all_bits = bits or (pack_bits(pack) if pack else (None,) * 3)
+        norm = {t: acc[t] / self.ceiling[t] if self.ceiling[t] else 0.0 for t in acc}
+        self.rows.append({"setup": name, "group": group, "acc": acc, "norm": norm,
+                          "avg_acc": statistics.mean(acc.values()),
+                          "avg_norm": statistics.mean(norm.values()),
+                          "bytes_per_task": bytes_task, "linear_bits": lin_bits,
+                          "all_bits": all_bits, "note": note})
+        r = self.rows[-1]
+        self.log(f"  seed {self.seed} {name}: acc {r['avg_acc']:.3f} norm {r['avg_norm']:.3f}"
+                 + (f" linear bits {lin_bits:.3f}" if lin_bits else "") + (f"; {note}" if note
+                                                                              else ""))
+
+
+def linear_inputs(model: torch.nn.Module, run: Callable[[], object], keep: torch.Tensor | None
+                  ) -> dict[str, torch.Tensor]:
+    """The inputs of every nn.Linear of `model` during `run()`, flattened to rows (only the
+    rows where `keep` is true, i.e. real tokens, when given), keyed by '<module>.weight'."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def hook(_m, args, _out, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                seen[f"{name}.weight"] = x[keep] if keep is not None and \
+                    x.shape[0] == keep.shape[0] else x
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def static_merges(track, dense: Path, rows: Rows, sweeps: dict = SWEEPS) -> dict[str, dict]:
+    """Every static merge with its scale tuned on the held-out split (the best average
+    accuracy over the grid), then scored on the test split as a real merged pack; returns the
+    sweep (method -> {value: held-out accuracy}) for the report."""
+    base = {n: t.clone() for n, t in track.base_state().items()}
+    out = {}
+    for method, (knob, grid, paper) in sweeps.items():
+        curve = {}
+        if knob == "scale":
+            shared = dict(qmerge.merge.shared_deltas(dense, f"{method}:scale=1.0"))
+            for v in grid:
+                curve[v] = track.score_state({n: base[n] + v * d for n, d in shared.items()},
+                                             "val")
+        else:
+            for v in grid:
+                shared = dict(qmerge.merge.shared_deltas(dense, f"{method}:{knob}={v}"))
+                curve[v] = track.score_state({n: base[n] + d for n, d in shared.items()}, "val")
+            del shared
+        best = max(grid, key=lambda v: statistics.mean(curve[v].values()))
+        out[method] = {"knob": knob, "paper": paper, "best": best,
+                       "curve": {str(v): statistics.mean(c.values()) for v, c in curve.items()}}
+        pack = track.merge(f"{method}-{knob}{best}", dense, f"{method}:{knob}={best}")
+        rows.add(f"{LABELS[method]} ({SYMBOL[knob]}={best:g}, tuned)", "static merge",
+                 track.score_pack(pack, "base"), pack,
+                 note=f"held-out accuracy over {SYMBOL[knob]}: " + ", ".join(
+                     f"{v:g}: {statistics.mean(c.values()):.3f}" for v, c in curve.items()))
+    return out
+
+
+def routed_setups(track, rows: Rows, dense: Path, calibrated: Path, sign: Path) -> None:
+    """The setups both tracks share after the static merges: routers, EMR, Twin, routed
+    codecs. `sign`/`calibrated` are 1-bit packs (per-row scales / calibrated scales)."""
+    preds_m, route_m = track.router_preds(sign, "prototype", "mahalanobis")
+    preds_c, route_c = track.router_preds(sign, "prototype", "cosine")
+    preds_l, route_l = track.router_preds(sign, "linear", None)
+    rows.log(f"  seed {rows.seed} routing accuracy: prototype (mahalanobis) {route_m:.3f}, "
+             f"prototype (cosine) {route_c:.3f}, linear {route_l:.3f}")
+    routed = {"prototype router": (preds_m, route_m),
+              "prototype router (cosine)": (preds_c, route_c), "linear router": (preds_l, route_l)}
+
+    def via(pack: Path, name: str, group: str, how: str) -> None:
+        if how == "oracle ids":
+            rows.add(f"{name}, oracle ids", group, track.score_pack(pack, "oracle"), pack)
+            return
+        preds, acc = routed[how]
+        rows.add(f"{name}, {how}", group, track.score_pack(pack, "router", preds), pack,
+                 note=f"routing accuracy {acc:.3f}")
+
+    emr = track.merge("emr", dense, "emr")
+    via(emr, "EMR (unified + 1-bit masks)", "shared+exclusive", "oracle ids")
+    twin = track.merge("twin-sign", dense, "twin", "sign")
+    via(twin, "Twin (TIES shared + 1-bit exclusive)", "shared+exclusive", "oracle ids")
+    via(twin, "Twin (TIES shared + 1-bit exclusive)", "shared+exclusive", "prototype router")
+    twin_lr = track.merge("twin-lowrank16", dense, "twin", "lowrank:rank=16")
+    via(twin_lr, "Twin (TIES shared + low-rank 16 exclusive)", "shared+exclusive", "oracle ids")
+    for how in ("oracle ids", "prototype router", "linear router"):
+        via(sign, "routed sign per-row", "routed", how)
+    for how in ("oracle ids", "prototype router", "prototype router (cosine)", "linear router"):
+        via(calibrated, "routed sign calibrated", "routed", how)
+    for r in (8, 16, 32):
+        via(track.compress(f"lowrank{r}", Policy(codec=f"lowrank:rank={r}")),
+            f"routed low-rank r={r}", "routed", "oracle ids")
+    via(track.compress("auto", Policy(codec="auto")), "routed auto (SQNR 6 dB)", "routed",
+        "oracle ids")
+
+
+class Track:
+    """One track and seed: fine-tunes of `base` per task, their test and held-out splits, the
+    packs made from them under `work`, and scoring. Subclasses give the model side:
+    `encode`, `base_state`, `score_state`, `score_model`, `score_pack`, `calibration`."""
+
+    heads: tuple[str, ...] = ()
+    sweeps: dict = SWEEPS  # the static merges' grids (tests shorten them)
+
+    def __init__(self, base: Path, fts: dict[str, Path], tasks: dict, work: Path, seed: int,
+                 max_test: int, n_val: int, router_examples: int):
+        self.base, self.fts, self.tasks, self.seed = base, fts, tasks, seed
+        self.names = list(fts)
+        self.work = work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.router_examples = router_examples
+        # held-out = the last n_val test examples; the test split never overlaps it
+        self.split = {"test": {}, "val": {}}
+        for n in self.names:
+            test = tasks[n].test
+            if len(test) <= n_val:
+                raise SystemExit(f"task {n}: {len(test)} test examples, need more than "
+                                 f"{n_val} (the held-out split)")
+            self.split["test"][n] = test[:min(max_test, len(test) - n_val)]
+            self.split["val"][n] = test[-n_val:]
+
+    def compress(self, name: str, policy: Policy, calib: bool = False) -> Path:
+        out = self.work / name
+        if not (out / "manifest.json").is_file():
+            opts = qmerge.Options(policy=policy, heads=self.heads, progress=False)
+            for t in self.names:
+                if calib:
+                    opts.calib = self.calibration(t)
+                if (out / "manifest.json").is_file():
+                    qmerge.add_task(out, self.base, {t: self.fts[t]}, opts=opts)
+                else:
+                    qmerge.compress(self.base, {t: self.fts[t]}, out, opts=opts)
+        return out
+
+    def merge(self, name: str, src: Path, method: str, exclusive: str = "sign") -> Path:
+        out = self.work / name
+        if not (out / "manifest.json").is_file():
+            qmerge.merge_pack(src, out, method, exclusive=Policy(codec=exclusive))
+        return out
+
+    def router_preds(self, pack: Path, kind: str, metric: str | None
+                     ) -> tuple[dict[str, list[str]], float]:
+        """Predictions on the test split of a router fitted on `router_examples` training
+        inputs per task (the base model's features), and its routing accuracy."""
+        model = qmerge.load(self.base, pack)
+        try:
+            examples = {t: [self.prompt(t, x) for x, _ in
+                            self.tasks[t].train[:self.router_examples]] for t in self.names}
+            router = qmerge.fit_router(model, examples, kind=kind, encode=self.encode,
+                                       save=False, **({"metric": metric} if metric else {}))
+            preds, right, n = {}, 0, 0
+            for t in self.names:
+                data = self.split["test"][t]
+                preds[t] = []
+                for i in range(0, len(data), 64):
+                    enc = self.encode([self.prompt(t, x) for x, _ in data[i:i + 64]])
+                    preds[t] += router.predict(model.qmerge.features(enc, router.layer))
+                right += sum(p == t for p in preds[t])
+                n += len(preds[t])
+        finally:
+            qmerge.unload(model)
+        return preds, right / n
+
+    def prompt(self, task: str, text: str) -> str:
+        return text

@@ -1,0 +1,149 @@
+"""The quality benchmark (bench/quality) end to end on tiny models and synthetic tasks: both
+tracks' setups, the static merges' sweeps and the report. The real run (real models, real data,
+hours of CPU) is bench/quality/run.py; this checks its code paths in seconds."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.nn import tiny
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+if os.environ.get("QMERGE_DISABLE_EXT") == "1":
+    # the benchmark's code is the same on either kernel path, and this file costs ~1 min
+    pytest.skip("run once, with the compiled kernels", allow_module_level=True)
+QUALITY = Path(__file__).resolve().parents[2] / "bench" / "quality"
+sys.path.insert(0, str(QUALITY))
+sys.path.insert(0, str(QUALITY.parent))
+import lm as lm_track  # noqa: E402
+import minilm as minilm_track  # noqa: E402
+import run as quality  # noqa: E402
+from tasks import Task  # noqa: E402
+
+
+def _tasks(labels: dict[str, list[str]], n_train=24, n_test=14) -> dict[str, Task]:
+    rng = random.Random(0)
+    out = {}
+    def example(n_labels):
+        return " ".join(rng.choice(tiny.WORDS) for _ in range(6)), rng.randrange(n_labels)
+
+    for name, names in labels.items():
+        out[name] = Task(name, names, [example(len(names)) for _ in range(n_train)],
+                         [example(len(names)) for _ in range(n_test)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality-bert")
+    base, fts = tiny.bert(root)
+    tiny.save_tokenizer(base, 80, {"[PAD]": 0, "[UNK]": 1})
+    for d in fts.values():
+        tiny.save_tokenizer(d, 80, {"[PAD]": 0, "[UNK]": 1})
+    tasks = _tasks({t: [f"label{k}" for k in range(n)] for t, n in zip(fts, (3, 5, 2),
+                                                                          strict=True)})
+    return base, fts, tasks, root
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality-llama")
+    base, fts = tiny.llama(root)
+    specials = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
+    for d in (base, *fts.values()):
+        tiny.save_tokenizer(d, 64, specials)
+    tasks = _tasks({t: ["cat", "dog", "red"] for t in fts})
+    return base, fts, tasks, root
+
+
+SETUPS = ["base + head (floor)", "individual fine-tunes", "EMR (unified + 1-bit masks), oracle ids",
+          "routed sign calibrated, oracle ids", "routed sign calibrated, prototype router",
+          "routed sign calibrated, prototype router (cosine)", "routed low-rank r=32, oracle ids",
+          "Twin (TIES shared + 1-bit exclusive), prototype router", "routed auto (SQNR 6 dB), "
+          "oracle ids"]
+
+
+def _check_rows(rows, sweeps, floor):
+    names = [r["setup"] for r in rows]
+    for want in [floor, *SETUPS[1:]]:
+        assert want in names
+    statics = [r for r in rows if r["group"] == "static merge"]
+    assert len(statics) == 4 and all("tuned" in r["setup"] for r in statics)
+    by = {r["setup"]: r for r in rows}
+    ceiling = by["individual fine-tunes"]
+    assert all(n == (1.0 if ceiling["task_acc"][t] else 0.0) for t, n in
+               ceiling["norm"].items())
+    for r in rows:
+        assert all(0.0 <= a <= 1.0 for a in r["task_acc"].values()), r["setup"]
+    # 1 bit per weight plus a 16-bit scale per row of 32-wide tiny matrices
+    assert 1.0 < by["routed sign calibrated, oracle ids"]["linear_bits"] < 1.6
+    assert 0.0 < by["routed low-rank r=32, oracle ids"]["linear_bits"]
+    for s in sweeps.values():
+        assert set(s) == {"task_arithmetic", "ties", "dare", "lines"}
+        for m in s.values():
+            assert float(m["best"]) in {float(v) for v in m["curve"]}
+
+
+def _short(track):
+    track.sweeps = {m: (knob, grid[:2], paper) for m, (knob, grid, paper) in
+                    track.sweeps.items()}
+    return track
+
+
+def test_both_tracks_and_the_report(minilm, llm, tmp_path):
+    logs = []
+    base, fts, tasks, root = minilm
+    mk = lambda seed: (_short(minilm_track.MiniLM(base, fts, tasks, root / f"s{seed}", seed,  # noqa: E731
+                                                  8, n_val=4, router_examples=8)),
+                       minilm_track.setups)
+    rows, sweeps = quality.run_seeds(mk, [0], tmp_path / "rows", logs.append)
+    _check_rows(rows, sweeps, "base + head (floor)")
+    assert (tmp_path / "rows" / "0.json").is_file()  # a seed's rows are cached for --reuse
+    again = quality.run_seeds(mk, [0], tmp_path / "rows", logs.append)
+    assert again[0] == rows and any("rows from" in m for m in logs)
+
+    lbase, lfts, ltasks, lroot = llm
+    mk_lm = lambda seed: (_short(lm_track.LM(lbase, lfts, ltasks, lroot / "lm", seed, 8,  # noqa: E731
+                                             n_val=4, router_examples=8)), lm_track.setups)
+    lm_rows, lm_sweeps = quality.run_seeds(mk_lm, [0], None, logs.append)
+    _check_rows(lm_rows, lm_sweeps, "base (floor)")
+
+    out = tmp_path / "quality.md"
+    quality.write_report(out, "python bench/quality/run.py --smoke", "- meta", (rows, sweeps),
+                         (lm_rows, lm_sweeps))
+    text = out.read_text()
+    assert "Command: `python bench/quality/run.py --smoke`" in text
+    assert "## Targets" in text and "## LLM track" in text and "Static-merge sweeps" in text
+    assert text.count("| routed sign calibrated, oracle ids |") == 2
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert out.with_suffix(".json").is_file()
+
+
+def test_teacher_forced_exact_match_is_greedy_decoding(llm, tmp_path):
+    """lm.LM.matches reads greedy exact match off one forward: check it against generate."""
+    base, fts, tasks, root = llm
+    track = lm_track.LM(base, fts, tasks, tmp_path, 0, 8, n_val=4, router_examples=8)
+    model = track.finetuned("t1")
+    torch.manual_seed(0)
+    agree = matched = 0
+    for ids, mask, starts, answers in track.batches("t1"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for k, (s, a) in enumerate(zip(starts, answers, strict=True)):
+            # the model's own greedy answer, and the test's answer: both must be judged right
+            gen = model.generate(ids[k:k + 1, :s], max_new_tokens=len(a), do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)[0, s:].tolist()
+            own = ids[k:k + 1].clone()
+            own[0, s:s + len(gen)] = torch.tensor(gen)
+            assert track.matches(model(input_ids=own[:, :s + len(gen)]).logits, [s], [gen]) == 1
+            forced = track.matches(logits[k:k + 1], [s], [a])
+            assert forced == int(gen == a)
+            agree += 1
+            matched += forced
+    assert agree == 8
