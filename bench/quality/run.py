@@ -65,12 +65,13 @@ def _mean(xs):
 
 
 def _merge_names(names: list[str]) -> str:
-    """A tuned static merge may pick a different value per seed: 'TA (λ=0.3 / 0.5, tuned)'."""
+    """A tuned static merge may pick another value per seed: 'TA (λ=0.3 / 0.5, tuned)'."""
     if len(set(names)) == 1:
         return names[0]
-    head = names[0].split("=")[0]
-    values = [n.split("=", 1)[1].split(",")[0] for n in names]
-    return f"{head}={' / '.join(values)}, tuned)"
+    cut = names[0].rindex("(")
+    knob = names[0][cut + 1:].split("=")[0]
+    values = [n[n.rindex("(") + 1:].split("=", 1)[1].split(",")[0] for n in names]
+    return f"{names[0][:cut]}({knob}={' / '.join(values)}, tuned)"
 
 
 def _b(x):

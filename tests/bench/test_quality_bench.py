@@ -147,3 +147,9 @@ def test_teacher_forced_exact_match_is_greedy_decoding(llm, tmp_path):
             agree += 1
             matched += forced
     assert agree == 8
+
+
+def test_a_merge_tuned_differently_per_seed_names_every_value():
+    names = ["TIES (k=20%) (λ=0.5, tuned)", "TIES (k=20%) (λ=0.8, tuned)"]
+    assert quality._merge_names(names) == "TIES (k=20%) (λ=0.5 / 0.8, tuned)"
+    assert quality._merge_names(names[:1] * 3) == names[0]
