@@ -283,12 +283,19 @@ def main(argv: list[str] | None = None) -> None:
         lm = run_seeds(make_lm, [0], work / f"rows-lm-{lm_tag}" if a.reuse else None, log)
     command = ".venv/bin/python bench/quality/run.py " + " ".join(sys.argv[1:] if argv is None
                                                                     else argv)
+    lm_steps = ", ".join(f"{n} {_steps(CACHE / f'smollm2-{n}-answers')}" for n in lm_names)
     meta = (f"- date {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; MiniLM: seeds "
             f"{seeds}, {a.max_test} test examples per task at most, {a.steps} fine-tuning "
-            f"steps; LLM: {', '.join(lm_names) or 'skipped'}, 1 seed, {a.lm_max_test} test "
-            f"examples per task at most; {time.time() - t0:.0f} s")
+            f"steps (batch 16); LLM: 1 seed, {a.lm_max_test} test examples per task at most, "
+            f"fine-tuning steps (batch 8) {lm_steps or 'skipped'}; {time.time() - t0:.0f} s "
+            f"(seeds taken from the cache are not timed again)")
     write_report(a.out, command.rstrip(), meta, minilm, lm)
     log(f"wrote {a.out}")
+
+
+def _steps(finetune: Path) -> str:
+    meta = finetune / "qmerge-task.json"
+    return str(json.loads(meta.read_text()).get("steps", "?")) if meta.is_file() else "?"
 
 
 if __name__ == "__main__":
