@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -281,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         log("LLM track")
         lm_tag = f"n{a.lm_max_test}-{'+'.join(lm_names)}"
         lm = run_seeds(make_lm, [0], work / f"rows-lm-{lm_tag}" if a.reuse else None, log)
-    command = ".venv/bin/python bench/quality/run.py " + " ".join(sys.argv[1:] if argv is None
-                                                                    else argv)
+    command = ".venv/bin/python bench/quality/run.py " + shlex.join(sys.argv[1:] if argv is None
+                                                                      else argv)
     lm_steps = ", ".join(f"{n} {_steps(CACHE / f'smollm2-{n}-answers')}" for n in lm_names)
     meta = (f"- date {time.strftime('%Y-%m-%d')}; torch {torch.__version__}; MiniLM: seeds "
             f"{seeds}, {a.max_test} test examples per task at most, {a.steps} fine-tuning "
