@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 from finetune_lm import CUES, answer_prompt, answer_word
-from measure import EXACT, Rows, Track, linear_inputs, routed_setups, static_merges
+from measure import Track, linear_inputs, track_setups
 
 import qmerge
-from qmerge.codecs.policy import Policy
 
 
 class LM(Track):
@@ -135,14 +134,6 @@ class LM(Track):
         return out
 
 
-def setups(s: LM, log) -> tuple[list[dict], dict]:
-    rows = Rows(s.score_model(s.finetuned), s.seed, log)
-    rows.add("base (floor)", "reference", s.score_model(lambda _t: s.model))
-    size = sum((s.fts[t] / "model.safetensors").stat().st_size for t in s.names) / len(s.names)
-    rows.add("individual fine-tunes", "reference", rows.ceiling, bits=(size, 32.0, 32.0))
-    dense = s.compress("dense", EXACT)
-    sweeps = static_merges(s, dense, rows, s.sweeps)
-    sign = s.compress("sign", Policy(codec="sign"))
-    calibrated = s.compress("sign-calibrated", Policy(codec="sign:calibrate=true"), calib=True)
-    routed_setups(s, rows, dense, calibrated, sign)
-    return rows.rows, sweeps
+def setups(s, log) -> tuple[list[dict], dict]:
+    """Every setup of one seed: (rows, the static merges' sweeps)."""
+    return track_setups(s, log, "base (floor)", lambda _t: s.model)

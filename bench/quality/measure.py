@@ -246,3 +246,18 @@ class Track:
 
     def prompt(self, task: str, text: str) -> str:
         return text
+
+
+def track_setups(s: Track, log: Callable[[str], None], floor_name: str,
+                 floor: Callable[[str], torch.nn.Module]) -> tuple[list[dict], dict]:
+    """Every setup of one track and seed: (rows, the static merges' sweeps)."""
+    rows = Rows(s.score_model(s.finetuned), s.seed, log)
+    rows.add(floor_name, "reference", s.score_model(floor))
+    size = sum((s.fts[t] / "model.safetensors").stat().st_size for t in s.names) / len(s.names)
+    rows.add("individual fine-tunes", "reference", rows.ceiling, bits=(size, 32.0, 32.0))
+    dense = s.compress("dense", EXACT)
+    sweeps = static_merges(s, dense, rows, s.sweeps)
+    sign = s.compress("sign", Policy(codec="sign"))
+    calibrated = s.compress("sign-calibrated", Policy(codec="sign:calibrate=true"), calib=True)
+    routed_setups(s, rows, dense, calibrated, sign)
+    return rows.rows, sweeps
