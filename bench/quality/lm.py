@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from finetune_lm import CUES, answer_prompt, answer_word
-from measure import Track, linear_inputs, track_setups
+from measure import Track, linear_inputs, swapped, track_setups
 
 import qmerge
 
@@ -91,18 +91,9 @@ class LM(Track):
         return self.model.state_dict()
 
     def score_state(self, state: dict[str, torch.Tensor], split: str) -> dict[str, float]:
-        params = self.model.state_dict()
-        saved = {n: params[n].clone() for n in state}
-        try:
-            with torch.no_grad():
-                for n, v in state.items():
-                    params[n].copy_(v)
+        with swapped(self.model, state):
             return {t: self.exact_match(lambda ids, mask, _t: self.model(
                 input_ids=ids, attention_mask=mask), t, split) for t in self.names}
-        finally:
-            with torch.no_grad():
-                for n, v in saved.items():
-                    params[n].copy_(v)
 
     def calibration(self, t: str, n: int = 32) -> dict[str, torch.Tensor]:
         m = self.finetuned(t)

@@ -10,7 +10,8 @@ are the two.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,6 +88,22 @@ class Rows:
         self.log(f"  seed {self.seed} {name}: acc {r['avg_acc']:.3f} norm {r['avg_norm']:.3f}"
                  + (f" linear bits {lin_bits:.3f}" if lin_bits else "") + (f"; {note}" if note
                                                                               else ""))
+
+
+@contextmanager
+def swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`model` with the tensors of `state` copied into it, restored on exit."""
+    params = model.state_dict()
+    saved = {n: params[n].clone() for n in state}
+    try:
+        with torch.no_grad():
+            for n, v in state.items():
+                params[n].copy_(v)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
 
 
 def linear_inputs(model: torch.nn.Module, run: Callable[[], object], keep: torch.Tensor | None

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from measure import Track, linear_inputs, track_setups
+from measure import Track, linear_inputs, swapped, track_setups
 
 import qmerge
 
@@ -69,25 +69,16 @@ class MiniLM(Track):
     def score_state(self, state: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         """Accuracy per task of the base encoder with `state`'s tensors, under each task's
         head."""
-        params = self.encoder.state_dict()
-        saved = {n: params[n].clone() for n in state}
         out = {}
-        try:
-            with torch.no_grad():
-                for n, v in state.items():
-                    params[n].copy_(v)
-                for t in self.names:
-                    w, b = self.head[t]
-                    right = n = 0
-                    for enc, y in self.batches(t, split):
-                        pooled = self.encoder(**enc).pooler_output
-                        right += int(((pooled @ w.T + b).argmax(-1) == y).sum())
-                        n += len(y)
-                    out[t] = right / n
-        finally:
-            with torch.no_grad():
-                for n, v in saved.items():
-                    params[n].copy_(v)
+        with swapped(self.encoder, state), torch.no_grad():
+            for t in self.names:
+                w, b = self.head[t]
+                right = n = 0
+                for enc, y in self.batches(t, split):
+                    pooled = self.encoder(**enc).pooler_output
+                    right += int(((pooled @ w.T + b).argmax(-1) == y).sum())
+                    n += len(y)
+                out[t] = right / n
         return out
 
     def calibration(self, t: str, n: int = 64) -> dict[str, torch.Tensor]:

@@ -50,9 +50,7 @@ class PrototypeRouter(Router):
                  temperature: float = 0.05, metric: str = "cosine", bias: Tensor | None = None,
                  shrinkage: float | None = None):
         super().__init__(tasks, layer, mode, temperature)
-        if metric not in METRICS:
-            raise ConfigError(f"prototype router metric must be one of {', '.join(METRICS)}, "
-                              f"got {metric!r}")
+        _check_metric(metric)
         if (bias is None) != (metric == "cosine"):
             raise ConfigError(f"prototype router: the {metric} metric "
                               f"{'needs' if bias is None else 'takes no'} bias tensor")
@@ -71,9 +69,7 @@ class PrototypeRouter(Router):
             if f.dim() != 2 or f.shape[0] < 1:
                 raise ConfigError(f"prototype router: task {t!r} needs at least one example "
                                   f"feature row, got shape {list(f.shape)}")
-        if metric not in METRICS:
-            raise ConfigError(f"prototype router metric must be one of {', '.join(METRICS)}, "
-                              f"got {metric!r}")
+        _check_metric(metric)
         if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
             raise ConfigError(f"prototype router shrinkage must be in [0, 1], got {shrinkage!r}")
         temperature = temperature or TEMPERATURES[metric]
@@ -111,6 +107,12 @@ class PrototypeRouter(Router):
         return cls(config["tasks"], config["layer"], need(tensors, "centroids", (n, dim)),
                    need(tensors, "center", (dim,)), config["mode"], config["temperature"],
                    metric, bias, config.get("shrinkage"))
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"prototype router metric must be one of {', '.join(METRICS)}, "
+                          f"got {metric!r}")
 
 
 def _discriminant(centred: list[Tensor], shrinkage: float | None
