@@ -27,10 +27,10 @@ EXACT = Policy(codec="dense:dtype=fp32", vectors="dense:dtype=fp32",
 # value its paper uses. TA, TIES and DARE are linear in their scale: one shared delta at scale 1
 # serves every grid point.
 SWEEPS = {
-    "task_arithmetic": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8), 0.3),
-    "ties": ("scale", (0.3, 0.5, 0.8, 1.0, 1.5), 1.0),
-    "dare": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8), 0.3),
-    "lines": ("beta", (0.1, 0.25, 0.5, 1.0), 0.5),
+    "task_arithmetic": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8, 1.0), 0.3),
+    "ties": ("scale", (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0), 1.0),
+    "dare": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8, 1.0), 0.3),
+    "lines": ("beta", (0.1, 0.25, 0.5, 1.0, 2.0), 0.5),
 }
 LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES (k=20%)",
           "dare": "DARE (p=0.9) + TA", "lines": "LiNeS (α=1/T) on TA"}

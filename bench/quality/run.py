@@ -17,6 +17,7 @@ base models of finetune.py and common.py, and matplotlib for the plot.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -32,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 import lm as lm_track  # noqa: E402
 import minilm as minilm_track  # noqa: E402
 import tasks as task_data  # noqa: E402
-from measure import LABELS  # noqa: E402
+from measure import LABELS, SWEEPS  # noqa: E402
 
 RESULTS = HERE.parent / "results"
 LM_TASKS = "fortune_topic,sentiment,language"
@@ -106,10 +107,17 @@ def sweep_table(sweeps: dict[int, dict]) -> list[str]:
         first = sweeps[seeds[0]][method]
         curves = "; ".join(
             f"seed {s}: " + ", ".join(f"{v}: {a:.3f}" for v, a in sweeps[s][method]["curve"]
-                                      .items()) + f" (**{sweeps[s][method]['best']:g}**)"
+                                      .items()) + f" (**{_chosen(sweeps[s][method])}**)"
             for s in seeds)
         lines.append(f"| {LABELS[method]} | {first['knob']} | {first['paper']:g} | {curves} |")
     return lines
+
+
+def _chosen(sweep: dict) -> str:
+    """The chosen value, flagged when it lies on an end of the grid (the best may lie beyond)."""
+    grid = [float(v) for v in sweep["curve"]]
+    edge = sweep["best"] in (grid[0], grid[-1])
+    return f"{sweep['best']:g}" + (", an end of the grid" if edge else "")
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = {n: task_data.load(n) for n in {*names, *lm_names}}
     work = CACHE / "quality"
-    tag = f"n{a.max_test}-s{a.steps}-{'+'.join(names)}"
+    grids = hashlib.sha256(repr(SWEEPS).encode()).hexdigest()[:8]  # cached rows follow the grids
+    tag = f"n{a.max_test}-s{a.steps}-{'+'.join(names)}-g{grids}"
 
     def make_minilm(seed):
         fts = {n: finetune(n, a.steps, seed=seed) for n in names}
@@ -280,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
                                a.lm_max_test), lm_track.setups
 
         log("LLM track")
-        lm_tag = f"n{a.lm_max_test}-{'+'.join(lm_names)}"
+        lm_tag = f"n{a.lm_max_test}-{'+'.join(lm_names)}-g{grids}"
         lm = run_seeds(make_lm, [0], work / f"rows-lm-{lm_tag}" if a.reuse else None, log)
     command = ".venv/bin/python bench/quality/run.py " + shlex.join(sys.argv[1:] if argv is None
                                                                       else argv)
