@@ -153,3 +153,10 @@ def test_a_merge_tuned_differently_per_seed_names_every_value():
     names = ["TIES (k=20%) (λ=0.5, tuned)", "TIES (k=20%) (λ=0.8, tuned)"]
     assert quality._merge_names(names) == "TIES (k=20%) (λ=0.5 / 0.8, tuned)"
     assert quality._merge_names(names[:1] * 3) == names[0]
+
+
+def test_a_choice_at_an_end_of_the_grid_is_flagged():
+    curve = {"0.3": 0.35, "0.5": 0.37, "1.5": 0.30}
+    assert quality._chosen({"best": 0.5, "curve": curve}) == "0.5"
+    assert quality._chosen({"best": 1.5, "curve": curve}) == "1.5, an end of the grid"
+    assert quality._chosen({"best": 0.3, "curve": curve}) == "0.3, an end of the grid"
