@@ -194,6 +194,25 @@ def routed_setups(track, rows: Rows, dense: Path, calibrated: Path, sign: Path) 
         "oracle ids")
 
 
+def held_out(examples: list, max_test: int, n_val: int, task: str = "") -> tuple[list, list]:
+    """(test, held-out): n_val examples taken at even steps through the first
+    max_test + n_val, and up to max_test of the rest. Both come from the same stretch of the
+    task's hash-ordered test split, so they share its class mix; its tail does not (once the
+    common classes reach tasks.PER_CLASS_CAP, only the rare ones are left there)."""
+    pool = examples[:max_test + n_val]
+    if len(pool) <= n_val:
+        raise SystemExit(f"task {task}: {len(examples)} test examples, need more than "
+                         f"{n_val} (the held-out split)")
+    step = len(pool) // n_val
+    picked = set(range(step - 1, step * n_val, step))
+    return ([x for i, x in enumerate(pool) if i not in picked][:max_test],
+            [pool[i] for i in sorted(picked)])
+
+
+# Bumped whenever a change alters the rows of a seed, so that --reuse skips stale ones.
+ROWS_VERSION = 2
+
+
 class Track:
     """One track and seed: fine-tunes of `base` per task, their test and held-out splits, the
     packs made from them under `work`, and scoring. Subclasses give the model side:
@@ -209,15 +228,10 @@ class Track:
         self.work = work
         self.work.mkdir(parents=True, exist_ok=True)
         self.router_examples = router_examples
-        # held-out = the last n_val test examples; the test split never overlaps it
         self.split = {"test": {}, "val": {}}
         for n in self.names:
-            test = tasks[n].test
-            if len(test) <= n_val:
-                raise SystemExit(f"task {n}: {len(test)} test examples, need more than "
-                                 f"{n_val} (the held-out split)")
-            self.split["test"][n] = test[:min(max_test, len(test) - n_val)]
-            self.split["val"][n] = test[-n_val:]
+            self.split["test"][n], self.split["val"][n] = held_out(tasks[n].test, max_test,
+                                                                   n_val, n)
 
     def compress(self, name: str, policy: Policy, calib: bool = False) -> Path:
         out = self.work / name

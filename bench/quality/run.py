@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 import lm as lm_track  # noqa: E402
 import minilm as minilm_track  # noqa: E402
 import tasks as task_data  # noqa: E402
-from measure import LABELS, SWEEPS  # noqa: E402
+from measure import LABELS, ROWS_VERSION, SWEEPS  # noqa: E402
 
 RESULTS = HERE.parent / "results"
 LM_TASKS = "fortune_topic,sentiment,language"
@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = {n: task_data.load(n) for n in {*names, *lm_names}}
     work = CACHE / "quality"
-    grids = hashlib.sha256(repr(SWEEPS).encode()).hexdigest()[:8]  # cached rows follow the grids
+    # cached rows follow the grids and the way rows are made
+    grids = hashlib.sha256(repr((SWEEPS, ROWS_VERSION)).encode()).hexdigest()[:8]
     tag = f"n{a.max_test}-s{a.steps}-{'+'.join(names)}-g{grids}"
 
     def make_minilm(seed):
