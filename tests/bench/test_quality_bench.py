@@ -23,6 +23,7 @@ QUALITY = Path(__file__).resolve().parents[2] / "bench" / "quality"
 sys.path.insert(0, str(QUALITY))
 sys.path.insert(0, str(QUALITY.parent))
 import lm as lm_track  # noqa: E402
+import measure  # noqa: E402
 import minilm as minilm_track  # noqa: E402
 import run as quality  # noqa: E402
 from tasks import Task  # noqa: E402
@@ -160,3 +161,18 @@ def test_a_choice_at_an_end_of_the_grid_is_flagged():
     assert quality._chosen({"best": 0.5, "curve": curve}) == "0.5"
     assert quality._chosen({"best": 1.5, "curve": curve}) == "1.5, an end of the grid"
     assert quality._chosen({"best": 0.3, "curve": curve}) == "0.3, an end of the grid"
+
+
+def test_the_held_out_split_shares_the_test_splits_class_mix():
+    # hash order under a per-class cap: two classes at random, then the common one runs out
+    # and the tail is all the rare class
+    rng = random.Random(0)
+    examples = [(f"x{i}", int(rng.random() < 0.5)) for i in range(300)] + \
+        [(f"y{i}", 1) for i in range(200)]
+    test, val = measure.held_out(examples, 200, 80)
+    assert len(test) == 200 and len(val) == 80
+    assert not {x for x, _ in test} & {x for x, _ in val}
+    share = [sum(y for _, y in split) / len(split) for split in (test, val)]
+    assert abs(share[0] - share[1]) < 0.1, share  # the tail split gave the held-out 100%
+    with pytest.raises(SystemExit, match="need more than 80"):
+        measure.held_out(examples[:80], 200, 80, "tiny")
