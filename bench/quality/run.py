@@ -91,8 +91,10 @@ def table(rows: list[dict], score: str) -> list[str]:
     lines = [head, "|" + "---|" * (len(tasks) + 7)]
     for r in rows:
         cells = [f"{r['task_acc'][t]:.3f}" for t in tasks]
+        # one seed has no spread to state
+        spread = f"{r['norm_spread'] * 100:.1f}" if len(r["norm_by_seed"]) > 1 else "—"
         lines.append(f"| {r['setup']} | " + " | ".join(cells) + f" | {r['acc_mean']:.3f} | "
-                     f"**{r['norm_mean'] * 100:.1f}%** | {r['norm_spread'] * 100:.1f} | "
+                     f"**{r['norm_mean'] * 100:.1f}%** | {spread} | "
                      f"{_b(r['bytes_per_task'])} | {_f(r['linear_bits'])} | "
                      f"{_f(r['all_bits'])} |")
     return lines
