@@ -76,6 +76,19 @@ def _merge_names(names: list[str]) -> str:
     return f"{names[0][:cut]}({knob}={' / '.join(values)}, tuned)"
 
 
+_SHORT = (("routed ", ""), ("calibrated", "cal."), ("prototype router", "proto"),
+          ("linear router", "linear"), ("oracle ids", "oracle"), (" (cosine)", " cosine"),
+          ("shared + ", "+ "), (" exclusive", ""), ("individual fine-tunes", "fine-tunes"))
+
+
+def _short(setup: str) -> str:
+    """A plot label: the setup's name, shortened but never cut (every label stays distinct)."""
+    setup = setup.split(" (λ=")[0].split(" (β=")[0]
+    for long, short in _SHORT:
+        setup = setup.replace(long, short)
+    return setup
+
+
 def _b(x):
     return "—" if x is None else f"{x / 2**20:.2f}"
 
@@ -166,7 +179,7 @@ def plot(tracks: list[tuple[str, list[dict]]], path: Path) -> None:
         for r in rows:
             x = r["bytes_per_task"] / 2**20 if r["bytes_per_task"] else 0.05
             ax.scatter(x, r["norm_mean"] * 100, c=colors[r["group"]], label=r["group"])
-            ax.annotate(r["setup"][:34], (x, r["norm_mean"] * 100), fontsize=5.5,
+            ax.annotate(_short(r["setup"]), (x, r["norm_mean"] * 100), fontsize=5.5,
                         xytext=(3, 2), textcoords="offset points")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles, strict=False))

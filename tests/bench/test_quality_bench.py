@@ -176,3 +176,13 @@ def test_the_held_out_split_shares_the_test_splits_class_mix():
     assert abs(share[0] - share[1]) < 0.1, share  # the tail split gave the held-out 100%
     with pytest.raises(SystemExit, match="need more than 80"):
         measure.held_out(examples[:80], 200, 80, "tiny")
+
+
+def test_plot_labels_are_short_and_keep_setups_apart():
+    names = ["routed sign calibrated, prototype router",
+             "routed sign calibrated, prototype router (cosine)",
+             "Twin (TIES shared + 1-bit exclusive), oracle ids",
+             "TIES (k=20%) (λ=0.8 / 0.5 / 0.8, tuned)"]
+    labels = [quality._short(n) for n in names]
+    assert labels == ["sign cal., proto", "sign cal., proto cosine",
+                      "Twin (TIES + 1-bit), oracle", "TIES (k=20%)"]
