@@ -30,13 +30,15 @@ def contiguous(t: Tensor, op: str, name: str) -> None:
 
 def dim(t: Tensor, d: int, op: str, name: str) -> None:
     if t.dim() != d:
-        raise ValueError(f"qmerge.{op}: '{name}' must have {d} dimensions, got shape {list(t.shape)}")
+        raise ValueError(
+            f"qmerge.{op}: '{name}' must have {d} dimensions, got shape {list(t.shape)}")
 
 
 def same_dtype(t: Tensor, ref: Tensor, op: str, name: str, ref_name: str) -> None:
     if t.dtype != ref.dtype:
         raise TypeError(
-            f"qmerge.{op}: '{name}' must have the dtype of '{ref_name}' ({ref.dtype}), got {t.dtype}"
+            f"qmerge.{op}: '{name}' must have the dtype of '{ref_name}' ({ref.dtype}), "
+            f"got {t.dtype}"
         )
 
 
