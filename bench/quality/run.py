@@ -6,8 +6,8 @@ MiniLM track (minilm.py): all-MiniLM-L6-v2 fine-tuned (whole encoder + a head) o
 of tasks.py, one fine-tune per task and seed (finetune.py, cached in bench/.cache). LLM track
 (lm.py): SmolLM2-135M taught to answer the label word of 3 tasks (finetune_lm.py), scored by
 exact match of its greedy answer, one seed. Each task's test split (a hash of the text) gives
-its last examples to a held-out split, on which the static merges' scales are tuned
-(measure.py); the rest, up to --max-test, is the test set.
+examples at even steps to a held-out split, on which the static merges' scales are tuned
+(measure.held_out); the rest, up to --max-test, is the test set.
 
 Writes bench/results/quality.md, quality.json and quality.png; the analysis of the figures is
 kept in quality-notes.md. Needs tasks.py's data (`ensure_data()` names what to install), the
