@@ -22,12 +22,12 @@ sys.path.insert(0, str(ROOT / "quality"))
 import tasks as task_data  # noqa: E402
 from common import CACHE, smollm2_base  # noqa: E402
 
-from qmerge.export.int8 import quantize_rows  # noqa: E402
-from qmerge.export.job import Job  # noqa: E402
-from qmerge.export.selection import head, select  # noqa: E402
-from qmerge.export.target import resolve  # noqa: E402
+from qmerge.verbs.export.int8 import quantize_rows  # noqa: E402
+from qmerge.verbs.export.job import Job  # noqa: E402
+from qmerge.verbs.export.selection import head, select  # noqa: E402
+from qmerge.verbs.export.target import resolve  # noqa: E402
 from qmerge.format.checkpoint import Checkpoint  # noqa: E402
-from qmerge.packs import open_pack  # noqa: E402
+from qmerge.verbs.packs import open_pack  # noqa: E402
 
 OUT = ROOT / "results" / "export-notes.md"
 

@@ -264,7 +264,7 @@ def minilm(log, reps: int) -> None:
     # 3. routers
     examples = {t: [x for x, _ in data[t].train[:32]] for t in TASKS}
     held = {t: [x for x, _ in data[t].test[:300]] for t in TASKS}
-    from qmerge.inference import evaluate_router
+    from qmerge.verbs.run import evaluate_router
 
     log("### Routers (features: mean-pooled hidden state of the base after block 4 of 6)")
     log()

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "quality"))
 from common import CACHE, perturbed, smollm2_base  # noqa: E402
 
 import qmerge  # noqa: E402
-from qmerge.compressor import release_freed_memory  # noqa: E402
+from qmerge.verbs.compress import release_freed_memory  # noqa: E402
 
 
 def status_bytes(key: str) -> int:

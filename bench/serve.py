@@ -152,7 +152,7 @@ def summary(name: str, res: list, wall: float, expected: list[str], rss: str) ->
 
 
 def offline(base: Path, pack: Path, reqs: list[dict]) -> tuple[list[str], float]:
-    from qmerge.inference import tokenizer
+    from qmerge.verbs.run import tokenizer
 
     model = qmerge.load(base, pack)
     tok = tokenizer(base)

@@ -3,6 +3,7 @@ exits non-zero; nothing is half-written when one is raised.
 
     QmergeError
     ├── ConfigError        a codec / policy / argument value that is not valid (also a ValueError)
+    │   └── UnknownTask        a route names a task the pack does not have (HTTP 404)
     ├── CheckpointError    an input checkpoint that cannot be read or does not match its base
     ├── PackError          a pack that cannot be used
     │   ├── ChecksumError      a file is truncated or its sha256 differs from the manifest
@@ -20,6 +21,14 @@ class QmergeError(Exception):
 
 class ConfigError(QmergeError, ValueError):
     """A configuration value (codec, policy, option) that is not valid."""
+
+
+class UnknownTask(ConfigError):
+    """A route (a task name or a mixture) names a task the pack does not have."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
 
 
 class CheckpointError(QmergeError):

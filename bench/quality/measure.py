@@ -137,13 +137,13 @@ def static_merges(track, dense: Path, rows: Rows, sweeps: dict = SWEEPS) -> dict
     for method, (knob, grid, paper) in sweeps.items():
         curve = {}
         if knob == "scale":
-            shared = dict(qmerge.merge.shared_deltas(dense, f"{method}:scale=1.0"))
+            shared = dict(qmerge.shared_deltas(dense, f"{method}:scale=1.0"))
             for v in grid:
                 curve[v] = track.score_state({n: base[n] + v * d for n, d in shared.items()},
                                              "val")
         else:
             for v in grid:
-                shared = dict(qmerge.merge.shared_deltas(dense, f"{method}:{knob}={v}"))
+                shared = dict(qmerge.shared_deltas(dense, f"{method}:{knob}={v}"))
                 curve[v] = track.score_state({n: base[n] + d for n, d in shared.items()}, "val")
             del shared
         best = max(grid, key=lambda v: statistics.mean(curve[v].values()))

@@ -4,8 +4,10 @@ A codec is a frozen config dataclass (its fields documented, validated in `__pos
 and a residual class with two verbs (STYLE.md, 9): `from_dense(delta, cfg)` compresses a
 task-vector tensor, `dequantize(dtype)` gives the dense delta back. A residual names the
 tensors it stores (`parts()`) and is rebuilt from them (`from_parts`), which is how packs
-store it. Codecs are looked up by name: `CODECS["sign"]`, or from a spec string such as
-`"lowrank:rank=32,factor_dtype=int8"` with `parse_spec`.
+store it, and declares how it runs on the fused path (`runtime_form()`, runtime.py), so no
+caller ever tests a codec's class or name. Codecs are looked up by name in `CODECS`, or from
+a spec string such as `"lowrank:rank=32,factor_dtype=int8"` with `parse_spec`, which gives a
+`CodecChoice` (name + config): specs are parsed once, where they enter.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
+from qmerge.codecs.runtime import DenseForm, Form
+from qmerge.dtypes import FLOAT_DTYPES
 from qmerge.errors import ConfigError, PackError
+from qmerge.registry import Registry
 
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["CODECS", "FLOAT_DTYPES", "Codec", "CodecChoice", "Residual"]
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -60,10 +65,38 @@ def sq_sum(t: Tensor, minus: Tensor | None = None) -> float:
 
 
 class Residual:
-    """A compressed task-vector tensor. Subclasses set `codec` and implement the verbs."""
+    """A compressed task-vector tensor. Subclasses set `codec` and implement the verbs.
+
+    Class-level facts callers ask instead of testing the class:
+        is_zero: the residual stores nothing and reads back as zero (skip).
+        needs_shared: reading it needs the pack's shared delta, passed as the part `unified`
+            (a mask over it, EMR); such a residual never encodes a shared delta itself.
+    """
 
     codec: ClassVar[str]
+    is_zero: ClassVar[bool] = False
+    needs_shared: ClassVar[bool] = False
     shape: tuple[int, ...]
+
+    @classmethod
+    def plans(cls, cfg: Any) -> bool:
+        """Whether this config spans tensors (a byte budget over a task): then `plan` runs
+        over all of them first and its per-tensor keywords go to `from_dense`."""
+        return False
+
+    @classmethod
+    def plan(cls, cfg: Any, deltas: Iterable[tuple[str, Tensor]]) -> dict[str, dict[str, Any]]:
+        """tensor name -> keyword arguments of `from_dense` (e.g. the rank a budget gives it);
+        `None` as a name's value means the tensor gets nothing (stored as skip)."""
+        raise NotImplementedError
+
+    def runtime_form(self) -> Form | None:
+        """How the fused path applies this residual (runtime.py); None for a zero residual.
+        The default is the dense delta: correct for any codec, but it holds fp32/dtype
+        matrices, so a codec with a cheaper form declares it."""
+        if self.is_zero:
+            return None
+        return DenseForm(as_matrix(self.dequantize(torch.float32)))
 
     @classmethod
     def from_dense(cls, delta: Tensor, cfg: Any, calib: Tensor | None = None) -> Residual:
@@ -107,25 +140,34 @@ class Codec:
     residual: type[Residual]
 
 
-CODECS: dict[str, Codec] = {}
+CODECS: Registry[Codec] = Registry("codec")
 
 
-def register(name: str, config: type):
+def register(name: str, config: type, summary: str = "", paper: str = ""):
     """Class decorator: registers a Residual subclass as codec `name` keyed by `config`."""
 
     def deco(cls: type[Residual]) -> type[Residual]:
         cls.codec = name
-        CODECS[name] = Codec(name, config, cls)
+        CODECS.register(name, Codec(name, config, cls), summary, paper)
         return cls
 
     return deco
 
 
 def codec(name: str) -> Codec:
-    try:
-        return CODECS[name]
-    except KeyError:
-        raise ConfigError(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+    return CODECS.lookup(name)
+
+
+class CodecChoice(NamedTuple):
+    """A parsed codec spec: the codec's name ("auto" for the chooser) and its config."""
+
+    name: str
+    config: Any
+
+    def __str__(self) -> str:
+        values = ",".join(f"{k}={v}" for k, v in config_dict(self.config).items()
+                          if not isinstance(v, (tuple, list)))
+        return f"{self.name}:{values}" if values else self.name
 
 
 def _coerce(cls_name: str, field: str, hint: Any, raw: object) -> object:
@@ -177,18 +219,28 @@ def build_config(cls: type, values: Mapping[str, object], what: str) -> Any:
     return cls(**kwargs)
 
 
+def key_values(items: Iterable[str], where: str) -> dict[str, str]:
+    """["key=value", ...] -> {key: value}; the one parser of options written as text (spec
+    strings, the CLI's --option). A key given twice is refused."""
+    values: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"{where}: {item!r} is not key=value")
+        if key in values:
+            raise ConfigError(f"{where}: {key!r} is given twice")
+        values[key] = value.strip()
+    return values
+
+
 def split_spec(spec: str, what: str) -> tuple[str, dict[str, str]]:
     """`"name"` or `"name:key=value,key=value"` -> (name, {key: value})."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"{what} spec {spec!r} is empty")
     name, _, rest = spec.strip().partition(":")
-    values = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"{what} spec {spec!r}: {item!r} is not key=value")
-        values[key.strip()] = value.strip()
-    return name, values
+    items = filter(None, (s.strip() for s in rest.split(",")))
+    return name.strip(), key_values(items, f"{what} spec {spec!r}")
 
 
 def make_config(name: str, values: Mapping[str, object]) -> Any:
@@ -196,10 +248,10 @@ def make_config(name: str, values: Mapping[str, object]) -> Any:
     return build_config(codec(name).config, values, f"codec {name!r}")
 
 
-def parse_spec(spec: str) -> tuple[str, Any]:
-    """`"name"` or `"name:key=value,key=value"` -> (codec name, config)."""
+def parse_spec(spec: str) -> CodecChoice:
+    """`"name"` or `"name:key=value,key=value"` -> CodecChoice(codec name, config)."""
     name, values = split_spec(spec, "codec")
-    return name, make_config(name, values)
+    return CodecChoice(name, make_config(name, values))
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class DenseConfig:
         check_choice("DenseConfig", "dtype", self.dtype, tuple(FLOAT_DTYPES))
 
 
-@register("dense", DenseConfig)
+@register("dense", DenseConfig, "the delta itself in bf16 / fp16 / fp32 (fp32: lossless)")
 class DenseResidual(Residual):
     def __init__(self, delta: Tensor):
         self.delta, self.shape = delta, tuple(delta.shape)

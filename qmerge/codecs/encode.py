@@ -1,4 +1,4 @@
-"""One tensor's delta through a codec spec, and its entry in a pack's codec table (the shape
+"""One tensor's delta through a parsed codec choice, and its entry in a pack's codec table (the shape
 of manifest.py's ENTRY): what the compressor and the merge methods both write."""
 
 from __future__ import annotations
@@ -7,26 +7,27 @@ from typing import Any
 
 from torch import Tensor
 
-from qmerge.codecs.auto import choose
-from qmerge.codecs.base import Residual, codec, config_dict, sq_sum, sqnr_db
-from qmerge.codecs.policy import resolve
+from qmerge.codecs.auto import AutoConfig, choose
+from qmerge.codecs.base import CodecChoice, Residual, codec, config_dict, sq_sum, sqnr_db
 from qmerge.codecs.skip import SkipConfig, SkipResidual
 
 
-def encode(delta: Tensor, spec: str, calib: Tensor | None = None, skip_below: float = 0.0
-           ) -> tuple[Residual, Any, dict[str, Any]]:
-    """(residual, its config, extra info) of `delta` under codec spec `spec` ("auto" picks).
-    A delta whose largest magnitude is <= skip_below (0 by default: an all-zero delta) is
-    `skip`."""
-    name, cfg = resolve(spec)
-    amax = max(float(delta.max()), -float(delta.min())) if delta.numel() else 0.0
-    if amax <= skip_below:
+def amax(delta: Tensor) -> float:
+    return max(float(delta.max()), -float(delta.min())) if delta.numel() else 0.0
+
+
+def encode(delta: Tensor, choice: CodecChoice, calib: Tensor | None = None,
+           skip_below: float = 0.0, **kwargs: Any) -> tuple[Residual, Any, dict[str, Any]]:
+    """(residual, its config, extra info) of `delta` under a parsed codec choice ("auto"
+    picks); `kwargs` go to the codec's `from_dense` (what its `plan` decided). A delta whose
+    largest magnitude is <= skip_below (0 by default: an all-zero delta) is `skip`."""
+    name, cfg = choice
+    if amax(delta) <= skip_below:
         return SkipResidual(tuple(delta.shape)), SkipConfig(), {}
-    if name == "auto":
-        target = cfg.sqnr_db
-        res, cfg, _ = choose(delta, cfg, calib)
-        return res, cfg, {"auto_sqnr_db": target}
-    return codec(name).residual.from_dense(delta, cfg, calib), cfg, {}
+    if isinstance(cfg, AutoConfig):
+        res, chosen, _ = choose(delta, cfg, calib)
+        return res, chosen, {"auto_sqnr_db": cfg.sqnr_db}
+    return codec(name).residual.from_dense(delta, cfg, calib, **kwargs), cfg, {}
 
 
 def entry(res: Residual, cfg: Any, kind: str, shape: list[int], dtype: str, delta: Tensor,

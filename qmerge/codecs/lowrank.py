@@ -11,7 +11,7 @@ Stored parts: `U` [out, r] and `V` [r, in] in the factor dtype; with int8 factor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from qmerge.codecs.base import (
     register,
     sq_sum,
 )
+from qmerge.codecs.runtime import LowRankForm
 from qmerge.errors import ConfigError
 
 _RANDOMIZED_MIN_DIM = 1024
@@ -123,7 +124,8 @@ def _quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(t / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.float()
 
 
-@register("lowrank", LowRankConfig)
+@register("lowrank", LowRankConfig, "truncated SVD factors U V: a fixed rank, an energy "
+          "share, or a byte budget over the task", "Efficient Residual Encoding; Halko et al. 2011")
 class LowRankResidual(Residual):
     def __init__(self, U: Tensor, V: Tensor, shape: tuple[int, ...],
                  U_scale: Tensor | None = None, V_scale: Tensor | None = None,
@@ -192,6 +194,28 @@ class LowRankResidual(Residual):
 
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "energy": self.energy}
+
+    def runtime_form(self) -> LowRankForm:
+        return LowRankForm(*self.factors(torch.float32))
+
+    @classmethod
+    def plans(cls, cfg: LowRankConfig) -> bool:
+        return cfg.budget_bits is not None
+
+    @classmethod
+    def plan(cls, cfg: LowRankConfig, deltas: Iterable[tuple[str, Tensor]]
+             ) -> dict[str, dict[str, Any]]:
+        """Ranks from one byte budget over every tensor given: first their spectra, then
+        `allocate_ranks`; a tensor given rank 0 stores nothing (None)."""
+        names, spectra, costs, params = [], [], [], 0
+        for n, d in deltas:
+            names.append(n)
+            spectra.append(spectrum(d, cfg))
+            costs.append(cfg.bytes_per_rank(*as_matrix(d).shape))
+            params += d.numel()
+            del d  # one delta alive at a time
+        ranks = allocate_ranks(spectra, costs, cfg.budget_bits / 8 * params)
+        return {n: {"rank": r} if r else None for n, r in zip(names, ranks, strict=True)}
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """(U [out, r], V [r, in]) dequantized to `dtype`."""

@@ -4,7 +4,7 @@ one rescaler (EMR-Merging, Huang et al. 2024, arXiv:2405.17461): τ_t ≈ λ_t �
 A pack holds the *exclusive* residual over a backbone that already has the shared delta
 (shared/DESIGN.md, "The pack"), so what this codec reads back is the difference from the
 backbone: (λ_t · M_t − 1) ⊙ τ_uni. It only exists inside a merged pack: reading it needs the
-shared tensor, which `qmerge.packs.residual` passes in as the part `unified` (never stored in
+shared tensor, which `qmerge.verbs.packs.residual` passes in as the part `unified` (never stored in
 the task file).
 
 Stored parts: `mask` uint8 [out, ceil(in/8)] (the sign-bit layout: bit 1 keeps the element)
@@ -29,8 +29,11 @@ class MaskConfig:
     """Config of the `mask` codec (no options: the merge method decides mask and rescaler)."""
 
 
-@register("mask", MaskConfig)
+@register("mask", MaskConfig, "a 1-bit mask + rescaler over a merged pack's shared delta "
+          "(written by the emr merge)", "EMR-Merging, arXiv:2405.17461")
 class MaskResidual(Residual):
+    needs_shared = True
+
     def __init__(self, mask: Tensor, scale: Tensor, unified: Tensor | None,
                  shape: tuple[int, ...]):
         self.mask, self.scale, self.unified, self.shape = mask, scale, unified, tuple(shape)
@@ -57,7 +60,7 @@ class MaskResidual(Residual):
         unified = parts.get("unified")
         if unified is None:
             raise ValueError("a mask residual needs the pack's shared delta (it is read "
-                             "through qmerge.packs.residual)")
+                             "through qmerge.verbs.packs.residual)")
         if tuple(unified.shape) != tuple(shape):
             raise ValueError(f"the shared delta is {list(unified.shape)}, the residual "
                              f"{list(shape)}")

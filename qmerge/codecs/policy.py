@@ -18,7 +18,8 @@ A policy file is JSON with the same keys:
      "vectors": "dense", "patterns": {"lm_head.weight": "dense"}, "skip_below": 0.0,
      "tasks": {"chat": {"types": {"attention": "lowrank:rank=64"}}}}
 
-Specs are codec specs (`"name:key=value,..."`), or `"auto"` / `"auto:sqnr_db=8"`.
+Specs are codec specs (`"name:key=value,..."`), or `"auto"` / `"auto:sqnr_db=8"`. A Policy
+parses every spec once, when it is made; `spec_for` hands out the parsed `CodecChoice`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qmerge.codecs.auto import AutoConfig
-from qmerge.codecs.base import parse_spec
+from qmerge.codecs.base import CodecChoice, parse_spec
 from qmerge.errors import ConfigError
 
 MODULE_TYPES = ("attention", "mlp", "embedding", "norm", "other")
@@ -55,13 +56,17 @@ def module_type(name: str) -> str:
     return "other"
 
 
-def resolve(spec: str) -> tuple[str, Any]:
-    """(codec name or "auto", its config); ConfigError unless the spec is valid."""
-    return ("auto", make_auto(spec)) if spec.partition(":")[0] == "auto" else parse_spec(spec)
-
-
-def check_spec(spec: str) -> None:
-    resolve(spec)
+def resolve(spec: str | CodecChoice) -> CodecChoice:
+    """A codec spec (or "auto[:sqnr_db=N]") parsed: (codec name or "auto", its config);
+    ConfigError unless it is valid. A CodecChoice passes through as it is."""
+    if isinstance(spec, CodecChoice):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"a codec spec must be a string such as 'sign' or "
+                          f"'lowrank:rank=16', got {spec!r}")
+    if spec.partition(":")[0].strip() == "auto":
+        return CodecChoice("auto", make_auto(spec))
+    return parse_spec(spec)
 
 
 def make_auto(spec: str) -> AutoConfig:
@@ -78,7 +83,8 @@ def make_auto(spec: str) -> AutoConfig:
     return AutoConfig(**values)  # type: ignore[arg-type]
 
 
-def _spec_map(where: str, obj: object, keys: tuple[str, ...] | None = None) -> dict[str, str]:
+def _spec_map(where: str, obj: object, parsed: dict[str, CodecChoice],
+              keys: tuple[str, ...] | None = None) -> None:
     if not isinstance(obj, dict):
         raise ConfigError(f"policy {where} must be an object of name -> codec spec")
     for k, v in obj.items():
@@ -87,8 +93,14 @@ def _spec_map(where: str, obj: object, keys: tuple[str, ...] | None = None) -> d
                               f"{', '.join(keys)}")
         if not isinstance(v, str):
             raise ConfigError(f"policy {where}[{k!r}] must be a codec spec string, got {v!r}")
-        check_spec(v)
-    return dict(obj)
+        _parse(v, parsed, f"policy {where}[{k!r}]")
+
+
+def _parse(spec: object, parsed: dict[str, CodecChoice], where: str) -> None:
+    if not isinstance(spec, str):
+        raise ConfigError(f"{where} must be a codec spec string, got {spec!r}")
+    if spec not in parsed:
+        parsed[spec] = resolve(spec)
 
 
 @dataclass(frozen=True)
@@ -103,19 +115,25 @@ class Policy:
     tasks: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict)
 
     def __post_init__(self):
-        check_spec(self.codec)
-        check_spec(self.vectors)
-        _spec_map("types", self.types, MODULE_TYPES)
-        _spec_map("patterns", self.patterns)
-        if not (isinstance(self.skip_below, (int, float)) and self.skip_below >= 0):
+        parsed: dict[str, CodecChoice] = {}  # spec text -> its parsed choice
+        _parse(self.codec, parsed, "policy codec")
+        _parse(self.vectors, parsed, "policy vectors")
+        _spec_map("types", self.types, parsed, MODULE_TYPES)
+        _spec_map("patterns", self.patterns, parsed)
+        if not (type(self.skip_below) in (int, float) and self.skip_below >= 0):
             raise ConfigError(f"policy skip_below must be a number >= 0, got {self.skip_below!r}")
         if not isinstance(self.tasks, dict):
             raise ConfigError("policy tasks must be an object of task -> {types, patterns}")
         for task, over in self.tasks.items():
             if not isinstance(over, dict) or set(over) - {"types", "patterns"}:
                 raise ConfigError(f"policy tasks[{task!r}] may only hold 'types' and 'patterns'")
-            _spec_map(f"tasks[{task!r}].types", over.get("types", {}), MODULE_TYPES)
-            _spec_map(f"tasks[{task!r}].patterns", over.get("patterns", {}))
+            _spec_map(f"tasks[{task!r}].types", over.get("types", {}), parsed, MODULE_TYPES)
+            _spec_map(f"tasks[{task!r}].patterns", over.get("patterns", {}), parsed)
+        object.__setattr__(self, "_parsed", parsed)  # not a field: config_dict stays JSON
+
+    def choice(self, spec: str) -> CodecChoice:
+        """The parsed form of one of this policy's specs."""
+        return self._parsed[spec]  # type: ignore[attr-defined]
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any], where: str = "policy") -> Policy:
@@ -142,15 +160,19 @@ class Policy:
             obj.setdefault("codec", codec)
         return cls.from_dict(obj, str(path))
 
-    def spec_for(self, task: str, name: str, ndim: int) -> tuple[str, str]:
-        """(module type, codec spec) of tensor `name` of `task`."""
+    def spec_for(self, task: str, name: str, ndim: int) -> tuple[str, CodecChoice]:
+        """(module type, parsed codec choice) of tensor `name` of `task`."""
         kind = module_type(name)
+        return kind, self.choice(self._spec_text(task, name, ndim, kind))
+
+    def _spec_text(self, task: str, name: str, ndim: int, kind: str) -> str:
         over = self.tasks.get(task, {})
         for patterns in (over.get("patterns", {}), self.patterns):
             for glob, spec in patterns.items():
                 if fnmatch.fnmatchcase(name, glob):
-                    return kind, spec
+                    return spec
         if ndim < 2:
-            return kind, (over.get("types", {}).get("norm") or self.types.get("norm", "dense")
-                          if kind == "norm" else self.vectors)
-        return kind, over.get("types", {}).get(kind) or self.types.get(kind) or self.codec
+            if kind == "norm":
+                return over.get("types", {}).get("norm") or self.types.get("norm") or "dense"
+            return self.vectors
+        return over.get("types", {}).get(kind) or self.types.get(kind) or self.codec

@@ -32,6 +32,7 @@ from qmerge.codecs.base import (
     register,
     sq_sum,
 )
+from qmerge.codecs.runtime import SignForm
 from qmerge.errors import ConfigError
 
 _CHUNK = 1 << 20  # elements per block of rows: bounds the temporaries of a large tensor
@@ -111,7 +112,8 @@ def _calibrated(m: Tensor, signs: Tensor, x: Tensor, cfg: SignConfig, groups: in
     return torch.where(torch.isfinite(sol), sol, fallback)
 
 
-@register("sign", SignConfig)
+@register("sign", SignConfig, "1 bit per weight (packed signs) + per-row / per-tensor / "
+          "per-group scales, optionally calibrated", "BitDelta, arXiv:2402.10193")
 class SignResidual(Residual):
     def __init__(self, signs: Tensor, scales: Tensor, shape: tuple[int, ...],
                  calibrated: bool = False):
@@ -167,6 +169,9 @@ class SignResidual(Residual):
 
     def info(self) -> dict[str, Any]:
         return {"calibrated": self.calibrated}
+
+    def runtime_form(self) -> SignForm:
+        return SignForm(self.signs, self.scales)
 
     def _rows(self, a: int, b: int) -> Tensor:
         """Rows [a, b) of the dequantized delta as a fp32 matrix, through the native op."""

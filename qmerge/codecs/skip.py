@@ -19,8 +19,10 @@ class SkipConfig:
     """Config of the `skip` codec (no options)."""
 
 
-@register("skip", SkipConfig)
+@register("skip", SkipConfig, "nothing stored: the delta reads back as zero")
 class SkipResidual(Residual):
+    is_zero = True
+
     def __init__(self, shape: tuple[int, ...]):
         self.shape = tuple(shape)
 

@@ -10,15 +10,15 @@
                        "heads": {name: {"shape", "dtype", "bytes"}},   # optional: task-only
                        "labels": [str]}},                              # optional: class names
       "files": {relative path: {"sha256": hex, "bytes": int}},   # every file but this one
-      "merge": null | {"method": str, "config": {...}, "source": str,   # merge/build.py
+      "merge": null | {"method": str, "config": {...}, "source": str,   # verbs/merge.py
                        "file": "shared.safetensors", "tensors": {name: ENTRY}},
-      "router": null | {"kind", "file": "router.safetensors", ...}   # routing/store.py
+      "router": null | {"kind", "file": "router.safetensors", ...}   # verbs/router_store.py
     }
     ENTRY = {"codec": str, "config": {...}, "module_type": str, "shape": [int], "dtype": str,
              "params": int, "bytes": int, "bits_per_param": float, "sqnr_db": float | null,
              "info": {...}, "extra_rows": int (optional, rows beyond the base's, stored dense)}
 
-`validate` accepts only this shape: a manifest from a stranger cannot name a file outside the
+Written only by writer.py. `validate` accepts only this shape: a manifest from a stranger cannot name a file outside the
 pack, and any fault is a `PackError` that says where it is.
 """
 
@@ -35,7 +35,8 @@ NAME = "manifest.json"
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SHARED_FILE = "shared.safetensors"
-OPTIONAL_FILES = (SHARED_FILE, "router.safetensors")
+ROUTER_FILE = "router.safetensors"
+OPTIONAL_FILES = (SHARED_FILE, ROUTER_FILE)
 
 
 def task_file(task: str) -> str:
@@ -162,7 +163,6 @@ def validate(obj: object) -> dict:
         for tname, e in shared.items():
             _entry(f"merge.tensors[{tname!r}]", e)
             _need(tname in tensors, f"merge.tensors[{tname!r}]", "names no base tensor")
-            _need(e["codec"] != "mask", f"merge.tensors[{tname!r}]", "cannot be a mask")
     _need(isinstance(obj.get("generator", ""), str), "generator", "is not a string")
     return obj
 

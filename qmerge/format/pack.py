@@ -5,27 +5,23 @@ time one of its tensors is asked for, after its size and sha256 are checked agai
 manifest (`verify_files=False` skips the hash, not the size). Tensors of a task file are keyed
 `"<base tensor name>:<part>"`, the parts being the codec's (`signs`, `scales`, `U`, ...).
 
-Writers change a pack in an order that survives an interruption at any point: a task file is
-written atomically under its final name (which the current manifest does not reference), then
-the manifest is replaced atomically. A crash leaves either the old manifest with a stray file,
-which `verify` reports, or the new one with everything it names.
+Writing is writer.py's alone: a task file is written atomically under its final name (which
+the current manifest does not reference), then the manifest is replaced atomically. A crash
+leaves either the old manifest with a stray file, which `verify` reports, or the new one with
+everything it names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from torch import Tensor
 
 from qmerge.errors import ChecksumError, PackError
 from qmerge.format import manifest as mf
-from qmerge.format.atomic import atomic_file, atomic_write_bytes
 from qmerge.format.fingerprint import compare
-from qmerge.format.safetensors_io import SafetensorsFile, sha256_file, write_safetensors
+from qmerge.format.safetensors_io import SafetensorsFile, sha256_file
 
 PART_SEP = ":"
 
@@ -150,28 +146,3 @@ class Pack:
         listed = set(self.manifest["files"])
         found = (f"tasks/{p.name}" for p in (self.path / "tasks").glob("*"))
         return sorted(f for f in found if f not in listed)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock on a pack directory while it is being changed."""
-    fd = os.open(path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def write_task_file(pack_dir: Path, task: str, tensors: Mapping[str, Tensor],
-                    metadata: Mapping[str, str]) -> dict:
-    """Writes tasks/<task>.safetensors atomically; returns its {"sha256", "bytes"} entry."""
-    mf.check_task_name(task)
-    (pack_dir / "tasks").mkdir(parents=True, exist_ok=True)
-    with atomic_file(pack_dir / mf.task_file(task)) as f:
-        nbytes, sha = write_safetensors(f, tensors, metadata)
-    return {"sha256": sha, "bytes": nbytes}
-
-
-def write_manifest(pack_dir: Path, manifest: dict) -> None:
-    atomic_write_bytes(pack_dir / mf.NAME, mf.dumps(mf.validate(manifest)))

@@ -8,14 +8,11 @@ emr              unified vector + per-task masks, rescalers (Huang et al. 2024)
 twin             static merge + compressed per-task rest    (Lu et al. 2024)
 
 Each method gives a shared delta and, where it has them, per-task exclusive parts;
-`merge_pack(pack, out, "ties:density=0.2")` writes them as a new pack (build.py);
-`shared_deltas(pack, "ties")` gives the shared delta in memory, a tensor at a time.
+Algorithms only: building a merged pack from them is the verb `qmerge.verbs.merge`.
 """
 
 from qmerge.merge import dare, emr, lines, task_arithmetic, ties, twin  # noqa: F401  (registers)
-from qmerge.merge.base import METHODS, Merged, TensorCtx, make_config, method
-from qmerge.merge.build import DEFAULT_SHARED_CODEC, merge_pack, shared_deltas
+from qmerge.merge.base import METHODS, Merged, MethodChoice, TensorCtx, make_config, method
 from qmerge.merge.spec import parse
 
-__all__ = ["DEFAULT_SHARED_CODEC", "METHODS", "Merged", "TensorCtx", "make_config", "merge_pack",
-           "method", "parse", "shared_deltas"]
+__all__ = ["METHODS", "Merged", "MethodChoice", "TensorCtx", "make_config", "method", "parse"]

@@ -17,13 +17,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
 from qmerge.codecs import Residual
 from qmerge.codecs.base import build_config
 from qmerge.errors import ConfigError
+from qmerge.registry import Registry
 
 _LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
 
@@ -49,36 +50,64 @@ class Merged:
 
 @dataclass(frozen=True)
 class Method:
+    """A registered merge method.
+
+    static: it makes only a shared delta (no per-task parts), so it can be the inner merge
+        of another method (LiNeS, Twin).
+    linear: for a method whose shared delta is `linear(cfg) · Σ_t τ_t`, that scale: the merge
+        then sums 1-bit residuals straight from their packed bits.
+    """
+
     name: str
     config: type
     fn: Callable[[Tensor, Any, TensorCtx], Merged]
     summary: str
+    static: bool = True
+    linear: Callable[[Any], float] | None = None
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("merge method")
 
 
-def register(name: str, config: type, summary: str):
+def register(name: str, config: type, summary: str, paper: str = "", *, static: bool = True,
+             linear: Callable[[Any], float] | None = None):
     """Function decorator: registers `fn(deltas, cfg, ctx) -> Merged` as method `name`."""
 
     def deco(fn):
-        METHODS[name] = Method(name, config, fn, summary)
+        METHODS.register(name, Method(name, config, fn, summary, static, linear), summary, paper)
         return fn
 
     return deco
 
 
 def method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown merge method {name!r}; known: "
-                          f"{', '.join(sorted(METHODS))}") from None
+    return METHODS.lookup(name)
+
+
+class MethodChoice(NamedTuple):
+    """A merge method with its config: what a method spec parses to, once."""
+
+    method: Method
+    config: Any
+
+    def run(self, deltas: Tensor, ctx: TensorCtx) -> Merged:
+        return self.method.fn(deltas, self.config, ctx)
 
 
 def make_config(name: str, values: Mapping[str, object]) -> Any:
     """The config of method `name` from field values (strings from the CLI, or JSON values)."""
     return build_config(method(name).config, values, f"merge method {name!r}")
+
+
+def choose(name: str, values: Mapping[str, object] | Any = None) -> MethodChoice:
+    """Method `name` with a config: built from field values (a mapping), or given as the
+    method's config dataclass, or its defaults (None)."""
+    m = method(name)
+    if values is None or isinstance(values, Mapping):
+        return MethodChoice(m, build_config(m.config, values or {}, f"merge method {name!r}"))
+    if not isinstance(values, m.config):
+        raise ConfigError(f"config for {name!r} must be a {m.config.__name__}")
+    return MethodChoice(m, values)
 
 
 def layer_index(name: str) -> int | None:

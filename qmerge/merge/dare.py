@@ -53,7 +53,8 @@ def drop_and_rescale(deltas: Tensor, p: float, seed: int, name: str) -> Tensor:
     return out
 
 
-@register("dare", DareConfig, "random drop p + rescale, then task arithmetic or TIES")
+@register("dare", DareConfig, "random drop p + rescale, then task arithmetic or TIES",
+          "arXiv:2311.03099")
 def dare(deltas: Tensor, cfg: DareConfig, ctx: TensorCtx) -> Merged:
     d = drop_and_rescale(deltas, cfg.drop, cfg.seed, ctx.name)
     merged = d.sum(0) if cfg.combine == "task_arithmetic" else disjoint_mean(d)

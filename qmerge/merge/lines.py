@@ -15,8 +15,8 @@ from torch import Tensor
 
 from qmerge.codecs.policy import module_type
 from qmerge.errors import ConfigError
-from qmerge.merge.base import METHODS, Merged, TensorCtx, register
-from qmerge.merge.spec import parse
+from qmerge.merge.base import Merged, TensorCtx, register
+from qmerge.merge.spec import static
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,10 @@ class LinesConfig:
             v = getattr(self, f)
             if v is not None and not math.isfinite(v):
                 raise ConfigError(f"LinesConfig.{f} must be finite; got {v}")
-        name, _ = parse(self.inner)
-        if name in ("lines", "twin", "emr"):
-            raise ConfigError(f"LinesConfig.inner must be a static merge (task_arithmetic, "
-                              f"ties, dare); got {name!r}")
+        inner = static(self.inner, "LinesConfig.inner")
+        if inner.method.name == "lines":
+            raise ConfigError("LinesConfig.inner cannot be lines itself")
+        object.__setattr__(self, "_inner", inner)  # parsed once; not a field
 
 
 def depth_scale(cfg: LinesConfig, ctx: TensorCtx) -> float:
@@ -53,9 +53,9 @@ def depth_scale(cfg: LinesConfig, ctx: TensorCtx) -> float:
     return alpha + cfg.beta * min(depth, last) / last
 
 
-@register("lines", LinesConfig, "another merge scaled linearly with layer depth")
+@register("lines", LinesConfig, "another merge scaled linearly with layer depth",
+          "LiNeS, arXiv:2410.17146")
 def lines(deltas: Tensor, cfg: LinesConfig, ctx: TensorCtx) -> Merged:
-    name, inner = parse(cfg.inner)
-    shared = METHODS[name].fn(deltas, inner, ctx).shared
+    shared = cfg._inner.run(deltas, ctx).shared  # type: ignore[attr-defined]
     assert shared is not None
     return Merged(shared.mul_(depth_scale(cfg, ctx)))

@@ -26,6 +26,7 @@ class TaskArithmeticConfig:
             raise ConfigError(f"TaskArithmeticConfig.scale must be finite; got {self.scale}")
 
 
-@register("task_arithmetic", TaskArithmeticConfig, "λ · Σ task vectors")
+@register("task_arithmetic", TaskArithmeticConfig, "λ · Σ task vectors", "arXiv:2212.04089",
+          linear=lambda cfg: cfg.scale)
 def task_arithmetic(deltas: Tensor, cfg: TaskArithmeticConfig, ctx: TensorCtx) -> Merged:
     return Merged(deltas.sum(0).mul_(cfg.scale))

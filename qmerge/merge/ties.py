@@ -50,6 +50,6 @@ def disjoint_mean(deltas: Tensor) -> Tensor:
     return torch.where(agree, deltas, 0.0).sum(0) / n.clamp_min(1)
 
 
-@register("ties", TiesConfig, "trim to top-k %, elect signs, disjoint mean")
+@register("ties", TiesConfig, "trim to top-k %, elect signs, disjoint mean", "arXiv:2306.01708")
 def ties(deltas: Tensor, cfg: TiesConfig, ctx: TensorCtx) -> Merged:
     return Merged(disjoint_mean(trim(deltas, cfg.density)).mul_(cfg.scale))

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from qmerge.errors import ConfigError
-from qmerge.merge.base import METHODS, Merged, TensorCtx, register
-from qmerge.merge.spec import parse
+from qmerge.merge.base import Merged, TensorCtx, register
+from qmerge.merge.spec import static
 
 
 @dataclass(frozen=True)
@@ -24,14 +23,12 @@ class TwinConfig:
     shared: str = "ties"
 
     def __post_init__(self):
-        name, _ = parse(self.shared)
-        if name in ("twin", "emr"):
-            raise ConfigError(f"TwinConfig.shared must be a static merge; got {name!r}")
+        object.__setattr__(self, "_shared", static(self.shared, "TwinConfig.shared"))
 
 
-@register("twin", TwinConfig, "static merge shared + compressed per-task remainders, routed")
+@register("twin", TwinConfig, "static merge shared + compressed per-task remainders, routed",
+          "Twin-Merging, arXiv:2406.15479", static=False)
 def twin(deltas: Tensor, cfg: TwinConfig, ctx: TensorCtx) -> Merged:
-    name, inner = parse(cfg.shared)
-    shared = METHODS[name].fn(deltas, inner, ctx).shared
+    shared = cfg._shared.run(deltas, ctx).shared  # type: ignore[attr-defined]
     assert shared is not None
     return Merged(shared, [d - shared for d in deltas])

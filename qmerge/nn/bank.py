@@ -1,12 +1,15 @@
-"""Every task's residual of one base weight, stacked per codec the way the fused ops take them.
+"""Every task's residual of one base weight, stacked the way the fused ops take them.
 
-A WeightBank holds, for one base weight W0 [out, in] and the pack's T tasks:
+Each residual declares its runtime form (codecs/runtime.py); forms with the same `stack_key`
+share a bank, and `BANKS` says which bank stacks which form. A WeightBank holds, for one base
+weight W0 [out, in] and the pack's T tasks:
   sign banks    packed [Ts, out, ceil(in/8)] + scales [Ts, R, G] (fp32), one bank per scale
                 layout (tasks with per-tensor and per-row scales share one: R is widened);
   a low-rank bank  U [Tl, out, r], V [Tl, r, in] in W0's dtype, ranks padded with zeros;
   a dense bank     D [Td, out, in] in W0's dtype.
-Skipped (all-zero) residuals hold nothing. Each bank maps the pack's task index to its own
-(`lookup`), so a route over the pack drives every bank.
+Zero residuals (no form) hold nothing. Each bank maps the pack's task index to its own
+(`lookup`), so a route over the pack drives every bank. No codec class is named here: a new
+codec that declares a SignForm or LowRankForm runs fused as it is.
 
 Three ways to apply it (shared/DESIGN.md, "Runtime"):
   fused(x, ...)   y = x W0^T + sum_t c_t x tau_t^T per row: the first sign bank (else the
@@ -26,9 +29,7 @@ from torch import Tensor
 
 from qmerge import ops
 from qmerge.codecs import Residual
-from qmerge.codecs.lowrank import LowRankResidual
-from qmerge.codecs.sign import SignResidual
-from qmerge.codecs.skip import SkipResidual
+from qmerge.codecs.runtime import DenseForm, Form, LowRankForm, SignForm
 from qmerge.ops.reference import expand_scales
 
 
@@ -58,6 +59,8 @@ def _add_rows(y: Tensor, rows: Tensor, c: Tensor | None, term: Tensor) -> None:
 
 
 class _Bank:
+    fused_op: bool = False  # runs an op with the base weight (else it adds delta-only terms)
+
     def __init__(self, tasks: list[int], total: int):
         self.tasks = tasks
         self.lookup = torch.full((total,), -1, dtype=torch.int64)
@@ -112,13 +115,15 @@ class _Bank:
 
 
 class SignBank(_Bank):
-    def __init__(self, tasks: list[int], total: int, res: list[SignResidual], out: int, cols: int,
-                 device: torch.device):
+    fused_op = True
+
+    def __init__(self, tasks: list[int], total: int, forms: list[SignForm],
+                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
         super().__init__(tasks, total)
-        self.cols = cols
-        rows = out if any(r.scales.shape[0] > 1 for r in res) else 1
-        self.packed = torch.stack([r.signs for r in res]).to(device).contiguous()
-        self.scales = torch.stack([r.scales.float().expand(rows, -1) for r in res]
+        out, self.cols = shape
+        rows = out if any(f.scales.shape[0] > 1 for f in forms) else 1
+        self.packed = torch.stack([f.packed for f in forms]).to(device).contiguous()
+        self.scales = torch.stack([f.scales.float().expand(rows, -1) for f in forms]
                                   ).to(device).contiguous()
 
     def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs,
@@ -158,14 +163,15 @@ class SignBank(_Bank):
 
 
 class LowRankBank(_Bank):
-    def __init__(self, tasks: list[int], total: int, res: list[LowRankResidual],
-                 dtype: torch.dtype, device: torch.device):
+    fused_op = True
+
+    def __init__(self, tasks: list[int], total: int, forms: list[LowRankForm],
+                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
         super().__init__(tasks, total)
-        r = max(x.rank for x in res)
-        factors = [x.factors(torch.float32) for x in res]
-        self.U = torch.stack([F.pad(u, (0, r - u.shape[1])) for u, _ in factors]
+        r = max(f.U.shape[1] for f in forms)
+        self.U = torch.stack([F.pad(f.U.float(), (0, r - f.U.shape[1])) for f in forms]
                              ).to(device, dtype).contiguous()
-        self.V = torch.stack([F.pad(v, (0, 0, 0, r - v.shape[0])) for _, v in factors]
+        self.V = torch.stack([F.pad(f.V.float(), (0, 0, 0, r - f.V.shape[0])) for f in forms]
                              ).to(device, dtype).contiguous()
 
     def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs,
@@ -189,10 +195,10 @@ class LowRankBank(_Bank):
 
 
 class DenseBank(_Bank):
-    def __init__(self, tasks: list[int], total: int, res: list[Residual], shape: tuple[int, int],
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(self, tasks: list[int], total: int, forms: list[DenseForm],
+                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
         super().__init__(tasks, total)
-        self.D = torch.stack([r.dequantize(torch.float32).reshape(shape) for r in res]
+        self.D = torch.stack([f.delta.float().reshape(shape) for f in forms]
                              ).to(device, dtype).contiguous()
 
     def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
@@ -209,6 +215,12 @@ class DenseBank(_Bank):
         return self.D.numel() * self.D.element_size()
 
 
+# Which bank stacks which runtime form, in the order they apply: the first bank some row
+# uses runs its op with the base weight (sign, else low rank); the others add delta-only terms.
+BANKS: dict[type, type[_Bank]] = {SignForm: SignBank, LowRankForm: LowRankBank,
+                                  DenseForm: DenseBank}
+
+
 class WeightBank:
     """All tasks' residuals of one 2-D base weight [out, in] (see the module docstring)."""
 
@@ -216,28 +228,17 @@ class WeightBank:
                  device: torch.device):
         total = len(residuals)
         self.shape = shape
-        out, cols = shape
-        groups: dict[int, list[tuple[int, SignResidual]]] = {}
-        low: list[tuple[int, LowRankResidual]] = []
-        dense: list[tuple[int, Residual]] = []
+        groups: dict[Hashable, list[tuple[int, Form]]] = {}
         for t, r in enumerate(residuals):
-            if isinstance(r, SkipResidual):
-                continue
-            if isinstance(r, SignResidual):
-                groups.setdefault(r.scales.shape[1], []).append((t, r))
-            elif isinstance(r, LowRankResidual):
-                low.append((t, r))
-            else:
-                dense.append((t, r))
-        self.banks: list[SignBank | LowRankBank | DenseBank] = [
-            SignBank([t for t, _ in g], total, [r for _, r in g], out, cols, device)
-            for g in groups.values()]
-        if low:
-            self.banks.append(LowRankBank([t for t, _ in low], total, [r for _, r in low],
-                                          dtype, device))
-        if dense:
-            self.banks.append(DenseBank([t for t, _ in dense], total, [r for _, r in dense],
-                                        shape, dtype, device))
+            form = r.runtime_form()
+            if form is not None:
+                groups.setdefault(form.stack_key(), []).append((t, form))
+        order = list(BANKS)
+        keys = sorted(groups, key=lambda k: order.index(type(groups[k][0][1])))
+        self.banks: list[_Bank] = [
+            BANKS[type(groups[k][0][1])]([t for t, _ in groups[k]], total,
+                                         [f for _, f in groups[k]], shape, dtype, device)
+            for k in keys]
 
     def __bool__(self) -> bool:
         return bool(self.banks)
@@ -251,7 +252,7 @@ class WeightBank:
         first = self.banks[0] if self.banks else None
         if base_out is not None:
             y = base_out
-        elif isinstance(first, (SignBank, LowRankBank)) and first.uses(ids, coeffs, memo):
+        elif first is not None and first.fused_op and first.uses(ids, coeffs, memo):
             assert w0 is not None
             y = first.fused(x, w0, b0, ids, coeffs, memo)
             rest = self.banks[1:]

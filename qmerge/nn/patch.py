@@ -1,14 +1,6 @@
-"""Patching a model in place with a pack: which layer becomes what, the routed forward and
-generate, and `unload` that puts every original module back.
-
-    Linear (or bitsandbytes 8/4-bit linear) with residuals  -> DeltaLinear
-    Embedding with residuals                                 -> DeltaEmbedding
-    a module whose weights are task heads (not in the base)  -> TaskHead
-    any other module with residuals on its own parameters    -> DeltaParams (norms)
-
-Model parameter names are matched to the pack's base tensor names up to a model prefix
-(format/names.py); a tied weight (an LM head sharing the embedding) is found by identity and
-shares the embedding's residuals, so nothing is held twice.
+"""Patching a model in place with a pack: the routed forward and generate, and `unload` that
+puts every original module back. Which module becomes which wrapper is dispatch.py's; a merged
+pack's shared delta goes into the backbone (backbone.py) first.
 """
 
 from __future__ import annotations
@@ -21,12 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from qmerge.codecs import Residual
-from qmerge.codecs.skip import SkipResidual
 from qmerge.errors import ConfigError
-from qmerge.format.names import alignment
 from qmerge.format.pack import Pack
-from qmerge.nn import context
-from qmerge.nn.bank import WeightBank
+from qmerge.nn import context, dispatch
+from qmerge.nn.backbone import Backbone
 from qmerge.nn.cache import MergedCache
 from qmerge.nn.delta_embedding import DeltaEmbedding
 from qmerge.nn.delta_linear import DeltaLinear
@@ -37,13 +27,7 @@ from qmerge.nn.task_head import TaskHead
 from qmerge.routing.route import Route, resolve
 from qmerge.routing.router import Router
 
-BNB_LINEARS = ("Linear8bitLt", "Linear4bit")
 ROUTE_KWARGS = ("task", "coeffs", "router", "per_token")
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear or type(m).__name__ in BNB_LINEARS
-
 
 def _has_past(kwargs: dict) -> bool:
     pkv = kwargs.get("past_key_values")
@@ -66,164 +50,26 @@ class Patched:
         self.runtime = Runtime(self.tasks, MergedCache(cache_bytes), mode, min_rows)
         self.router, self.router_entry = router if router else (None, None)
         self._originals: list[tuple[nn.Module, str, nn.Module]] = []
-        self._backbone: list[tuple[nn.Parameter, Tensor]] = []
+        self._backbone = Backbone()
         if shared is not None:
-            self._add_shared(shared)
-        self._patch(residual)
+            self._backbone.add(model, pack, shared)
+        try:
+            self._patch(residual)
+        except BaseException:
+            self._backbone.restore()
+            raise
         self._orig_forward = model.forward
         self._wrap()
 
     # --- building ------------------------------------------------------------------------
 
-    def _add_shared(self, shared: Callable[[str], Residual]) -> None:
-        """A merged pack's shared delta goes into the backbone: each parameter it names gets
-        a new tensor W0 + shared (fp32 sum, rounded once); the original stays for `unload`,
-        so this costs one copy of those parameters."""
-        names = set(self.pack.shared_entries())
-        if not names:
-            return
-        params = list(self.model.named_parameters(remove_duplicate=False))
-        _, rename = alignment([n for n, _ in params], set(self.pack.base_fingerprint["tensors"]))
-        found: set[str] = set()
-        try:
-            for n, p in params:
-                name = rename(n)
-                if name not in names or name in found:
-                    continue
-                if not p.is_floating_point():
-                    raise ConfigError(f"{self.pack.path}: is a merged pack whose shared delta "
-                                      f"changes '{name}', which this model holds quantized "
-                                      f"({p.dtype}); load the base in a float dtype")
-                d = shared(name).dequantize(torch.float32).reshape(p.shape).to(p.device)
-                self._backbone.append((p, p.data))
-                p.data = (p.data.float() + d).to(p.dtype)
-                found.add(name)
-        except BaseException:
-            self._restore_backbone()
-            raise
-        if missing := sorted(names - found):
-            self._restore_backbone()
-            raise ConfigError(f"{self.pack.path}: the shared delta changes '{missing[0]}', "
-                              f"which the model does not have")
-
-    def _restore_backbone(self) -> None:
-        for p, orig in reversed(self._backbone):
-            p.data = orig
-        self._backbone.clear()
-
     def _patch(self, residual: Callable[[str, str], Residual]) -> None:
-        model, pack = self.model, self.pack
-        base_names = set(pack.base_fingerprint["tensors"])
-        head_names = {n for t in self.tasks for n in pack.manifest["tasks"][t].get("heads", {})}
-        params = list(model.named_parameters(remove_duplicate=False))
-        _, rename = alignment([n for n, _ in params], base_names | head_names)
-        by_id: dict[int, str] = {}
-        for n, p in params:
-            if rename(n) in base_names | head_names:
-                by_id.setdefault(id(p), rename(n))
-        for t in self.tasks:
-            for n, e in pack.entries(t).items():
-                if e.get("extra_rows", 0):
-                    raise ConfigError(f"{pack.path}: task {t!r} grows '{n}' by {e['extra_rows']} "
-                                      f"rows; loading a resized vocabulary is not supported")
-        loaded: dict[str, list[Residual]] = {}
-
-        def residuals(name: str) -> list[Residual] | None:
-            if name not in loaded:
-                rs = [residual(t, name) if name in pack.entries(t) else None for t in self.tasks]
-                loaded[name] = [r if r is not None else SkipResidual(()) for r in rs]
-            rs = loaded[name]
-            return None if all(isinstance(r, SkipResidual) for r in rs) else rs
-
-        banks: dict[str, WeightBank] = {}
-        used: set[str] = set()
-
-        def bank(name: str, shape: tuple[int, int], like: Tensor) -> WeightBank | None:
-            rs = residuals(name)
-            if rs is None:
-                return None
-            if name not in banks:
-                banks[name] = WeightBank(rs, shape, like.dtype, like.device)
-            used.add(name)
-            return banks[name]
-
-        def vectors(name: str, like: Tensor) -> Tensor | None:
-            rs = residuals(name)
-            if rs is None:
-                return None
-            used.add(name)
-            return torch.stack([r.dequantize(torch.float32).reshape(like.shape)
-                                if not isinstance(r, SkipResidual) else torch.zeros(like.shape)
-                                for r in rs]).to(like.device, like.dtype)
-
-        for mod_name, mod in list(model.named_modules()):
-            own = dict(mod.named_parameters(recurse=False))
-            names = {k: by_id.get(id(p)) for k, p in own.items()}
-            if not any(names.values()):
-                continue
-            if any(v in head_names for v in names.values() if v):
-                new = self._head(mod, mod_name, names)
-                used.update(v for v in names.values() if v)
-            elif _is_linear(mod):
-                w = mod.weight
-                wname, bname = names.get("weight"), names.get("bias")
-                out, cols = mod.out_features, mod.in_features
-                like = w if w.is_floating_point() else torch.empty(0, dtype=torch.float32)
-                if type(mod) is not nn.Linear:
-                    like = torch.empty(0, dtype=getattr(mod, "compute_dtype", None)
-                                       or torch.float32, device=w.device)
-                wb = bank(wname, (out, cols), like) if wname else None
-                bd = vectors(bname, mod.bias) if bname and mod.bias is not None else None
-                if wb is None and bd is None:
-                    continue
-                new = DeltaLinear(mod, wb, bd, self.runtime, wname or mod_name)
-            elif type(mod) is nn.Embedding:
-                wname = names.get("weight")
-                wb = bank(wname, tuple(mod.weight.shape), mod.weight) if wname else None
-                if wb is None:
-                    continue
-                new = DeltaEmbedding(mod, wb, self.runtime, wname)
-            else:
-                deltas = {k: d for k, v in names.items() if v
-                          and (d := vectors(v, own[k])) is not None}
-                if not deltas:
-                    continue
-                if any(own[k].dim() > 1 for k in deltas):
-                    raise ConfigError(f"module '{mod_name}' ({type(mod).__name__}) has residuals "
-                                      f"on a matrix but is not a Linear or Embedding; qmerge "
-                                      f"cannot apply them per row")
-                new = DeltaParams(mod, deltas, mod_name)
-            self._replace(mod_name, new)
-        missed = [n for t in self.tasks for n in pack.entries(t)
-                  if n not in used and residuals(n) is not None]
-        if missed:
-            raise ConfigError(f"{pack.path}: tensor '{missed[0]}' has residuals but the model "
-                              f"has no parameter for it ({len(set(missed))} such tensors); is "
-                              f"this the pack's model architecture?")
-        pack.close()
-
-    def _head(self, mod: nn.Module, mod_name: str, names: dict[str, str | None]) -> TaskHead:
-        if not _is_linear(mod):
-            raise ConfigError(f"task head '{mod_name}' is a {type(mod).__name__}; only linear "
-                              f"heads are supported")
-        heads: dict[int, tuple[Tensor, Tensor | None]] = {}
-        w = mod.weight
-        for i, t in enumerate(self.tasks):
-            stored = self.pack.heads(t)
-            wn, bn = names.get("weight"), names.get("bias")
-            if wn in stored:
-                b = stored.get(bn) if bn else None
-                heads[i] = (stored[wn].to(w.device, w.dtype).clone(),
-                            None if b is None else b.to(w.device, w.dtype).clone())
-        if not heads:
-            raise ConfigError(f"no task has a head for '{mod_name}'")
-        return TaskHead(mod, heads, mod_name)
-
-    def _replace(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        self._originals.append((parent, child, getattr(parent, child)))
-        setattr(parent, child, new)
+        for name, new in dispatch.plan(self.model, self.pack, self.tasks, self.runtime, residual):
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            self._originals.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, new)
+        self.pack.close()
 
     # --- routing -------------------------------------------------------------------------
 
@@ -374,7 +220,7 @@ class Patched:
         for parent, child, orig in reversed(self._originals):
             setattr(parent, child, orig)
         self._originals.clear()
-        self._restore_backbone()
+        self._backbone.restore()
         for attr in ("forward", "generate"):
             self.model.__dict__.pop(attr, None)
         self.runtime.cache.clear()

@@ -3,7 +3,6 @@
     route.py      explicit names/ids/mixtures -> a Route (per-sequence or per-token coefficients)
     prototype.py  a router fitted from a few unlabeled examples per task (no training)
     linear.py     a logistic-regression router fitted from labeled examples
-    store.py      routers saved into a pack (router.safetensors + the manifest's "router")
 
 Routers see only feature vectors; computing them from a model is qmerge/nn/features.py.
 """

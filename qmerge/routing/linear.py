@@ -15,7 +15,7 @@ from qmerge.errors import ConfigError
 from qmerge.routing.router import Router, need, register
 
 
-@register
+@register("logistic regression on base features, fitted from labeled examples")
 class LinearRouter(Router):
     kind = "linear"
 
@@ -26,8 +26,10 @@ class LinearRouter(Router):
 
     @classmethod
     def fit(cls, features: Mapping[str, Tensor], layer: int, mode: str = "top1",
-            temperature: float = 1.0, l2: float = 1e-3, steps: int = 200) -> LinearRouter:
-        """features: task -> [n_t, D] labeled example features."""
+            temperature: float | None = None, l2: float = 1e-3, steps: int = 200
+            ) -> LinearRouter:
+        """features: task -> [n_t, D] labeled example features; temperature default 1.0."""
+        temperature = 1.0 if temperature is None else temperature
         if len(features) < 2:
             raise ConfigError("a linear router needs examples of at least two tasks")
         x = torch.cat([f.float() for f in features.values()])

@@ -42,9 +42,11 @@ def _unit(x: Tensor) -> Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-@register
+@register("distance to each task's mean base feature (Mahalanobis or cosine); no "
+          "training, a few unlabeled examples per task")
 class PrototypeRouter(Router):
     kind = "prototype"
+    fit_options = ("metric", "shrinkage")
 
     def __init__(self, tasks, layer: int, centroids: Tensor, center: Tensor, mode: str = "top1",
                  temperature: float = 0.05, metric: str = "cosine", bias: Tensor | None = None,

@@ -5,7 +5,9 @@ Exactly one of
   coeffs   [B, T] float32 (per sequence) or [B, S, T] (per token): a mixture over tasks,
            W(x) = W0 + sum_t c_t * dequant(tau_t); an all-zero row is the bare base.
 
-`resolve` turns what a caller writes (a name, a list of names, "math:0.7+code:0.3", a dict, a
+The one grammar of routes as people write them, shared by Python, the CLI and HTTP:
+`parse_route` reads 'base', 'auto', a task name or a mixture "math:0.7+code:0.3" once, at the
+edge; `resolve` turns what a caller passes (a name, a list of names, a mixture, a dict, a
 tensor) into a Route and names the offending entry when it cannot.
 """
 
@@ -19,9 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qmerge.errors import ConfigError
+from qmerge.errors import ConfigError, UnknownTask
 
 BASE = "base"  # the name a request uses for the bare base model
+AUTO = "auto"  # the name a request uses for the pack's router
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,6 +130,27 @@ class Route:
         return out
 
 
+def parse_route(text: str, tasks: Sequence[str], *, router: bool = False
+                ) -> str | dict[str, float]:
+    """A route as written: 'base', 'auto' (only where a router serves it), a task name, or a
+    mixture 'a:0.7+b:0.3' -> BASE, AUTO, the name, or {name: weight}. UnknownTask for a name
+    that is no task; ConfigError for anything else malformed."""
+    if not isinstance(text, str):
+        raise ConfigError(f"a route is a task name or a mixture such as 'a:0.7+b:0.3', got "
+                          f"{text!r}")
+    if text == AUTO:
+        if not router:
+            raise ConfigError("'auto' routes with the pack's router, and the pack has none; "
+                              "name a task (fit one with `qmerge fit-router`)")
+        return AUTO
+    if text == BASE or text in tasks:
+        return text
+    if "+" in text or ":" in text:
+        return parse_mixture(text, tasks)
+    _index(text, tasks, "route")
+    raise AssertionError("unreachable")
+
+
 def parse_mixture(text: str, tasks: Sequence[str]) -> dict[str, float]:
     """'math:0.7+code:0.3' (or one name, weight 1) -> {name: weight}."""
     out: dict[str, float] = {}
@@ -154,8 +178,8 @@ def _index(name: object, tasks: Sequence[str], where: str) -> int:
             raise ConfigError(f"{where}: task index {name} is out of range (0..{len(tasks) - 1})")
         return name
     if not isinstance(name, str) or name not in tasks:
-        raise ConfigError(f"{where}: unknown task {name!r} (tasks: {', '.join(tasks)}; "
-                          f"'{BASE}' for the bare base)")
+        raise UnknownTask(f"{where}: unknown task {name!r} (tasks: {', '.join(tasks)}; "
+                          f"'{BASE}' for the bare base)", str(name))
     return tasks.index(name)
 
 

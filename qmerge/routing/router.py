@@ -17,19 +17,27 @@ import torch
 from torch import Tensor
 
 from qmerge.errors import ConfigError
+from qmerge.registry import Registry
 from qmerge.routing.route import Route
 
 MODES = ("top1", "softmax")
-ROUTERS: dict[str, type[Router]] = {}
+ROUTERS: Registry[type[Router]] = Registry("router kind")
 
 
-def register(cls: type[Router]) -> type[Router]:
-    ROUTERS[cls.kind] = cls
-    return cls
+def register(summary: str, paper: str = ""):
+    """Class decorator: registers a Router subclass under its `kind`."""
+
+    def deco(cls: type[Router]) -> type[Router]:
+        ROUTERS.register(cls.kind, cls, summary, paper)
+        return cls
+
+    return deco
 
 
 class Router:
     kind: ClassVar[str] = ""
+    # keyword options of `fit` beyond (features, layer, mode, temperature)
+    fit_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tasks: Sequence[str], layer: int, mode: str = "top1",
                  temperature: float = 1.0):
@@ -42,6 +50,12 @@ class Router:
             raise ConfigError("a router needs at least one task")
         self.tasks, self.layer = list(tasks), int(layer)
         self.mode, self.temperature = mode, float(temperature)
+
+    @classmethod
+    def fit(cls, features: Mapping[str, Tensor], layer: int, mode: str = "top1",
+            temperature: float | None = None, **options: Any) -> Router:
+        """A router fitted on example features per task (task -> [n_t, D])."""
+        raise NotImplementedError
 
     def scores(self, feats: Tensor) -> Tensor:
         raise NotImplementedError

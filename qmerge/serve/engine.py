@@ -18,20 +18,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmerge import inference
-from qmerge.errors import ConfigError, QmergeError
-from qmerge.loader import load
-from qmerge.packs import open_pack
-from qmerge.routing.route import BASE, parse_mixture
+from qmerge.verbs import run as inference
+from qmerge.errors import ConfigError, UnknownTask
+from qmerge.verbs.load import load
+from qmerge.verbs.packs import open_pack
+from qmerge.routing.route import AUTO, parse_route
 from qmerge.serve.kv import KV
 from qmerge.serve.sequence import Sequence
 
 log = logging.getLogger("qmerge.serve")
-AUTO = "auto"
-
-
-class UnknownTask(QmergeError):
-    """A request names a task the served pack does not have (HTTP 404)."""
 
 
 class Engine:
@@ -107,25 +102,17 @@ class Engine:
     def check_route(self, model: str) -> object:
         """A request's `model` field -> a route entry ('base', a task, a mixture dict, or
         'auto'); UnknownTask (404) or ConfigError (400) when it names no served route."""
-        if model == AUTO:
-            if not self.has_router:
+        try:
+            return parse_route(model, self.tasks, router=self.has_router)
+        except UnknownTask as e:
+            raise UnknownTask(f"the model {e.name!r} does not exist: served tasks are "
+                              f"{', '.join(self.tasks) or 'none'}, 'base', 'auto' or a mixture "
+                              f"such as 'a:0.7+b:0.3'", e.name) from None
+        except ConfigError as e:
+            if model == AUTO:
                 raise ConfigError(f"model 'auto' routes with the pack's router, and "
-                                  f"{self.pack_path.name} has none; name a task")
-            return AUTO
-        if model == BASE or model in self.tasks:
-            return model
-        if "+" in model or ":" in model:
-            for item in model.split("+"):
-                name = item.strip().rpartition(":")[0] if ":" in item else item.strip()
-                if name != BASE and name not in self.tasks:
-                    raise UnknownTask(self._unknown(name))
-            return parse_mixture(model, self.tasks)
-        raise UnknownTask(self._unknown(model))
-
-    def _unknown(self, name: str) -> str:
-        return (f"the model {name!r} does not exist: served tasks are "
-                f"{', '.join(self.tasks) or 'none'}, 'base', 'auto' or a mixture such as "
-                f"'a:0.7+b:0.3'")
+                                  f"{self.pack_path.name} has none; name a task") from None
+            raise
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a prompt (request-handler side)."""

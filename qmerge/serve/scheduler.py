@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qmerge.errors import QmergeError
-from qmerge.serve.engine import AUTO, Engine, UnknownTask
+from qmerge.errors import QmergeError, UnknownTask
+from qmerge.routing.route import AUTO
+from qmerge.serve.engine import Engine
 from qmerge.serve.kv import KV
 from qmerge.serve.metrics import Metrics
 from qmerge.serve.sequence import Sampling, Sequence

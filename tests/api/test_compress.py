@@ -168,7 +168,7 @@ def test_refuses_to_overwrite_without_asking_and_duplicate_tasks(models):
 
 def test_interrupted_writes_leave_the_old_pack(models, monkeypatch):
     qmerge.compress(models / "base", {"a": models / "ft0"}, models / "pack", opts=QUIET)
-    from qmerge import compressor
+    from qmerge.verbs import compress as compressor
 
     real, calls = compressor.encode_task, []
 
@@ -193,13 +193,12 @@ def test_a_killed_process_leaves_the_old_pack(models):
     before = tree_bytes(models / "pack")
     script = textwrap.dedent(f"""
         import os, signal, qmerge
-        from qmerge.format import pack
-        real = pack.write_task_file
+        from qmerge.format import writer
+        real = writer.write_task_file
         def die(*a, **k):
             real(*a, **k)
             os.kill(os.getpid(), signal.SIGKILL)  # after the first task file, mid-run
-        import qmerge.compressor as c
-        c.write_task_file = die
+        writer.write_task_file = die
         qmerge.compress({str(models / 'base')!r}, {{"b": {str(models / 'ft1')!r},
                         "c": {str(models / 'ft2')!r}}}, {str(models / 'pack')!r},
                         opts=qmerge.Options(progress=False), overwrite=True)

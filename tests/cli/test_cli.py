@@ -30,4 +30,4 @@ def test_info_and_help():
 
 def test_bad_argument_is_a_clear_error():
     out = run("demo", "--tasks", "0")
-    assert out.returncode == 2 and "--tasks must be >= 1" in out.stderr
+    assert out.returncode == 2 and "--tasks: must be >= 1" in out.stderr

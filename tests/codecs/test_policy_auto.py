@@ -11,6 +11,7 @@ from qmerge.codecs import (
     module_type,
     sqnr_db,
 )
+from qmerge.codecs.policy import resolve
 from qmerge.errors import ConfigError
 
 
@@ -42,13 +43,13 @@ def test_policy_resolution_order():
                tasks={"chat": {"types": {"attention": "lowrank"},
                                "patterns": {"*.o_proj.*": "skip"}}})
     q = "model.layers.0.self_attn.q_proj.weight"
-    assert p.spec_for("math", q, 2) == ("attention", "sign")
-    assert p.spec_for("chat", q, 2) == ("attention", "lowrank")
-    assert p.spec_for("chat", "model.layers.0.self_attn.o_proj.weight", 2)[1] == "skip"
-    assert p.spec_for("math", "model.layers.0.mlp.up_proj.weight", 2)[1] == "lowrank:rank=8"
-    assert p.spec_for("math", "lm_head.weight", 2)[1] == "dense"
-    assert p.spec_for("math", "model.norm.weight", 1)[1] == "dense:dtype=fp16"
-    assert p.spec_for("math", "model.layers.0.self_attn.q_proj.bias", 1)[1] == "dense:dtype=fp32"
+    assert p.spec_for("math", q, 2) == ("attention", resolve("sign"))
+    assert p.spec_for("chat", q, 2) == ("attention", resolve("lowrank"))
+    assert p.spec_for("chat", "model.layers.0.self_attn.o_proj.weight", 2)[1] == resolve("skip")
+    assert p.spec_for("math", "model.layers.0.mlp.up_proj.weight", 2)[1] == resolve("lowrank:rank=8")
+    assert p.spec_for("math", "lm_head.weight", 2)[1] == resolve("dense")
+    assert p.spec_for("math", "model.norm.weight", 1)[1] == resolve("dense:dtype=fp16")
+    assert p.spec_for("math", "model.layers.0.self_attn.q_proj.bias", 1)[1] == resolve("dense:dtype=fp32")
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -11,9 +11,9 @@ import torch
 
 import qmerge
 from qmerge.errors import BaseMismatchError, ConfigError, ExportError
-from qmerge.export import build, check
-from qmerge.export.merged import merged
-from qmerge.export.selection import select
+from qmerge.verbs.export import build, check
+from qmerge.verbs.export.merged import merged
+from qmerge.verbs.export.selection import select
 from qmerge.format.checkpoint import Checkpoint
 from tests.nn import tiny
 
@@ -177,8 +177,8 @@ def test_a_wrong_artifact_fails_the_check_and_nothing_is_written(lm, monkeypatch
         info = real(job.__class__(**{**job.__dict__, "sel": select(job.pack, task="t1")}), out)
         return info
 
-    monkeypatch.setitem(build.FORMATS, "hf", wrong)
-    with pytest.raises(ExportError, match="does not match the routed model"):
+    with build.FORMATS.swapped("hf", wrong), pytest.raises(ExportError,
+                                                          match="does not match the routed model"):
         qmerge.export(sign, base, root / "wrong", fmt="hf", task="t0")
     assert not (root / "wrong").exists() and _stray(root) == []
 
@@ -192,7 +192,7 @@ def test_refusals_write_nothing(lm, cls, tmp_path):
         (dict(pack=sign, base=base), ConfigError, "exactly one of"),
         (dict(pack=sign, base=base, shared=True), ConfigError, "no shared delta"),
         (dict(pack=sign, base=base, task="t0", fmt="onnx", dtype="bf16"), ConfigError, "fp32"),
-        (dict(pack=sign, base=base, task="t0", fmt="gguf"), ConfigError, "format must be"),
+        (dict(pack=sign, base=base, task="t0", fmt="gguf"), ConfigError, "unknown export format"),
         (dict(pack=clow, base=cbase, coeffs="c0:0.5+c1:0.5"), ConfigError, "different shapes"),
         (dict(pack=clow, base=cbase, task="base"), ConfigError, "bare base has none"),
     ]

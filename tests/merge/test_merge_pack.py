@@ -14,7 +14,7 @@ import qmerge
 from qmerge.errors import ConfigError, PackError
 from qmerge.merge import METHODS, make_config
 from qmerge.merge.base import TensorCtx, layer_index
-from qmerge.packs import shared_residual
+from qmerge.verbs.packs import shared_residual
 from tests.nn import tiny
 
 transformers = pytest.importorskip("transformers")
@@ -160,7 +160,7 @@ def test_shared_deltas_in_memory_equal_the_merged_packs(lm, spec):
     name = spec.split(":")[0]
     out = qmerge.merge_pack(pack, root / f"mem-{name}", spec, shared_codec=FP32,
                             exclusive=tiny.EXACT, overwrite=True)
-    got = dict(qmerge.merge.shared_deltas(pack, spec))
+    got = dict(qmerge.shared_deltas(pack, spec))
     stored = out.shared_entries()
     assert stored and set(stored) <= set(got)
     for n, d in got.items():

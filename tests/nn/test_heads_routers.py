@@ -9,7 +9,8 @@ import torch
 
 import qmerge
 from qmerge.errors import PackError
-from qmerge.routing import LinearRouter, PrototypeRouter, store
+from qmerge.routing import LinearRouter, PrototypeRouter
+from qmerge.verbs import router_store as store
 from qmerge.routing.prototype import ledoit_wolf
 from tests.nn import tiny
 

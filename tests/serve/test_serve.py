@@ -49,7 +49,7 @@ def offline(lm):
     """Greedy completions of each task, each prompt alone through the patched model's own
     generate (the answer the server must reproduce)."""
     _, base, pack, _ = lm
-    from qmerge.inference import tokenizer
+    from qmerge.verbs.run import tokenizer
 
     model = qmerge.load(base, pack)
 
@@ -245,7 +245,7 @@ def test_tasks_added_and_removed_without_restart(lm, tmp_path):
         r = _complete(c, "t3", PROMPTS[0], 8)
         assert r.status_code == 200
         ref = qmerge.load(base, live)
-        from qmerge.inference import tokenizer
+        from qmerge.verbs.run import tokenizer
 
         tok = tokenizer(base)
         enc = tok(PROMPTS[0], return_tensors="pt")
@@ -274,7 +274,7 @@ def cls_server(tmp_path_factory):
 
 
 def test_classify_mixed_tasks_equal_qmerge_run(cls_server):
-    from qmerge import inference
+    from qmerge.verbs import run as inference
 
     s, base, pack = cls_server
     texts = ["the cat sat", "red blue", "is not very big", "a dog ran fast"]
@@ -299,7 +299,7 @@ def test_classify_mixed_tasks_equal_qmerge_run(cls_server):
 def test_router_fitted_while_serving_makes_auto_answer(cls_server):
     """Fitting a router writes it into the pack; the server picks it up like a task change,
     and 'auto' then routes each text on its own."""
-    from qmerge.inference import tokenizer
+    from qmerge.verbs.run import tokenizer
 
     s, base, pack = cls_server
     with httpx.Client(base_url=s.url, timeout=60) as c:

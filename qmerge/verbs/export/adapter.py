@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmerge.codecs.lowrank import LowRankResidual
+from qmerge.codecs.runtime import LowRankForm
 from qmerge.errors import ConfigError, ExportError
-from qmerge.export.job import Job
-from qmerge.export.merged import delta, residuals
+from qmerge.verbs.export.job import Job
+from qmerge.verbs.export.merged import delta, residuals
 
 
 def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict] | None:
@@ -34,12 +34,12 @@ def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor
     rs = residuals(job.pack, job.sel, name)
     if not rs:
         return None
-    if all(isinstance(r, LowRankResidual) for _, r in rs):
+    forms = [(c, r.runtime_form()) for c, r in rs]
+    if all(isinstance(f, LowRankForm) for _, f in forms):
         us, vs = [], []
-        for c, r in rs:
-            u, v = r.factors(torch.float32)
-            us.append(u * c)
-            vs.append(v)
+        for c, f in forms:
+            us.append(f.U.float() * c)
+            vs.append(f.V.float())
         return torch.cat(us, 1), torch.cat(vs, 0), {"exact": True}
     d = delta(job.pack, job.sel, name, shape)
     assert d is not None

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmerge.export.job import Job
-from qmerge.export.target import copy_side_files
+from qmerge.verbs.export.job import Job
+from qmerge.verbs.export.target import copy_side_files
 from qmerge.format.safetensors_io import write_safetensors
 
 INDEX = "model.safetensors.index.json"

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
-from qmerge.codecs import Residual, load_residual
+from qmerge.codecs import CODECS, Residual, load_residual
 from qmerge.codecs.policy import MODULE_TYPES
 from qmerge.errors import PackError
 from qmerge.format import manifest as mf
@@ -35,7 +35,8 @@ def residual(pack: Pack, task: str, tensor: str) -> Residual:
         raise PackError(f"{pack.path}: task {task!r} has no tensor '{tensor}'")
     parts = pack.parts(task, tensor)
     parts.pop("extra_rows", None)
-    if entry["codec"] == "mask":  # a mask over the shared delta (codecs/mask.py)
+    c = CODECS.get(entry["codec"])  # an unknown codec is reported by load_residual
+    if c is not None and c.residual.needs_shared:  # e.g. a mask over it (codecs/mask.py)
         if tensor not in pack.shared_entries():
             raise PackError(f"{pack.path}: task {task!r} tensor '{tensor}' is a mask over the "
                             f"shared delta, which has no such tensor")
@@ -48,6 +49,10 @@ def shared_residual(pack: Pack, tensor: str) -> Residual:
     entry = pack.shared_entries().get(tensor)
     if entry is None:
         raise PackError(f"{pack.path}: the shared delta has no tensor '{tensor}'")
+    c = CODECS.get(entry["codec"])
+    if c is not None and c.residual.needs_shared:
+        raise PackError(f"{pack.path}: shared delta tensor '{tensor}': codec "
+                        f"{entry['codec']!r} cannot hold a shared delta")
     return load_residual(entry, pack.shared_parts(tensor),
                          f"{pack.path}: shared delta tensor '{tensor}'")
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qmerge.codecs import Residual
+from qmerge.codecs import CODECS, Residual
 from qmerge.errors import ConfigError
-from qmerge.export.selection import Selection
+from qmerge.verbs.export.selection import Selection
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.pack import Pack
-from qmerge.packs import residual, shared_residual
+from qmerge.verbs.packs import residual, shared_residual
 
 
 def residuals(pack: Pack, sel: Selection, name: str) -> list[tuple[float, Residual]]:
@@ -20,7 +20,8 @@ def residuals(pack: Pack, sel: Selection, name: str) -> list[tuple[float, Residu
     out = []
     for t, c in sel.coeffs.items():
         entry = pack.entries(t).get(name)
-        if entry is None or entry["codec"] == "skip":
+        kind = CODECS.get(entry["codec"]) if entry is not None else None
+        if entry is None or (kind is not None and kind.residual.is_zero):
             continue
         if entry.get("extra_rows", 0):
             raise ConfigError(f"{pack.path}: task {t!r} grows '{name}' by {entry['extra_rows']} "

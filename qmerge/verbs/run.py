@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from qmerge.errors import ConfigError
-from qmerge.loader import fit_router, load
+from qmerge.verbs.load import fit_router, load
 from qmerge.nn import TaskHead
 from qmerge.nn.features import pool
-from qmerge.routing.route import parse_mixture
+from qmerge.routing.route import BASE, parse_route
 
 PathLike = str | os.PathLike
 
@@ -89,19 +89,30 @@ def kind_of(model) -> str:
     return "embed"
 
 
+def parsed(route: object, tasks: Sequence[str]) -> str | dict[str, float]:
+    """A request's route entry read once (routing/route.py's grammar): 'base', a task name,
+    or a mixture dict."""
+    return route if isinstance(route, dict) else parse_route(route, tasks)
+
+
+def _echo(req: dict, route: object) -> object:
+    """The route as the request wrote it (a router's choice when it asked for "auto")."""
+    return req.get("coeffs", req.get("task", route))
+
+
 def routes(model, tok, batch: Sequence[dict], max_length: int) -> list:
-    """Each request's route entry (a task name, a mixture dict, or 'base'); requests with
-    "auto" go through the pack's router, all in one base forward."""
+    """Each request's route entry (a task name, a mixture dict, or 'base'), parsed once;
+    requests with "auto" go through the pack's router, all in one base forward."""
     handle = model.qmerge
     out: list = [None] * len(batch)
     auto = [i for i, r in enumerate(batch) if r.get("auto")]
     for i, r in enumerate(batch):
         if "coeffs" in r:
-            out[i] = r["coeffs"]
+            out[i] = parsed(r["coeffs"], handle.tasks)
         elif "task" in r:
-            out[i] = r["task"]
+            out[i] = parsed(r["task"], handle.tasks)
         elif not r.get("auto"):
-            out[i] = "base"
+            out[i] = BASE
     if auto:
         if handle.router is None:
             raise ConfigError(f"{handle.pack.path}: has no router; run `qmerge fit-router` "
@@ -118,10 +129,12 @@ def routes(model, tok, batch: Sequence[dict], max_length: int) -> list:
 
 
 def route_kwargs(rows: Sequence[object], tasks: Sequence[str]) -> dict:
-    """The forward's routing keywords for per-row routes: task= when every row names a task
-    (or 'base'), else coeffs= (rows may then be mixtures)."""
-    names = all(isinstance(r, str) and (r in tasks or r == "base") for r in rows)
-    return {"task": list(rows)} if names else {"coeffs": list(rows)}
+    """The forward's routing keywords for parsed per-row routes: task= when every row names a
+    task (or 'base'), else coeffs= (mixture dicts; a name is its one-task mixture)."""
+    if all(isinstance(r, str) for r in rows):
+        return {"task": list(rows)}
+    return {"coeffs": [r if isinstance(r, dict) else None if r == BASE else {r: 1.0}
+                       for r in rows]}
 
 
 def answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
@@ -140,20 +153,18 @@ def answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
                                  pad_token_id=tok.pad_token_id, **kw)
             new = out[:, enc["input_ids"].shape[1]:]
             for r, route, ids in zip(batch, rows, new, strict=True):
-                results.append({"text": r["text"], "route": route,
+                results.append({"text": r["text"], "route": _echo(r, route),
                                 "output": tok.decode(ids, skip_special_tokens=True)})
         elif kind == "classify":
             logits = model(**enc, **kw).logits.float()
             for r, route, row in zip(batch, rows, logits, strict=True):
-                mix = (route if isinstance(route, dict) else {route: 1.0}
-                       if route in handle.tasks or route == "base"
-                       else parse_mixture(route, handle.tasks))
+                mix = route if isinstance(route, dict) else {route: 1.0}
                 task = max(mix, key=lambda t: abs(mix[t]))
                 labels = handle.labels(task) if task != "base" else None
                 n = len(labels) if labels else row.shape[0]
                 p = torch.softmax(row[:n], -1)
                 best = int(p.argmax())
-                results.append({"text": r["text"], "route": route,
+                results.append({"text": r["text"], "route": _echo(r, route),
                                 "label": labels[best] if labels else best,
                                 "scores": {(labels[k] if labels else str(k)): round(float(v), 6)
                                            for k, v in enumerate(p)}})
@@ -161,7 +172,7 @@ def answer(model, tok, batch: list[dict], kind: str, max_new_tokens: int,
             h = model(**enc, **kw).last_hidden_state
             emb = pool(h.float(), enc.get("attention_mask"), "mean")
             for r, route, e in zip(batch, rows, emb, strict=True):
-                results.append({"text": r["text"], "route": route,
+                results.append({"text": r["text"], "route": _echo(r, route),
                                 "embedding": [round(float(v), 6) for v in e]})
     return results
 
@@ -182,7 +193,7 @@ def run(pack: PathLike, base: PathLike, requests: Sequence[dict], *, batch_size:
 
 def fit(pack: PathLike, base: PathLike, examples: dict[str, PathLike], *,
         kind: str = "prototype", layer: int | None = None, mode: str = "top1",
-        temperature: float | None = None, max_examples: int = 32, metric: str = "mahalanobis",
+        temperature: float | None = None, max_examples: int = 32, metric: str | None = None,
         evaluate: dict[str, PathLike] | None = None, max_length: int = 128,
         progress: Callable[[Iterable], Iterable] = iter) -> dict:
     """Fits and saves the pack's router from example files; with `evaluate`, also reports its

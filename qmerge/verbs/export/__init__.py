@@ -10,6 +10,6 @@ build.py drives one export; check.py compares the artifact (run by _child.py in 
 process without qmerge) with the routed model.
 """
 
-from qmerge.export.build import FORMATS, export
+from qmerge.verbs.export.build import FORMATS, export
 
 __all__ = ["FORMATS", "export"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from qmerge.export.merged import merged
-from qmerge.export.selection import Selection
-from qmerge.export.target import Target
+from qmerge.verbs.export.merged import merged
+from qmerge.verbs.export.selection import Selection
+from qmerge.verbs.export.target import Target
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.pack import Pack
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qmerge.errors import ExportError
-from qmerge.export.selection import Selection
+from qmerge.verbs.export.selection import Selection
 
 CHILD = Path(__file__).with_name("_child.py")
 TEXTS = [

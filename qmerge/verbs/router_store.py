@@ -7,8 +7,8 @@ the rest:
                "metric": "mahalanobis" | "cosine", "shrinkage": float}   (prototype only;
                                                     no metric: cosine, as first saved)
 
-Saving writes the file atomically, then the manifest, under the pack's lock (the order
-format/pack.py uses for task files), so an interrupted save leaves the old router.
+Saving and removing go through the pack writer (format/writer.py): the file atomically, then
+the manifest, under the pack's lock, so an interrupted save leaves the old router.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from pathlib import Path
 
 from qmerge.errors import ConfigError, PackError
 from qmerge.format import manifest as mf
-from qmerge.format.atomic import atomic_file
-from qmerge.format.pack import Pack, locked, write_manifest
-from qmerge.format.safetensors_io import write_safetensors
+from qmerge.format.pack import Pack
+from qmerge.format.writer import PackWriter
 from qmerge.routing.router import MODES, ROUTERS, Router
 
-FILE = "router.safetensors"
+FILE = mf.ROUTER_FILE
 POOLINGS = ("mean", "last")
 
 
@@ -34,20 +33,12 @@ def save(pack: str | os.PathLike, router: Router, pooling: str = "mean",
     path = Path(pack)
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    with locked(path):
-        current = Pack.open(path)
-        if unknown := [t for t in router.tasks if t not in current.tasks]:
+    with PackWriter.edit(path) as w:
+        if unknown := [t for t in router.tasks if t not in w.manifest["tasks"]]:
             raise ConfigError(f"{path}: the router names task {unknown[0]!r}, which the pack "
                               f"does not have")
-        with atomic_file(path / FILE) as f:
-            nbytes, sha = write_safetensors(f, router.tensors(),
-                                            {"qmerge.format": "router", "kind": router.kind})
-        manifest = current.manifest
-        manifest["files"][FILE] = {"sha256": sha, "bytes": nbytes}
-        entry = router.config() | {"file": FILE, "pooling": pooling,
-                                   "examples": dict(examples or {})}
-        manifest["router"] = entry
-        write_manifest(path, manifest)
+        entry = w.set_router(router.tensors(), router.config() | {
+            "pooling": pooling, "examples": dict(examples or {})})
     return entry
 
 
@@ -87,11 +78,5 @@ def load(pack: Pack) -> tuple[Router, dict] | None:
 
 def remove(pack: str | os.PathLike) -> None:
     """Drops the pack's router (the manifest first, then the file)."""
-    path = Path(pack)
-    with locked(path):
-        current = Pack.open(path)
-        manifest = current.manifest
-        manifest["router"] = None
-        manifest["files"].pop(FILE, None)
-        write_manifest(path, manifest)
-        (path / FILE).unlink(missing_ok=True)
+    with PackWriter.edit(Path(pack)) as w:
+        w.clear_router()

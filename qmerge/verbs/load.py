@@ -19,10 +19,9 @@ from qmerge.format.pack import Pack
 from qmerge.format.safetensors_io import dtype_name, tensor_sha256
 from qmerge.nn.features import resolve_layer
 from qmerge.nn.patch import Patched, patch
-from qmerge.packs import open_pack, residual, shared_residual
-from qmerge.routing import store
-from qmerge.routing.linear import LinearRouter
-from qmerge.routing.prototype import PrototypeRouter
+from qmerge.verbs.packs import open_pack, residual, shared_residual
+from qmerge.verbs import router_store as store
+from qmerge.routing import ROUTERS
 
 PathLike = str | os.PathLike
 QUANTIZE = ("8bit", "4bit")
@@ -160,7 +159,7 @@ def unload(model: nn.Module) -> nn.Module:
 def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str = "prototype",
                layer: int | None = None, pooling: str = "mean", mode: str = "top1",
                temperature: float | None = None, encode: Callable[[Sequence], dict] | None = None,
-               save: bool = True, batch_size: int = 32, metric: str = "mahalanobis",
+               save: bool = True, batch_size: int = 32, metric: str | None = None,
                progress: Callable[[Iterable], Iterable] = iter):
     """Fits a router on a patched model's base features and (by default) saves it in the pack.
 
@@ -169,14 +168,18 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
         examples: task -> example inputs (texts when `encode` is given, e.g. a tokenizer call;
             else dicts of model inputs). The prototype router uses them unlabeled within a
             task; the linear router as (features, task) pairs.
-        kind: 'prototype' or 'linear'.
+        kind: a registered router kind ('prototype' or 'linear'; routing/router.py ROUTERS).
         layer: the block whose output is the feature (default: 2/3 of the depth).
-        metric: the prototype router's 'mahalanobis' (shared covariance) or 'cosine'
-            (routing/prototype.py).
+        metric: the prototype router's 'mahalanobis' (shared covariance, its default) or
+            'cosine' (routing/prototype.py).
     """
     handle = getattr(model, "qmerge", None)
     if not isinstance(handle, Patched):
         raise ConfigError("fit_router needs a model patched by qmerge.load")
+    router_cls = ROUTERS.lookup(kind)
+    options = {} if metric is None else {"metric": metric}
+    if bad := sorted(set(options) - set(router_cls.fit_options)):
+        raise ConfigError(f"router kind {kind!r} takes no option {bad[0]!r}")
     if unknown := [t for t in examples if t not in handle.tasks]:
         raise ConfigError(f"examples name task {unknown[0]!r}, which the pack does not have "
                           f"(tasks: {', '.join(handle.tasks)})")
@@ -192,12 +195,7 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
             inputs = encode(chunk) if encode else _stack(chunk)
             rows.append(handle.features(inputs, layer, pooling))
         feats[task] = torch.cat(rows)
-    if kind == "prototype":
-        router = PrototypeRouter.fit(feats, layer, mode, temperature, metric)
-    elif kind == "linear":
-        router = LinearRouter.fit(feats, layer, mode, temperature or 1.0)
-    else:
-        raise ConfigError(f"router kind must be 'prototype' or 'linear', got {kind!r}")
+    router = router_cls.fit(feats, layer, mode, temperature, **options)
     counts = {t: int(f.shape[0]) for t, f in feats.items()}
     if save:
         entry = store.save(handle.pack.path, router, pooling, counts)

@@ -19,18 +19,24 @@ from pathlib import Path
 
 import torch
 
+from qmerge.dtypes import float_dtype
 from qmerge.errors import ConfigError
-from qmerge.export import adapter, hf, int8, to_onnx
-from qmerge.export.check import eos_ids, probe, verify
-from qmerge.export.job import Job
-from qmerge.export.selection import head, select
-from qmerge.export.target import resolve
+from qmerge.registry import Registry
+from qmerge.verbs.export import adapter, hf, int8, to_onnx
+from qmerge.verbs.export.check import eos_ids, probe, verify
+from qmerge.verbs.export.job import Job
+from qmerge.verbs.export.selection import head, select
+from qmerge.verbs.export.target import resolve
 from qmerge.format.atomic import install_dir, temp_sibling
 from qmerge.format.checkpoint import Checkpoint
-from qmerge.packs import open_pack
+from qmerge.verbs.packs import open_pack
 
-FORMATS = {"hf": hf.write, "peft": adapter.write, "int8": int8.write, "onnx": to_onnx.write}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS: Registry[Callable[[Job, Path], dict]] = Registry("export format")
+FORMATS.register("hf", hf.write, "a Hugging Face model directory (transformers loads it as-is)")
+FORMATS.register("peft", adapter.write, "a PEFT LoRA adapter over the base",
+                 "huggingface.co/docs/peft")
+FORMATS.register("int8", int8.write, "int8 per-channel weights + a small standalone loader")
+FORMATS.register("onnx", to_onnx.write, "the merged model for onnxruntime", "onnx.ai")
 REPORT = "qmerge-export.json"
 PathLike = str | os.PathLike
 
@@ -41,9 +47,7 @@ def _dtype(name: str, base: Checkpoint, fmt: str) -> torch.dtype:
             return torch.float32
         floats = [base.dtype(n) for n in base.names if base.dtype(n).is_floating_point]
         return max(set(floats), key=floats.count) if floats else torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return float_dtype(name, "dtype (or auto)")
 
 
 def dir_bytes(path: Path) -> int:
@@ -77,8 +81,7 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
         tolerance: an exact export (fp32, nothing lossy) passes at max_rel <= tolerance.
         min_agreement: a lossy export passes at top-1 / next-token agreement >= this.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    write = FORMATS.lookup(fmt)
     if rank < 1:
         raise ConfigError(f"rank must be >= 1, got {rank}")
     if check_inputs < 1:
@@ -98,9 +101,9 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
     staged = temp_sibling(out_dir, "export")
     staged.mkdir()
     try:
-        info = FORMATS[fmt](job, staged)
+        info = write(job, staged)
         exact = dt == torch.float32 and fmt != "int8" and info.get("exact", True)
-        from qmerge.loader import load
+        from qmerge.verbs.load import load
 
         model = load(base_dir, pk, dtype=torch.float32, check_base=False, _only=sel.used())
         spec = {"format": fmt, "dir": str(staged), "kind": target.kind, "auto": target.auto,

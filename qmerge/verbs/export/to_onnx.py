@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from qmerge.errors import ConfigError, ExportError
-from qmerge.export.hf import write_config
-from qmerge.export.job import Job
-from qmerge.export.target import copy_side_files
+from qmerge.verbs.export.hf import write_config
+from qmerge.verbs.export.job import Job
+from qmerge.verbs.export.target import copy_side_files
 
 OPSET = 18
 

@@ -1,0 +1,60 @@
+"""The qmerge command line: one module per verb group, each a thin layer over qmerge.verbs.
+Every verb has --help; --json prints one JSON object for scripts.
+
+    qmerge compress --base DIR --task NAME=DIR ... --out PACK [--codec SPEC] [--policy FILE]
+    qmerge add-task PACK --base DIR --task NAME=DIR ...
+    qmerge remove-task PACK NAME ...
+    qmerge verify PACK [--base DIR]
+    qmerge inspect PACK [--worst K]
+    qmerge fit-router PACK --base DIR --examples NAME=FILE ... [--kind prototype|linear]
+    qmerge run PACK --base DIR [--task NAME | --coeffs MIX | --auto] (--text T ... | --jsonl F)
+    qmerge export PACK --base DIR (--task T | --coeffs MIX | --shared) --out DIR [--format ...]
+    qmerge merge PACK --method NAME [--option K=V ...] --out PACK2 [--exclusive-codec SPEC]
+    qmerge serve PACK --base DIR [--host H] [--port N] [--max-batch B] [--batch-window-ms W]
+    qmerge demo [--out-features N] [--in-features N] [--tasks T] [--dtype D]
+    qmerge info
+
+Codecs, merge methods, routers and export formats (their choices and help) come from their
+registries. Bad input (a different base, mismatched tensors, NaN deltas, a corrupted pack, a
+newer format) is reported as one line on stderr with exit status 1, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qmerge.cli import demo, export, infer, merge, pack, serve
+from qmerge.errors import QmergeError
+
+GROUPS = (pack, merge, infer, export, serve, demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The parser, built from the registries as they are now (plugins included)."""
+    top = argparse.ArgumentParser(prog="qmerge", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for group in GROUPS:
+        group.register(sub)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+    except QmergeError as e:
+        print(f"qmerge {args.verb}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"qmerge {args.verb}: interrupted; nothing was changed", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What every HTTP route shares: the server's limits, its engine, scheduler and metrics, and the
+job plumbing between a request handler and the scheduler thread (submit, wait, collect).
+
+A handler validates what it can without the model (shapes, limits, prompt length), turns its
+request into scheduler jobs (one per prompt or per text), and waits for their events. Bad input
+raises `Refused(status, message)`, which app.py turns into an OpenAI-style error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from qmerge.serve import protocol as P
+from qmerge.serve.engine import Engine
+from qmerge.serve.metrics import Metrics
+from qmerge.serve.scheduler import Job, Scheduler
+from qmerge.serve.sequence import Sampling
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 32            # sequences decoded together (and texts classified together)
+    window_ms: float = 5.0         # how long an idle scheduler waits for more requests
+    max_queue: int = 256           # waiting jobs before 429
+    timeout_s: float = 120.0       # per request, from arrival to the last token
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512          # per completion
+    max_inputs: int = 64           # prompts per completion request, texts per classify
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class AppState:
+    engine: Engine
+    sched: Scheduler
+    metrics: Metrics
+    limits: Limits
+
+    def submit(self, jobs: list[Job]) -> None:
+        for i, j in enumerate(jobs):
+            try:
+                self.sched.submit(j)
+            except queue.Full:
+                for k in jobs[:i]:
+                    k.cancelled = True
+                raise Refused(429, f"the server is at its queue bound "
+                              f"({self.limits.max_queue} waiting); retry later") from None
+
+    def jobs(self, kind: str, model: str, texts: list[str], sampling: Sampling | None,
+             events: asyncio.Queue) -> list[Job]:
+        if len(texts) > self.limits.max_inputs:
+            raise Refused(400, f"{len(texts)} inputs in one request; at most "
+                          f"{self.limits.max_inputs}")
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.limits.timeout_s
+        jobs = []
+        for i, text in enumerate(texts):
+            def emit(ev: tuple, i: int = i) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+            job = Job(kind, model, emit, deadline, text=text, sampling=sampling or Sampling())
+            if kind == "generate":
+                job.prompt = self.prompt(text, sampling)
+            jobs.append(job)
+        return jobs
+
+    def prompt(self, text: str, sampling: Sampling | None) -> list[int]:
+        ids = self.engine.encode(text)
+        if not ids:
+            raise Refused(400, "prompt: is empty after tokenization")
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise Refused(400, f"prompt: {len(ids)} tokens; this server takes at most "
+                          f"{self.limits.max_prompt_tokens}")
+        if sampling and len(ids) + sampling.max_tokens > self.engine.context:
+            raise Refused(400, f"prompt ({len(ids)} tokens) + max_tokens "
+                          f"({sampling.max_tokens}) exceed the model's context of "
+                          f"{self.engine.context} tokens")
+        return ids
+
+    def sampling(self, req: P.Sampled) -> Sampling:
+        kind = self.engine.kind
+        if kind != "generate":
+            raise Refused(400, f"this server's model is a {kind} model; use /v1/classify"
+                          if kind == "classify" else
+                          "this server's model has no LM head; it cannot generate")
+        if req.max_tokens > self.limits.max_tokens:
+            raise Refused(400, f"max_tokens: {req.max_tokens}; this server generates at most "
+                          f"{self.limits.max_tokens}")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s for s in stop):
+            raise Refused(400, "stop: give at most 4 non-empty strings")
+        return Sampling(req.max_tokens, req.temperature, req.top_p, tuple(stop), req.seed)
+
+    async def next(self, events: asyncio.Queue, jobs: list[Job]) -> tuple:
+        try:
+            return await asyncio.wait_for(events.get(),
+                                          max(jobs[0].deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            for j in jobs:
+                j.cancelled = True
+            raise Refused(504, f"the request took longer than {self.limits.timeout_s:g} s"
+                          ) from None
+
+    async def collect(self, jobs: list[Job], events: asyncio.Queue) -> list:
+        """Every job's final state: (text, finish, usage) for a generation, the answer for a
+        classification. Raises Refused on the first error (the other jobs are cancelled)."""
+        out: list = [None] * len(jobs)
+        texts = [""] * len(jobs)
+        left = len(jobs)
+        try:
+            while left:
+                i, ev = await self.next(events, jobs)
+                if ev[0] == "delta":
+                    texts[i] += ev[1]
+                elif ev[0] == "done":
+                    out[i] = (texts[i], ev[1], ev[2])
+                    left -= 1
+                elif ev[0] == "result":
+                    out[i] = ev[1]
+                    left -= 1
+                else:
+                    raise Refused(ev[1], ev[2])
+        except BaseException:
+            for j in jobs:
+                j.cancelled = True
+            raise
+        return out
+
+    def record(self, endpoint: str, model: str, status: int, t0: float) -> None:
+        self.metrics.request(endpoint, model, status, time.monotonic() - t0)
+
+
+def state(request: Request) -> AppState:
+    """The app's shared state (a FastAPI dependency)."""
+    return request.app.state.qmerge

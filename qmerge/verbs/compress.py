@@ -1,0 +1,118 @@
+"""Compressing fine-tunes into a pack: `compress`, `add_task`, `remove_task`.
+
+Every input is opened and checked against the base before any tensor is encoded (tensors.py
+walks one fine-tune at a time); the pack changes only through the pack writer
+(format/writer.py), so a mismatch, a NaN/Inf delta or any other fault leaves the pack as it
+was: a new pack is built in a hidden sibling directory and swapped in at the end, a task is
+added by writing its file, then the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from qmerge.errors import PackError
+from qmerge.format import manifest as mf
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.format.fingerprint import checkpoint_fingerprint
+from qmerge.format.pack import Pack
+from qmerge.format.writer import PackWriter
+from qmerge.verbs.progress import bar
+from qmerge.verbs.tensors import (
+    Options,
+    encode_heads,
+    encode_task,
+    labels,
+    plan,
+    release_freed_memory,
+)
+
+PathLike = str | os.PathLike
+__all__ = ["Options", "add_task", "compress", "remove_task"]
+
+
+def _open_inputs(base: PathLike, tasks: Mapping[str, PathLike], opts: Options
+                 ) -> tuple[Checkpoint, dict[str, Checkpoint]]:
+    """Opens and checks every input before any work, so a bad one costs nothing."""
+    if not tasks:
+        raise PackError("no tasks given: pass at least one NAME=DIR")
+    for name in tasks:
+        mf.check_task_name(name)
+    base_ckpt = Checkpoint(base)
+    fts = {name: Checkpoint(path) for name, path in tasks.items()}
+    for ft in fts.values():
+        plan(base_ckpt, ft, opts)
+    return base_ckpt, fts
+
+
+def _fingerprint(base: Checkpoint, opts: Options) -> dict:
+    return checkpoint_fingerprint(base, lambda it: bar(it, opts.progress, "fingerprint base"))
+
+
+def _put_task(w: PackWriter, name: str, base: Checkpoint, ft: Checkpoint, opts: Options) -> None:
+    parts, table = encode_task(name, base, ft, opts)
+    head_parts, head_table = encode_heads(base, ft, opts)
+    parts.update(head_parts)
+    entry: dict = {"source": str(ft.path), "tensors": table}
+    if head_table:
+        entry["heads"] = head_table
+    if (names := labels(ft)) is not None:
+        entry["labels"] = names
+    w.put_task(name, parts, entry)
+    del parts
+    release_freed_memory()
+
+
+def compress(base: PathLike, tasks: Mapping[str, PathLike], out: PathLike, *,
+             opts: Options | None = None, overwrite: bool = False) -> Pack:
+    """Compresses fine-tunes of `base` into a new pack at `out`.
+
+    Args:
+        base: the base checkpoint (file or Hugging Face directory).
+        tasks: task name -> fine-tuned checkpoint.
+        out: the pack directory to create. An existing pack is replaced only with
+            `overwrite=True`, atomically: until the new pack is complete the old one stays.
+        opts: codec policy and input handling (`Options`).
+
+    Returns:
+        The new pack, opened.
+    """
+    opts = opts or Options()
+    out = Path(out)
+    if out.exists() and (out / mf.NAME).is_file() and not overwrite:
+        raise PackError(f"{out}: a pack already exists; pass --overwrite to replace it, or "
+                        f"use add-task")
+    base_ckpt, fts = _open_inputs(base, tasks, opts)
+    with PackWriter.create(out, _fingerprint(base_ckpt, opts), overwrite=overwrite) as w:
+        for name, ft in fts.items():
+            _put_task(w, name, base_ckpt, ft, opts)
+    return Pack.open(out)
+
+
+def add_task(pack: PathLike, base: PathLike, tasks: Mapping[str, PathLike], *,
+             opts: Options | None = None) -> Pack:
+    """Adds tasks to an existing pack without rewriting the others. The base must be the
+    pack's (checked by fingerprint); a task name already in the pack is refused."""
+    opts = opts or Options()
+    path = Path(pack)
+    Pack.open(path)  # a clear error if it is not a pack
+    base_ckpt, fts = _open_inputs(base, tasks, opts)
+    fp = _fingerprint(base_ckpt, opts)
+    with PackWriter.edit(path) as w:
+        Pack(path, w.manifest).check_base(fp, f"{path}: cannot add to this pack")
+        if clash := sorted(set(tasks) & set(w.manifest["tasks"])):
+            raise PackError(f"{path}: already has task {clash[0]!r}; remove-task it first")
+        for name, ft in fts.items():
+            _put_task(w, name, base_ckpt, ft, opts)
+    return Pack.open(path)
+
+
+def remove_task(pack: PathLike, names: Iterable[str]) -> Pack:
+    """Removes tasks from a pack: the manifest first (atomically), then their files."""
+    path = Path(pack)
+    with PackWriter.edit(path) as w:
+        for name in names:
+            w.remove_task(name)
+    return Pack.open(path)
