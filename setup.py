@@ -75,7 +75,9 @@ def extensions():
             sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.abspath("csrc/cpu")],
             # Headers hold most kernel code: list them so editing one triggers a rebuild.
-            depends=sorted(glob.glob("csrc/cpu/**/*.h", recursive=True) + glob.glob("csrc/common/*.h")),
+            depends=sorted(
+                glob.glob("csrc/cpu/**/*.h", recursive=True) + glob.glob("csrc/common/*.h")
+            ),
             extra_compile_args={"cxx": cxx},
             # Links libgomp by soname; at run time it resolves to the copy torch already loaded.
             extra_link_args=["-fopenmp"],
@@ -91,8 +93,11 @@ def extensions():
                 CUDAExtension(
                     "qmerge._C_cuda",
                     sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
-                    depends=sorted(glob.glob("csrc/cuda/*.h") + glob.glob("csrc/cuda/*.cuh")
-                                   + glob.glob("csrc/common/*.h")),
+                    depends=sorted(
+                        glob.glob("csrc/cuda/*.h")
+                        + glob.glob("csrc/cuda/*.cuh")
+                        + glob.glob("csrc/common/*.h")
+                    ),
                     extra_compile_args={"cxx": opt, "nvcc": [*opt, "--use_fast_math"]},
                 )
             )

@@ -41,8 +41,10 @@ def main() -> None:
     log()
     log("Command: `.venv/bin/python bench/compress.py` (installs nothing; see its docstring)")
     log()
-    log(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"torch {torch.__version__}; python {platform.python_version()}")
+    log(
+        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"torch {torch.__version__}; python {platform.python_version()}"
+    )
     log(f"- date: {time.strftime('%Y-%m-%d')}")
     log()
 
@@ -56,48 +58,83 @@ def main() -> None:
     peaks = {}
     for n in (1, 4):
         out = CACHE / f"pack-smollm2-{n}"
-        argv = [*QMERGE, "compress", "--base", str(base), "--out", str(out), "--overwrite",
-                "--json", *[a for i in range(n) for a in ("--task", f"ft{i}={fts[i]}")]]
+        argv = [
+            *QMERGE,
+            "compress",
+            "--base",
+            str(base),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--json",
+            *[a for i in range(n) for a in ("--task", f"ft{i}={fts[i]}")],
+        ]
         r = run_sampled(argv)
         report = json.loads(r["stdout"])
-        v = subprocess.run([*QMERGE, "verify", str(out), "--base", str(base), "--json"],
-                           capture_output=True, text=True)
+        v = subprocess.run(
+            [*QMERGE, "verify", str(out), "--base", str(base), "--json"],
+            capture_output=True,
+            text=True,
+        )
         ok = "ok" if v.returncode == 0 else v.stderr.strip()
         peaks[n] = r["peak_rss_anon"]
-        log(f"| {n} | {r['peak_rss_anon'] / 1e6:.0f} | {r['wall_s']:.1f} | "
-            f"{report['pack_bytes'] / 1e6:.1f} | {ok} |")
+        log(
+            f"| {n} | {r['peak_rss_anon'] / 1e6:.0f} | {r['wall_s']:.1f} | "
+            f"{report['pack_bytes'] / 1e6:.1f} | {ok} |"
+        )
     log()
-    log(f"Peak growth from 1 to 4 fine-tunes: {(peaks[4] - peaks[1]) / 1e6:+.1f} MB "
-        f"(target: peak <= 600 MB and no growth).")
+    log(
+        f"Peak growth from 1 to 4 fine-tunes: {(peaks[4] - peaks[1]) / 1e6:+.1f} MB "
+        f"(target: peak <= 600 MB and no growth)."
+    )
     log()
 
     mbase = minilm_base()
     mfts = [perturbed(mbase, f"minilm-ft{i}", 10 + i) for i in range(3)]
     out = CACHE / "pack-minilm"
-    argv = [*QMERGE, "compress", "--base", str(mbase), "--out", str(out), "--overwrite", "--json",
-            *[a for i in range(3) for a in ("--task", f"ft{i}={mfts[i]}")]]
+    argv = [
+        *QMERGE,
+        "compress",
+        "--base",
+        str(mbase),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--json",
+        *[a for i in range(3) for a in ("--task", f"ft{i}={mfts[i]}")],
+    ]
     r = run_sampled(argv)
     report = json.loads(r["stdout"])
-    v = subprocess.run([*QMERGE, "verify", str(out), "--base", str(mbase)],
-                       capture_output=True, text=True)
+    v = subprocess.run(
+        [*QMERGE, "verify", str(out), "--base", str(mbase)], capture_output=True, text=True
+    )
     log("## all-MiniLM-L6-v2 (22.7M params) with 3 fine-tunes, sign codec (default)")
     log()
     log(f"`qmerge verify --base`: {v.stdout.strip() or v.stderr.strip()}")
     log()
-    log("| task | bits/param, linear weight matrices (attention + MLP, sign) "
-        "| bits/param, all tensors | worst SQNR (dB) |")
+    log(
+        "| task | bits/param, linear weight matrices (attention + MLP, sign) "
+        "| bits/param, all tensors | worst SQNR (dB) |"
+    )
     log("|---|---|---|---|")
     manifest = json.loads((out / "manifest.json").read_text())
     for name, t in report["tasks"].items():
-        lin = [e for e in manifest["tasks"][name]["tensors"].values()
-               if len(e["shape"]) == 2 and e["module_type"] in ("attention", "mlp")]
+        lin = [
+            e
+            for e in manifest["tasks"][name]["tensors"].values()
+            if len(e["shape"]) == 2 and e["module_type"] in ("attention", "mlp")
+        ]
         bits = sum(e["bytes"] for e in lin) * 8 / sum(e["params"] for e in lin)
         codecs = sorted({e["codec"] for e in lin})
-        log(f"| {name} | {bits:.4f} ({len(lin)} matrices, {'/'.join(codecs)}) | "
-            f"{t['bits_per_param']:.4f} | {t['min_sqnr_db']:.2f} |")
+        log(
+            f"| {name} | {bits:.4f} ({len(lin)} matrices, {'/'.join(codecs)}) | "
+            f"{t['bits_per_param']:.4f} | {t['min_sqnr_db']:.2f} |"
+        )
     log()
-    log("Biases and LayerNorm vectors are stored dense (bf16) by the default policy; they are "
-        "in the 'all tensors' column.")
+    log(
+        "Biases and LayerNorm vectors are stored dense (bf16) by the default policy; they are "
+        "in the 'all tensors' column."
+    )
     log()
     log(f"Wall {r['wall_s']:.1f} s, peak RssAnon {r['peak_rss_anon'] / 1e6:.0f} MB.")
     (ROOT / "results").mkdir(exist_ok=True)

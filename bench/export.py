@@ -48,8 +48,11 @@ import qmerge  # noqa: E402
 
 OUT = CACHE / "exports"
 RESULTS = ROOT / "results" / "export.md"
-LOWRANK = qmerge.Policy(codec="lowrank:rank=16,factor_dtype=fp32",
-                        vectors="dense:dtype=fp32", types={"norm": "dense:dtype=fp32"})
+LOWRANK = qmerge.Policy(
+    codec="lowrank:rank=16,factor_dtype=fp32",
+    vectors="dense:dtype=fp32",
+    types={"norm": "dense:dtype=fp32"},
+)
 MINILM_TASK = "sentiment"
 LM_TASK = "fortunes"
 
@@ -57,8 +60,13 @@ LM_TASK = "fortunes"
 def lowrank_pack(name: str, base: Path, fts: dict[str, Path], heads: tuple[str, ...] = ()):
     pack = CACHE / name
     if not (pack / "manifest.json").exists():
-        qmerge.compress(base, fts, pack, overwrite=True,
-                        opts=qmerge.Options(policy=LOWRANK, heads=heads, progress=False))
+        qmerge.compress(
+            base,
+            fts,
+            pack,
+            overwrite=True,
+            opts=qmerge.Options(policy=LOWRANK, heads=heads, progress=False),
+        )
     return pack
 
 
@@ -70,9 +78,12 @@ def run(rows: list, model: str, pack: Path, base: Path, fmt: str, label: str, **
     r["model"], r["pack_name"], r["label"] = model, pack.name, label
     rows.append(r)
     c = r["check"]
-    print(f"{model} {fmt} {label}: {r['seconds']:.0f} s, max_rel {c['max_rel']:.2e}, agreement "
-          f"{c['agreement']:.4f} of {c['compared']}, greedy {c.get('greedy_identical', '-')}, "
-          f"{r['sizes']['export_bytes'] / 2**20:.1f} MiB", flush=True)
+    print(
+        f"{model} {fmt} {label}: {r['seconds']:.0f} s, max_rel {c['max_rel']:.2e}, agreement "
+        f"{c['agreement']:.4f} of {c['compared']}, greedy {c.get('greedy_identical', '-')}, "
+        f"{r['sizes']['export_bytes'] / 2**20:.1f} MiB",
+        flush=True,
+    )
     return r
 
 
@@ -83,10 +94,23 @@ def minilm(rows: list) -> None:
     check = dict(texts=test, check_inputs=len(test))
     for fmt in ("hf", "int8", "onnx"):
         run(rows, "MiniLM", pack, base, fmt, MINILM_TASK, task=MINILM_TASK, **check)
-    run(rows, "MiniLM", pack, base, "peft", f"{MINILM_TASK}-svd64", task=MINILM_TASK, rank=64,
-        **check)
-    lr = lowrank_pack("pack-minilm-lowrank", base, {t: fts[t] for t in ("sentiment", "language")},
-                      heads=("classifier.*",))
+    run(
+        rows,
+        "MiniLM",
+        pack,
+        base,
+        "peft",
+        f"{MINILM_TASK}-svd64",
+        task=MINILM_TASK,
+        rank=64,
+        **check,
+    )
+    lr = lowrank_pack(
+        "pack-minilm-lowrank",
+        base,
+        {t: fts[t] for t in ("sentiment", "language")},
+        heads=("classifier.*",),
+    )
     run(rows, "MiniLM", lr, base, "peft", MINILM_TASK, task=MINILM_TASK, **check)
 
 
@@ -96,11 +120,9 @@ def smollm(rows: list) -> None:
     pack = CACHE / "pack-smollm2-5"
     if not (pack / "manifest.json").exists():
         qmerge.compress(base, fts, pack, overwrite=True)
-    prompts = dict(texts=routing_llm.PROMPTS, check_inputs=len(routing_llm.PROMPTS),
-                   new_tokens=16)
+    prompts = dict(texts=routing_llm.PROMPTS, check_inputs=len(routing_llm.PROMPTS), new_tokens=16)
     run(rows, "SmolLM2", pack, base, "hf", LM_TASK, task=LM_TASK, **prompts)
-    run(rows, "SmolLM2", pack, base, "hf", "mixture", coeffs="fortunes:0.5+glosses:0.5",
-        **prompts)
+    run(rows, "SmolLM2", pack, base, "hf", "mixture", coeffs="fortunes:0.5+glosses:0.5", **prompts)
     held = [" ".join(t.split()[:8]) for t, _ in task_data.load("fortune_topic").test]
     held = [h for h in held if len(h.split()) >= 4][:48]
     free = dict(texts=held, check_inputs=len(held), new_tokens=16)
@@ -109,15 +131,33 @@ def smollm(rows: list) -> None:
     # the LLM track's form of a task: answer the label word (bench/quality/finetune_lm.py)
     answers = CACHE / "pack-smollm2-answers"
     if not (answers / "manifest.json").exists():
-        qmerge.compress(base, {"topic": finetune_lm.finetune_answers("fortune_topic"),
-                               "fortunes": fts["fortunes"], "glosses": fts["glosses"]},
-                        answers, overwrite=True)
+        qmerge.compress(
+            base,
+            {
+                "topic": finetune_lm.finetune_answers("fortune_topic"),
+                "fortunes": fts["fortunes"],
+                "glosses": fts["glosses"],
+            },
+            answers,
+            overwrite=True,
+        )
     test = [finetune_lm.answer_prompt(t) for t, _ in task_data.load("fortune_topic").test][:200]
-    run(rows, "SmolLM2", answers, base, "int8", "topic-answers", task="topic", texts=test,
-        check_inputs=len(test), new_tokens=3)
+    run(
+        rows,
+        "SmolLM2",
+        answers,
+        base,
+        "int8",
+        "topic-answers",
+        task="topic",
+        texts=test,
+        check_inputs=len(test),
+        new_tokens=3,
+    )
     run(rows, "SmolLM2", pack, base, "onnx", LM_TASK, task=LM_TASK, **prompts)
-    lr = lowrank_pack("pack-smollm2-lowrank", base, {"fortunes": fts["fortunes"],
-                                                     "glosses": fts["glosses"]})
+    lr = lowrank_pack(
+        "pack-smollm2-lowrank", base, {"fortunes": fts["fortunes"], "glosses": fts["glosses"]}
+    )
     run(rows, "SmolLM2", lr, base, "peft", LM_TASK, task=LM_TASK, **prompts)
 
 
@@ -150,58 +190,102 @@ def report(rows: list, argv: str) -> str:
         ft = [b for b in z["finetune_bytes"].values() if b]
         ftb = ft[0] if len(ft) == 1 else None
         ratio = f"{z['export_bytes'] / ftb:.3f}" if ftb else "-"
-        sel = r["selection"] + (f" (rank {r['written']['ranks']})" if r["format"] == "peft"
-                                else "")
+        sel = r["selection"] + (f" (rank {r['written']['ranks']})" if r["format"] == "peft" else "")
         lines.append(
             f"| {r['model']} | {r['format']} {r['dtype']} | {r['pack_name']} | {sel} | "
             f"{c['inputs']} | {c['max_abs']:.2e} | {c['max_rel']:.2e} | "
             f"{c['agreement']:.4f} ({c['compared']}) | {c.get('greedy_identical', '-')} | "
             f"{mib(z['export_bytes'])} | {mib(ftb)} | {ratio} | {mib(z['pack_task_bytes'])} "
-            f"| {r['seconds']:.0f} |")
+            f"| {r['seconds']:.0f} |"
+        )
     lines += ["", "## Done-when", ""]
 
     def row(model, fmt, label=None):
-        return next(r for r in rows if r["model"] == model and r["format"] == fmt
-                    and (label is None or r["label"] == label))
+        return next(
+            r
+            for r in rows
+            if r["model"] == model and r["format"] == fmt and (label is None or r["label"] == label)
+        )
 
     checks = []
     for model in ("MiniLM", "SmolLM2"):
         fmts = {r["format"] for r in rows if r["model"] == model}
-        checks.append((f"{model}: all four formats export from a pack with >= 2 tasks and pass "
-                       f"their check", ", ".join(sorted(fmts)),
-                       fmts == {"hf", "peft", "int8", "onnx"}))
+        checks.append(
+            (
+                f"{model}: all four formats export from a pack with >= 2 tasks and pass "
+                f"their check",
+                ", ".join(sorted(fmts)),
+                fmts == {"hf", "peft", "int8", "onnx"},
+            )
+        )
     for model in ("MiniLM", "SmolLM2"):
         r = row(model, "hf")
-        checks.append((f"{model} hf loads with plain transformers in a fresh process without "
-                       f"qmerge and matches (max rel <= 1e-3)",
-                       f"max rel {r['check']['max_rel']:.1e}", r["check"]["passed"]))
+        checks.append(
+            (
+                f"{model} hf loads with plain transformers in a fresh process without "
+                f"qmerge and matches (max rel <= 1e-3)",
+                f"max rel {r['check']['max_rel']:.1e}",
+                r["check"]["passed"],
+            )
+        )
     r = row("SmolLM2", "hf", LM_TASK)
     n_ok = int(r["check"]["greedy_identical"].split("/")[0])
-    checks.append(("SmolLM2 hf: greedy tokens identical on >= 5 prompts",
-                   r["check"]["greedy_identical"], n_ok >= 5))
+    checks.append(
+        (
+            "SmolLM2 hf: greedy tokens identical on >= 5 prompts",
+            r["check"]["greedy_identical"],
+            n_ok >= 5,
+        )
+    )
     for model in ("MiniLM", "SmolLM2"):
-        r = next(x for x in rows if x["model"] == model and x["format"] == "peft"
-                 and x["pack_name"].endswith("lowrank"))
-        checks.append((f"{model} peft (low-rank pack) loads through peft and matches within fp "
-                       f"tolerance (max rel <= 1e-3)", f"max rel {r['check']['max_rel']:.1e}",
-                       r["check"]["max_rel"] <= 1e-3))
+        r = next(
+            x
+            for x in rows
+            if x["model"] == model and x["format"] == "peft" and x["pack_name"].endswith("lowrank")
+        )
+        checks.append(
+            (
+                f"{model} peft (low-rank pack) loads through peft and matches within fp "
+                f"tolerance (max rel <= 1e-3)",
+                f"max rel {r['check']['max_rel']:.1e}",
+                r["check"]["max_rel"] <= 1e-3,
+            )
+        )
     for model in ("MiniLM", "SmolLM2"):
         r = row(model, "onnx")
-        checks.append((f"{model} onnx runs in onnxruntime, within 1e-3 relative error (fp32)",
-                       f"max rel {r['check']['max_rel']:.1e}", r["check"]["max_rel"] <= 1e-3))
-    for model, label, what in (("MiniLM", MINILM_TASK, "top-1 on 300 held-out test texts"),
-                               ("SmolLM2", "topic-answers", "next-token on the label-word "
-                                "answers to 200 held-out test prompts")):
+        checks.append(
+            (
+                f"{model} onnx runs in onnxruntime, within 1e-3 relative error (fp32)",
+                f"max rel {r['check']['max_rel']:.1e}",
+                r["check"]["max_rel"] <= 1e-3,
+            )
+        )
+    for model, label, what in (
+        ("MiniLM", MINILM_TASK, "top-1 on 300 held-out test texts"),
+        (
+            "SmolLM2",
+            "topic-answers",
+            "next-token on the label-word answers to 200 held-out test prompts",
+        ),
+    ):
         r = row(model, "int8", label)
         ft = [b for b in r["sizes"]["finetune_bytes"].values() if b][0]
         ratio = r["sizes"]["export_bytes"] / ft
-        checks.append((f"{model} int8 <= 0.3x the fp32 fine-tune's bytes", f"{ratio:.3f}x",
-                       ratio <= 0.3))
-        extra = (f"; greedy answers identical {r['check']['greedy_identical']}"
-                 if "greedy_identical" in r["check"] else "")
-        checks.append((f"{model} int8 agreement >= 98% ({what})",
-                       f"{r['check']['agreement']:.2%} of {r['check']['compared']}{extra}",
-                       r["check"]["agreement"] >= 0.98))
+        checks.append(
+            (f"{model} int8 <= 0.3x the fp32 fine-tune's bytes", f"{ratio:.3f}x", ratio <= 0.3)
+        )
+        extra = (
+            f"; greedy answers identical {r['check']['greedy_identical']}"
+            if "greedy_identical" in r["check"]
+            else ""
+        )
+        checks.append(
+            (
+                f"{model} int8 agreement >= 98% ({what})",
+                f"{r['check']['agreement']:.2%} of {r['check']['compared']}{extra}",
+                r["check"]["agreement"] >= 0.98,
+            )
+        )
     lines += ["| item | measured | result |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {'PASS' if ok else 'FAIL'} |" for a, b, ok in checks]
     lines += ["", "## Notes", ""]
@@ -220,25 +304,31 @@ def report(rows: list, argv: str) -> str:
             f"the next-token distribution is that flat, so any rounding of the weights, even "
             f"bf16's, flips some ties. In the task's own form (answering the label word) the "
             f"margins are large and int8 keeps the answers; that is the row the target is "
-            f"checked on.")
+            f"checked on."
+        )
     for r in rows:
         if r["check"].get("flip_margin_max") is not None and r["format"] == "int8":
-            lines.append(f"- {r['model']} int8 {r['label']}: disagreements only where the "
-                         f"routed model's top two logits are <= "
-                         f"{r['check']['flip_margin_max']:.3f} apart.")
+            lines.append(
+                f"- {r['model']} int8 {r['label']}: disagreements only where the "
+                f"routed model's top two logits are <= "
+                f"{r['check']['flip_margin_max']:.3f} apart."
+            )
     for r in rows:
         if r["format"] == "peft" and r["written"].get("svd_tensors"):
-            lines.append(f"- {r['model']} peft from the sign pack: {r['written']['svd_tensors']} "
-                         f"1-bit residuals cut to rank {max(r['written']['ranks'])} by SVD; the "
-                         f"worst keeps {r['written']['energy_kept_min']:.1%} of its energy. A "
-                         f"1-bit residual is full-rank noise around its signal, so a LoRA of it "
-                         f"is lossy; export a low-rank pack for an exact adapter.")
+            lines.append(
+                f"- {r['model']} peft from the sign pack: {r['written']['svd_tensors']} "
+                f"1-bit residuals cut to rank {max(r['written']['ranks'])} by SVD; the "
+                f"worst keeps {r['written']['energy_kept_min']:.1%} of its energy. A "
+                f"1-bit residual is full-rank noise around its signal, so a LoRA of it "
+                f"is lossy; export a low-rank pack for an exact adapter."
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", choices=["minilm", "smollm"], help="run one track")
     a = ap.parse_args()
     task_data.ensure_data()

@@ -39,8 +39,9 @@ DTYPE = torch.bfloat16
 _flush_buf = torch.empty(64 << 20, dtype=torch.uint8)
 
 
-def timeit_alternating(fns: list[Callable[[], object]], cold: bool, min_reps: int = 9,
-                       budget_s: float = 4.0) -> list[float]:
+def timeit_alternating(
+    fns: list[Callable[[], object]], cold: bool, min_reps: int = 9, budget_s: float = 4.0
+) -> list[float]:
     """Median seconds of each fn, timed in turns (one call of each per round).
 
     The calls a target compares are timed this way: this VM's memory bandwidth drifts by tens
@@ -78,7 +79,8 @@ def machine() -> list[str]:
         pass
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
-        f"- Python {platform.python_version()}, torch {torch.__version__}, qmerge {qmerge.__version__}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}, "
+        f"qmerge {qmerge.__version__}",
         f"- qmerge backend: {ops.backend()}, ISAs here: {ops.supported_isas()}",
         f"- torch CPU capability: {torch.backends.cpu.get_cpu_capability()}",
     ]
@@ -149,14 +151,19 @@ def bench_shape(out: int, inn: int, bw: float, cold: bool, log: Callable[[str], 
     for tasks in (1, 4):
         p, s, a = packed[:tasks], scales[:tasks], torch.ones(tasks)
         nbytes = 2 * w_bytes + tasks * bit_bytes
-        t_q = timeit(lambda: ops.dequant_add_sign(base, p, s, a, out=buf), cold)
-        t_shift = timeit(lambda: naive_shift(base, p, s, a), cold, min_reps=3, budget_s=0)
-        t_lut = timeit(lambda: naive_lut(base, p, s, a), cold, min_reps=3, budget_s=0)
-        r[f"dq{tasks}"] = dict(t=t_q, gbs=gbs(nbytes, t_q), frac=gbs(nbytes, t_q) / bw,
-                               shift=t_shift, lut=t_lut)
-        log(f"  dequant_add_sign T={tasks}: {t_q * 1e3:.2f} ms, {gbs(nbytes, t_q):.1f} GB/s "
+        t_q = timeit(lambda p=p, s=s, a=a: ops.dequant_add_sign(base, p, s, a, out=buf), cold)
+        t_shift = timeit(
+            lambda p=p, s=s, a=a: naive_shift(base, p, s, a), cold, min_reps=3, budget_s=0
+        )
+        t_lut = timeit(lambda p=p, s=s, a=a: naive_lut(base, p, s, a), cold, min_reps=3, budget_s=0)
+        r[f"dq{tasks}"] = dict(
+            t=t_q, gbs=gbs(nbytes, t_q), frac=gbs(nbytes, t_q) / bw, shift=t_shift, lut=t_lut
+        )
+        log(
+            f"  dequant_add_sign T={tasks}: {t_q * 1e3:.2f} ms, {gbs(nbytes, t_q):.1f} GB/s "
             f"({gbs(nbytes, t_q) / bw:.2f} of copy); shift-unpack {t_shift * 1e3:.1f} ms, "
-            f"LUT {t_lut * 1e3:.1f} ms")
+            f"LUT {t_lut * 1e3:.1f} ms"
+        )
 
     # Each target's calls are timed in turns (timeit_alternating): N=1 against the N=1 bases,
     # N=8 against the N=8 bases.
@@ -166,13 +173,16 @@ def bench_shape(out: int, inn: int, bw: float, cold: bool, log: Callable[[str], 
     mix = torch.tensor([[0.7, 0.3] + [0.0] * 6])
     U = (torch.randn(1, out, 16) * 0.01).to(DTYPE)
     V = (torch.randn(1, 16, inn) * 0.01).to(DTYPE)
-    t_lin, t_own, t_s1, t_m1, t_lr = timeit_alternating([
-        lambda: F.linear(x1, base),
-        lambda: ops.sign_linear(x1, base, packed, scales, task_ids=none1),
-        lambda: ops.sign_linear(x1, base, packed, scales, task_ids=ids1),
-        lambda: ops.sign_linear(x1, base, packed, scales, coeffs=mix),
-        lambda: ops.lowrank_linear(x1, base, U, V, task_ids=ids1),
-    ], cold)
+    t_lin, t_own, t_s1, t_m1, t_lr = timeit_alternating(
+        [
+            lambda: F.linear(x1, base),
+            lambda: ops.sign_linear(x1, base, packed, scales, task_ids=none1),
+            lambda: ops.sign_linear(x1, base, packed, scales, task_ids=ids1),
+            lambda: ops.sign_linear(x1, base, packed, scales, coeffs=mix),
+            lambda: ops.lowrank_linear(x1, base, U, V, task_ids=ids1),
+        ],
+        cold,
+    )
     r["base1"] = dict(linear=t_lin, own=t_own)
     r["sl1"] = dict(t=t_s1, mix=t_m1)
     r["lr1"] = dict(t=t_lr)
@@ -183,11 +193,14 @@ def bench_shape(out: int, inn: int, bw: float, cold: bool, log: Callable[[str], 
     x8 = torch.randn(8, inn).to(DTYPE)
     ids8 = torch.arange(8)
     none8 = none1.expand(8).contiguous()
-    t_lin, t_own, t_s8 = timeit_alternating([
-        lambda: F.linear(x8, base),
-        lambda: ops.sign_linear(x8, base, packed, scales, task_ids=none8),
-        lambda: ops.sign_linear(x8, base, packed, scales, task_ids=ids8),
-    ], cold)
+    t_lin, t_own, t_s8 = timeit_alternating(
+        [
+            lambda: F.linear(x8, base),
+            lambda: ops.sign_linear(x8, base, packed, scales, task_ids=none8),
+            lambda: ops.sign_linear(x8, base, packed, scales, task_ids=ids8),
+        ],
+        cold,
+    )
     r["base8"] = dict(linear=t_lin, own=t_own)
     log(f"  base-only N=8: F.linear {t_lin * 1e3:.2f} ms, qmerge {t_own * 1e3:.2f} ms")
     t_loop = timeit(lambda: per_request_loop(x8, base, packed, scales, ids8), cold, 3, 0)
@@ -202,20 +215,41 @@ def verdicts(rows: list[dict]) -> list[str]:
     base1 = min(r["base1"]["linear"], r["base1"]["own"])
     base8 = min(r["base8"]["linear"], r["base8"]["own"])
     checks = [
-        ("dequant_add_sign T=1 >= 0.8 of copy bandwidth", r["dq1"]["frac"] >= 0.8,
-         f"{r['dq1']['frac']:.2f}"),
-        ("dequant_add_sign T=1 >= 25x faster than shift-unpack",
-         r["dq1"]["shift"] / r["dq1"]["t"] >= 25, f"{r['dq1']['shift'] / r['dq1']['t']:.1f}x"),
-        ("sign_linear N=1 <= 1.15x base-only GEMV (faster of F.linear and qmerge's)",
-         r["sl1"]["t"] / base1 <= 1.15, f"{r['sl1']['t'] / base1:.3f}x"),
-        ("sign_linear N=1 no slower than F.linear on the base",
-         r["sl1"]["t"] <= r["base1"]["linear"], f"{r['sl1']['t'] / r['base1']['linear']:.3f}x"),
-        ("sign_linear N=8, 8 tasks >= 50x faster than the per-request loop",
-         r["sl8"]["loop"] / r["sl8"]["t"] >= 50, f"{r['sl8']['loop'] / r['sl8']['t']:.1f}x"),
-        ("sign_linear N=8, 8 tasks <= 1.6x base-only GEMV at N=8 (faster of the two)",
-         r["sl8"]["t"] / base8 <= 1.6, f"{r['sl8']['t'] / base8:.2f}x"),
-        ("lowrank_linear r=16 N=1 <= 1.1x base-only GEMV (faster of the two)",
-         r["lr1"]["t"] / base1 <= 1.1, f"{r['lr1']['t'] / base1:.3f}x"),
+        (
+            "dequant_add_sign T=1 >= 0.8 of copy bandwidth",
+            r["dq1"]["frac"] >= 0.8,
+            f"{r['dq1']['frac']:.2f}",
+        ),
+        (
+            "dequant_add_sign T=1 >= 25x faster than shift-unpack",
+            r["dq1"]["shift"] / r["dq1"]["t"] >= 25,
+            f"{r['dq1']['shift'] / r['dq1']['t']:.1f}x",
+        ),
+        (
+            "sign_linear N=1 <= 1.15x base-only GEMV (faster of F.linear and qmerge's)",
+            r["sl1"]["t"] / base1 <= 1.15,
+            f"{r['sl1']['t'] / base1:.3f}x",
+        ),
+        (
+            "sign_linear N=1 no slower than F.linear on the base",
+            r["sl1"]["t"] <= r["base1"]["linear"],
+            f"{r['sl1']['t'] / r['base1']['linear']:.3f}x",
+        ),
+        (
+            "sign_linear N=8, 8 tasks >= 50x faster than the per-request loop",
+            r["sl8"]["loop"] / r["sl8"]["t"] >= 50,
+            f"{r['sl8']['loop'] / r['sl8']['t']:.1f}x",
+        ),
+        (
+            "sign_linear N=8, 8 tasks <= 1.6x base-only GEMV at N=8 (faster of the two)",
+            r["sl8"]["t"] / base8 <= 1.6,
+            f"{r['sl8']['t'] / base8:.2f}x",
+        ),
+        (
+            "lowrank_linear r=16 N=1 <= 1.1x base-only GEMV (faster of the two)",
+            r["lr1"]["t"] / base1 <= 1.1,
+            f"{r['lr1']['t'] / base1:.3f}x",
+        ),
     ]
     return [f"| {name} | {val} | {'PASS' if ok else 'FAIL'} |" for name, ok, val in checks]
 
@@ -230,30 +264,44 @@ def table(rows: list[dict], bw: float) -> list[str]:
         s = r["shape"]
         for k in (1, 4):
             d = r[f"dq{k}"]
-            out.append(f"| {s} | dequant_add_sign T={k} | {ms(d['t'])} | {d['gbs']:.1f} "
-                       f"({d['frac']:.2f}) | shift-unpack {ms(d['shift'])} / LUT {ms(d['lut'])} "
-                       f"| {d['shift'] / d['t']:.0f}x / {d['lut'] / d['t']:.0f}x faster |")
+            out.append(
+                f"| {s} | dequant_add_sign T={k} | {ms(d['t'])} | {d['gbs']:.1f} "
+                f"({d['frac']:.2f}) | shift-unpack {ms(d['shift'])} / LUT {ms(d['lut'])} "
+                f"| {d['shift'] / d['t']:.0f}x / {d['lut'] / d['t']:.0f}x faster |"
+            )
         for n in (1, 8):
             b = r[f"base{n}"]
-            out.append(f"| {s} | base-only GEMV N={n} (qmerge kernel) | {ms(b['own'])} | | "
-                       f"F.linear {ms(b['linear'])} | {b['own'] / b['linear']:.2f}x |")
+            out.append(
+                f"| {s} | base-only GEMV N={n} (qmerge kernel) | {ms(b['own'])} | | "
+                f"F.linear {ms(b['linear'])} | {b['own'] / b['linear']:.2f}x |"
+            )
         b1, b8 = r["base1"], r["base8"]
-        out.append(f"| {s} | sign_linear N=1, 1 task | {ms(r['sl1']['t'])} | | F.linear "
-                   f"{ms(b1['linear'])} | {r['sl1']['t'] / b1['linear']:.3f}x |")
-        out.append(f"| {s} | sign_linear N=1, 0.7/0.3 mixture | {ms(r['sl1']['mix'])} | | F.linear "
-                   f"{ms(b1['linear'])} | {r['sl1']['mix'] / b1['linear']:.3f}x |")
+        out.append(
+            f"| {s} | sign_linear N=1, 1 task | {ms(r['sl1']['t'])} | | F.linear "
+            f"{ms(b1['linear'])} | {r['sl1']['t'] / b1['linear']:.3f}x |"
+        )
+        out.append(
+            f"| {s} | sign_linear N=1, 0.7/0.3 mixture | {ms(r['sl1']['mix'])} | | F.linear "
+            f"{ms(b1['linear'])} | {r['sl1']['mix'] / b1['linear']:.3f}x |"
+        )
         best8 = min(b8["linear"], b8["own"])
-        out.append(f"| {s} | sign_linear N=8, 8 tasks | {ms(r['sl8']['t'])} | | per-request loop "
-                   f"{ms(r['sl8']['loop'])} | {r['sl8']['loop'] / r['sl8']['t']:.0f}x faster; "
-                   f"{r['sl8']['t'] / best8:.2f}x best base N=8 |")
-        out.append(f"| {s} | lowrank_linear r=16 N=1 | {ms(r['lr1']['t'])} | | F.linear "
-                   f"{ms(b1['linear'])} | {r['lr1']['t'] / b1['linear']:.3f}x |")
+        out.append(
+            f"| {s} | sign_linear N=8, 8 tasks | {ms(r['sl8']['t'])} | | per-request loop "
+            f"{ms(r['sl8']['loop'])} | {r['sl8']['loop'] / r['sl8']['t']:.0f}x faster; "
+            f"{r['sl8']['t'] / best8:.2f}x best base N=8 |"
+        )
+        out.append(
+            f"| {s} | lowrank_linear r=16 N=1 | {ms(r['lr1']['t'])} | | F.linear "
+            f"{ms(b1['linear'])} | {r['lr1']['t'] / b1['linear']:.3f}x |"
+        )
     return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one 1024x1024 shape; print, write nothing")
+    ap.add_argument(
+        "--quick", action="store_true", help="one 1024x1024 shape; print, write nothing"
+    )
     ap.add_argument("--warm", action="store_true", help="do not flush caches between calls")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results file (default: %(default)s)")
     args = ap.parse_args()

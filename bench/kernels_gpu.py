@@ -46,8 +46,9 @@ def flusher() -> Callable[[], None]:
     return flush
 
 
-def time_turns(fns: list[Callable[[], object]], flush: Callable[[], None],
-               reps: int = 15) -> list[float]:
+def time_turns(
+    fns: list[Callable[[], object]], flush: Callable[[], None], reps: int = 15
+) -> list[float]:
     """Median milliseconds of each fn (CUDA events), one call of each per round, L2 flushed."""
     for fn in fns:
         fn()
@@ -115,21 +116,43 @@ def bench_shape(out: int, inn: int, bw: float, flush, log, loop_rows: int) -> li
     p1, s1 = packed[:1].contiguous(), scales[:1].contiguous()
     dst = torch.empty_like(base)
     ms, ms_naive = time_turns(
-        [lambda: ops.dequant_add_sign(base, p1, s1, one, out=dst),
-         lambda: naive_shift(base, p1, s1, one)], flush)
+        [
+            lambda: ops.dequant_add_sign(base, p1, s1, one, out=dst),
+            lambda: naive_shift(base, p1, s1, one),
+        ],
+        flush,
+    )
     gbs = (2 * w_bytes + bits_bytes) / (ms * 1e-3) / 1e9
-    rows.append({"shape": shape, "op": "dequant_add_sign T=1", "ms": ms, "gbs": gbs,
-                 "frac_copy": gbs / bw, "torch": f"shift-unpack {ms_naive:.3f}",
-                 "ratio": ms_naive / ms})
-    log(f"{shape} dequant T=1: {ms:.3f} ms, {gbs:.0f} GB/s ({gbs / bw:.2f} of copy); "
-        f"torch {ms_naive:.3f} ms")
+    rows.append(
+        {
+            "shape": shape,
+            "op": "dequant_add_sign T=1",
+            "ms": ms,
+            "gbs": gbs,
+            "frac_copy": gbs / bw,
+            "torch": f"shift-unpack {ms_naive:.3f}",
+            "ratio": ms_naive / ms,
+        }
+    )
+    log(
+        f"{shape} dequant T=1: {ms:.3f} ms, {gbs:.0f} GB/s ({gbs / bw:.2f} of copy); "
+        f"torch {ms_naive:.3f} ms"
+    )
 
     # the first step of the N >= 3 paths: cuBLAS x W^T with fp32 output, vs F.linear's bf16
     x64 = torch.randn(64, inn, device="cuda").to(DTYPE)
-    ms32, ms16 = time_turns([lambda: torch.mm(x64, base.T, out_dtype=torch.float32),
-                             lambda: F.linear(x64, base)], flush)
-    rows.append({"shape": shape, "op": "cuBLAS x W^T N=64, fp32 out", "ms": ms32,
-                 "base_ms": ms16, "vs_base": ms32 / ms16})
+    ms32, ms16 = time_turns(
+        [lambda: torch.mm(x64, base.T, out_dtype=torch.float32), lambda: F.linear(x64, base)], flush
+    )
+    rows.append(
+        {
+            "shape": shape,
+            "op": "cuBLAS x W^T N=64, fp32 out",
+            "ms": ms32,
+            "base_ms": ms16,
+            "vs_base": ms32 / ms16,
+        }
+    )
     log(f"{shape} cuBLAS fp32-out N=64: {ms32:.3f} ms vs bf16 out {ms16:.3f}")
 
     # sign_linear: N rows over k distinct tasks vs base-only cuBLAS and the per-request loop
@@ -137,21 +160,31 @@ def bench_shape(out: int, inn: int, bw: float, flush, log, loop_rows: int) -> li
         x = (torch.randn(n, inn, device="cuda")).to(DTYPE)
         ids_list = [i % k for i in range(n)]
         ids = torch.tensor(ids_list, device="cuda")
-        fns = [lambda x=x, ids=ids: ops.sign_linear(x, base, packed, scales, task_ids=ids),
-               lambda x=x: F.linear(x, base)]
+        fns = [
+            lambda x=x, ids=ids: ops.sign_linear(x, base, packed, scales, task_ids=ids),
+            lambda x=x: F.linear(x, base),
+        ]
         if n <= loop_rows:
             fns.append(lambda x=x, il=ids_list: per_request_loop(x, base, packed, scales, il))
         times = time_turns(fns, flush, reps=15 if n <= 8 else 9)
         floor = (w_bytes + k * bits_bytes) / w_bytes
-        row = {"shape": shape, "op": f"sign_linear N={n}, {k} task(s)", "ms": times[0],
-               "base_ms": times[1], "vs_base": times[0] / times[1], "byte_floor": floor}
+        row = {
+            "shape": shape,
+            "op": f"sign_linear N={n}, {k} task(s)",
+            "ms": times[0],
+            "base_ms": times[1],
+            "vs_base": times[0] / times[1],
+            "byte_floor": floor,
+        }
         if len(times) > 2:
             row["loop_ms"] = times[2]
             row["vs_loop"] = times[2] / times[0]
         rows.append(row)
-        log(f"{shape} sign_linear N={n} T={k}: {times[0]:.3f} ms = {times[0] / times[1]:.2f}x "
+        log(
+            f"{shape} sign_linear N={n} T={k}: {times[0]:.3f} ms = {times[0] / times[1]:.2f}x "
             f"base {times[1]:.3f} (bytes floor {floor:.2f}x)"
-            + (f", loop {times[2]:.2f} ms ({times[2] / times[0]:.0f}x)" if len(times) > 2 else ""))
+            + (f", loop {times[2]:.2f} ms ({times[2] / times[0]:.0f}x)" if len(times) > 2 else "")
+        )
 
     # lowrank_linear rank 16, N = 64, 8 and 64 tasks
     for k in (8, 64):
@@ -160,13 +193,27 @@ def bench_shape(out: int, inn: int, bw: float, flush, log, loop_rows: int) -> li
         x = torch.randn(64, inn, device="cuda").to(DTYPE)
         ids = torch.arange(64, device="cuda") % k
         ms, ms_base = time_turns(
-            [lambda x=x, U=U, V=V, ids=ids: ops.lowrank_linear(x, base, U, V, task_ids=ids),
-             lambda x=x: F.linear(x, base)], flush)
+            [
+                lambda x=x, U=U, V=V, ids=ids: ops.lowrank_linear(x, base, U, V, task_ids=ids),
+                lambda x=x: F.linear(x, base),
+            ],
+            flush,
+        )
         floor = (w_bytes + k * 16 * (out + inn) * 2) / w_bytes
-        rows.append({"shape": shape, "op": f"lowrank_linear r=16 N=64, {k} tasks", "ms": ms,
-                     "base_ms": ms_base, "vs_base": ms / ms_base, "byte_floor": floor})
-        log(f"{shape} lowrank r=16 N=64 T={k}: {ms:.3f} ms = {ms / ms_base:.2f}x base "
-            f"(bytes floor {floor:.2f}x)")
+        rows.append(
+            {
+                "shape": shape,
+                "op": f"lowrank_linear r=16 N=64, {k} tasks",
+                "ms": ms,
+                "base_ms": ms_base,
+                "vs_base": ms / ms_base,
+                "byte_floor": floor,
+            }
+        )
+        log(
+            f"{shape} lowrank r=16 N=64 T={k}: {ms:.3f} ms = {ms / ms_base:.2f}x base "
+            f"(bytes floor {floor:.2f}x)"
+        )
 
     # the CuPy path of the same kernels, where present (N=1 and the dequant)
     from qmerge.ops import _cupy
@@ -175,16 +222,35 @@ def bench_shape(out: int, inn: int, bw: float, flush, log, loop_rows: int) -> li
         x = torch.randn(1, inn, device="cuda").to(DTYPE)
         ids = torch.zeros(1, dtype=torch.long, device="cuda")
         ms_c, ms_b, ms_d = time_turns(
-            [lambda: _cupy.sign_linear(x, base, packed, scales, ids, None, None),
-             lambda: F.linear(x, base),
-             lambda: _cupy.dequant_add_sign_out(base, p1, s1, one, dst)], flush)
-        rows.append({"shape": shape, "op": "CuPy path: sign_linear N=1, 1 task", "ms": ms_c,
-                     "base_ms": ms_b, "vs_base": ms_c / ms_b})
+            [
+                lambda: _cupy.sign_linear(x, base, packed, scales, ids, None, None),
+                lambda: F.linear(x, base),
+                lambda: _cupy.dequant_add_sign_out(base, p1, s1, one, dst),
+            ],
+            flush,
+        )
+        rows.append(
+            {
+                "shape": shape,
+                "op": "CuPy path: sign_linear N=1, 1 task",
+                "ms": ms_c,
+                "base_ms": ms_b,
+                "vs_base": ms_c / ms_b,
+            }
+        )
         gbs = (2 * w_bytes + bits_bytes) / (ms_d * 1e-3) / 1e9
-        rows.append({"shape": shape, "op": "CuPy path: dequant_add_sign T=1", "ms": ms_d,
-                     "gbs": gbs, "frac_copy": gbs / bw})
-        log(f"{shape} cupy: sign_linear N=1 {ms_c / ms_b:.2f}x base; "
-            f"dequant {gbs / bw:.2f} of copy")
+        rows.append(
+            {
+                "shape": shape,
+                "op": "CuPy path: dequant_add_sign T=1",
+                "ms": ms_d,
+                "gbs": gbs,
+                "frac_copy": gbs / bw,
+            }
+        )
+        log(
+            f"{shape} cupy: sign_linear N=1 {ms_c / ms_b:.2f}x base; dequant {gbs / bw:.2f} of copy"
+        )
     return rows
 
 
@@ -200,30 +266,53 @@ def verdicts(rows: list[dict]) -> list[str]:
 
     big = "8192x8192"
     d = find(rows, big, "dequant_add_sign T=1")
-    line("dequant_add_sign 8192x8192 T=1 >= 0.85 of copy bandwidth", d["frac_copy"],
-         d["frac_copy"] >= 0.85, "{:.2f}")
+    line(
+        "dequant_add_sign 8192x8192 T=1 >= 0.85 of copy bandwidth",
+        d["frac_copy"],
+        d["frac_copy"] >= 0.85,
+        "{:.2f}",
+    )
     for shape in {r["shape"] for r in rows}:
         s = find(rows, shape, "sign_linear N=1, 1 task(s)")
-        line(f"sign_linear N=1, 1 task <= 1.1x cuBLAS base GEMV ({shape})", s["vs_base"],
-             s["vs_base"] <= 1.1, "{:.3f}x")
+        line(
+            f"sign_linear N=1, 1 task <= 1.1x cuBLAS base GEMV ({shape})",
+            s["vs_base"],
+            s["vs_base"] <= 1.1,
+            "{:.3f}x",
+        )
     s = find(rows, big, "sign_linear N=64, 64 task(s)")
-    line("sign_linear N=64, 64 tasks, 8192x8192 <= 2x base GEMM "
-         f"(bytes floor {s['byte_floor']:.2f}x)", s["vs_base"], s["vs_base"] <= 2.0, "{:.2f}x")
+    line(
+        "sign_linear N=64, 64 tasks, 8192x8192 <= 2x base GEMM "
+        f"(bytes floor {s['byte_floor']:.2f}x)",
+        s["vs_base"],
+        s["vs_base"] <= 2.0,
+        "{:.2f}x",
+    )
     if "vs_loop" in s:
-        line("sign_linear N=64, 64 tasks, 8192x8192 >= 10x faster than the per-request loop",
-             s["vs_loop"], s["vs_loop"] >= 10, "{:.0f}x")
+        line(
+            "sign_linear N=64, 64 tasks, 8192x8192 >= 10x faster than the per-request loop",
+            s["vs_loop"],
+            s["vs_loop"] >= 10,
+            "{:.0f}x",
+        )
     for k in (8, 64):
         lr = find(rows, big, f"lowrank_linear r=16 N=64, {k} tasks")
-        line(f"lowrank_linear r=16 N=64 ({k} tasks), 8192x8192 <= 1.15x base "
-             f"(bytes floor {lr['byte_floor']:.2f}x)", lr["vs_base"], lr["vs_base"] <= 1.15,
-             "{:.3f}x")
+        line(
+            f"lowrank_linear r=16 N=64 ({k} tasks), 8192x8192 <= 1.15x base "
+            f"(bytes floor {lr['byte_floor']:.2f}x)",
+            lr["vs_base"],
+            lr["vs_base"] <= 1.15,
+            "{:.3f}x",
+        )
     return out
 
 
 def table(rows: list[dict]) -> list[str]:
-    out = ["| shape | op | qmerge ms | GB/s (frac of copy) | cuBLAS base ms "
-           "| vs base (bytes floor) | torch loop ms (qmerge faster by) |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| shape | op | qmerge ms | GB/s (frac of copy) | cuBLAS base ms "
+        "| vs base (bytes floor) | torch loop ms (qmerge faster by) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         gb = f"{r['gbs']:.0f} ({r['frac_copy']:.2f})" if "gbs" in r else ""
         base = f"{r['base_ms']:.3f}" if "base_ms" in r else ""
@@ -242,11 +331,16 @@ def table(rows: list[dict]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one shape, print only")
-    ap.add_argument("--out", type=Path,
-                    help="results file (default: bench/results/kernels-<gpu>.md)")
+    ap.add_argument(
+        "--out", type=Path, help="results file (default: bench/results/kernels-<gpu>.md)"
+    )
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    ap.add_argument("--loop-rows", type=int, default=64,
-                    help="time the torch per-request loop up to this many rows (default 64)")
+    ap.add_argument(
+        "--loop-rows",
+        type=int,
+        default=64,
+        help="time the torch per-request loop up to this many rows (default 64)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("kernels_gpu: no CUDA device", file=sys.stderr)

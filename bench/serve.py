@@ -44,15 +44,30 @@ import qmerge  # noqa: E402
 
 OUT = ROOT / "results" / "serve.md"
 PROMPTS = [
-    "The capital of France is", "def fibonacci(n):", "Once upon a time, a dragon",
-    "The three laws of motion are", "To bake bread, first", "In 1969, astronauts",
-    "My favourite programming language is", "The best way to learn",
-    "A good friend is someone who", "The meaning of life", "When the rain stopped, we",
-    "The most important invention of the last century was", "Cats and dogs",
-    "He opened the door and saw", "Water boils at", "The stock market today",
-    "If I could travel anywhere, I would go to", "The old man and the sea",
-    "A recipe for happiness:", "Never trust a", "The moon is", "Computers are good at",
-    "Yesterday I learned that", "The quick brown fox",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, a dragon",
+    "The three laws of motion are",
+    "To bake bread, first",
+    "In 1969, astronauts",
+    "My favourite programming language is",
+    "The best way to learn",
+    "A good friend is someone who",
+    "The meaning of life",
+    "When the rain stopped, we",
+    "The most important invention of the last century was",
+    "Cats and dogs",
+    "He opened the door and saw",
+    "Water boils at",
+    "The stock market today",
+    "If I could travel anywhere, I would go to",
+    "The old man and the sea",
+    "A recipe for happiness:",
+    "Never trust a",
+    "The moon is",
+    "Computers are good at",
+    "Yesterday I learned that",
+    "The quick brown fox",
 ]
 
 
@@ -76,9 +91,23 @@ class Proc:
     def __init__(self, pack: Path, base: Path, *args: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.p = subprocess.Popen([*QMERGE, "serve", str(pack), "--base", str(base), "--port",
-                                   str(self.port), "--log-level", "warning", *args],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [
+                *QMERGE,
+                "serve",
+                str(pack),
+                "--base",
+                str(base),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def wait(self, timeout: float = 300) -> Proc:
         import httpx
@@ -121,6 +150,7 @@ async def load(reqs: list[dict], url_of, clients: int, timeout: float) -> tuple[
     nxt = iter(range(len(reqs)))
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as c:
+
         async def worker():
             for i in nxt:
                 r = reqs[i]
@@ -128,8 +158,12 @@ async def load(reqs: list[dict], url_of, clients: int, timeout: float) -> tuple[
                 resp = await c.post(url_of(r) + "/v1/completions", json=r)
                 dt = time.perf_counter() - t0
                 text = resp.json()["choices"][0]["text"] if resp.status_code == 200 else None
-                out[i] = (resp.status_code, dt, text,
-                          resp.json()["usage"]["completion_tokens"] if text is not None else 0)
+                out[i] = (
+                    resp.status_code,
+                    dt,
+                    text,
+                    resp.json()["usage"]["completion_tokens"] if text is not None else 0,
+                )
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -146,9 +180,19 @@ def summary(name: str, res: list, wall: float, expected: list[str], rss: str) ->
     def pct(q):
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 
-    return {"name": name, "ok": len(ok), "n": len(res), "wall": wall, "rps": len(ok) / wall,
-            "tps": tokens / wall, "p50": pct(0.5), "p99": pct(0.99),
-            "mean": statistics.mean(lat) if lat else float("nan"), "same": same, "rss": rss}
+    return {
+        "name": name,
+        "ok": len(ok),
+        "n": len(res),
+        "wall": wall,
+        "rps": len(ok) / wall,
+        "tps": tokens / wall,
+        "p50": pct(0.5),
+        "p99": pct(0.99),
+        "mean": statistics.mean(lat) if lat else float("nan"),
+        "same": same,
+        "rss": rss,
+    }
 
 
 def offline(base: Path, pack: Path, reqs: list[dict]) -> tuple[list[str], float]:
@@ -161,9 +205,14 @@ def offline(base: Path, pack: Path, reqs: list[dict]) -> tuple[list[str], float]
     for r in reqs:
         enc = tok(r["prompt"], return_tensors="pt")
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=r["max_tokens"], do_sample=False,
-                                 pad_token_id=tok.pad_token_id, task=r["model"])
-        texts.append(tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            ids = model.generate(
+                **enc,
+                max_new_tokens=r["max_tokens"],
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                task=r["model"],
+            )
+        texts.append(tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     wall = time.perf_counter() - t0
     model.qmerge.unload()
     return texts, wall
@@ -177,13 +226,23 @@ def fuzz(url: str, n: int) -> Counter:
 
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]
-    cases = st.one_of([op.as_strategy(m) for op in ops
-                       for m in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+    cases = st.one_of(
+        [
+            op.as_strategy(m)
+            for op in ops
+            for m in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        ]
+    )
     codes: Counter = Counter()
 
     @given(case=cases)
-    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def one(case):
         r = case.call(base_url=url, timeout=60)
         codes[(case.method, case.path, r.status_code)] += 1
@@ -216,8 +275,15 @@ def main() -> None:
     fts = smollm_tasks()
     pack = CACHE / "pack-smollm2-5"
     tasks = list(qmerge.open_pack(pack).tasks)
-    reqs = [{"model": tasks[i % len(tasks)], "prompt": PROMPTS[i % len(PROMPTS)],
-             "max_tokens": args.tokens, "temperature": 0} for i in range(args.requests)]
+    reqs = [
+        {
+            "model": tasks[i % len(tasks)],
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": args.tokens,
+            "temperature": 0,
+        }
+        for i in range(args.requests)
+    ]
     lines: list[str] = []
 
     def log(s: str = "") -> None:
@@ -226,16 +292,22 @@ def main() -> None:
 
     log("# qmerge serve: many task variants from one process")
     log()
-    log(f"Command: `.venv/bin/python bench/serve.py --requests {args.requests} --clients "
-        f"{args.clients} --tokens {args.tokens} --fuzz {args.fuzz}`")
+    log(
+        f"Command: `.venv/bin/python bench/serve.py --requests {args.requests} --clients "
+        f"{args.clients} --tokens {args.tokens} --fuzz {args.fuzz}`"
+    )
     log()
-    log(f"Machine: {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}, "
+    log(
+        f"Machine: {os.cpu_count()} CPU cores, no GPU; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; qmerge kernels: {qmerge.ops.backend()}. "
-        f"Server and load generator run on the same 2 cores.")
+        f"Server and load generator run on the same 2 cores."
+    )
     log()
-    log(f"Model: SmolLM2-135M (fp32) with {len(tasks)} tasks ({', '.join(tasks)}) from "
+    log(
+        f"Model: SmolLM2-135M (fp32) with {len(tasks)} tasks ({', '.join(tasks)}) from "
         f"`{pack.name}` (1-bit sign residuals). Requests: {args.requests}, tasks round-robin, "
-        f"{len(PROMPTS)} prompts, greedy, max_tokens {args.tokens}.")
+        f"{len(PROMPTS)} prompts, greedy, max_tokens {args.tokens}."
+    )
     log()
     print("offline reference ...", flush=True)
     expected, t_off = offline(base, pack, reqs)
@@ -247,14 +319,23 @@ def main() -> None:
         asyncio.run(load(warm, lambda r: srv.url, 1, args.timeout))
         print("one at a time ...", flush=True)
         res, wall = asyncio.run(load(reqs, lambda r: srv.url, 1, args.timeout))
-        rows.append(summary("one server, one request at a time", res, wall, expected,
-                            srv.rss()))
+        rows.append(summary("one server, one request at a time", res, wall, expected, srv.rss()))
         print(f"{args.clients} clients ...", flush=True)
         res, wall = asyncio.run(load(reqs, lambda r: srv.url, args.clients, args.timeout))
-        rows.append(summary(f"one server, {args.clients} concurrent clients, mixed tasks", res,
-                            wall, expected, srv.rss()))
-        batches = [x for x in httpx.get(srv.url + "/metrics").text.splitlines()
-                   if x.startswith("qmerge_batch_size")]
+        rows.append(
+            summary(
+                f"one server, {args.clients} concurrent clients, mixed tasks",
+                res,
+                wall,
+                expected,
+                srv.rss(),
+            )
+        )
+        batches = [
+            x
+            for x in httpx.get(srv.url + "/metrics").text.splitlines()
+            if x.startswith("qmerge_batch_size")
+        ]
         print("fuzz ...", flush=True)
         t0 = time.perf_counter()
         codes = fuzz(srv.url, args.fuzz)
@@ -266,17 +347,28 @@ def main() -> None:
         srv.stop()
 
     print("one server per task ...", flush=True)
-    per = {t: Proc(pack, base, "--max-batch", str(args.clients), "--max-tokens", "64",
-                   "--threads", "1") for t in tasks}
+    per = {
+        t: Proc(
+            pack, base, "--max-batch", str(args.clients), "--max-tokens", "64", "--threads", "1"
+        )
+        for t in tasks
+    }
     try:
         for p in per.values():
             p.wait()
-        res, wall = asyncio.run(load(reqs, lambda r: per[r["model"]].url, args.clients,
-                                     args.timeout))
+        res, wall = asyncio.run(
+            load(reqs, lambda r: per[r["model"]].url, args.clients, args.timeout)
+        )
         rss = [p.rss_mb() for p in per.values()]
-        rows.append(summary(f"{len(tasks)} servers, one per task (1 thread each), "
-                            f"{args.clients} clients", res, wall, expected,
-                            f"{sum(r[0] for r in rss):.0f} / {sum(r[1] for r in rss):.0f}"))
+        rows.append(
+            summary(
+                f"{len(tasks)} servers, one per task (1 thread each), {args.clients} clients",
+                res,
+                wall,
+                expected,
+                f"{sum(r[0] for r in rss):.0f} / {sum(r[1] for r in rss):.0f}",
+            )
+        )
     finally:
         for p in per.values():
             p.stop()
@@ -284,25 +376,37 @@ def main() -> None:
     seq, conc = rows[0], rows[1]
     log("## Throughput and latency")
     log()
-    log(f"Offline (the patched model's `generate`, one request at a time, in-process): "
-        f"{t_off:.1f} s for {len(reqs)} requests ({len(reqs) / t_off:.2f} req/s).")
+    log(
+        f"Offline (the patched model's `generate`, one request at a time, in-process): "
+        f"{t_off:.1f} s for {len(reqs)} requests ({len(reqs) / t_off:.2f} req/s)."
+    )
     log()
-    log("| setup | answered | wall s | req/s | tokens/s | p50 s | p99 s | = offline greedy | "
-        "RSS now / peak MB |")
+    log(
+        "| setup | answered | wall s | req/s | tokens/s | p50 s | p99 s | = offline greedy | "
+        "RSS now / peak MB |"
+    )
     log("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        log(f"| {r['name']} | {r['ok']}/{r['n']} | {r['wall']:.1f} | {r['rps']:.2f} | "
+        log(
+            f"| {r['name']} | {r['ok']}/{r['n']} | {r['wall']:.1f} | {r['rps']:.2f} | "
             f"{r['tps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['same']}/{r['n']} | "
-            f"{r['rss']} |")
+            f"{r['rss']} |"
+        )
     log()
     speed = conc["rps"] / seq["rps"]
-    log(f"- **{args.clients} concurrent clients vs one at a time: {speed:.2f}x throughput** "
-        f"(target ≥ 3x: {'PASS' if speed >= 3 else 'FAIL'}).")
-    log(f"- **Greedy answers equal to the offline generation: {conc['same']}/{conc['n']}** "
+    log(
+        f"- **{args.clients} concurrent clients vs one at a time: {speed:.2f}x throughput** "
+        f"(target ≥ 3x: {'PASS' if speed >= 3 else 'FAIL'})."
+    )
+    log(
+        f"- **Greedy answers equal to the offline generation: {conc['same']}/{conc['n']}** "
         f"concurrent, {seq['same']}/{seq['n']} one at a time "
-        f"({'PASS' if conc['same'] == conc['n'] else 'FAIL'}).")
-    log(f"- One server per task: {rows[2]['rps'] / seq['rps']:.2f}x the one-at-a-time "
-        f"throughput, {conc['rps'] / rows[2]['rps']:.2f}x slower than the one batched server.")
+        f"({'PASS' if conc['same'] == conc['n'] else 'FAIL'})."
+    )
+    log(
+        f"- One server per task: {rows[2]['rps'] / seq['rps']:.2f}x the one-at-a-time "
+        f"throughput, {conc['rps'] / rows[2]['rps']:.2f}x slower than the one batched server."
+    )
     log()
     log("Batch sizes the server ran (from its /metrics, both runs):")
     log()
@@ -316,10 +420,12 @@ def main() -> None:
     total = sum(codes.values())
     log("## Fuzzing the OpenAPI spec")
     log()
-    log(f"{total} requests generated by schemathesis from /openapi.json (valid and invalid "
+    log(
+        f"{total} requests generated by schemathesis from /openapi.json (valid and invalid "
         f"bodies, every operation) in {t_fuzz:.0f} s: **{n5} answered 5xx** "
         f"({'PASS' if n5 == 0 and total >= 1000 else 'FAIL'}). After them, /health answered "
-        f"{alive} and {after_same}/10 greedy requests still equal their offline answer.")
+        f"{alive} and {after_same}/10 greedy requests still equal their offline answer."
+    )
     log()
     log("| method | path | status | requests |")
     log("|---|---|---|---|")
@@ -332,8 +438,7 @@ def main() -> None:
     print(f"wrote {OUT}")
 
 
-def hot_swap(base: Path, pack: Path, fts: dict, expected: list[str], reqs: list[dict],
-             log) -> None:
+def hot_swap(base: Path, pack: Path, fts: dict, expected: list[str], reqs: list[dict], log) -> None:
     import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="qmerge-serve-"))
@@ -343,6 +448,7 @@ def hot_swap(base: Path, pack: Path, fts: dict, expected: list[str], reqs: list[
     i = next(k for k, r in enumerate(reqs) if r["model"] == victim)
     srv = Proc(live, base, "--max-tokens", "64").wait()
     try:
+
         def status() -> int:
             return httpx.post(srv.url + "/v1/completions", json=reqs[i], timeout=120).status_code
 
@@ -352,8 +458,7 @@ def hot_swap(base: Path, pack: Path, fts: dict, expected: list[str], reqs: list[
         t_rm = time.monotonic() - t0
         gone = wait_for(lambda: status() == 404)
         t0 = time.monotonic()
-        qmerge.add_task(live, base, {victim: fts[victim]},
-                        opts=qmerge.Options(progress=False))
+        qmerge.add_task(live, base, {victim: fts[victim]}, opts=qmerge.Options(progress=False))
         t_add = time.monotonic() - t0
         back = wait_for(lambda: status() == 200)
         r = httpx.post(srv.url + "/v1/completions", json=reqs[i], timeout=120).json()
@@ -364,12 +469,14 @@ def hot_swap(base: Path, pack: Path, fts: dict, expected: list[str], reqs: list[
         shutil.rmtree(tmp, ignore_errors=True)
     log("## Adding and removing a task without a restart")
     log()
-    log(f"On a copy of the pack served by a running server: `qmerge.remove_task(pack, "
+    log(
+        f"On a copy of the pack served by a running server: `qmerge.remove_task(pack, "
         f"['{victim}'])` took {t_rm:.1f} s; the server answered **404** for `{victim}` "
         f"{gone:.1f} s later. `qmerge.add_task` of the same fine-tune took {t_add:.1f} s "
         f"(compression); the server answered it again **{back:.1f} s** later, and its greedy "
         f"answer {'equals' if same else 'DIFFERS from'} the offline one. Tasks served at the "
-        f"end: {', '.join(health['tasks'])}; reload errors: {health['reload_error']}.")
+        f"end: {', '.join(health['tasks'])}; reload errors: {health['reload_error']}."
+    )
     log()
 
 

@@ -18,8 +18,8 @@ The front door: the model-level verbs (qmerge/verbs/), for scripts.
 """
 
 from qmerge import ops
-from qmerge.errors import QmergeError
 from qmerge.codecs.policy import Policy
+from qmerge.errors import QmergeError
 from qmerge.verbs.compress import Options, add_task, compress, remove_task
 from qmerge.verbs.export import export
 from qmerge.verbs.load import fit_router, load, unload
@@ -27,6 +27,23 @@ from qmerge.verbs.merge import merge_pack, shared_deltas
 from qmerge.verbs.packs import inspect, open_pack, residual, verify
 from qmerge.version import __version__
 
-__all__ = ["Options", "Policy", "QmergeError", "__version__", "add_task", "compress",
-           "export", "fit_router", "inspect", "load", "merge_pack", "open_pack", "ops",
-           "remove_task", "residual", "shared_deltas", "unload", "verify"]
+__all__ = [
+    "Options",
+    "Policy",
+    "QmergeError",
+    "__version__",
+    "add_task",
+    "compress",
+    "export",
+    "fit_router",
+    "inspect",
+    "load",
+    "merge_pack",
+    "open_pack",
+    "ops",
+    "remove_task",
+    "residual",
+    "shared_deltas",
+    "unload",
+    "verify",
+]

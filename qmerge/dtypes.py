@@ -6,8 +6,11 @@ import torch
 
 from qmerge.errors import ConfigError
 
-FLOAT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
-                                        "bf16": torch.bfloat16}
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def float_dtype(name: str, what: str = "dtype") -> torch.dtype:
@@ -15,5 +18,6 @@ def float_dtype(name: str, what: str = "dtype") -> torch.dtype:
     try:
         return FLOAT_DTYPES[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"{what} must be one of {', '.join(FLOAT_DTYPES)}; got {name!r}"
-                          ) from None
+        raise ConfigError(
+            f"{what} must be one of {', '.join(FLOAT_DTYPES)}; got {name!r}"
+        ) from None

@@ -59,8 +59,9 @@ class Registry(Mapping[str, T]):
         try:
             return self._entries[name].item
         except (KeyError, TypeError):
-            raise ConfigError(f"unknown {self.what} {name!r}; known: "
-                              f"{', '.join(self.names())}") from None
+            raise ConfigError(
+                f"unknown {self.what} {name!r}; known: {', '.join(self.names())}"
+            ) from None
 
     def entry(self, name: str) -> Entry[T]:
         self.lookup(name)

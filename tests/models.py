@@ -24,12 +24,18 @@ def base_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     return {n: torch.randn(s, generator=g) * 0.1 for n, s in SHAPES.items()}
 
 
-def finetune_of(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01,
-                frozen: tuple[str, ...] = ("model.norm.weight",)) -> dict[str, torch.Tensor]:
+def finetune_of(
+    base: dict[str, torch.Tensor],
+    seed: int,
+    scale: float = 0.01,
+    frozen: tuple[str, ...] = ("model.norm.weight",),
+) -> dict[str, torch.Tensor]:
     """The base plus a random task vector; `frozen` tensors keep the base's values."""
     g = torch.Generator().manual_seed(1000 + seed)
-    return {n: t.clone() if n in frozen else t + scale * torch.randn(t.shape, generator=g)
-            for n, t in base.items()}
+    return {
+        n: t.clone() if n in frozen else t + scale * torch.randn(t.shape, generator=g)
+        for n, t in base.items()
+    }
 
 
 def save(tensors: dict[str, torch.Tensor], directory: Path) -> Path:
@@ -41,5 +47,8 @@ def save(tensors: dict[str, torch.Tensor], directory: Path) -> Path:
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under root (but the lock) and its bytes: to check nothing changed."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }

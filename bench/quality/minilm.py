@@ -16,8 +16,17 @@ import qmerge
 class MiniLM(Track):
     heads = ("classifier.*",)
 
-    def __init__(self, base: Path, fts: dict[str, Path], tasks: dict, work: Path, seed: int,
-                 max_test: int, n_val: int = 60, router_examples: int = 256):
+    def __init__(
+        self,
+        base: Path,
+        fts: dict[str, Path],
+        tasks: dict,
+        work: Path,
+        seed: int,
+        max_test: int,
+        n_val: int = 60,
+        router_examples: int = 256,
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         super().__init__(base, fts, tasks, work, seed, max_test, n_val, router_examples)
@@ -29,13 +38,14 @@ class MiniLM(Track):
             self.head[t] = (sd["classifier.weight"].float(), sd["classifier.bias"].float())
 
     def encode(self, texts):
-        return dict(self.tok(list(texts), padding=True, truncation=True, max_length=64,
-                             return_tensors="pt"))
+        return dict(
+            self.tok(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        )
 
     def batches(self, task: str, split: str = "test", bs: int = 64):
         data = self.split[split][task]
         for i in range(0, len(data), bs):
-            chunk = data[i:i + bs]
+            chunk = data[i : i + bs]
             yield self.encode([t for t, _ in chunk]), torch.tensor([y for _, y in chunk])
 
     def finetuned(self, t: str):
@@ -88,8 +98,9 @@ class MiniLM(Track):
         keep = enc["attention_mask"].reshape(-1).bool()
         return linear_inputs(m.bert, lambda: m(**enc), keep)
 
-    def score_pack(self, pack: Path, route: str, preds: dict[str, list[str]] | None = None
-                   ) -> dict[str, float]:
+    def score_pack(
+        self, pack: Path, route: str, preds: dict[str, list[str]] | None = None
+    ) -> dict[str, float]:
         """Accuracy per task of a pack: the encoder routed by `route` ('oracle': the true
         task; 'base': the backbone alone, i.e. a static merge; 'router': `preds`), scored
         with the true task's head on the pooled output."""
@@ -112,7 +123,7 @@ class MiniLM(Track):
                         else:
                             assert preds is not None
                             groups = {}
-                            for k, p in enumerate(preds[t][i * 64:i * 64 + len(y)]):
+                            for k, p in enumerate(preds[t][i * 64 : i * 64 + len(y)]):
                                 groups.setdefault(p, []).append(k)
                         # one forward per routed task: the hook then sees rows in order
                         pooled_rows = torch.empty(len(y), w.shape[1])

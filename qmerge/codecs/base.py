@@ -42,8 +42,9 @@ def as_matrix(t: Tensor) -> Tensor:
 
 def check_choice(cls_name: str, field: str, value: object, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{cls_name}.{field} must be one of {', '.join(map(str, choices))}; "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"{cls_name}.{field} must be one of {', '.join(map(str, choices))}; got {value!r}"
+        )
 
 
 _CHUNK = 1 << 20  # elements per block of the fp64 reductions below
@@ -57,9 +58,9 @@ def sq_sum(t: Tensor, minus: Tensor | None = None) -> float:
     step = max(1, _CHUNK // max(a.shape[1], 1))
     total = 0.0
     for i in range(0, a.shape[0], step):
-        block = a[i:i + step].double()
+        block = a[i : i + step].double()
         if b is not None:
-            block -= b[i:i + step]
+            block -= b[i : i + step]
         total += float(block.pow_(2).sum())
     return total
 
@@ -103,8 +104,9 @@ class Residual:
         raise NotImplementedError
 
     @classmethod
-    def from_parts(cls, parts: Mapping[str, Tensor], cfg: Any, shape: tuple[int, ...],
-                   info: Mapping[str, Any]) -> Residual:
+    def from_parts(
+        cls, parts: Mapping[str, Tensor], cfg: Any, shape: tuple[int, ...], info: Mapping[str, Any]
+    ) -> Residual:
         raise NotImplementedError
 
     def parts(self) -> dict[str, Tensor]:
@@ -165,8 +167,11 @@ class CodecChoice(NamedTuple):
     config: Any
 
     def __str__(self) -> str:
-        values = ",".join(f"{k}={v}" for k, v in config_dict(self.config).items()
-                          if not isinstance(v, (tuple, list)))
+        values = ",".join(
+            f"{k}={v}"
+            for k, v in config_dict(self.config).items()
+            if not isinstance(v, (tuple, list))
+        )
         return f"{self.name}:{values}" if values else self.name
 
 
@@ -191,7 +196,8 @@ def _coerce(cls_name: str, field: str, hint: Any, raw: object) -> object:
         elif t is int and not isinstance(raw, bool):
             try:
                 if isinstance(raw, int) or (
-                        isinstance(raw, str) and raw.strip().lstrip("-").isdigit()):
+                    isinstance(raw, str) and raw.strip().lstrip("-").isdigit()
+                ):
                     return int(raw)
             except ValueError:
                 pass
@@ -213,8 +219,9 @@ def build_config(cls: type, values: Mapping[str, object], what: str) -> Any:
     kwargs = {}
     for key, raw in values.items():
         if key not in fields:
-            raise ConfigError(f"{what} has no option {key!r}; options: "
-                              f"{', '.join(sorted(fields)) or 'none'}")
+            raise ConfigError(
+                f"{what} has no option {key!r}; options: {', '.join(sorted(fields)) or 'none'}"
+            )
         kwargs[key] = _coerce(cls.__name__, key, hints[key], raw)
     return cls(**kwargs)
 
@@ -270,13 +277,20 @@ def load_residual(entry: Mapping[str, Any], parts: Mapping[str, Tensor], where: 
         raise PackError(f"{where}: cannot be read as codec {entry.get('codec')!r}: {e}") from None
 
 
-def expect_part(parts: Mapping[str, Tensor], name: str, shape: tuple[int, ...],
-                dtypes: tuple[torch.dtype, ...], codec_name: str) -> Tensor:
+def expect_part(
+    parts: Mapping[str, Tensor],
+    name: str,
+    shape: tuple[int, ...],
+    dtypes: tuple[torch.dtype, ...],
+    codec_name: str,
+) -> Tensor:
     """A stored part with the expected shape and dtype, or ValueError saying what is wrong."""
     if name not in parts:
         raise ValueError(f"{codec_name} residual has no part '{name}'")
     t = parts[name]
     if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes:
-        raise ValueError(f"part '{name}' is {t.dtype} {list(t.shape)}, expected "
-                         f"{'/'.join(map(str, dtypes))} {list(shape)}")
+        raise ValueError(
+            f"part '{name}' is {t.dtype} {list(t.shape)}, expected "
+            f"{'/'.join(map(str, dtypes))} {list(shape)}"
+        )
     return t

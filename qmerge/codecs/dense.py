@@ -33,13 +33,19 @@ class DenseResidual(Residual):
         self.delta, self.shape = delta, tuple(delta.shape)
 
     @classmethod
-    def from_dense(cls, delta: Tensor, cfg: DenseConfig, calib: Tensor | None = None
-                   ) -> DenseResidual:
+    def from_dense(
+        cls, delta: Tensor, cfg: DenseConfig, calib: Tensor | None = None
+    ) -> DenseResidual:
         return cls(delta.to(FLOAT_DTYPES[cfg.dtype]).contiguous())
 
     @classmethod
-    def from_parts(cls, parts: Mapping[str, Tensor], cfg: DenseConfig, shape: tuple[int, ...],
-                   info: Mapping[str, Any]) -> DenseResidual:
+    def from_parts(
+        cls,
+        parts: Mapping[str, Tensor],
+        cfg: DenseConfig,
+        shape: tuple[int, ...],
+        info: Mapping[str, Any],
+    ) -> DenseResidual:
         return cls(expect_part(parts, "delta", shape, (FLOAT_DTYPES[cfg.dtype],), "dense"))
 
     def parts(self) -> dict[str, Tensor]:

@@ -1,5 +1,5 @@
-"""One tensor's delta through a parsed codec choice, and its entry in a pack's codec table (the shape
-of manifest.py's ENTRY): what the compressor and the merge methods both write."""
+"""One tensor's delta through a parsed codec choice, and its entry in a pack's codec table
+(the shape of manifest.py's ENTRY): what the compressor and the merge methods both write."""
 
 from __future__ import annotations
 
@@ -16,8 +16,13 @@ def amax(delta: Tensor) -> float:
     return max(float(delta.max()), -float(delta.min())) if delta.numel() else 0.0
 
 
-def encode(delta: Tensor, choice: CodecChoice, calib: Tensor | None = None,
-           skip_below: float = 0.0, **kwargs: Any) -> tuple[Residual, Any, dict[str, Any]]:
+def encode(
+    delta: Tensor,
+    choice: CodecChoice,
+    calib: Tensor | None = None,
+    skip_below: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Residual, Any, dict[str, Any]]:
     """(residual, its config, extra info) of `delta` under a parsed codec choice ("auto"
     picks); `kwargs` go to the codec's `from_dense` (what its `plan` decided). A delta whose
     largest magnitude is <= skip_below (0 by default: an all-zero delta) is `skip`."""
@@ -30,13 +35,28 @@ def encode(delta: Tensor, choice: CodecChoice, calib: Tensor | None = None,
     return codec(name).residual.from_dense(delta, cfg, calib, **kwargs), cfg, {}
 
 
-def entry(res: Residual, cfg: Any, kind: str, shape: list[int], dtype: str, delta: Tensor,
-          stored: dict[str, Tensor], info: dict[str, Any] | None = None) -> dict[str, Any]:
+def entry(
+    res: Residual,
+    cfg: Any,
+    kind: str,
+    shape: list[int],
+    dtype: str,
+    delta: Tensor,
+    stored: dict[str, Tensor],
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The table entry of `res` encoding `delta`: bytes of what is `stored`, SQNR, info."""
     nbytes = sum(t.numel() * t.element_size() for t in stored.values())
     numel = delta.numel()
-    return {"codec": res.codec, "config": config_dict(cfg), "module_type": kind,
-            "shape": list(shape), "dtype": dtype, "params": numel, "bytes": nbytes,
-            "bits_per_param": nbytes * 8 / numel if numel else 0.0,
-            "sqnr_db": sqnr_db(sq_sum(delta), res.error_energy(delta)),
-            "info": res.info() | (info or {})}
+    return {
+        "codec": res.codec,
+        "config": config_dict(cfg),
+        "module_type": kind,
+        "shape": list(shape),
+        "dtype": dtype,
+        "params": numel,
+        "bytes": nbytes,
+        "bits_per_param": nbytes * 8 / numel if numel else 0.0,
+        "sqnr_db": sqnr_db(sq_sum(delta), res.error_energy(delta)),
+        "info": res.info() | (info or {}),
+    }

@@ -71,8 +71,7 @@ class LowRankConfig:
             raise ConfigError("LowRankConfig: set at most one of energy and budget_bits")
         if self.max_rank is not None and self.max_rank < 1:
             raise ConfigError(f"LowRankConfig.max_rank must be >= 1, got {self.max_rank}")
-        check_choice("LowRankConfig", "factor_dtype", self.factor_dtype,
-                     (*FLOAT_DTYPES, "int8"))
+        check_choice("LowRankConfig", "factor_dtype", self.factor_dtype, (*FLOAT_DTYPES, "int8"))
         check_choice("LowRankConfig", "randomized", self.randomized, ("auto", "always", "never"))
 
     def bytes_per_rank(self, out: int, cols: int) -> int:
@@ -87,7 +86,8 @@ def svd(m: Tensor, q: int, cfg: LowRankConfig) -> tuple[Tensor, Tensor, Tensor]:
     full = min(m.shape)
     q = min(q, full)
     use_rand = cfg.randomized == "always" or (
-        cfg.randomized == "auto" and full >= _RANDOMIZED_MIN_DIM and 4 * q < full)
+        cfg.randomized == "auto" and full >= _RANDOMIZED_MIN_DIM and 4 * q < full
+    )
     if use_rand:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -107,8 +107,11 @@ def spectrum(delta: Tensor, cfg: LowRankConfig) -> Tensor:
 def allocate_ranks(spectra: Sequence[Tensor], costs: Sequence[int], budget: float) -> list[int]:
     """Greedy ranks: take components in order of squared singular value per byte while the
     total stays within `budget` bytes. Spectra are descending, so each tensor gets a prefix."""
-    gains = [(float(s) ** 2 / c, i)
-             for i, (sp, c) in enumerate(zip(spectra, costs, strict=True)) for s in sp]
+    gains = [
+        (float(s) ** 2 / c, i)
+        for i, (sp, c) in enumerate(zip(spectra, costs, strict=True))
+        for s in sp
+    ]
     gains.sort(key=lambda g: -g[0])
     ranks = [0] * len(spectra)
     spent = 0.0
@@ -124,12 +127,22 @@ def _quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(t / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.float()
 
 
-@register("lowrank", LowRankConfig, "truncated SVD factors U V: a fixed rank, an energy "
-          "share, or a byte budget over the task", "Efficient Residual Encoding; Halko et al. 2011")
+@register(
+    "lowrank",
+    LowRankConfig,
+    "truncated SVD factors U V: a fixed rank, an energy share, or a byte budget over the task",
+    "Efficient Residual Encoding; Halko et al. 2011",
+)
 class LowRankResidual(Residual):
-    def __init__(self, U: Tensor, V: Tensor, shape: tuple[int, ...],
-                 U_scale: Tensor | None = None, V_scale: Tensor | None = None,
-                 energy: float | None = None):
+    def __init__(
+        self,
+        U: Tensor,
+        V: Tensor,
+        shape: tuple[int, ...],
+        U_scale: Tensor | None = None,
+        V_scale: Tensor | None = None,
+        energy: float | None = None,
+    ):
         self.U, self.V, self.shape = U, V, tuple(shape)
         self.U_scale, self.V_scale, self.energy = U_scale, V_scale, energy
 
@@ -138,8 +151,9 @@ class LowRankResidual(Residual):
         return self.U.shape[1]
 
     @classmethod
-    def from_dense(cls, delta: Tensor, cfg: LowRankConfig, calib: Tensor | None = None,
-                   rank: int | None = None) -> LowRankResidual:
+    def from_dense(
+        cls, delta: Tensor, cfg: LowRankConfig, calib: Tensor | None = None, rank: int | None = None
+    ) -> LowRankResidual:
         m = as_matrix(delta.float())
         full = min(m.shape)
         total = sq_sum(m)
@@ -169,8 +183,13 @@ class LowRankResidual(Residual):
         return cls(U.to(dt), V.to(dt), delta.shape, energy=energy)
 
     @classmethod
-    def from_parts(cls, parts: Mapping[str, Tensor], cfg: LowRankConfig, shape: tuple[int, ...],
-                   info: Mapping[str, Any]) -> LowRankResidual:
+    def from_parts(
+        cls,
+        parts: Mapping[str, Tensor],
+        cfg: LowRankConfig,
+        shape: tuple[int, ...],
+        info: Mapping[str, Any],
+    ) -> LowRankResidual:
         out, cols = as_matrix(torch.empty(shape, device="meta")).shape
         if "U" not in parts or parts["U"].dim() != 2:
             raise ValueError("lowrank residual has no 2-D part 'U'")
@@ -182,9 +201,12 @@ class LowRankResidual(Residual):
             vs = expect_part(parts, "V_scale", (r,), (torch.float32,), "lowrank")
             return cls(U, V, shape, us, vs, info.get("energy"))
         dt = (FLOAT_DTYPES[cfg.factor_dtype],)
-        return cls(expect_part(parts, "U", (out, r), dt, "lowrank"),
-                   expect_part(parts, "V", (r, cols), dt, "lowrank"), shape,
-                   energy=info.get("energy"))
+        return cls(
+            expect_part(parts, "U", (out, r), dt, "lowrank"),
+            expect_part(parts, "V", (r, cols), dt, "lowrank"),
+            shape,
+            energy=info.get("energy"),
+        )
 
     def parts(self) -> dict[str, Tensor]:
         p = {"U": self.U, "V": self.V}
@@ -203,8 +225,9 @@ class LowRankResidual(Residual):
         return cfg.budget_bits is not None
 
     @classmethod
-    def plan(cls, cfg: LowRankConfig, deltas: Iterable[tuple[str, Tensor]]
-             ) -> dict[str, dict[str, Any]]:
+    def plan(
+        cls, cfg: LowRankConfig, deltas: Iterable[tuple[str, Tensor]]
+    ) -> dict[str, dict[str, Any]]:
         """Ranks from one byte budget over every tensor given: first their spectra, then
         `allocate_ranks`; a tensor given rank 0 stores nothing (None)."""
         names, spectra, costs, params = [], [], [], 0

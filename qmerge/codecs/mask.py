@@ -29,13 +29,16 @@ class MaskConfig:
     """Config of the `mask` codec (no options: the merge method decides mask and rescaler)."""
 
 
-@register("mask", MaskConfig, "a 1-bit mask + rescaler over a merged pack's shared delta "
-          "(written by the emr merge)", "EMR-Merging, arXiv:2405.17461")
+@register(
+    "mask",
+    MaskConfig,
+    "a 1-bit mask + rescaler over a merged pack's shared delta (written by the emr merge)",
+    "EMR-Merging, arXiv:2405.17461",
+)
 class MaskResidual(Residual):
     needs_shared = True
 
-    def __init__(self, mask: Tensor, scale: Tensor, unified: Tensor | None,
-                 shape: tuple[int, ...]):
+    def __init__(self, mask: Tensor, scale: Tensor, unified: Tensor | None, shape: tuple[int, ...]):
         self.mask, self.scale, self.unified, self.shape = mask, scale, unified, tuple(shape)
 
     @classmethod
@@ -46,24 +49,35 @@ class MaskResidual(Residual):
         return cls(packed, torch.tensor([float(scale)]), unified, tuple(keep.shape))
 
     @classmethod
-    def from_dense(cls, delta: Tensor, cfg: MaskConfig, calib: Tensor | None = None
-                   ) -> MaskResidual:
-        raise NotImplementedError("the mask codec is written by the EMR merge method "
-                                  "(qmerge.merge.emr), not from a delta alone")
+    def from_dense(
+        cls, delta: Tensor, cfg: MaskConfig, calib: Tensor | None = None
+    ) -> MaskResidual:
+        raise NotImplementedError(
+            "the mask codec is written by the EMR merge method "
+            "(qmerge.merge.emr), not from a delta alone"
+        )
 
     @classmethod
-    def from_parts(cls, parts: Mapping[str, Tensor], cfg: MaskConfig, shape: tuple[int, ...],
-                   info: Mapping[str, Any]) -> MaskResidual:
+    def from_parts(
+        cls,
+        parts: Mapping[str, Tensor],
+        cfg: MaskConfig,
+        shape: tuple[int, ...],
+        info: Mapping[str, Any],
+    ) -> MaskResidual:
         out, cols = as_matrix(torch.empty(shape, device="meta")).shape
         mask = expect_part(parts, "mask", (out, (cols + 7) // 8), (torch.uint8,), "mask")
         scale = expect_part(parts, "scale", (1,), (torch.float32,), "mask")
         unified = parts.get("unified")
         if unified is None:
-            raise ValueError("a mask residual needs the pack's shared delta (it is read "
-                             "through qmerge.verbs.packs.residual)")
+            raise ValueError(
+                "a mask residual needs the pack's shared delta (it is read "
+                "through qmerge.verbs.packs.residual)"
+            )
         if tuple(unified.shape) != tuple(shape):
-            raise ValueError(f"the shared delta is {list(unified.shape)}, the residual "
-                             f"{list(shape)}")
+            raise ValueError(
+                f"the shared delta is {list(unified.shape)}, the residual {list(shape)}"
+            )
         return cls(mask, scale, unified, shape)
 
     def parts(self) -> dict[str, Tensor]:

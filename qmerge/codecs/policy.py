@@ -39,12 +39,26 @@ from qmerge.errors import ConfigError
 MODULE_TYPES = ("attention", "mlp", "embedding", "norm", "other")
 _RULES = (
     ("norm", re.compile(r"(^|[._])(\w*norm\w*|ln(_?\w+)?)(\.|$)", re.I)),
-    ("embedding", re.compile(r"(embed|(^|\.)(wte|wpe|lm_head|shared|word_embeddings)(\.|$))",
-                             re.I)),
-    ("attention", re.compile(r"(attn|attention|(^|\.)(q|k|v|o|qkv|query|key|value)(_proj)?"
-                             r"(\.|$))", re.I)),
-    ("mlp", re.compile(r"(mlp|ffn|feed_forward|intermediate|(^|\.)(gate_proj|up_proj|down_proj"
-                       r"|fc1|fc2|c_fc|w1|w2|w3)(\.|$)|(^|\.)layer\.\d+\.output\.dense)", re.I)),
+    (
+        "embedding",
+        re.compile(r"(embed|(^|\.)(wte|wpe|lm_head|shared|word_embeddings)(\.|$))", re.I),
+    ),
+    (
+        "attention",
+        re.compile(
+            r"(attn|attention|(^|\.)(q|k|v|o|qkv|query|key|value)(_proj)?"
+            r"(\.|$))",
+            re.I,
+        ),
+    ),
+    (
+        "mlp",
+        re.compile(
+            r"(mlp|ffn|feed_forward|intermediate|(^|\.)(gate_proj|up_proj|down_proj"
+            r"|fc1|fc2|c_fc|w1|w2|w3)(\.|$)|(^|\.)layer\.\d+\.output\.dense)",
+            re.I,
+        ),
+    ),
 )
 
 
@@ -62,8 +76,9 @@ def resolve(spec: str | CodecChoice) -> CodecChoice:
     if isinstance(spec, CodecChoice):
         return spec
     if not isinstance(spec, str):
-        raise ConfigError(f"a codec spec must be a string such as 'sign' or "
-                          f"'lowrank:rank=16', got {spec!r}")
+        raise ConfigError(
+            f"a codec spec must be a string such as 'sign' or 'lowrank:rank=16', got {spec!r}"
+        )
     if spec.partition(":")[0].strip() == "auto":
         return CodecChoice("auto", make_auto(spec))
     return parse_spec(spec)
@@ -83,14 +98,16 @@ def make_auto(spec: str) -> AutoConfig:
     return AutoConfig(**values)  # type: ignore[arg-type]
 
 
-def _spec_map(where: str, obj: object, parsed: dict[str, CodecChoice],
-              keys: tuple[str, ...] | None = None) -> None:
+def _spec_map(
+    where: str, obj: object, parsed: dict[str, CodecChoice], keys: tuple[str, ...] | None = None
+) -> None:
     if not isinstance(obj, dict):
         raise ConfigError(f"policy {where} must be an object of name -> codec spec")
     for k, v in obj.items():
         if keys is not None and k not in keys:
-            raise ConfigError(f"policy {where}: unknown module type {k!r}; types: "
-                              f"{', '.join(keys)}")
+            raise ConfigError(
+                f"policy {where}: unknown module type {k!r}; types: {', '.join(keys)}"
+            )
         if not isinstance(v, str):
             raise ConfigError(f"policy {where}[{k!r}] must be a codec spec string, got {v!r}")
         _parse(v, parsed, f"policy {where}[{k!r}]")
@@ -141,8 +158,9 @@ class Policy:
             raise ConfigError(f"{where}: must be a JSON object")
         known = {"codec", "types", "vectors", "patterns", "skip_below", "tasks"}
         if unknown := sorted(set(obj) - known):
-            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; keys: "
-                              f"{', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{where}: unknown key {unknown[0]!r}; keys: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**obj)
         except ConfigError as e:

@@ -86,8 +86,9 @@ def _group_counts(in_features: int, groups: int) -> Tensor:
     return (torch.clamp(in_features - starts, max=gs)).double()
 
 
-def _calibrated(m: Tensor, signs: Tensor, x: Tensor, cfg: SignConfig, groups: int,
-                fallback: Tensor) -> Tensor:
+def _calibrated(
+    m: Tensor, signs: Tensor, x: Tensor, cfg: SignConfig, groups: int, fallback: Tensor
+) -> Tensor:
     """Least-squares scales for the layer outputs on inputs x [n, in]; [R, G] fp64."""
     x = x.double()
     y = x @ m.double().T  # [n, out]: the layer-output change the delta causes
@@ -102,8 +103,9 @@ def _calibrated(m: Tensor, signs: Tensor, x: Tensor, cfg: SignConfig, groups: in
         return torch.where(den > 0, (y * z).sum(0) / den.clamp_min(1e-300), fallback[:, 0])[:, None]
     gs = ops.reference.group_size(m.shape[1], groups)
     # z[o, n, g] = x[n, cols of g] · s[o, cols of g]
-    z = torch.stack([x[:, g * gs:(g + 1) * gs] @ s[:, g * gs:(g + 1) * gs].T
-                     for g in range(groups)], dim=-1).transpose(0, 1)
+    z = torch.stack(
+        [x[:, g * gs : (g + 1) * gs] @ s[:, g * gs : (g + 1) * gs].T for g in range(groups)], dim=-1
+    ).transpose(0, 1)
     a = z.transpose(1, 2) @ z  # [out, G, G]
     b = (z.transpose(1, 2) @ y.T.unsqueeze(-1)).squeeze(-1)  # [out, G]
     ridge = 1e-9 * a.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-300)
@@ -112,11 +114,17 @@ def _calibrated(m: Tensor, signs: Tensor, x: Tensor, cfg: SignConfig, groups: in
     return torch.where(torch.isfinite(sol), sol, fallback)
 
 
-@register("sign", SignConfig, "1 bit per weight (packed signs) + per-row / per-tensor / "
-          "per-group scales, optionally calibrated", "BitDelta, arXiv:2402.10193")
+@register(
+    "sign",
+    SignConfig,
+    "1 bit per weight (packed signs) + per-row / per-tensor / "
+    "per-group scales, optionally calibrated",
+    "BitDelta, arXiv:2402.10193",
+)
 class SignResidual(Residual):
-    def __init__(self, signs: Tensor, scales: Tensor, shape: tuple[int, ...],
-                 calibrated: bool = False):
+    def __init__(
+        self, signs: Tensor, scales: Tensor, shape: tuple[int, ...], calibrated: bool = False
+    ):
         self.signs, self.scales, self.shape = signs, scales, tuple(shape)
         self.calibrated = calibrated
 
@@ -125,8 +133,9 @@ class SignResidual(Residual):
         return as_matrix(torch.empty(self.shape, device="meta")).shape[1]
 
     @classmethod
-    def from_dense(cls, delta: Tensor, cfg: SignConfig, calib: Tensor | None = None
-                   ) -> SignResidual:
+    def from_dense(
+        cls, delta: Tensor, cfg: SignConfig, calib: Tensor | None = None
+    ) -> SignResidual:
         m = as_matrix(delta.float()).contiguous()
         out, cols = m.shape
         groups = _groups(cfg, cols)
@@ -134,9 +143,9 @@ class SignResidual(Residual):
         sums = torch.empty(out, groups, dtype=torch.float64)
         step = max(1, _CHUNK // max(cols, 1))
         for a in range(0, out, step):
-            block = m[a:a + step]
-            signs[a:a + step] = ops.pack_signs(block)
-            sums[a:a + step] = _group_abs_sums(block, groups)
+            block = m[a : a + step]
+            signs[a : a + step] = ops.pack_signs(block)
+            sums[a : a + step] = _group_abs_sums(block, groups)
         counts = _group_counts(cols, groups)
         if cfg.granularity == "tensor":
             scales = (sums.sum() / (out * cols)).reshape(1, 1)
@@ -146,22 +155,31 @@ class SignResidual(Residual):
         if cfg.calibrate and calib is not None:
             calib = as_matrix(calib) if calib.dim() < 2 else calib.reshape(-1, calib.shape[-1])
             if calib.shape[1] != cols:
-                raise ConfigError(f"calibration inputs have {calib.shape[1]} features, the "
-                                  f"tensor has {cols} columns")
+                raise ConfigError(
+                    f"calibration inputs have {calib.shape[1]} features, the "
+                    f"tensor has {cols} columns"
+                )
             pm = ops.unpack_signs(signs, cols)
             scales = _calibrated(m, pm, calib, cfg, groups, scales)
             calibrated = True
-        return cls(signs, scales.to(FLOAT_DTYPES[cfg.scale_dtype]).contiguous(), delta.shape,
-                   calibrated)
+        return cls(
+            signs, scales.to(FLOAT_DTYPES[cfg.scale_dtype]).contiguous(), delta.shape, calibrated
+        )
 
     @classmethod
-    def from_parts(cls, parts: Mapping[str, Tensor], cfg: SignConfig, shape: tuple[int, ...],
-                   info: Mapping[str, Any]) -> SignResidual:
+    def from_parts(
+        cls,
+        parts: Mapping[str, Tensor],
+        cfg: SignConfig,
+        shape: tuple[int, ...],
+        info: Mapping[str, Any],
+    ) -> SignResidual:
         out, cols = as_matrix(torch.empty(shape, device="meta")).shape
         signs = expect_part(parts, "signs", (out, (cols + 7) // 8), (torch.uint8,), "sign")
         rows = 1 if cfg.granularity == "tensor" else out
-        scales = expect_part(parts, "scales", (rows, _groups(cfg, cols)),
-                             (FLOAT_DTYPES[cfg.scale_dtype],), "sign")
+        scales = expect_part(
+            parts, "scales", (rows, _groups(cfg, cols)), (FLOAT_DTYPES[cfg.scale_dtype],), "sign"
+        )
         return cls(signs, scales, shape, bool(info.get("calibrated", False)))
 
     def parts(self) -> dict[str, Tensor]:
@@ -178,8 +196,12 @@ class SignResidual(Residual):
         cols = self.in_features
         scales = self.scales if self.scales.shape[0] == 1 else self.scales[a:b]
         zero = torch.zeros(b - a, cols)
-        return ops.dequant_add_sign(zero, self.signs[a:b].unsqueeze(0),
-                                    scales.float().unsqueeze(0).contiguous(), torch.ones(1))
+        return ops.dequant_add_sign(
+            zero,
+            self.signs[a:b].unsqueeze(0),
+            scales.float().unsqueeze(0).contiguous(),
+            torch.ones(1),
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         out = self.signs.shape[0]

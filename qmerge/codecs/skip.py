@@ -27,13 +27,19 @@ class SkipResidual(Residual):
         self.shape = tuple(shape)
 
     @classmethod
-    def from_dense(cls, delta: Tensor, cfg: SkipConfig, calib: Tensor | None = None
-                   ) -> SkipResidual:
+    def from_dense(
+        cls, delta: Tensor, cfg: SkipConfig, calib: Tensor | None = None
+    ) -> SkipResidual:
         return cls(tuple(delta.shape))
 
     @classmethod
-    def from_parts(cls, parts: Mapping[str, Tensor], cfg: SkipConfig, shape: tuple[int, ...],
-                   info: Mapping[str, Any]) -> SkipResidual:
+    def from_parts(
+        cls,
+        parts: Mapping[str, Tensor],
+        cfg: SkipConfig,
+        shape: tuple[int, ...],
+        info: Mapping[str, Any],
+    ) -> SkipResidual:
         if parts:
             raise ValueError(f"skip residual stores nothing, found parts {sorted(parts)}")
         return cls(shape)

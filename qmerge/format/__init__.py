@@ -14,5 +14,14 @@ from qmerge.format.manifest import FORMAT_VERSION
 from qmerge.format.pack import Pack, part_key
 from qmerge.format.safetensors_io import SafetensorsFile, write_safetensors
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "Pack", "SafetensorsFile", "checkpoint_fingerprint",
-           "compare", "fingerprint", "part_key", "write_safetensors"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "Pack",
+    "SafetensorsFile",
+    "checkpoint_fingerprint",
+    "compare",
+    "fingerprint",
+    "part_key",
+    "write_safetensors",
+]

@@ -38,10 +38,12 @@ def _load_bin(path: Path) -> dict[str, Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load with torch.load(weights_only=True): "
-                              f"{first}") from None
+        raise CheckpointError(
+            f"{path}: cannot load with torch.load(weights_only=True): {first}"
+        ) from None
     if not isinstance(obj, dict) or not all(
-            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
         raise CheckpointError(f"{path}: is not a flat map of tensor names to tensors")
     return obj
 
@@ -62,8 +64,10 @@ class Checkpoint:
                 keys = list(src)
             for k in keys:
                 if k in self._where:
-                    raise CheckpointError(f"{self.path}: tensor '{k}' appears in more than one "
-                                          f"file (second: {f.name})")
+                    raise CheckpointError(
+                        f"{self.path}: tensor '{k}' appears in more than one "
+                        f"file (second: {f.name})"
+                    )
                 self._where[k] = src
         if not self._where:
             raise CheckpointError(f"{self.path}: holds no tensors")
@@ -82,8 +86,9 @@ class Checkpoint:
         for n, src in self._where.items():
             new = rename(n)
             if new in where:
-                raise CheckpointError(f"{self.path}: tensors '{stored[new]}' and '{n}' both "
-                                      f"map to '{new}' ({how})")
+                raise CheckpointError(
+                    f"{self.path}: tensors '{stored[new]}' and '{n}' both map to '{new}' ({how})"
+                )
             where[new], stored[new] = src, self._stored.get(n, n)
         self._where, self._stored, self.alignment = where, stored, how
         self.names = sorted(where)
@@ -95,8 +100,10 @@ class Checkpoint:
             raise CheckpointError(f"{p}: no such file or directory")
         if p.is_file():
             if p.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
-                raise CheckpointError(f"{p}: not a checkpoint file (expected .safetensors, or "
-                                      f".bin/.pt read with weights_only=True)")
+                raise CheckpointError(
+                    f"{p}: not a checkpoint file (expected .safetensors, or "
+                    f".bin/.pt read with weights_only=True)"
+                )
             return [p]
         for index in INDEX_FILES:
             if (p / index).is_file():
@@ -115,8 +122,10 @@ class Checkpoint:
         for name in ("pytorch_model.bin", "model.pt"):
             if (p / name).is_file():
                 return [p / name]
-        raise CheckpointError(f"{p}: no weights found (looked for *.safetensors, "
-                              f"model.safetensors.index.json, pytorch_model.bin)")
+        raise CheckpointError(
+            f"{p}: no weights found (looked for *.safetensors, "
+            f"model.safetensors.index.json, pytorch_model.bin)"
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self._where

@@ -24,8 +24,10 @@ TensorInfo = dict  # {"dtype": "F32", "shape": [...], "sha256": hex}
 
 def fingerprint(items: Iterable[tuple[str, torch.dtype, tuple[int, ...], str]]) -> dict:
     """items: (name, dtype, shape, tensor sha256) for every base tensor."""
-    tensors = {name: {"dtype": dtype_name(dtype), "shape": list(shape), "sha256": digest}
-               for name, dtype, shape, digest in items}
+    tensors = {
+        name: {"dtype": dtype_name(dtype), "shape": list(shape), "sha256": digest}
+        for name, dtype, shape, digest in items
+    }
     names = sorted(tensors)
     structure = [[n, tensors[n]["dtype"], tensors[n]["shape"]] for n in names]
     content = [[n, tensors[n]["sha256"]] for n in names]
@@ -38,8 +40,9 @@ def fingerprint(items: Iterable[tuple[str, torch.dtype, tuple[int, ...], str]]) 
 
 def checkpoint_fingerprint(ckpt, progress: Callable[[Iterable], Iterable] = iter) -> dict:
     """Fingerprint of a `Checkpoint` (reads every byte once, memory-mapped)."""
-    return fingerprint((n, ckpt.dtype(n), ckpt.shape(n), ckpt.digest(n))
-                       for n in progress(ckpt.names))
+    return fingerprint(
+        (n, ckpt.dtype(n), ckpt.shape(n), ckpt.digest(n)) for n in progress(ckpt.names)
+    )
 
 
 def compare(expected: dict, actual: dict, what: str) -> None:
@@ -50,19 +53,25 @@ def compare(expected: dict, actual: dict, what: str) -> None:
     missing = sorted(set(exp) - set(act))
     extra = sorted(set(act) - set(exp))
     if missing:
-        raise BaseMismatchError(f"{what}: the base has no tensor '{missing[0]}' that the pack's "
-                                f"base had ({len(missing)} missing); this is a different base")
+        raise BaseMismatchError(
+            f"{what}: the base has no tensor '{missing[0]}' that the pack's "
+            f"base had ({len(missing)} missing); this is a different base"
+        )
     if extra:
-        raise BaseMismatchError(f"{what}: the base has tensor '{extra[0]}' that the pack's base "
-                                f"did not ({len(extra)} extra); this is a different base")
+        raise BaseMismatchError(
+            f"{what}: the base has tensor '{extra[0]}' that the pack's base "
+            f"did not ({len(extra)} extra); this is a different base"
+        )
     for n in sorted(exp):
         e, a = exp[n], act[n]
         if (e["dtype"], e["shape"]) != (a["dtype"], a["shape"]):
             raise BaseMismatchError(
                 f"{what}: base tensor '{n}' is {a['dtype']} {a['shape']}, the pack's base had "
-                f"{e['dtype']} {e['shape']}; this is a different base")
+                f"{e['dtype']} {e['shape']}; this is a different base"
+            )
         if e["sha256"] != a["sha256"]:
             raise BaseMismatchError(
                 f"{what}: base tensor '{n}' has different values from the pack's base "
-                f"(sha256 {a['sha256'][:12]} vs {e['sha256'][:12]}); this is a different base")
+                f"(sha256 {a['sha256'][:12]} vs {e['sha256'][:12]}); this is a different base"
+            )
     raise BaseMismatchError(f"{what}: the base's fingerprint differs from the pack's")

@@ -18,8 +18,8 @@
              "params": int, "bytes": int, "bits_per_param": float, "sqnr_db": float | null,
              "info": {...}, "extra_rows": int (optional, rows beyond the base's, stored dense)}
 
-Written only by writer.py. `validate` accepts only this shape: a manifest from a stranger cannot name a file outside the
-pack, and any fault is a `PackError` that says where it is.
+Written only by writer.py. `validate` accepts only this shape: a manifest from a stranger
+cannot name a file outside the pack, and any fault is a `PackError` that says where it is.
 """
 
 from __future__ import annotations
@@ -45,13 +45,22 @@ def task_file(task: str) -> str:
 
 def check_task_name(task: str) -> None:
     if not isinstance(task, str) or not TASK_NAME.match(task):
-        raise PackError(f"task name {task!r} is not valid: use 1-128 letters, digits, '_', '.', "
-                        f"'+' or '-', starting with a letter or digit")
+        raise PackError(
+            f"task name {task!r} is not valid: use 1-128 letters, digits, '_', '.', "
+            f"'+' or '-', starting with a letter or digit"
+        )
 
 
 def new(base_fingerprint: dict, generator: str) -> dict:
-    return {"format_version": FORMAT_VERSION, "generator": generator, "base": base_fingerprint,
-            "tasks": {}, "files": {}, "merge": None, "router": None}
+    return {
+        "format_version": FORMAT_VERSION,
+        "generator": generator,
+        "base": base_fingerprint,
+        "tasks": {},
+        "files": {},
+        "merge": None,
+        "router": None,
+    }
 
 
 def dumps(manifest: dict) -> bytes:
@@ -78,20 +87,31 @@ def _number_or_null(v: object) -> bool:
 def _entry(where: str, e: object) -> None:
     _need(isinstance(e, dict), where, "is not an object")
     assert isinstance(e, dict)
-    for key in ("codec", "config", "module_type", "shape", "dtype", "params", "bytes",
-                "bits_per_param", "sqnr_db"):
+    for key in (
+        "codec",
+        "config",
+        "module_type",
+        "shape",
+        "dtype",
+        "params",
+        "bytes",
+        "bits_per_param",
+        "sqnr_db",
+    ):
         _need(key in e, f"{where}.{key}", "is missing")
-    for key, ok in (("codec", isinstance(e.get("codec"), str)),
-                    ("config", isinstance(e.get("config"), dict)),
-                    ("module_type", isinstance(e.get("module_type"), str)),
-                    ("shape", _shape(e.get("shape"))),
-                    ("dtype", isinstance(e.get("dtype"), str)),
-                    ("params", _is_int(e.get("params"))),
-                    ("bytes", _is_int(e.get("bytes"))),
-                    ("bits_per_param", _number_or_null(e.get("bits_per_param"))),
-                    ("sqnr_db", _number_or_null(e.get("sqnr_db"))),
-                    ("info", isinstance(e.get("info", {}), dict)),
-                    ("extra_rows", _is_int(e.get("extra_rows", 0)))):
+    for key, ok in (
+        ("codec", isinstance(e.get("codec"), str)),
+        ("config", isinstance(e.get("config"), dict)),
+        ("module_type", isinstance(e.get("module_type"), str)),
+        ("shape", _shape(e.get("shape"))),
+        ("dtype", isinstance(e.get("dtype"), str)),
+        ("params", _is_int(e.get("params"))),
+        ("bytes", _is_int(e.get("bytes"))),
+        ("bits_per_param", _number_or_null(e.get("bits_per_param"))),
+        ("sqnr_db", _number_or_null(e.get("sqnr_db"))),
+        ("info", isinstance(e.get("info", {}), dict)),
+        ("extra_rows", _is_int(e.get("extra_rows", 0))),
+    ):
         _need(ok, f"{where}.{key}", f"is missing or has the wrong type ({e.get(key)!r})")
 
 
@@ -104,67 +124,111 @@ def validate(obj: object) -> dict:
     if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"manifest.json: format_version {version} is newer than this qmerge reads "
-            f"({FORMAT_VERSION}); upgrade qmerge")
-    base = obj.get("base")
-    _need(isinstance(base, dict), "base", "is missing or not an object")
-    for key in ("structure", "content"):
-        _need(isinstance(base.get(key), str) and bool(_HEX64.match(base[key])), f"base.{key}",
-              "is not a sha256 hex digest")
-    tensors = base.get("tensors")
-    _need(isinstance(tensors, dict), "base.tensors", "is missing or not an object")
-    for n, t in tensors.items():
-        _need(isinstance(t, dict) and isinstance(t.get("dtype"), str) and _shape(t.get("shape"))
-              and isinstance(t.get("sha256"), str) and bool(_HEX64.match(t["sha256"])),
-              f"base.tensors[{n!r}]", "needs dtype, shape and sha256")
-    files = obj.get("files")
-    _need(isinstance(files, dict), "files", "is missing or not an object")
-    for path, f in files.items():
-        _need(path in OPTIONAL_FILES or (path.startswith("tasks/") and path.endswith(
-            ".safetensors") and TASK_NAME.match(path[6:-12]) is not None), f"files[{path!r}]",
-            "is not a file a pack holds")
-        _need(isinstance(f, dict) and isinstance(f.get("sha256"), str)
-              and bool(_HEX64.match(f["sha256"])) and _is_int(f.get("bytes")),
-              f"files[{path!r}]", "needs sha256 and bytes")
+            f"({FORMAT_VERSION}); upgrade qmerge"
+        )
+    tensors = _base(obj.get("base"))
+    files = _files(obj.get("files"))
     tasks = obj.get("tasks")
     _need(isinstance(tasks, dict), "tasks", "is missing or not an object")
     for name, task in tasks.items():
-        _need(TASK_NAME.match(name) is not None, f"tasks[{name!r}]", "is not a valid task name")
-        _need(isinstance(task, dict), f"tasks[{name!r}]", "is not an object")
-        _need(task.get("file") == task_file(name), f"tasks[{name!r}].file",
-              f"must be {task_file(name)!r}, got {task.get('file')!r}")
-        _need(task_file(name) in files, f"tasks[{name!r}].file", "has no entry in 'files'")
-        _need(isinstance(task.get("source", ""), str), f"tasks[{name!r}].source", "not a string")
-        entries = task.get("tensors")
-        _need(isinstance(entries, dict), f"tasks[{name!r}].tensors", "is missing or not an object")
-        for tname, e in entries.items():
-            _entry(f"tasks[{name!r}].tensors[{tname!r}]", e)
-            _need(tname in tensors, f"tasks[{name!r}].tensors[{tname!r}]", "names no base tensor")
-        heads = task.get("heads", {})
-        _need(isinstance(heads, dict), f"tasks[{name!r}].heads", "is not an object")
-        for hname, h in heads.items():
-            _need(isinstance(h, dict) and _shape(h.get("shape")) and isinstance(h.get("dtype"), str)
-                  and _is_int(h.get("bytes")), f"tasks[{name!r}].heads[{hname!r}]",
-                  "needs shape, dtype and bytes")
-            _need(hname not in entries, f"tasks[{name!r}].heads[{hname!r}]",
-                  "is also a residual")
-        labels = task.get("labels", [])
-        _need(isinstance(labels, list) and all(isinstance(x, str) for x in labels),
-              f"tasks[{name!r}].labels", "is not a list of strings")
+        _task(name, task, tensors, files)
     for key in ("merge", "router"):
         _need(obj.get(key) is None or isinstance(obj.get(key), dict), key, "is not null or object")
-    merge = obj.get("merge")
-    if merge is not None:
-        _need(isinstance(merge.get("method"), str), "merge.method", "is missing or not a string")
-        shared = merge.get("tensors", {})
-        _need(isinstance(shared, dict), "merge.tensors", "is not an object")
-        if shared:
-            _need(merge.get("file") == SHARED_FILE, "merge.file", f"must be {SHARED_FILE!r}")
-            _need(SHARED_FILE in files, "merge.file", "has no entry in 'files'")
-        for tname, e in shared.items():
-            _entry(f"merge.tensors[{tname!r}]", e)
-            _need(tname in tensors, f"merge.tensors[{tname!r}]", "names no base tensor")
+    if obj.get("merge") is not None:
+        _merge(obj["merge"], tensors, files)
     _need(isinstance(obj.get("generator", ""), str), "generator", "is not a string")
     return obj
+
+
+def _hex(v: object) -> bool:
+    return isinstance(v, str) and bool(_HEX64.match(v))
+
+
+def _base(base: object) -> dict:
+    """The base fingerprint's tensors, checked."""
+    _need(isinstance(base, dict), "base", "is missing or not an object")
+    assert isinstance(base, dict)
+    for key in ("structure", "content"):
+        _need(_hex(base.get(key)), f"base.{key}", "is not a sha256 hex digest")
+    tensors = base.get("tensors")
+    _need(isinstance(tensors, dict), "base.tensors", "is missing or not an object")
+    for n, t in tensors.items():
+        _need(
+            isinstance(t, dict)
+            and isinstance(t.get("dtype"), str)
+            and _shape(t.get("shape"))
+            and _hex(t.get("sha256")),
+            f"base.tensors[{n!r}]",
+            "needs dtype, shape and sha256",
+        )
+    return tensors
+
+
+def _files(files: object) -> dict:
+    _need(isinstance(files, dict), "files", "is missing or not an object")
+    assert isinstance(files, dict)
+    for path, f in files.items():
+        in_tasks = (
+            path.startswith("tasks/")
+            and path.endswith(".safetensors")
+            and TASK_NAME.match(path[6:-12]) is not None
+        )
+        _need(path in OPTIONAL_FILES or in_tasks, f"files[{path!r}]", "is not a file a pack holds")
+        _need(
+            isinstance(f, dict) and _hex(f.get("sha256")) and _is_int(f.get("bytes")),
+            f"files[{path!r}]",
+            "needs sha256 and bytes",
+        )
+    return files
+
+
+def _task(name: str, task: object, tensors: dict, files: dict) -> None:
+    where = f"tasks[{name!r}]"
+    _need(TASK_NAME.match(name) is not None, where, "is not a valid task name")
+    _need(isinstance(task, dict), where, "is not an object")
+    assert isinstance(task, dict)
+    _need(
+        task.get("file") == task_file(name),
+        f"{where}.file",
+        f"must be {task_file(name)!r}, got {task.get('file')!r}",
+    )
+    _need(task_file(name) in files, f"{where}.file", "has no entry in 'files'")
+    _need(isinstance(task.get("source", ""), str), f"{where}.source", "not a string")
+    entries = task.get("tensors")
+    _need(isinstance(entries, dict), f"{where}.tensors", "is missing or not an object")
+    for tname, e in entries.items():
+        _entry(f"{where}.tensors[{tname!r}]", e)
+        _need(tname in tensors, f"{where}.tensors[{tname!r}]", "names no base tensor")
+    heads = task.get("heads", {})
+    _need(isinstance(heads, dict), f"{where}.heads", "is not an object")
+    for hname, h in heads.items():
+        _need(
+            isinstance(h, dict)
+            and _shape(h.get("shape"))
+            and isinstance(h.get("dtype"), str)
+            and _is_int(h.get("bytes")),
+            f"{where}.heads[{hname!r}]",
+            "needs shape, dtype and bytes",
+        )
+        _need(hname not in entries, f"{where}.heads[{hname!r}]", "is also a residual")
+    labels = task.get("labels", [])
+    _need(
+        isinstance(labels, list) and all(isinstance(x, str) for x in labels),
+        f"{where}.labels",
+        "is not a list of strings",
+    )
+
+
+def _merge(merge: dict, tensors: dict, files: dict) -> None:
+    _need(isinstance(merge.get("method"), str), "merge.method", "is missing or not a string")
+    shared = merge.get("tensors", {})
+    _need(isinstance(shared, dict), "merge.tensors", "is not an object")
+    if shared:
+        _need(merge.get("file") == SHARED_FILE, "merge.file", f"must be {SHARED_FILE!r}")
+        _need(SHARED_FILE in files, "merge.file", "has no entry in 'files'")
+    for tname, e in shared.items():
+        _entry(f"merge.tensors[{tname!r}]", e)
+        _need(tname in tensors, f"merge.tensors[{tname!r}]", "names no base tensor")
 
 
 def _no_constant(name: str) -> float:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 
 def _strip(prefix: str) -> Callable[[str], str]:
-    return lambda n: n[len(prefix):] if n.startswith(prefix) else n
+    return lambda n: n[len(prefix) :] if n.startswith(prefix) else n
 
 
 def _add(prefix: str) -> Callable[[str], str]:

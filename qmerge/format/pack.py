@@ -79,11 +79,14 @@ class Pack:
         except OSError:
             raise ChecksumError(f"{p}: is missing") from None
         if size != want["bytes"]:
-            raise ChecksumError(f"{p}: is truncated or overwritten: {size} bytes, the manifest "
-                                f"says {want['bytes']}")
+            raise ChecksumError(
+                f"{p}: is truncated or overwritten: {size} bytes, the manifest says {want['bytes']}"
+            )
         if full_hash and (got := sha256_file(p)) != want["sha256"]:
-            raise ChecksumError(f"{p}: is corrupted: sha256 {got[:16]}... differs from the "
-                                f"manifest's {want['sha256'][:16]}...")
+            raise ChecksumError(
+                f"{p}: is corrupted: sha256 {got[:16]}... differs from the "
+                f"manifest's {want['sha256'][:16]}..."
+            )
         return SafetensorsFile(p, error=ChecksumError if full_hash else PackError)
 
     def task_file(self, task: str) -> SafetensorsFile:
@@ -99,7 +102,7 @@ class Pack:
             raise PackError(f"{self.path}: task {task!r} has no tensor '{tensor}'")
         f = self.task_file(task)
         prefix = tensor + PART_SEP
-        return {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
+        return {k[len(prefix) :]: f.get(k) for k in f.keys() if k.startswith(prefix)}
 
     def close(self) -> None:
         """Forgets the opened task files (their maps go once no tensor refers to them)."""
@@ -118,7 +121,7 @@ class Pack:
             self._files[mf.SHARED_FILE] = self.check_file(mf.SHARED_FILE, self._verify_files)
         f = self._files[mf.SHARED_FILE]
         prefix = tensor + PART_SEP
-        return {k[len(prefix):]: f.get(k) for k in f.keys() if k.startswith(prefix)}
+        return {k[len(prefix) :]: f.get(k) for k in f.keys() if k.startswith(prefix)}
 
     def heads(self, task: str) -> dict[str, Tensor]:
         """The task's head tensors (present in the fine-tune, not in the base), by name."""
@@ -133,8 +136,10 @@ class Pack:
                 raise PackError(f"{f.path}: head tensor '{name}' is missing")
             t = f.get(key)
             if list(t.shape) != h["shape"]:
-                raise PackError(f"{f.path}: head tensor '{name}' has shape {list(t.shape)}, the "
-                                f"manifest says {h['shape']}")
+                raise PackError(
+                    f"{f.path}: head tensor '{name}' has shape {list(t.shape)}, the "
+                    f"manifest says {h['shape']}"
+                )
             out[name] = t
         return out
 

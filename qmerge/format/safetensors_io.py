@@ -32,10 +32,21 @@ from torch import Tensor
 from qmerge.errors import QmergeError
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
@@ -62,11 +73,14 @@ class SafetensorsFile:
                     self._fail(f"is truncated: {size} bytes, shorter than the 8-byte header length")
                 n = int.from_bytes(head, "little")
                 if n > min(MAX_HEADER, size - 8):
-                    self._fail(f"is truncated or not safetensors: header length {n} but the file "
-                               f"has {size} bytes")
+                    self._fail(
+                        f"is truncated or not safetensors: header length {n} but the file "
+                        f"has {size} bytes"
+                    )
                 raw = f.read(n)
-                self._mm = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                            if size > 8 + n else None)
+                self._mm = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+                )
         except OSError as e:
             raise error(f"{self.path}: cannot read: {e.strerror or e}") from None
         self.nbytes = size
@@ -79,7 +93,8 @@ class SafetensorsFile:
             self._fail("has a header that is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
             self._fail("has '__metadata__' that is not a map of strings")
         self.metadata: dict[str, str] = meta
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
@@ -93,8 +108,10 @@ class SafetensorsFile:
                 self._fail(f"has tensor data that overlaps or leaves a gap at byte {begin}")
             end = stop
         if self._data_start + end != size:
-            self._fail(f"is truncated or has trailing bytes: its tensors end at byte "
-                       f"{self._data_start + end}, the file has {size}")
+            self._fail(
+                f"is truncated or has trailing bytes: its tensors end at byte "
+                f"{self._data_start + end}, the file has {size}"
+            )
 
     def _fail(self, msg: str):
         raise self._error(f"{self.path}: {msg}")
@@ -108,13 +125,19 @@ class SafetensorsFile:
             self._fail(f"tensor '{name}': unknown dtype {e.get('dtype')!r}")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             self._fail(f"tensor '{name}': shape {shape!r} is not a list of non-negative ints")
-        if not (isinstance(offs, list) and len(offs) == 2
-                and all(type(o) is int for o in offs) and 0 <= offs[0] <= offs[1]):
+        if not (
+            isinstance(offs, list)
+            and len(offs) == 2
+            and all(type(o) is int for o in offs)
+            and 0 <= offs[0] <= offs[1]
+        ):
             self._fail(f"tensor '{name}': data_offsets {offs!r} are not [begin, end]")
         itemsize = torch.empty((), dtype=dtype).element_size()
         if offs[1] - offs[0] != math.prod(shape) * itemsize:
-            self._fail(f"tensor '{name}': {offs[1] - offs[0]} bytes do not hold shape {shape} "
-                       f"of {e['dtype']}")
+            self._fail(
+                f"tensor '{name}': {offs[1] - offs[0]} bytes do not hold shape {shape} "
+                f"of {e['dtype']}"
+            )
         return dtype, tuple(shape), offs[0], offs[1]
 
     def keys(self) -> list[str]:
@@ -136,8 +159,9 @@ class SafetensorsFile:
         dtype, shape, begin, end = self._entries[name]
         if begin == end:
             return torch.empty(shape, dtype=dtype)
-        t = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin,
-                             offset=self._data_start + begin)
+        t = torch.frombuffer(
+            self._mm, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin
+        )
         return t.view(dtype).reshape(shape)
 
 
@@ -146,8 +170,9 @@ def _raw(t: Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def write_safetensors(f: BinaryIO, tensors: Mapping[str, Tensor],
-                      metadata: Mapping[str, str] | None = None) -> tuple[int, str]:
+def write_safetensors(
+    f: BinaryIO, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """Writes `tensors` to the open file `f`; returns (bytes written, sha256 hex)."""
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, object] = {}
@@ -157,8 +182,11 @@ def write_safetensors(f: BinaryIO, tensors: Mapping[str, Tensor],
     for name in order:
         t = tensors[name]
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": dtype_name(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -61,8 +61,9 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write(staging: Path, rel: str, tensors: Mapping[str, Tensor],
-           metadata: Mapping[str, str]) -> Fragment:
+def _write(
+    staging: Path, rel: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
+) -> Fragment:
     target = staging / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(target) as f:
@@ -70,13 +71,21 @@ def _write(staging: Path, rel: str, tensors: Mapping[str, Tensor],
     return Fragment(rel, nbytes, sha)
 
 
-def write_task_file(staging: Path, task: str, tensors: Mapping[str, Tensor],
-                    metadata: Mapping[str, str] | None = None) -> Fragment:
+def write_task_file(
+    staging: Path,
+    task: str,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Fragment:
     """Writes one task's residuals as tasks/<task>.safetensors under `staging`, atomically.
     Safe to call from a worker process; nothing is recorded until the coordinator adopts it."""
     mf.check_task_name(task)
-    meta = {"qmerge.format": "task", "qmerge.format_version": str(mf.FORMAT_VERSION),
-            "qmerge.task": task, **(metadata or {})}
+    meta = {
+        "qmerge.format": "task",
+        "qmerge.format_version": str(mf.FORMAT_VERSION),
+        "qmerge.task": task,
+        **(metadata or {}),
+    }
     return _write(staging, mf.task_file(task), tensors, meta)
 
 
@@ -87,13 +96,14 @@ class PackWriter:
         self.manifest = manifest
         self.staging = staging  # where new files go: the staged directory, or the pack itself
         self._new = new
-        self._added: list[Path] = []    # files this edit wrote (dropped if it fails)
+        self._added: list[Path] = []  # files this edit wrote (dropped if it fails)
         self._dropped: list[Path] = []  # files to delete once the new manifest is in place
 
     @classmethod
     @contextlib.contextmanager
-    def create(cls, out: str | os.PathLike, base_fingerprint: dict, *,
-               overwrite: bool = False) -> Iterator[PackWriter]:
+    def create(
+        cls, out: str | os.PathLike, base_fingerprint: dict, *, overwrite: bool = False
+    ) -> Iterator[PackWriter]:
         """A new pack at `out`, built in a hidden sibling directory and swapped in whole.
 
         An existing pack at `out` is replaced only with `overwrite` (under its lock, so no
@@ -105,11 +115,13 @@ class PackWriter:
             if not out.is_dir():
                 raise PackError(f"{out}: exists and is not a directory")
             if not is_pack and any(out.iterdir()):
-                raise PackError(f"{out}: exists, is not empty and is not a pack; refusing to "
-                                f"replace it")
+                raise PackError(
+                    f"{out}: exists, is not empty and is not a pack; refusing to replace it"
+                )
             if is_pack and not overwrite:
-                raise PackError(f"{out}: a pack already exists; pass --overwrite to replace "
-                                f"it, or use add-task")
+                raise PackError(
+                    f"{out}: a pack already exists; pass --overwrite to replace it, or use add-task"
+                )
         lock = locked(out) if is_pack else contextlib.nullcontext()
         with lock, staged_dir(out) as staged:
             w = cls(mf.new(base_fingerprint, GENERATOR), staged, new=True)
@@ -139,8 +151,13 @@ class PackWriter:
 
     # --- tasks ---------------------------------------------------------------------------
 
-    def put_task(self, task: str, tensors: Mapping[str, Tensor], entry: Mapping[str, Any],
-                 metadata: Mapping[str, str] | None = None) -> None:
+    def put_task(
+        self,
+        task: str,
+        tensors: Mapping[str, Tensor],
+        entry: Mapping[str, Any],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         """Writes a task's file and records it. `entry` is the task's manifest entry without
         "file" ({"source", "tensors", and optionally "heads", "labels"})."""
         self._record(write_task_file(self.staging, task, tensors, metadata), task, entry)
@@ -159,29 +176,33 @@ class PackWriter:
             raise PackError(f"{self.staging}: already has task {task!r}; remove-task it first")
         if not self._new:
             self._added.append(self.staging / fragment.rel)
-        self.manifest["files"][fragment.rel] = {"sha256": fragment.sha256,
-                                                "bytes": fragment.bytes}
+        self.manifest["files"][fragment.rel] = {"sha256": fragment.sha256, "bytes": fragment.bytes}
         self.manifest["tasks"][task] = {**entry, "file": fragment.rel}
 
     def remove_task(self, task: str) -> None:
         if task not in self.manifest["tasks"]:
-            raise PackError(f"{self.staging}: has no task {task!r} (tasks: "
-                            f"{', '.join(sorted(self.manifest['tasks'])) or 'none'})")
+            raise PackError(
+                f"{self.staging}: has no task {task!r} (tasks: "
+                f"{', '.join(sorted(self.manifest['tasks'])) or 'none'})"
+            )
         rel = self.manifest["tasks"].pop(task)["file"]
         del self.manifest["files"][rel]
         self._dropped.append(self.staging / rel)
 
     # --- shared delta and router ---------------------------------------------------------
 
-    def set_shared(self, tensors: Mapping[str, Tensor], entry: dict[str, Any],
-                   metadata: Mapping[str, str] | None = None) -> None:
+    def set_shared(
+        self,
+        tensors: Mapping[str, Tensor],
+        entry: dict[str, Any],
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         """The merge entry and, when it has tensors, shared.safetensors."""
         entry = dict(entry)
         if tensors:
             meta = {"qmerge.format": "shared", **(metadata or {})}
             frag = _write(self.staging, mf.SHARED_FILE, tensors, meta)
-            self.manifest["files"][mf.SHARED_FILE] = {"sha256": frag.sha256,
-                                                      "bytes": frag.bytes}
+            self.manifest["files"][mf.SHARED_FILE] = {"sha256": frag.sha256, "bytes": frag.bytes}
             entry["file"] = mf.SHARED_FILE
         self.manifest["merge"] = entry
 
@@ -189,10 +210,16 @@ class PackWriter:
         """Stores a router (replacing any): router.safetensors and the manifest's "router"
         entry (to which "file" is added); returns that entry."""
         if unknown := [t for t in entry.get("tasks", []) if t not in self.manifest["tasks"]]:
-            raise PackError(f"{self.staging}: the router names task {unknown[0]!r}, which the "
-                            f"pack does not have")
-        frag = _write(self.staging, mf.ROUTER_FILE, tensors,
-                      {"qmerge.format": "router", "kind": str(entry.get("kind", ""))})
+            raise PackError(
+                f"{self.staging}: the router names task {unknown[0]!r}, which the "
+                f"pack does not have"
+            )
+        frag = _write(
+            self.staging,
+            mf.ROUTER_FILE,
+            tensors,
+            {"qmerge.format": "router", "kind": str(entry.get("kind", ""))},
+        )
         self.manifest["files"][mf.ROUTER_FILE] = {"sha256": frag.sha256, "bytes": frag.bytes}
         self.manifest["router"] = {**entry, "file": mf.ROUTER_FILE}
         return self.manifest["router"]
@@ -211,8 +238,10 @@ class PackWriter:
         except OSError:
             raise ChecksumError(f"{p}: the fragment's file is missing") from None
         if size != fragment.bytes or sha256_file(p) != fragment.sha256:
-            raise ChecksumError(f"{p}: differs from the fragment that reported it "
-                                f"({fragment.bytes} bytes, sha256 {fragment.sha256[:16]}...)")
+            raise ChecksumError(
+                f"{p}: differs from the fragment that reported it "
+                f"({fragment.bytes} bytes, sha256 {fragment.sha256[:16]}...)"
+            )
 
     def _commit(self) -> None:
         atomic_write_bytes(self.staging / mf.NAME, mf.dumps(mf.validate(self.manifest)))

@@ -69,8 +69,15 @@ class Method:
 METHODS: Registry[Method] = Registry("merge method")
 
 
-def register(name: str, config: type, summary: str, paper: str = "", *, static: bool = True,
-             linear: Callable[[Any], float] | None = None):
+def register(
+    name: str,
+    config: type,
+    summary: str,
+    paper: str = "",
+    *,
+    static: bool = True,
+    linear: Callable[[Any], float] | None = None,
+):
     """Function decorator: registers `fn(deltas, cfg, ctx) -> Merged` as method `name`."""
 
     def deco(fn):
@@ -116,8 +123,9 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def check_fraction(cls: str, field: str, v: float, lo_open: bool = False,
-                   hi_open: bool = False) -> None:
+def check_fraction(
+    cls: str, field: str, v: float, lo_open: bool = False, hi_open: bool = False
+) -> None:
     ok = (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
     if not ok:
         lo, hi = "(" if lo_open else "[", ")" if hi_open else "]"

@@ -22,10 +22,10 @@ from qmerge.merge.ties import disjoint_mean
 @dataclass(frozen=True)
 class DareConfig:
     """Attributes:
-        drop: p, the probability an entry is dropped (default 0.9).
-        combine: "task_arithmetic" (default: λ Σ) or "ties" (elect signs, disjoint mean, λ).
-        scale: λ (default 0.3).
-        seed: the drop's seed (recorded in the pack's merge recipe).
+    drop: p, the probability an entry is dropped (default 0.9).
+    combine: "task_arithmetic" (default: λ Σ) or "ties" (elect signs, disjoint mean, λ).
+    scale: λ (default 0.3).
+    seed: the drop's seed (recorded in the pack's merge recipe).
     """
 
     drop: float = 0.9
@@ -53,8 +53,9 @@ def drop_and_rescale(deltas: Tensor, p: float, seed: int, name: str) -> Tensor:
     return out
 
 
-@register("dare", DareConfig, "random drop p + rescale, then task arithmetic or TIES",
-          "arXiv:2311.03099")
+@register(
+    "dare", DareConfig, "random drop p + rescale, then task arithmetic or TIES", "arXiv:2311.03099"
+)
 def dare(deltas: Tensor, cfg: DareConfig, ctx: TensorCtx) -> Merged:
     d = drop_and_rescale(deltas, cfg.drop, cfg.seed, ctx.name)
     merged = d.sum(0) if cfg.combine == "task_arithmetic" else disjoint_mean(d)

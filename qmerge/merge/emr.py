@@ -31,8 +31,13 @@ def unified(deltas: Tensor) -> Tensor:
     return sign * torch.where(agree, deltas.abs(), 0.0).amax(0)
 
 
-@register("emr", EmrConfig, "unified vector + per-task 1-bit masks and rescalers",
-          "EMR-Merging, arXiv:2405.17461", static=False)
+@register(
+    "emr",
+    EmrConfig,
+    "unified vector + per-task 1-bit masks and rescalers",
+    "EMR-Merging, arXiv:2405.17461",
+    static=False,
+)
 def emr(deltas: Tensor, cfg: EmrConfig, ctx: TensorCtx) -> Merged:
     uni = unified(deltas)
     masks: list = []

@@ -22,10 +22,10 @@ from qmerge.merge.spec import static
 @dataclass(frozen=True)
 class LinesConfig:
     """Attributes:
-        alpha: the scale of the shallowest layer (default None: 1/T, the task average).
-        beta: added to alpha across the depth, reached at the last block (default 0.5).
-        inner: the static merge whose shared delta is scaled, as a method spec (default
-            "task_arithmetic:scale=1.0", the plain sum, as in the paper).
+    alpha: the scale of the shallowest layer (default None: 1/T, the task average).
+    beta: added to alpha across the depth, reached at the last block (default 0.5).
+    inner: the static merge whose shared delta is scaled, as a method spec (default
+        "task_arithmetic:scale=1.0", the plain sum, as in the paper).
     """
 
     alpha: float | None = None
@@ -53,8 +53,12 @@ def depth_scale(cfg: LinesConfig, ctx: TensorCtx) -> float:
     return alpha + cfg.beta * min(depth, last) / last
 
 
-@register("lines", LinesConfig, "another merge scaled linearly with layer depth",
-          "LiNeS, arXiv:2410.17146")
+@register(
+    "lines",
+    LinesConfig,
+    "another merge scaled linearly with layer depth",
+    "LiNeS, arXiv:2410.17146",
+)
 def lines(deltas: Tensor, cfg: LinesConfig, ctx: TensorCtx) -> Merged:
     shared = cfg._inner.run(deltas, ctx).shared  # type: ignore[attr-defined]
     assert shared is not None

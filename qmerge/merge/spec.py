@@ -25,6 +25,8 @@ def static(spec: str, owner: str) -> MethodChoice:
     if not choice.method.static:
         from qmerge.errors import ConfigError
 
-        raise ConfigError(f"{owner} must be a static merge (one without per-task parts); got "
-                          f"{choice.method.name!r}")
+        raise ConfigError(
+            f"{owner} must be a static merge (one without per-task parts); got "
+            f"{choice.method.name!r}"
+        )
     return choice

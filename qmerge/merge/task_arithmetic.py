@@ -15,8 +15,8 @@ from qmerge.merge.base import Merged, TensorCtx, register
 @dataclass(frozen=True)
 class TaskArithmeticConfig:
     """Attributes:
-        scale: λ, the weight of every task vector in the sum (default 0.3, the paper's usual
-            choice for several tasks; 1/T is the plain average).
+    scale: λ, the weight of every task vector in the sum (default 0.3, the paper's usual
+        choice for several tasks; 1/T is the plain average).
     """
 
     scale: float = 0.3
@@ -26,7 +26,12 @@ class TaskArithmeticConfig:
             raise ConfigError(f"TaskArithmeticConfig.scale must be finite; got {self.scale}")
 
 
-@register("task_arithmetic", TaskArithmeticConfig, "λ · Σ task vectors", "arXiv:2212.04089",
-          linear=lambda cfg: cfg.scale)
+@register(
+    "task_arithmetic",
+    TaskArithmeticConfig,
+    "λ · Σ task vectors",
+    "arXiv:2212.04089",
+    linear=lambda cfg: cfg.scale,
+)
 def task_arithmetic(deltas: Tensor, cfg: TaskArithmeticConfig, ctx: TensorCtx) -> Merged:
     return Merged(deltas.sum(0).mul_(cfg.scale))

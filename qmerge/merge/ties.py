@@ -17,8 +17,8 @@ from qmerge.merge.base import Merged, TensorCtx, check_fraction, register
 @dataclass(frozen=True)
 class TiesConfig:
     """Attributes:
-        density: the share of entries each task keeps after trimming (k; default 0.2).
-        scale: λ applied to the disjoint mean (default 1.0, the paper's).
+    density: the share of entries each task keeps after trimming (k; default 0.2).
+    scale: λ applied to the disjoint mean (default 1.0, the paper's).
     """
 
     density: float = 0.2

@@ -16,8 +16,8 @@ from qmerge.merge.spec import static
 @dataclass(frozen=True)
 class TwinConfig:
     """Attributes:
-        shared: the static merge that makes the shared delta, as a method spec (default
-            "ties"; the paper uses task arithmetic or TIES).
+    shared: the static merge that makes the shared delta, as a method spec (default
+        "ties"; the paper uses task arithmetic or TIES).
     """
 
     shared: str = "ties"
@@ -26,8 +26,13 @@ class TwinConfig:
         object.__setattr__(self, "_shared", static(self.shared, "TwinConfig.shared"))
 
 
-@register("twin", TwinConfig, "static merge shared + compressed per-task remainders, routed",
-          "Twin-Merging, arXiv:2406.15479", static=False)
+@register(
+    "twin",
+    TwinConfig,
+    "static merge shared + compressed per-task remainders, routed",
+    "Twin-Merging, arXiv:2406.15479",
+    static=False,
+)
 def twin(deltas: Tensor, cfg: TwinConfig, ctx: TensorCtx) -> Merged:
     shared = cfg._shared.run(deltas, ctx).shared  # type: ignore[attr-defined]
     assert shared is not None

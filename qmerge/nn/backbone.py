@@ -37,17 +37,23 @@ class Backbone:
                 if name not in names or name in found:
                     continue
                 if not p.is_floating_point():
-                    raise ConfigError(f"{pack.path}: is a merged pack whose shared delta "
-                                      f"changes '{name}', which this model holds quantized "
-                                      f"({p.dtype}); load the base in a float dtype")
+                    raise ConfigError(
+                        f"{pack.path}: is a merged pack whose shared delta "
+                        f"changes '{name}', which this model holds quantized "
+                        f"({p.dtype}); load the base in a float dtype"
+                    )
                 d = shared(name).dequantize(torch.float32).reshape(p.shape).to(p.device)
                 if not bool(torch.isfinite(d).all()):
-                    raise ConfigError(f"{pack.path}: the shared delta of '{name}' is not "
-                                      f"finite (NaN or Inf); the model was left unchanged")
+                    raise ConfigError(
+                        f"{pack.path}: the shared delta of '{name}' is not "
+                        f"finite (NaN or Inf); the model was left unchanged"
+                    )
                 merged = (p.data.float() + d).to(p.dtype)
                 if not bool(torch.isfinite(merged).all()):
-                    raise ConfigError(f"{pack.path}: adding the shared delta of '{name}' "
-                                      f"overflows {p.dtype}; the model was left unchanged")
+                    raise ConfigError(
+                        f"{pack.path}: adding the shared delta of '{name}' "
+                        f"overflows {p.dtype}; the model was left unchanged"
+                    )
                 self._changed.append((p, p.data))
                 p.data = merged
                 found.add(name)
@@ -56,8 +62,10 @@ class Backbone:
             raise
         if missing := sorted(names - found):
             self.restore()
-            raise ConfigError(f"{pack.path}: the shared delta changes '{missing[0]}', which the "
-                              f"model does not have")
+            raise ConfigError(
+                f"{pack.path}: the shared delta changes '{missing[0]}', which the "
+                f"model does not have"
+            )
 
     def restore(self) -> None:
         for p, orig in reversed(self._changed):

@@ -66,14 +66,16 @@ class _Bank:
         self.lookup = torch.full((total,), -1, dtype=torch.int64)
         self.lookup[tasks] = torch.arange(len(tasks))
 
-    def local(self, ids: Tensor | None, coeffs: Tensor | None, memo: Memo = _no_memo
-              ) -> tuple[Tensor | None, Tensor | None]:
+    def local(
+        self, ids: Tensor | None, coeffs: Tensor | None, memo: Memo = _no_memo
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The route in this bank's task numbering."""
         n = (ids if ids is not None else coeffs).shape[0]
         return memo(("local", tuple(self.tasks), n), lambda: self._local(ids, coeffs))
 
-    def _local(self, ids: Tensor | None, coeffs: Tensor | None
-               ) -> tuple[Tensor | None, Tensor | None]:
+    def _local(
+        self, ids: Tensor | None, coeffs: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
         if ids is not None:
             return torch.where(ids >= 0, self.lookup[ids.clamp_min(0)], -1).contiguous(), None
         assert coeffs is not None
@@ -117,17 +119,26 @@ class _Bank:
 class SignBank(_Bank):
     fused_op = True
 
-    def __init__(self, tasks: list[int], total: int, forms: list[SignForm],
-                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        tasks: list[int],
+        total: int,
+        forms: list[SignForm],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__(tasks, total)
         out, self.cols = shape
         rows = out if any(f.scales.shape[0] > 1 for f in forms) else 1
         self.packed = torch.stack([f.packed for f in forms]).to(device).contiguous()
-        self.scales = torch.stack([f.scales.float().expand(rows, -1) for f in forms]
-                                  ).to(device).contiguous()
+        self.scales = (
+            torch.stack([f.scales.float().expand(rows, -1) for f in forms]).to(device).contiguous()
+        )
 
-    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs,
-              memo: Memo = _no_memo) -> Tensor:
+    def fused(
+        self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs, memo: Memo = _no_memo
+    ) -> Tensor:
         i, c = self.local(ids, coeffs, memo)
         return ops.sign_linear(x, w0, self.packed, self.scales, i, c, b0)
 
@@ -155,8 +166,9 @@ class SignBank(_Bank):
             return w
         if sel.numel() == len(self.tasks):
             return ops.dequant_add_sign(w, self.packed, self.scales, a.float())
-        return ops.dequant_add_sign(w, self.packed[sel].contiguous(),
-                                    self.scales[sel].contiguous(), a[sel].float())
+        return ops.dequant_add_sign(
+            w, self.packed[sel].contiguous(), self.scales[sel].contiguous(), a[sel].float()
+        )
 
     def nbytes(self) -> int:
         return self.packed.numel() + self.scales.numel() * 4
@@ -165,17 +177,31 @@ class SignBank(_Bank):
 class LowRankBank(_Bank):
     fused_op = True
 
-    def __init__(self, tasks: list[int], total: int, forms: list[LowRankForm],
-                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        tasks: list[int],
+        total: int,
+        forms: list[LowRankForm],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__(tasks, total)
         r = max(f.U.shape[1] for f in forms)
-        self.U = torch.stack([F.pad(f.U.float(), (0, r - f.U.shape[1])) for f in forms]
-                             ).to(device, dtype).contiguous()
-        self.V = torch.stack([F.pad(f.V.float(), (0, 0, 0, r - f.V.shape[0])) for f in forms]
-                             ).to(device, dtype).contiguous()
+        self.U = (
+            torch.stack([F.pad(f.U.float(), (0, r - f.U.shape[1])) for f in forms])
+            .to(device, dtype)
+            .contiguous()
+        )
+        self.V = (
+            torch.stack([F.pad(f.V.float(), (0, 0, 0, r - f.V.shape[0])) for f in forms])
+            .to(device, dtype)
+            .contiguous()
+        )
 
-    def fused(self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs,
-              memo: Memo = _no_memo) -> Tensor:
+    def fused(
+        self, x: Tensor, w0: Tensor, b0: Tensor | None, ids, coeffs, memo: Memo = _no_memo
+    ) -> Tensor:
         i, c = self.local(ids, coeffs, memo)
         return ops.lowrank_linear(x, w0, self.U, self.V, i, c, b0)
 
@@ -195,11 +221,21 @@ class LowRankBank(_Bank):
 
 
 class DenseBank(_Bank):
-    def __init__(self, tasks: list[int], total: int, forms: list[DenseForm],
-                 shape: tuple[int, int], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        tasks: list[int],
+        total: int,
+        forms: list[DenseForm],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         super().__init__(tasks, total)
-        self.D = torch.stack([f.delta.float().reshape(shape) for f in forms]
-                             ).to(device, dtype).contiguous()
+        self.D = (
+            torch.stack([f.delta.float().reshape(shape) for f in forms])
+            .to(device, dtype)
+            .contiguous()
+        )
 
     def add_delta(self, y: Tensor, x: Tensor, ids, coeffs) -> None:
         for b, _, rows, c in _terms(self.tasks, ids, coeffs):
@@ -217,15 +253,23 @@ class DenseBank(_Bank):
 
 # Which bank stacks which runtime form, in the order they apply: the first bank some row
 # uses runs its op with the base weight (sign, else low rank); the others add delta-only terms.
-BANKS: dict[type, type[_Bank]] = {SignForm: SignBank, LowRankForm: LowRankBank,
-                                  DenseForm: DenseBank}
+BANKS: dict[type, type[_Bank]] = {
+    SignForm: SignBank,
+    LowRankForm: LowRankBank,
+    DenseForm: DenseBank,
+}
 
 
 class WeightBank:
     """All tasks' residuals of one 2-D base weight [out, in] (see the module docstring)."""
 
-    def __init__(self, residuals: Sequence[Residual], shape: tuple[int, int], dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self,
+        residuals: Sequence[Residual],
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         total = len(residuals)
         self.shape = shape
         groups: dict[Hashable, list[tuple[int, Form]]] = {}
@@ -236,15 +280,25 @@ class WeightBank:
         order = list(BANKS)
         keys = sorted(groups, key=lambda k: order.index(type(groups[k][0][1])))
         self.banks: list[_Bank] = [
-            BANKS[type(groups[k][0][1])]([t for t, _ in groups[k]], total,
-                                         [f for _, f in groups[k]], shape, dtype, device)
-            for k in keys]
+            BANKS[type(groups[k][0][1])](
+                [t for t, _ in groups[k]], total, [f for _, f in groups[k]], shape, dtype, device
+            )
+            for k in keys
+        ]
 
     def __bool__(self) -> bool:
         return bool(self.banks)
 
-    def fused(self, x: Tensor, w0: Tensor | None, b0: Tensor | None, ids, coeffs,
-              base_out: Tensor | None = None, memo: Memo = _no_memo) -> Tensor:
+    def fused(
+        self,
+        x: Tensor,
+        w0: Tensor | None,
+        b0: Tensor | None,
+        ids,
+        coeffs,
+        base_out: Tensor | None = None,
+        memo: Memo = _no_memo,
+    ) -> Tensor:
         """[n, out] = x W0^T + b0 + each row's task terms. With `base_out` (a base layer that
         is not a plain matrix, e.g. bitsandbytes), every bank adds delta-only terms to it.
         `memo` caches route-derived index tensors across the layers of one call."""

@@ -49,5 +49,11 @@ class MergedCache:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"bytes": self.bytes, "max_bytes": self.max_bytes, "entries": len(self._items),
-                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+            return {
+                "bytes": self.bytes,
+                "max_bytes": self.max_bytes,
+                "entries": len(self._items),
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+            }

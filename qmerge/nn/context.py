@@ -30,8 +30,7 @@ class Spec:
         return self.task is not None or self.coeffs is not None or self.router
 
 
-_ACTIVE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("qmerge_route",
-                                                                       default=None)
+_ACTIVE: contextvars.ContextVar[Route | None] = contextvars.ContextVar("qmerge_route", default=None)
 _SPEC: contextvars.ContextVar[Spec | None] = contextvars.ContextVar("qmerge_spec", default=None)
 
 

@@ -33,9 +33,10 @@ class DeltaEmbedding(nn.Module):
         if ids.dim() >= 1 and ids.shape[0] == 1 and route.batch > 1 and not route.per_token:
             ids = ids.expand(route.batch, *ids.shape[1:])  # shared position ids, per-row deltas
         if uniform is not None and self.runtime.materialize(ids.numel()):
-            w = self.runtime.cache.get((id(self), tuple(round(float(v), 7) for v in uniform)),
-                                       lambda: self.bank.merged(self.base.weight.detach(),
-                                                                uniform))
+            w = self.runtime.cache.get(
+                (id(self), tuple(round(float(v), 7) for v in uniform)),
+                lambda: self.bank.merged(self.base.weight.detach(), uniform),
+            )
             return F.embedding(ids, w, self.padding_idx)
         e = self.base(ids)
         shaped = ids.unsqueeze(-1)  # rows of the route: one per id

@@ -19,8 +19,14 @@ from qmerge.nn.runtime import Runtime
 
 
 class DeltaLinear(nn.Module):
-    def __init__(self, base: nn.Module, weight: WeightBank | None, bias: Tensor | None,
-                 runtime: Runtime, name: str):
+    def __init__(
+        self,
+        base: nn.Module,
+        weight: WeightBank | None,
+        bias: Tensor | None,
+        runtime: Runtime,
+        name: str,
+    ):
         super().__init__()
         self.base = base
         self.bank = weight
@@ -68,8 +74,11 @@ class DeltaLinear(nn.Module):
         x2 = x.reshape(-1, n_in).contiguous()
         if self.plain:
             w0, b0 = self.base.weight, self.base.bias
-            y = (self.bank.fused(x2, w0, b0, ids, coeffs, memo=route.memo) if self.bank
-                 else F.linear(x2, w0, b0))
+            y = (
+                self.bank.fused(x2, w0, b0, ids, coeffs, memo=route.memo)
+                if self.bank
+                else F.linear(x2, w0, b0)
+            )
         else:
             y = self.base(x2)
             if self.bank:

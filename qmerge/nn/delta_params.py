@@ -61,8 +61,11 @@ class DeltaParams(nn.Module):
 
     def _affine_norm(self) -> bool:
         m = self.base
-        return (type(m) in (nn.LayerNorm, nn.RMSNorm) and len(m.normalized_shape) == 1
-                and m.weight is not None)
+        return (
+            type(m) in (nn.LayerNorm, nn.RMSNorm)
+            and len(m.normalized_shape) == 1
+            and m.weight is not None
+        )
 
     def _norm_rows(self, x: Tensor, route) -> Tensor:
         m = self.base

@@ -56,8 +56,7 @@ class Ctx:
     def residuals(self, name: str) -> list[Residual] | None:
         """Every task's residual of base tensor `name`, or None when none changes it."""
         if name not in self.loaded:
-            rs = [self.read(t, name) if name in self.pack.entries(t) else None
-                  for t in self.tasks]
+            rs = [self.read(t, name) if name in self.pack.entries(t) else None for t in self.tasks]
             self.loaded[name] = [r if r is not None else SkipResidual(()) for r in rs]
         rs = self.loaded[name]
         return None if all(r.is_zero for r in rs) else rs
@@ -75,9 +74,14 @@ class Ctx:
         if not name or like is None or (rs := self.residuals(name)) is None:
             return None
         self.used.add(name)
-        return torch.stack([r.dequantize(torch.float32).reshape(like.shape)
-                            if not r.is_zero else torch.zeros(like.shape)
-                            for r in rs]).to(like.device, like.dtype)
+        return torch.stack(
+            [
+                r.dequantize(torch.float32).reshape(like.shape)
+                if not r.is_zero
+                else torch.zeros(like.shape)
+                for r in rs
+            ]
+        ).to(like.device, like.dtype)
 
 
 Names = dict[str, str | None]  # a module's own parameter -> the base (or head) tensor it is
@@ -88,8 +92,9 @@ def task_head(ctx: Ctx, mod_name: str, mod: nn.Module, names: Names) -> nn.Modul
     if not any(v in ctx.head_names for v in names.values() if v):
         return None
     if not is_linear(mod):
-        raise ConfigError(f"task head '{mod_name}' is a {type(mod).__name__}; only linear "
-                          f"heads are supported")
+        raise ConfigError(
+            f"task head '{mod_name}' is a {type(mod).__name__}; only linear heads are supported"
+        )
     heads: dict[int, tuple[Tensor, Tensor | None]] = {}
     w = mod.weight
     wn, bn = names.get("weight"), names.get("bias")
@@ -97,8 +102,10 @@ def task_head(ctx: Ctx, mod_name: str, mod: nn.Module, names: Names) -> nn.Modul
         stored = ctx.pack.heads(t)
         if wn in stored:
             b = stored.get(bn) if bn else None
-            heads[i] = (stored[wn].to(w.device, w.dtype).clone(),
-                        None if b is None else b.to(w.device, w.dtype).clone())
+            heads[i] = (
+                stored[wn].to(w.device, w.dtype).clone(),
+                None if b is None else b.to(w.device, w.dtype).clone(),
+            )
     if not heads:
         raise ConfigError(f"no task has a head for '{mod_name}'")
     ctx.used.update(v for v in names.values() if v)
@@ -111,8 +118,9 @@ def linear(ctx: Ctx, mod_name: str, mod: nn.Module, names: Names) -> nn.Module |
     w = mod.weight
     like = w if w.is_floating_point() else torch.empty(0, dtype=torch.float32)
     if type(mod) is not nn.Linear:  # bitsandbytes: the residuals run in its compute dtype
-        like = torch.empty(0, dtype=getattr(mod, "compute_dtype", None) or torch.float32,
-                           device=w.device)
+        like = torch.empty(
+            0, dtype=getattr(mod, "compute_dtype", None) or torch.float32, device=w.device
+        )
     wname = names.get("weight")
     wb = ctx.bank(wname, (mod.out_features, mod.in_features), like)
     bd = ctx.vectors(names.get("bias"), mod.bias)
@@ -135,9 +143,11 @@ def params(ctx: Ctx, mod_name: str, mod: nn.Module, names: Names) -> nn.Module |
     if not deltas:
         return mod
     if any(own[k].dim() > 1 for k in deltas):
-        raise ConfigError(f"module '{mod_name}' ({type(mod).__name__}) has residuals on a "
-                          f"matrix but is not a Linear or Embedding; qmerge cannot apply them "
-                          f"per row")
+        raise ConfigError(
+            f"module '{mod_name}' ({type(mod).__name__}) has residuals on a "
+            f"matrix but is not a Linear or Embedding; qmerge cannot apply them "
+            f"per row"
+        )
     return DeltaParams(mod, deltas, mod_name)
 
 
@@ -145,16 +155,23 @@ def params(ctx: Ctx, mod_name: str, mod: nn.Module, names: Names) -> nn.Module |
 DISPATCHERS: list[Dispatcher] = [task_head, linear, embedding, params]
 
 
-def plan(model: nn.Module, pack: Pack, tasks: tuple[str, ...], runtime: Runtime,
-         read: Callable[[str, str], Residual]) -> list[tuple[str, nn.Module]]:
+def plan(
+    model: nn.Module,
+    pack: Pack,
+    tasks: tuple[str, ...],
+    runtime: Runtime,
+    read: Callable[[str, str], Residual],
+) -> list[tuple[str, nn.Module]]:
     """(module name, its wrapper) for every module of `model` that the pack changes."""
     base_names = set(pack.base_fingerprint["tensors"])
     head_names = {n for t in tasks for n in pack.manifest["tasks"][t].get("heads", {})}
     for t in tasks:
         for n, e in pack.entries(t).items():
             if e.get("extra_rows", 0):
-                raise ConfigError(f"{pack.path}: task {t!r} grows '{n}' by {e['extra_rows']} "
-                                  f"rows; loading a resized vocabulary is not supported")
+                raise ConfigError(
+                    f"{pack.path}: task {t!r} grows '{n}' by {e['extra_rows']} "
+                    f"rows; loading a resized vocabulary is not supported"
+                )
     params_ = list(model.named_parameters(remove_duplicate=False))
     _, rename = alignment([n for n, _ in params_], base_names | head_names)
     by_id: dict[int, str] = {}
@@ -173,10 +190,16 @@ def plan(model: nn.Module, pack: Pack, tasks: tuple[str, ...], runtime: Runtime,
                 if new is not mod:
                     out.append((mod_name, new))
                 break
-    missed = [n for t in tasks for n in pack.entries(t)
-              if n not in ctx.used and ctx.residuals(n) is not None]
+    missed = [
+        n
+        for t in tasks
+        for n in pack.entries(t)
+        if n not in ctx.used and ctx.residuals(n) is not None
+    ]
     if missed:
-        raise ConfigError(f"{pack.path}: tensor '{missed[0]}' has residuals but the model has "
-                          f"no parameter for it ({len(set(missed))} such tensors); is this the "
-                          f"pack's model architecture?")
+        raise ConfigError(
+            f"{pack.path}: tensor '{missed[0]}' has residuals but the model has "
+            f"no parameter for it ({len(set(missed))} such tensors); is this the "
+            f"pack's model architecture?"
+        )
     return out

@@ -30,8 +30,9 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     want = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
-        raise ConfigError("the model has no list of blocks (nn.ModuleList) to take router "
-                          "features from")
+        raise ConfigError(
+            "the model has no list of blocks (nn.ModuleList) to take router features from"
+        )
     exact = [m for m in lists if len(m) == want]
     return exact[0] if exact else max(lists, key=len)
 
@@ -62,8 +63,14 @@ def pool(hidden: Tensor, mask: Tensor | None, how: str) -> Tensor:
     raise ConfigError(f"pooling must be 'mean', 'last' or 'token', got {how!r}")
 
 
-def features(forward: Callable, tasks: tuple[str, ...], model: nn.Module, inputs: dict,
-             layer: int, pooling: str = "mean") -> Tensor:
+def features(
+    forward: Callable,
+    tasks: tuple[str, ...],
+    model: nn.Module,
+    inputs: dict,
+    layer: int,
+    pooling: str = "mean",
+) -> Tensor:
     """[B, D] (or [B, S, D] with pooling='token') float32 features of `inputs`."""
     block = blocks(model)[layer - 1]
 

@@ -29,6 +29,7 @@ from qmerge.routing.router import Router
 
 ROUTE_KWARGS = ("task", "coeffs", "router", "per_token")
 
+
 def _has_past(kwargs: dict) -> bool:
     pkv = kwargs.get("past_key_values")
     if pkv is None:
@@ -41,10 +42,17 @@ def _has_past(kwargs: dict) -> bool:
 class Patched:
     """The qmerge state of a patched model, at `model.qmerge`."""
 
-    def __init__(self, model: nn.Module, pack: Pack, residual: Callable[[str, str], Residual],
-                 cache_bytes: int, mode: str, min_rows: int,
-                 router: tuple[Router, dict] | None,
-                 shared: Callable[[str], Residual] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        pack: Pack,
+        residual: Callable[[str, str], Residual],
+        cache_bytes: int,
+        mode: str,
+        min_rows: int,
+        router: tuple[Router, dict] | None,
+        shared: Callable[[str], Residual] | None = None,
+    ):
         self.model, self.pack = model, pack
         self.tasks = tuple(pack.tasks)
         self.runtime = Runtime(self.tasks, MergedCache(cache_bytes), mode, min_rows)
@@ -91,20 +99,30 @@ class Patched:
         if s.resolved is not None and (s.pinned or _has_past(kwargs)):
             return s.resolved
         if s.per_token and _has_past(kwargs):
-            raise ConfigError("per-token routing is for one full forward pass; route per "
-                              "sequence when decoding with a KV cache")
+            raise ConfigError(
+                "per-token routing is for one full forward pass; route per "
+                "sequence when decoding with a KV cache"
+            )
         batch = self._batch(args, kwargs)
         if s.router:
             router = s.router if isinstance(s.router, Router) else self.router
             if router is None:
-                raise ConfigError(f"{self.pack.path}: has no router; fit one with "
-                                  f"`qmerge fit-router` or pass task=/coeffs=")
+                raise ConfigError(
+                    f"{self.pack.path}: has no router; fit one with "
+                    f"`qmerge fit-router` or pass task=/coeffs="
+                )
             inputs = dict(kwargs)
             if args and "input_ids" not in inputs:
                 inputs["input_ids"] = args[0]
             pooling = "token" if s.per_token else (self.router_entry or {}).get("pooling", "mean")
-            f = features(self._orig_forward, self.tasks, self.model, inputs,
-                         resolve_layer(self.model, router.layer), pooling)
+            f = features(
+                self._orig_forward,
+                self.tasks,
+                self.model,
+                inputs,
+                resolve_layer(self.model, router.layer),
+                pooling,
+            )
             route = router.route(f.reshape(-1, f.shape[-1]), self.tasks)
             if s.per_token:
                 route = Route(self.tasks, coeffs=route.dense().reshape(*f.shape[:2], -1))
@@ -147,8 +165,11 @@ class Patched:
                 s = context.Spec(task, coeffs, router or False, per_token)
                 if not s.given():
                     outer = context.spec()
-                    s = context.Spec(outer.task, outer.coeffs, outer.router,
-                                     outer.per_token) if outer else s
+                    s = (
+                        context.Spec(outer.task, outer.coeffs, outer.router, outer.per_token)
+                        if outer
+                        else s
+                    )
                 if not s.router and not s.per_token:
                     # names and mixtures are per prompt: resolve them on the prompt batch,
                     # before generate repeats rows for beams or several returned sequences
@@ -169,16 +190,20 @@ class Patched:
         if bool((ids[1:] >= ids[:-1]).all()) or route.uniform() is not None:
             return None
         cfg = getattr(self.model, "config", None)
-        caches = (getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False)
-                  or hasattr(self.model, "generate") and getattr(cfg, "use_cache", False))
-        if kwargs.get("past_key_values") is not None or (caches and kwargs.get("use_cache")
-                                                           is not False):
+        caches = (
+            getattr(cfg, "is_decoder", False)
+            or getattr(cfg, "is_encoder_decoder", False)
+            or hasattr(self.model, "generate")
+            and getattr(cfg, "use_cache", False)
+        )
+        if kwargs.get("past_key_values") is not None or (
+            caches and kwargs.get("use_cache") is not False
+        ):
             return None
         return torch.sort(ids, stable=True).indices
 
     @contextmanager
-    def route(self, task=None, coeffs=None, router=None, per_token: bool = False
-              ) -> Iterator[None]:
+    def route(self, task=None, coeffs=None, router=None, per_token: bool = False) -> Iterator[None]:
         """Every forward (and generate) in this block, in this thread, uses this routing."""
         s = context.Spec(task, coeffs, router or False, per_token)
         with context.asking(s):
@@ -186,8 +211,14 @@ class Patched:
 
     def features(self, inputs: dict, layer: int | None = None, pooling: str = "mean") -> Tensor:
         """Router features of `inputs` (nn/features.py)."""
-        return features(self._orig_forward, self.tasks, self.model, dict(inputs),
-                        resolve_layer(self.model, layer), pooling)
+        return features(
+            self._orig_forward,
+            self.tasks,
+            self.model,
+            dict(inputs),
+            resolve_layer(self.model, layer),
+            pooling,
+        )
 
     def set_mode(self, mode: str) -> None:
         self.runtime.set_mode(mode)
@@ -201,8 +232,11 @@ class Patched:
         seen: set[int] = set()
         banks = vecs = 0
         for m in self.model.modules():
-            if isinstance(m, (DeltaLinear, DeltaEmbedding)) and m.bank is not None \
-                    and id(m.bank) not in seen:
+            if (
+                isinstance(m, (DeltaLinear, DeltaEmbedding))
+                and m.bank is not None
+                and id(m.bank) not in seen
+            ):
                 seen.add(id(m.bank))
                 banks += m.bank.nbytes()
             if isinstance(m, DeltaLinear) and m.bias_deltas is not None:
@@ -210,10 +244,16 @@ class Patched:
             if isinstance(m, DeltaParams):
                 vecs += sum(d.numel() * d.element_size() for d in m.deltas.values())
             if isinstance(m, TaskHead):
-                vecs += sum(w.numel() * w.element_size() + (0 if b is None else b.numel()
-                            * b.element_size()) for w, b in m.heads.values())
-        return {"residuals": banks, "vectors_and_heads": vecs,
-                "cache": self.runtime.cache.stats()["bytes"]}
+                vecs += sum(
+                    w.numel() * w.element_size()
+                    + (0 if b is None else b.numel() * b.element_size())
+                    for w, b in m.heads.values()
+                )
+        return {
+            "residuals": banks,
+            "vectors_and_heads": vecs,
+            "cache": self.runtime.cache.stats()["bytes"],
+        }
 
     def unload(self) -> nn.Module:
         """Puts every original module back and removes the routing wrappers."""
@@ -248,10 +288,17 @@ def _untake(out, inverse: Tensor, batch: int):
     return out
 
 
-def patch(model: nn.Module, pack: Pack, residual: Callable[[str, str], Residual], *,
-          cache_bytes: int = 256 << 20, mode: str = "auto", min_rows: int = 64,
-          router: tuple[Router, dict] | None = None,
-          shared: Callable[[str], Residual] | None = None) -> Patched:
+def patch(
+    model: nn.Module,
+    pack: Pack,
+    residual: Callable[[str, str], Residual],
+    *,
+    cache_bytes: int = 256 << 20,
+    mode: str = "auto",
+    min_rows: int = 64,
+    router: tuple[Router, dict] | None = None,
+    shared: Callable[[str], Residual] | None = None,
+) -> Patched:
     """Patches `model` with the pack's tasks; `residual(task, tensor)` reads a residual and
     `shared(tensor)` the shared delta of a merged pack (added into the backbone first)."""
     if isinstance(getattr(model, "qmerge", None), Patched):
@@ -259,4 +306,3 @@ def patch(model: nn.Module, pack: Pack, residual: Callable[[str, str], Residual]
     patched = Patched(model, pack, residual, cache_bytes, mode, min_rows, router, shared)
     model.qmerge = patched
     return patched
-

@@ -28,9 +28,11 @@ def per_sequence(route: Route, x: Tensor) -> tuple[Tensor, int]:
         assert route.coeffs is not None
         c = route.coeffs.reshape(-1, len(route.tasks))
         if c.shape[0] != rows:
-            raise ConfigError(f"per-token routing gave {c.shape[0]} token rows but a layer got "
-                              f"{rows}: per-token routing is for one full forward pass (route "
-                              f"per sequence when decoding with a KV cache)")
+            raise ConfigError(
+                f"per-token routing gave {c.shape[0]} token rows but a layer got "
+                f"{rows}: per-token routing is for one full forward pass (route "
+                f"per sequence when decoding with a KV cache)"
+            )
         return c, 1
     return route.expand(lead).dense(), rows // lead
 

@@ -17,8 +17,7 @@ from qmerge.nn import context, rows
 
 
 class TaskHead(nn.Module):
-    def __init__(self, base: nn.Module, heads: dict[int, tuple[Tensor, Tensor | None]],
-                 name: str):
+    def __init__(self, base: nn.Module, heads: dict[int, tuple[Tensor, Tensor | None]], name: str):
         super().__init__()
         self.base, self.heads, self.name = base, heads, name
         self.out_features = max(w.shape[0] for w, _ in heads.values())
@@ -34,8 +33,10 @@ class TaskHead(nn.Module):
         if t < 0:
             return self.base(x)
         if t not in self.heads:
-            raise ConfigError(f"{self.name}: task #{t} has no head here (it was compressed "
-                              f"without --head for this layer)")
+            raise ConfigError(
+                f"{self.name}: task #{t} has no head here (it was compressed "
+                f"without --head for this layer)"
+            )
         w, b = self.heads[t]
         return F.linear(x, w, b)
 
@@ -46,24 +47,27 @@ class TaskHead(nn.Module):
         ids, coeffs = rows.for_rows(route, x)
         x2 = x.reshape(-1, x.shape[-1])
         width = max(self.out_features, getattr(self.base, "out_features", 0) or 0)
-        y = torch.full((x2.shape[0], width), torch.finfo(x.dtype).min, dtype=x.dtype,
-                       device=x.device)
+        y = torch.full(
+            (x2.shape[0], width), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device
+        )
         if ids is not None:
             for t in ids.unique().tolist():
                 idx = (ids == t).nonzero().flatten()
                 out = self._run(t, x2[idx])
-                y[idx, :out.shape[-1]] = out
+                y[idx, : out.shape[-1]] = out
         else:
             assert coeffs is not None
             for i in range(x2.shape[0]):
                 used = coeffs[i].nonzero().flatten().tolist()
                 if not used:
-                    out = self._run(-1, x2[i:i + 1])[0]
+                    out = self._run(-1, x2[i : i + 1])[0]
                 else:
-                    parts = [float(coeffs[i, t]) * self._run(t, x2[i:i + 1])[0] for t in used]
+                    parts = [float(coeffs[i, t]) * self._run(t, x2[i : i + 1])[0] for t in used]
                     if len({p.shape[0] for p in parts}) > 1:
-                        raise ConfigError(f"{self.name}: a mixture of tasks with different "
-                                          f"numbers of outputs cannot share a head")
+                        raise ConfigError(
+                            f"{self.name}: a mixture of tasks with different "
+                            f"numbers of outputs cannot share a head"
+                        )
                     out = sum(parts[1:], parts[0])
-                y[i, :out.shape[0]] = out
+                y[i, : out.shape[0]] = out
         return y.reshape(*x.shape[:-1], width)

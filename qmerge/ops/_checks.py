@@ -31,7 +31,8 @@ def contiguous(t: Tensor, op: str, name: str) -> None:
 def dim(t: Tensor, d: int, op: str, name: str) -> None:
     if t.dim() != d:
         raise ValueError(
-            f"qmerge.{op}: '{name}' must have {d} dimensions, got shape {list(t.shape)}")
+            f"qmerge.{op}: '{name}' must have {d} dimensions, got shape {list(t.shape)}"
+        )
 
 
 def same_dtype(t: Tensor, ref: Tensor, op: str, name: str, ref_name: str) -> None:

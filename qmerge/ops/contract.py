@@ -46,8 +46,9 @@ def _pack_signs_fake(delta: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("qmerge::unpack_signs", lib=_lib)
-def _unpack_signs_fake(packed: Tensor, in_features: int,
-                       dtype: torch.dtype | None = None) -> Tensor:
+def _unpack_signs_fake(
+    packed: Tensor, in_features: int, dtype: torch.dtype | None = None
+) -> Tensor:
     if packed.shape[-1] != (in_features + 7) // 8:
         raise ValueError(
             f"qmerge.unpack_signs: 'packed' last dim must be {(in_features + 7) // 8}, got "

@@ -12,5 +12,12 @@ from qmerge.routing.prototype import PrototypeRouter
 from qmerge.routing.route import Route, parse_mixture, resolve
 from qmerge.routing.router import ROUTERS, Router
 
-__all__ = ["ROUTERS", "LinearRouter", "PrototypeRouter", "Route", "Router", "parse_mixture",
-           "resolve"]
+__all__ = [
+    "ROUTERS",
+    "LinearRouter",
+    "PrototypeRouter",
+    "Route",
+    "Router",
+    "parse_mixture",
+    "resolve",
+]

@@ -19,15 +19,30 @@ from qmerge.routing.router import Router, need, register
 class LinearRouter(Router):
     kind = "linear"
 
-    def __init__(self, tasks, layer: int, weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor,
-                 mode: str = "top1", temperature: float = 1.0):
+    def __init__(
+        self,
+        tasks,
+        layer: int,
+        weight: Tensor,
+        bias: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        mode: str = "top1",
+        temperature: float = 1.0,
+    ):
         super().__init__(tasks, layer, mode, temperature)
         self.weight, self.bias, self.mean, self.std = weight, bias, mean, std
 
     @classmethod
-    def fit(cls, features: Mapping[str, Tensor], layer: int, mode: str = "top1",
-            temperature: float | None = None, l2: float = 1e-3, steps: int = 200
-            ) -> LinearRouter:
+    def fit(
+        cls,
+        features: Mapping[str, Tensor],
+        layer: int,
+        mode: str = "top1",
+        temperature: float | None = None,
+        l2: float = 1e-3,
+        steps: int = 200,
+    ) -> LinearRouter:
         """features: task -> [n_t, D] labeled example features; temperature default 1.0."""
         temperature = 1.0 if temperature is None else temperature
         if len(features) < 2:
@@ -55,14 +70,25 @@ class LinearRouter(Router):
         return ((feats.float() - self.mean) / self.std) @ self.weight.T + self.bias
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
-                "mean": self.mean.contiguous(), "std": self.std.contiguous()}
+        return {
+            "weight": self.weight.contiguous(),
+            "bias": self.bias.contiguous(),
+            "mean": self.mean.contiguous(),
+            "std": self.std.contiguous(),
+        }
 
     @classmethod
     def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> LinearRouter:
         w = tensors.get("weight")
         dim = w.shape[-1] if w is not None and w.dim() == 2 else -1
         n = len(config["tasks"])
-        return cls(config["tasks"], config["layer"], need(tensors, "weight", (n, dim)),
-                   need(tensors, "bias", (n,)), need(tensors, "mean", (dim,)),
-                   need(tensors, "std", (dim,)), config["mode"], config["temperature"])
+        return cls(
+            config["tasks"],
+            config["layer"],
+            need(tensors, "weight", (n, dim)),
+            need(tensors, "bias", (n,)),
+            need(tensors, "mean", (dim,)),
+            need(tensors, "std", (dim,)),
+            config["mode"],
+            config["temperature"],
+        )

@@ -42,35 +42,56 @@ def _unit(x: Tensor) -> Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
-@register("distance to each task's mean base feature (Mahalanobis or cosine); no "
-          "training, a few unlabeled examples per task")
+@register(
+    "distance to each task's mean base feature (Mahalanobis or cosine); no "
+    "training, a few unlabeled examples per task"
+)
 class PrototypeRouter(Router):
     kind = "prototype"
     fit_options = ("metric", "shrinkage")
 
-    def __init__(self, tasks, layer: int, centroids: Tensor, center: Tensor, mode: str = "top1",
-                 temperature: float = 0.05, metric: str = "cosine", bias: Tensor | None = None,
-                 shrinkage: float | None = None):
+    def __init__(
+        self,
+        tasks,
+        layer: int,
+        centroids: Tensor,
+        center: Tensor,
+        mode: str = "top1",
+        temperature: float = 0.05,
+        metric: str = "cosine",
+        bias: Tensor | None = None,
+        shrinkage: float | None = None,
+    ):
         super().__init__(tasks, layer, mode, temperature)
         _check_metric(metric)
         if (bias is None) != (metric == "cosine"):
-            raise ConfigError(f"prototype router: the {metric} metric "
-                              f"{'needs' if bias is None else 'takes no'} bias tensor")
+            raise ConfigError(
+                f"prototype router: the {metric} metric "
+                f"{'needs' if bias is None else 'takes no'} bias tensor"
+            )
         self.centroids, self.center = centroids.float(), center.float()
         self.metric, self.shrinkage = metric, shrinkage
         self.bias = None if bias is None else bias.float()
 
     @classmethod
-    def fit(cls, features: Mapping[str, Tensor], layer: int, mode: str = "top1",
-            temperature: float | None = None, metric: str = "mahalanobis",
-            shrinkage: float | None = None) -> PrototypeRouter:
+    def fit(
+        cls,
+        features: Mapping[str, Tensor],
+        layer: int,
+        mode: str = "top1",
+        temperature: float | None = None,
+        metric: str = "mahalanobis",
+        shrinkage: float | None = None,
+    ) -> PrototypeRouter:
         """features: task -> [n_t, D] example features (n_t >= 1). shrinkage in [0, 1]: the
         weight of the identity in the shared covariance (mahalanobis only; default: the
         Ledoit-Wolf estimate)."""
         for t, f in features.items():
             if f.dim() != 2 or f.shape[0] < 1:
-                raise ConfigError(f"prototype router: task {t!r} needs at least one example "
-                                  f"feature row, got shape {list(f.shape)}")
+                raise ConfigError(
+                    f"prototype router: task {t!r} needs at least one example "
+                    f"feature row, got shape {list(f.shape)}"
+                )
         _check_metric(metric)
         if shrinkage is not None and not 0.0 <= shrinkage <= 1.0:
             raise ConfigError(f"prototype router shrinkage must be in [0, 1], got {shrinkage!r}")
@@ -82,8 +103,9 @@ class PrototypeRouter(Router):
             cents = torch.stack([_unit(x.mean(0)) for x in centred])
             return cls(list(features), layer, cents, center, mode, temperature)
         weight, bias, shrinkage = _discriminant(centred, shrinkage)
-        return cls(list(features), layer, weight, center, mode, temperature, metric, bias,
-                   shrinkage)
+        return cls(
+            list(features), layer, weight, center, mode, temperature, metric, bias, shrinkage
+        )
 
     def scores(self, feats: Tensor) -> Tensor:
         if self.metric == "cosine":
@@ -99,26 +121,35 @@ class PrototypeRouter(Router):
         return out | ({"bias": self.bias.contiguous()} if self.bias is not None else {})
 
     @classmethod
-    def from_saved(cls, config: Mapping[str, Any], tensors: Mapping[str, Tensor]
-                   ) -> PrototypeRouter:
+    def from_saved(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, Tensor]
+    ) -> PrototypeRouter:
         c = tensors.get("centroids")
         dim = c.shape[-1] if c is not None and c.dim() == 2 else -1
         n = len(config["tasks"])
         metric = config.get("metric", "cosine")  # routers saved before metrics existed
         bias = need(tensors, "bias", (n,)) if metric == "mahalanobis" else None
-        return cls(config["tasks"], config["layer"], need(tensors, "centroids", (n, dim)),
-                   need(tensors, "center", (dim,)), config["mode"], config["temperature"],
-                   metric, bias, config.get("shrinkage"))
+        return cls(
+            config["tasks"],
+            config["layer"],
+            need(tensors, "centroids", (n, dim)),
+            need(tensors, "center", (dim,)),
+            config["mode"],
+            config["temperature"],
+            metric,
+            bias,
+            config.get("shrinkage"),
+        )
 
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
-        raise ConfigError(f"prototype router metric must be one of {', '.join(METRICS)}, "
-                          f"got {metric!r}")
+        raise ConfigError(
+            f"prototype router metric must be one of {', '.join(METRICS)}, got {metric!r}"
+        )
 
 
-def _discriminant(centred: list[Tensor], shrinkage: float | None
-                  ) -> tuple[Tensor, Tensor, float]:
+def _discriminant(centred: list[Tensor], shrinkage: float | None) -> tuple[Tensor, Tensor, float]:
     """Fisher's linear discriminant of the tasks' example rows: (S^-1 mu_t [T, D],
     -mu_t.S^-1 mu_t / 2 [T], the shrinkage used) with S the pooled covariance around each
     task's mean, shrunk to (1 - shrinkage) S + shrinkage * (trace(S) / D) I. Float64."""

@@ -64,8 +64,10 @@ class Route:
 
     def _expand(self, batch: int) -> Route:
         if batch % self.batch:
-            raise ConfigError(f"the batch has {batch} sequences but {self.batch} were routed; "
-                              f"route one task per sequence")
+            raise ConfigError(
+                f"the batch has {batch} sequences but {self.batch} were routed; "
+                f"route one task per sequence"
+            )
         k = batch // self.batch
         if self.task_ids is not None:
             return Route(self.tasks, task_ids=self.task_ids.repeat_interleave(k))
@@ -130,18 +132,20 @@ class Route:
         return out
 
 
-def parse_route(text: str, tasks: Sequence[str], *, router: bool = False
-                ) -> str | dict[str, float]:
+def parse_route(text: str, tasks: Sequence[str], *, router: bool = False) -> str | dict[str, float]:
     """A route as written: 'base', 'auto' (only where a router serves it), a task name, or a
     mixture 'a:0.7+b:0.3' -> BASE, AUTO, the name, or {name: weight}. UnknownTask for a name
     that is no task; ConfigError for anything else malformed."""
     if not isinstance(text, str):
-        raise ConfigError(f"a route is a task name or a mixture such as 'a:0.7+b:0.3', got "
-                          f"{text!r}")
+        raise ConfigError(
+            f"a route is a task name or a mixture such as 'a:0.7+b:0.3', got {text!r}"
+        )
     if text == AUTO:
         if not router:
-            raise ConfigError("'auto' routes with the pack's router, and the pack has none; "
-                              "name a task (fit one with `qmerge fit-router`)")
+            raise ConfigError(
+                "'auto' routes with the pack's router, and the pack has none; "
+                "name a task (fit one with `qmerge fit-router`)"
+            )
         return AUTO
     if text == BASE or text in tasks:
         return text
@@ -161,8 +165,9 @@ def parse_mixture(text: str, tasks: Sequence[str]) -> dict[str, float]:
         try:
             weight = float(w)
         except ValueError:
-            raise ConfigError(f"mixture {text!r}: weight {w!r} of {name!r} is not a number"
-                              ) from None
+            raise ConfigError(
+                f"mixture {text!r}: weight {w!r} of {name!r} is not a number"
+            ) from None
         if not math.isfinite(weight):
             raise ConfigError(f"mixture {text!r}: weight of {name!r} is not finite")
         _index(name, tasks, f"mixture {text!r}")
@@ -178,8 +183,11 @@ def _index(name: object, tasks: Sequence[str], where: str) -> int:
             raise ConfigError(f"{where}: task index {name} is out of range (0..{len(tasks) - 1})")
         return name
     if not isinstance(name, str) or name not in tasks:
-        raise UnknownTask(f"{where}: unknown task {name!r} (tasks: {', '.join(tasks)}; "
-                          f"'{BASE}' for the bare base)", str(name))
+        raise UnknownTask(
+            f"{where}: unknown task {name!r} (tasks: {', '.join(tasks)}; "
+            f"'{BASE}' for the bare base)",
+            str(name),
+        )
     return tasks.index(name)
 
 
@@ -190,8 +198,10 @@ def _row(spec: object, tasks: Sequence[str], where: str) -> Tensor:
     if isinstance(spec, str):
         spec = parse_mixture(spec, tasks)
     if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where}: a mixture is a dict name -> weight or 'a:0.7+b:0.3', got "
-                          f"{type(spec).__name__}")
+        raise ConfigError(
+            f"{where}: a mixture is a dict name -> weight or 'a:0.7+b:0.3', got "
+            f"{type(spec).__name__}"
+        )
     for name, w in spec.items():
         i = _index(name, tasks, where)
         if i < 0:
@@ -202,8 +212,7 @@ def _row(spec: object, tasks: Sequence[str], where: str) -> Tensor:
     return c
 
 
-def resolve(tasks: Sequence[str], batch: int, task: object = None, coeffs: object = None
-            ) -> Route:
+def resolve(tasks: Sequence[str], batch: int, task: object = None, coeffs: object = None) -> Route:
     """What a caller asked for -> a Route for `batch` sequences.
 
     task: a name / index / 'base' for every sequence, or a list with one per sequence.
@@ -226,13 +235,16 @@ def resolve(tasks: Sequence[str], batch: int, task: object = None, coeffs: objec
         if c.dim() == 1:
             c = c.expand(batch, -1)
         if c.dim() not in (2, 3) or c.shape[0] != batch or c.shape[-1] != len(tasks):
-            raise ConfigError(f"coeffs tensor must be [T], [B, T] or [B, S, T] with B={batch}, "
-                              f"T={len(tasks)}; got {list(coeffs.shape)}")
+            raise ConfigError(
+                f"coeffs tensor must be [T], [B, T] or [B, S, T] with B={batch}, "
+                f"T={len(tasks)}; got {list(coeffs.shape)}"
+            )
         if not bool(torch.isfinite(c).all()):
             raise ConfigError("coeffs has a NaN or infinite entry")
         return Route(tasks, coeffs=c.contiguous())
     rows = list(coeffs) if isinstance(coeffs, (list, tuple)) else [coeffs] * batch
     if len(rows) != batch:
         raise ConfigError(f"coeffs= lists {len(rows)} mixtures for a batch of {batch} sequences")
-    return Route(tasks, coeffs=torch.stack([_row(r, tasks, f"coeffs[{i}]")
-                                            for i, r in enumerate(rows)]))
+    return Route(
+        tasks, coeffs=torch.stack([_row(r, tasks, f"coeffs[{i}]") for i, r in enumerate(rows)])
+    )

@@ -39,12 +39,14 @@ class Router:
     # keyword options of `fit` beyond (features, layer, mode, temperature)
     fit_options: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, tasks: Sequence[str], layer: int, mode: str = "top1",
-                 temperature: float = 1.0):
+    def __init__(
+        self, tasks: Sequence[str], layer: int, mode: str = "top1", temperature: float = 1.0
+    ):
         if mode not in MODES:
             raise ConfigError(f"router mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                and temperature > 0):
+        if not (
+            isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+        ):
             raise ConfigError(f"router temperature must be a positive number, got {temperature!r}")
         if not tasks:
             raise ConfigError("a router needs at least one task")
@@ -52,8 +54,14 @@ class Router:
         self.mode, self.temperature = mode, float(temperature)
 
     @classmethod
-    def fit(cls, features: Mapping[str, Tensor], layer: int, mode: str = "top1",
-            temperature: float | None = None, **options: Any) -> Router:
+    def fit(
+        cls,
+        features: Mapping[str, Tensor],
+        layer: int,
+        mode: str = "top1",
+        temperature: float | None = None,
+        **options: Any,
+    ) -> Router:
         """A router fitted on example features per task (task -> [n_t, D])."""
         raise NotImplementedError
 
@@ -84,8 +92,13 @@ class Router:
         return Route(tuple(tasks), coeffs=c)
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "tasks": self.tasks, "layer": self.layer, "mode": self.mode,
-                "temperature": self.temperature}
+        return {
+            "kind": self.kind,
+            "tasks": self.tasks,
+            "layer": self.layer,
+            "mode": self.mode,
+            "temperature": self.temperature,
+        }
 
     def tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -101,6 +114,8 @@ def need(tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...]) -> Te
     if t is None:
         raise ConfigError(f"router tensor '{name}' is missing")
     if tuple(t.shape) != shape or not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-        raise ConfigError(f"router tensor '{name}' must be finite float of shape {list(shape)}, "
-                          f"got {t.dtype} {list(t.shape)}")
+        raise ConfigError(
+            f"router tensor '{name}' must be finite float of shape {list(shape)}, "
+            f"got {t.dtype} {list(t.shape)}"
+        )
     return t.float()

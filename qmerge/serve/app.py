@@ -56,14 +56,25 @@ def _handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def create_app(engine: Engine, limits: Limits | None = None, *, metrics: Metrics | None = None,
-               scheduler: Scheduler | None = None, scheduler_thread: bool = True) -> FastAPI:
+def create_app(
+    engine: Engine,
+    limits: Limits | None = None,
+    *,
+    metrics: Metrics | None = None,
+    scheduler: Scheduler | None = None,
+    scheduler_thread: bool = True,
+) -> FastAPI:
     """The API over `engine`. With scheduler_thread=False the caller runs
     `app.state.scheduler.run()` itself (in the thread that loaded the model: server.py)."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
-    sched = scheduler or Scheduler(engine, metrics, max_batch=limits.max_batch,
-                                   window_ms=limits.window_ms, max_queue=limits.max_queue)
+    sched = scheduler or Scheduler(
+        engine,
+        metrics,
+        max_batch=limits.max_batch,
+        window_ms=limits.window_ms,
+        max_queue=limits.max_queue,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -75,9 +86,13 @@ def create_app(engine: Engine, limits: Limits | None = None, *, metrics: Metrics
             if scheduler_thread:
                 sched.stop()
 
-    app = FastAPI(title="qmerge", version=__version__, lifespan=lifespan,
-                  description="One base model, many compressed task vectors, one batch: "
-                  "OpenAI-compatible completions where `model` names the task.")
+    app = FastAPI(
+        title="qmerge",
+        version=__version__,
+        lifespan=lifespan,
+        description="One base model, many compressed task vectors, one batch: "
+        "OpenAI-compatible completions where `model` names the task.",
+    )
     app.state.engine, app.state.scheduler, app.state.metrics = engine, sched, metrics
     app.state.qmerge = AppState(engine, sched, metrics, limits)
     _handlers(app)

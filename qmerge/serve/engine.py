@@ -18,20 +18,27 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmerge.verbs import run as inference
 from qmerge.errors import ConfigError, UnknownTask
-from qmerge.verbs.load import load
-from qmerge.verbs.packs import open_pack
 from qmerge.routing.route import AUTO, parse_route
 from qmerge.serve.kv import KV
 from qmerge.serve.sequence import Sequence
+from qmerge.verbs import run as inference
+from qmerge.verbs.load import load
+from qmerge.verbs.packs import open_pack
 
 log = logging.getLogger("qmerge.serve")
 
 
 class Engine:
-    def __init__(self, pack: str | os.PathLike, base: str | os.PathLike, *,
-                 dtype: torch.dtype | None = None, mode: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        pack: str | os.PathLike,
+        base: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        mode: str = "auto",
+        threads: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         self.pack_path, self.base_path = Path(pack), Path(base)
@@ -80,8 +87,10 @@ class Engine:
             new = open_pack(self.pack_path)
             same = new.base_fingerprint["content"] == old.base_fingerprint["content"]
             if not same:
-                raise ConfigError(f"{self.pack_path}: the pack now belongs to another base; "
-                                  f"restart the server with that base")
+                raise ConfigError(
+                    f"{self.pack_path}: the pack now belongs to another base; "
+                    f"restart the server with that base"
+                )
             handle = self.model.qmerge
             model = handle.unload()
             try:
@@ -91,8 +100,11 @@ class Engine:
                 raise
         except Exception as e:  # noqa: BLE001 - any fault keeps the old pack serving
             self.reload_error = f"{type(e).__name__}: {e}"
-            log.error("reloading %s failed, still serving the previous tasks: %s",
-                      self.pack_path, self.reload_error)
+            log.error(
+                "reloading %s failed, still serving the previous tasks: %s",
+                self.pack_path,
+                self.reload_error,
+            )
         else:
             self.reload_error = None
             log.info("reloaded %s: tasks %s", self.pack_path, ", ".join(self.model.qmerge.tasks))
@@ -105,13 +117,18 @@ class Engine:
         try:
             return parse_route(model, self.tasks, router=self.has_router)
         except UnknownTask as e:
-            raise UnknownTask(f"the model {e.name!r} does not exist: served tasks are "
-                              f"{', '.join(self.tasks) or 'none'}, 'base', 'auto' or a mixture "
-                              f"such as 'a:0.7+b:0.3'", e.name) from None
-        except ConfigError as e:
+            raise UnknownTask(
+                f"the model {e.name!r} does not exist: served tasks are "
+                f"{', '.join(self.tasks) or 'none'}, 'base', 'auto' or a mixture "
+                f"such as 'a:0.7+b:0.3'",
+                e.name,
+            ) from None
+        except ConfigError:
             if model == AUTO:
-                raise ConfigError(f"model 'auto' routes with the pack's router, and "
-                                  f"{self.pack_path.name} has none; name a task") from None
+                raise ConfigError(
+                    f"model 'auto' routes with the pack's router, and "
+                    f"{self.pack_path.name} has none; name a task"
+                ) from None
             raise
 
     def encode(self, text: str) -> list[int]:
@@ -123,8 +140,9 @@ class Engine:
         with self._front_lock:
             tok = self.front_tok
             if getattr(tok, "chat_template", None):
-                return str(tok.apply_chat_template(messages, tokenize=False,
-                                                   add_generation_prompt=True))
+                return str(
+                    tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                )
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
     def decode(self, ids: Seq[int]) -> str:
@@ -149,23 +167,37 @@ class Engine:
 
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1,
-                             **inference.route_kwargs([s.route for s in seqs], self.tasks))
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **inference.route_kwargs([s.route for s in seqs], self.tasks),
+            )
         return out.logits[:, -1].float(), KV.from_cache(out.past_key_values, lens)
 
     def step(self, seqs: list[Sequence], kv: KV) -> tuple[Tensor, KV]:
         """One decoding step for every sequence of a running batch."""
         ids = torch.tensor([[s.last] for s in seqs])
         with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=kv.mask(1),
-                             position_ids=kv.lens[:, None].clone(),
-                             past_key_values=kv.to_cache(self.model.config), use_cache=True,
-                             **inference.route_kwargs([s.route for s in seqs], self.tasks))
+            out = self.model(
+                input_ids=ids,
+                attention_mask=kv.mask(1),
+                position_ids=kv.lens[:, None].clone(),
+                past_key_values=kv.to_cache(self.model.config),
+                use_cache=True,
+                **inference.route_kwargs([s.route for s in seqs], self.tasks),
+            )
         return out.logits[:, -1].float(), KV.from_cache(out.past_key_values, kv.lens + 1)
 
     def classify(self, items: list[tuple[str, object]]) -> list[dict]:
         """Label and scores for (text, route) pairs, in one mixed forward."""
-        reqs = [{"text": text, "coeffs": route} if isinstance(route, dict) else
-                {"text": text, "task": route} for text, route in items]
+        reqs = [
+            {"text": text, "coeffs": route}
+            if isinstance(route, dict)
+            else {"text": text, "task": route}
+            for text, route in items
+        ]
         return inference.answer(self.model, self.tok, reqs, "classify", 0, self.context)

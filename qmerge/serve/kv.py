@@ -18,9 +18,9 @@ from torch import Tensor
 
 @dataclass
 class KV:
-    keys: list[Tensor]     # per layer [B, H, L, D]
+    keys: list[Tensor]  # per layer [B, H, L, D]
     values: list[Tensor]
-    lens: Tensor           # [B] int64: real positions per row (the rest is left padding)
+    lens: Tensor  # [B] int64: real positions per row (the rest is left padding)
 
     @property
     def batch(self) -> int:
@@ -42,8 +42,9 @@ class KV:
     def to_cache(self, config):
         from transformers import DynamicCache
 
-        return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values, strict=True)),
-                            config=config)
+        return DynamicCache(
+            ddp_cache_data=list(zip(self.keys, self.values, strict=True)), config=config
+        )
 
     def mask(self, extra: int = 0) -> Tensor:
         """attention_mask [B, L + extra]: 1 for real positions (and the `extra` new ones)."""
@@ -55,17 +56,26 @@ class KV:
         idx = torch.tensor(rows, dtype=torch.int64)
         lens = self.lens[idx]
         start = self.length - int(lens.max()) if rows else self.length
-        return KV([k.index_select(0, idx)[:, :, start:] for k in self.keys],
-                  [v.index_select(0, idx)[:, :, start:] for v in self.values], lens)
+        return KV(
+            [k.index_select(0, idx)[:, :, start:] for k in self.keys],
+            [v.index_select(0, idx)[:, :, start:] for v in self.values],
+            lens,
+        )
 
     def join(self, other: KV) -> KV:
         """This batch's rows, then `other`'s, padded on the left to one length."""
         n = max(self.length, other.length)
-        return KV([torch.cat([_pad(a, n), _pad(b, n)]) for a, b in zip(self.keys, other.keys,
-                                                                       strict=True)],
-                  [torch.cat([_pad(a, n), _pad(b, n)]) for a, b in zip(self.values, other.values,
-                                                                       strict=True)],
-                  torch.cat([self.lens, other.lens]))
+        return KV(
+            [
+                torch.cat([_pad(a, n), _pad(b, n)])
+                for a, b in zip(self.keys, other.keys, strict=True)
+            ],
+            [
+                torch.cat([_pad(a, n), _pad(b, n)])
+                for a, b in zip(self.values, other.values, strict=True)
+            ],
+            torch.cat([self.lens, other.lens]),
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

@@ -42,8 +42,10 @@ class _Histogram:
 
     def lines(self, name: str, labels: str) -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}'
-               for b, c in zip(self.buckets, self.counts, strict=True)]
+        out = [
+            f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}'
+            for b, c in zip(self.buckets, self.counts, strict=True)
+        ]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
         brace = f"{{{labels}}}" if labels else ""
         out.append(f"{name}_sum{brace} {self.sum:.6f}")
@@ -88,25 +90,38 @@ class Metrics:
 
     def render(self) -> str:
         with self._lock:
-            out = ["# HELP qmerge_requests_total Requests answered, by endpoint, task and "
-                   "HTTP status.", "# TYPE qmerge_requests_total counter"]
+            out = [
+                "# HELP qmerge_requests_total Requests answered, by endpoint, task and "
+                "HTTP status.",
+                "# TYPE qmerge_requests_total counter",
+            ]
             for (ep, task, status), n in sorted(self.requests.items()):
-                out.append(f"qmerge_requests_total{{{_labels(endpoint=ep, task=task, status=str(status))}}} {n}")  # noqa: E501
-            out += ["# HELP qmerge_request_seconds Request latency, from arrival to the last "
-                    "byte.", "# TYPE qmerge_request_seconds histogram"]
+                labels = _labels(endpoint=ep, task=task, status=str(status))
+                out.append(f"qmerge_requests_total{{{labels}}} {n}")
+            out += [
+                "# HELP qmerge_request_seconds Request latency, from arrival to the last byte.",
+                "# TYPE qmerge_request_seconds histogram",
+            ]
             for (ep, task), h in sorted(self.latency.items()):
                 out += h.lines("qmerge_request_seconds", _labels(endpoint=ep, task=task))
-            out += ["# HELP qmerge_generated_tokens_total Tokens generated, by task.",
-                    "# TYPE qmerge_generated_tokens_total counter"]
+            out += [
+                "# HELP qmerge_generated_tokens_total Tokens generated, by task.",
+                "# TYPE qmerge_generated_tokens_total counter",
+            ]
             for task, n in sorted(self.generated.items()):
                 out.append(f"qmerge_generated_tokens_total{{{_labels(task=task)}}} {n}")
-            out += ["# HELP qmerge_batch_size Rows per forward pass, by phase.",
-                    "# TYPE qmerge_batch_size histogram"]
+            out += [
+                "# HELP qmerge_batch_size Rows per forward pass, by phase.",
+                "# TYPE qmerge_batch_size histogram",
+            ]
             for phase, h in sorted(self.batches.items()):
                 out += h.lines("qmerge_batch_size", _labels(phase=phase))
-            out += ["# HELP qmerge_queue_depth Requests waiting for the scheduler.",
-                    "# TYPE qmerge_queue_depth gauge", f"qmerge_queue_depth {self.queue_depth}",
-                    "# HELP qmerge_running_sequences Sequences in the decoding batch.",
-                    "# TYPE qmerge_running_sequences gauge",
-                    f"qmerge_running_sequences {self.running}"]
+            out += [
+                "# HELP qmerge_queue_depth Requests waiting for the scheduler.",
+                "# TYPE qmerge_queue_depth gauge",
+                f"qmerge_queue_depth {self.queue_depth}",
+                "# HELP qmerge_running_sequences Sequences in the decoding batch.",
+                "# TYPE qmerge_running_sequences gauge",
+                f"qmerge_running_sequences {self.running}",
+            ]
         return "\n".join(out) + "\n"

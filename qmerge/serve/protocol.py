@@ -13,28 +13,34 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Model = Field(min_length=1, max_length=512, description="a task of the served pack, 'base', "
-              "'auto' (the pack's router picks) or a mixture such as 'math:0.7+code:0.3'")
+Model = Field(
+    min_length=1,
+    max_length=512,
+    description="a task of the served pack, 'base', "
+    "'auto' (the pack's router picks) or a mixture such as 'math:0.7+code:0.3'",
+)
 Stop = str | list[str] | None
 
 
 class Sampled(BaseModel):
-    max_tokens: int = Field(16, ge=1, description="tokens to generate at most (the server "
-                            "refuses more than its --max-tokens)")
+    max_tokens: int = Field(
+        16,
+        ge=1,
+        description="tokens to generate at most (the server refuses more than its --max-tokens)",
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="completions per prompt (only 1)")
     stream: bool = False
-    stop: Stop = Field(None, description="up to 4 strings that end the completion (not "
-                       "included in it)")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling "
-                             "reproducible")
+    stop: Stop = Field(
+        None, description="up to 4 strings that end the completion (not included in it)"
+    )
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
 
 
 class CompletionRequest(Sampled):
     model: str = Model
-    prompt: str | list[str] = Field(description="a prompt, or a list of prompts (one choice "
-                                    "each)")
+    prompt: str | list[str] = Field(description="a prompt, or a list of prompts (one choice each)")
 
 
 class ChatMessage(BaseModel):
@@ -142,8 +148,14 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-ERRORS = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
-          500: "server_error", 503: "server_error", 504: "timeout_error"}
+ERRORS = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+    504: "timeout_error",
+}
 
 
 def error(status: int, message: str) -> dict:

@@ -17,17 +17,26 @@ from qmerge.serve.scheduler import Job
 from qmerge.serve.state import AppState, Refused, state
 
 router = APIRouter()
-STREAM_DOC = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    "description": "JSON, or server-sent events when stream is true"}}
+STREAM_DOC = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or server-sent events when stream is true",
+    }
+}
 
 
 def _usage(done: list) -> P.Usage:
-    return P.Usage(**{k: sum(u[k] for _, _, u in done) for k in
-                      ("prompt_tokens", "completion_tokens", "total_tokens")})
+    return P.Usage(
+        **{
+            k: sum(u[k] for _, _, u in done)
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+    )
 
 
-async def _generate(s: AppState, endpoint: str, req: P.Sampled, model: str, prompts: list[str],
-                    chat: bool):
+async def _generate(
+    s: AppState, endpoint: str, req: P.Sampled, model: str, prompts: list[str], chat: bool
+):
     t0 = time.monotonic()
     try:
         sampling = s.sampling(req)
@@ -43,25 +52,37 @@ async def _generate(s: AppState, endpoint: str, req: P.Sampled, model: str, prom
                     j.cancelled = True
                 raise Refused(first[1][1], first[1][2])
             body = _stream(s, jobs, events, first, (rid, created, model, chat, endpoint, t0))
-            return StreamingResponse(body, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         done = await s.collect(jobs, events)
     except Refused as e:
         s.record(endpoint, model, e.status, t0)
         raise
     s.record(endpoint, model, 200, t0)
     if chat:
-        return P.ChatResponse(id=rid, created=created, model=model, usage=_usage(done),
-                              choices=[P.ChatChoice(index=i, finish_reason=f,
-                                                    message=P.AssistantMessage(content=t))
-                                       for i, (t, f, _) in enumerate(done)])
-    return P.CompletionResponse(id=rid, created=created, model=model, usage=_usage(done),
-                                choices=[P.CompletionChoice(index=i, text=t, finish_reason=f)
-                                         for i, (t, f, _) in enumerate(done)])
+        return P.ChatResponse(
+            id=rid,
+            created=created,
+            model=model,
+            usage=_usage(done),
+            choices=[
+                P.ChatChoice(index=i, finish_reason=f, message=P.AssistantMessage(content=t))
+                for i, (t, f, _) in enumerate(done)
+            ],
+        )
+    return P.CompletionResponse(
+        id=rid,
+        created=created,
+        model=model,
+        usage=_usage(done),
+        choices=[
+            P.CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, f, _) in enumerate(done)
+        ],
+    )
 
 
-def _chunk(meta: tuple, i: int, text: str | None, finish: str | None, role: bool = False
-           ) -> str:
+def _chunk(meta: tuple, i: int, text: str | None, finish: str | None, role: bool = False) -> str:
     rid, created, model, chat = meta[:4]
     if chat:
         delta: dict = {"role": "assistant"} if role else {}
@@ -71,12 +92,18 @@ def _chunk(meta: tuple, i: int, text: str | None, finish: str | None, role: bool
     else:
         choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
     obj = "chat.completion.chunk" if chat else "text_completion"
-    return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                  "choices": [choice]}) + "\n\n"
+    return (
+        "data: "
+        + json.dumps(
+            {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        )
+        + "\n\n"
+    )
 
 
-async def _stream(s: AppState, jobs: list[Job], events: asyncio.Queue, first: tuple,
-                  meta: tuple) -> AsyncIterator[str]:
+async def _stream(
+    s: AppState, jobs: list[Job], events: asyncio.Queue, first: tuple, meta: tuple
+) -> AsyncIterator[str]:
     """meta: (id, created, model, chat, endpoint, t0)."""
     model, chat, endpoint, t0 = meta[2:]
     left, status = len(jobs), 200
@@ -111,8 +138,11 @@ async def _stream(s: AppState, jobs: list[Job], events: asyncio.Queue, first: tu
         s.record(endpoint, model, status, t0)
 
 
-@router.post("/v1/completions", response_model=P.CompletionResponse,
-             responses=P.responses(400, 404, 429, 504) | STREAM_DOC)
+@router.post(
+    "/v1/completions",
+    response_model=P.CompletionResponse,
+    responses=P.responses(400, 404, 429, 504) | STREAM_DOC,
+)
 async def completions(req: P.CompletionRequest, s: AppState = Depends(state)):  # noqa: B008
     """Completes a prompt (or several) with the task, mixture or router `model` names."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -121,8 +151,11 @@ async def completions(req: P.CompletionRequest, s: AppState = Depends(state)):  
     return await _generate(s, "completions", req, req.model, prompts, chat=False)
 
 
-@router.post("/v1/chat/completions", response_model=P.ChatResponse,
-             responses=P.responses(400, 404, 429, 504) | STREAM_DOC)
+@router.post(
+    "/v1/chat/completions",
+    response_model=P.ChatResponse,
+    responses=P.responses(400, 404, 429, 504) | STREAM_DOC,
+)
 async def chat_completions(req: P.ChatRequest, s: AppState = Depends(state)):  # noqa: B008
     """The assistant's reply to a conversation (the base tokenizer's chat template)."""
     if s.engine.kind != "generate":

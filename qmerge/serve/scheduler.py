@@ -39,22 +39,30 @@ class Job:
     finish_reason, usage), ('result', answer) or ('error', http_status, message); it must be
     safe to call from the scheduler thread."""
 
-    kind: str                      # 'generate' | 'classify'
-    model: str                     # the request's `model`: task, mixture, 'base' or 'auto'
+    kind: str  # 'generate' | 'classify'
+    model: str  # the request's `model`: task, mixture, 'base' or 'auto'
     emit: Callable[[tuple], None]
-    deadline: float                # time.monotonic() after which it is abandoned
+    deadline: float  # time.monotonic() after which it is abandoned
     prompt: list[int] = field(default_factory=list)
-    text: str = ""                 # the prompt (for the router), or the text to classify
+    text: str = ""  # the prompt (for the router), or the text to classify
     sampling: Sampling = field(default_factory=Sampling)
     cancelled: bool = False
-    route: object = None           # set on admission: what `model` resolves to now
+    route: object = None  # set on admission: what `model` resolves to now
     seq: Sequence | None = None
     started: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int = 32,
-                 window_ms: float = 5.0, max_queue: int = 256, poll_s: float = 0.5):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        max_batch: int = 32,
+        window_ms: float = 5.0,
+        max_queue: int = 256,
+        poll_s: float = 0.5,
+    ):
         self.engine, self.metrics = engine, metrics
         self.max_batch, self.window = max_batch, window_ms / 1000
         self.poll_s = poll_s
@@ -186,8 +194,9 @@ class Scheduler:
             (auto if route == AUTO else ok).append(j)
         if auto:
             try:
-                for j, r in zip(auto, self.engine.resolve_auto([j.text for j in auto]),
-                                strict=True):
+                for j, r in zip(
+                    auto, self.engine.resolve_auto([j.text for j in auto]), strict=True
+                ):
                     j.route = r
                 ok.extend(auto)
             except Exception as e:  # noqa: BLE001
@@ -264,9 +273,17 @@ class Scheduler:
             j.emit(("delta", delta))
         if seq.finish is None:
             return True
-        j.emit(("done", seq.finish, {"prompt_tokens": len(seq.prompt),
-                                     "completion_tokens": len(seq.tokens),
-                                     "total_tokens": len(seq.prompt) + len(seq.tokens)}))
+        j.emit(
+            (
+                "done",
+                seq.finish,
+                {
+                    "prompt_tokens": len(seq.prompt),
+                    "completion_tokens": len(seq.tokens),
+                    "total_tokens": len(seq.prompt) + len(seq.tokens),
+                },
+            )
+        )
         return False
 
     def _step(self) -> None:
@@ -274,8 +291,9 @@ class Scheduler:
         self.metrics.batch("decode", len(self.active))
         logits, kv = self.engine.step([j.seq for j in self.active], self.kv)  # type: ignore
         self.kv = kv
-        keep = [i for i, j in enumerate(self.active) if not j.cancelled
-                and self._push(j, logits[i])]
+        keep = [
+            i for i, j in enumerate(self.active) if not j.cancelled and self._push(j, logits[i])
+        ]
         if len(keep) != len(self.active):
             self._keep(keep)
 

@@ -42,14 +42,14 @@ def choose(logits: Tensor, s: Sampling, gen: torch.Generator | None) -> int:
 @dataclass(eq=False)
 class Sequence:
     prompt: list[int]
-    route: object                  # a task name, 'base', or a mixture dict
+    route: object  # a task name, 'base', or a mixture dict
     sampling: Sampling
     eos: frozenset[int]
-    decode: object                 # ids -> text (the tokenizer's decode, special tokens skipped)
-    limit: int                     # the model's context length
+    decode: object  # ids -> text (the tokenizer's decode, special tokens skipped)
+    limit: int  # the model's context length
     tokens: list[int] = field(default_factory=list)
-    released: int = 0              # characters of text already handed out
-    finish: str | None = None      # 'stop' | 'length' once done
+    released: int = 0  # characters of text already handed out
+    finish: str | None = None  # 'stop' | 'length' once done
     text: str = ""
     gen: torch.Generator | None = None
 
@@ -70,8 +70,10 @@ class Sequence:
                 self.text = self.text[:at]
                 self.finish = "stop"
                 return self._release(final=True)
-        if len(self.tokens) >= self.sampling.max_tokens or \
-                len(self.prompt) + len(self.tokens) >= self.limit:
+        if (
+            len(self.tokens) >= self.sampling.max_tokens
+            or len(self.prompt) + len(self.tokens) >= self.limit
+        ):
             self.finish = "length"
             return self._release(final=True)
         return self._release(final=False)
@@ -82,7 +84,7 @@ class Sequence:
             if self.text.endswith("\ufffd"):
                 end -= 1
             end -= _held(self.text[:end], self.sampling.stop)
-        out = self.text[self.released:max(end, self.released)]
+        out = self.text[self.released : max(end, self.released)]
         self.released = max(end, self.released)
         return out
 

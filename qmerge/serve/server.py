@@ -21,8 +21,15 @@ from qmerge.serve.engine import Engine
 PathLike = str | os.PathLike
 
 
-def _app(pack: PathLike, base: PathLike, limits: Limits, dtype: torch.dtype | None,
-         mode: str, threads: int | None, scheduler_thread: bool = True):
+def _app(
+    pack: PathLike,
+    base: PathLike,
+    limits: Limits,
+    dtype: torch.dtype | None,
+    mode: str,
+    threads: int | None,
+    scheduler_thread: bool = True,
+):
     engine = Engine(pack, base, dtype=dtype, mode=mode, threads=threads)
     return create_app(engine, limits, scheduler_thread=scheduler_thread)
 
@@ -30,20 +37,37 @@ def _app(pack: PathLike, base: PathLike, limits: Limits, dtype: torch.dtype | No
 def _config(app, host: str, port: int, log_level: str):
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          lifespan="on", timeout_graceful_shutdown=5)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
 
 
-def serve(pack: PathLike, base: PathLike, *, host: str = "127.0.0.1", port: int = 8000,
-          limits: Limits | None = None, dtype: torch.dtype | None = None, mode: str = "auto",
-          threads: int | None = None, log_level: str = "info") -> None:
+def serve(
+    pack: PathLike,
+    base: PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    dtype: torch.dtype | None = None,
+    mode: str = "auto",
+    threads: int | None = None,
+    log_level: str = "info",
+) -> None:
     """Serves the pack over HTTP until interrupted. The model runs in this thread (where it
     was loaded), HTTP in a background thread."""
     try:
         import uvicorn
     except ImportError:
-        raise ConfigError("qmerge serve needs fastapi and uvicorn (pip install fastapi "
-                          "uvicorn)") from None
+        raise ConfigError(
+            "qmerge serve needs fastapi and uvicorn (pip install fastapi uvicorn)"
+        ) from None
     app = _app(pack, base, limits or Limits(), dtype, mode, threads, scheduler_thread=False)
     server = uvicorn.Server(_config(app, host, port, log_level))
     http = threading.Thread(target=server.run, name="qmerge-http", daemon=True)
@@ -59,8 +83,9 @@ def serve(pack: PathLike, base: PathLike, *, host: str = "127.0.0.1", port: int 
         server.should_exit = True
         http.join(timeout=10)
     if not server.started:
-        raise ConfigError(f"could not serve on {host}:{port} (is the port in use? see the "
-                          f"log above)")
+        raise ConfigError(
+            f"could not serve on {host}:{port} (is the port in use? see the log above)"
+        )
 
 
 def _stop_with(http: threading.Thread, sched) -> None:
@@ -72,9 +97,17 @@ def _stop_with(http: threading.Thread, sched) -> None:
 class Server:
     """The API on 127.0.0.1 and a free port, served from a background thread."""
 
-    def __init__(self, pack: PathLike, base: PathLike, limits: Limits | None = None, *,
-                 dtype: torch.dtype | None = None, mode: str = "auto",
-                 threads: int | None = None, log_level: str = "warning"):
+    def __init__(
+        self,
+        pack: PathLike,
+        base: PathLike,
+        limits: Limits | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        mode: str = "auto",
+        threads: int | None = None,
+        log_level: str = "warning",
+    ):
         import uvicorn
 
         self.app = _app(pack, base, limits or Limits(), dtype, mode, threads)
@@ -84,8 +117,9 @@ class Server:
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = uvicorn.Server(_config(self.app, "127.0.0.1", self.port, log_level))
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
 
     @property
     def engine(self) -> Engine:

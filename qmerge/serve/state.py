@@ -24,13 +24,13 @@ from qmerge.serve.sequence import Sampling
 
 @dataclass(frozen=True)
 class Limits:
-    max_batch: int = 32            # sequences decoded together (and texts classified together)
-    window_ms: float = 5.0         # how long an idle scheduler waits for more requests
-    max_queue: int = 256           # waiting jobs before 429
-    timeout_s: float = 120.0       # per request, from arrival to the last token
+    max_batch: int = 32  # sequences decoded together (and texts classified together)
+    window_ms: float = 5.0  # how long an idle scheduler waits for more requests
+    max_queue: int = 256  # waiting jobs before 429
+    timeout_s: float = 120.0  # per request, from arrival to the last token
     max_prompt_tokens: int = 2048
-    max_tokens: int = 512          # per completion
-    max_inputs: int = 64           # prompts per completion request, texts per classify
+    max_tokens: int = 512  # per completion
+    max_inputs: int = 64  # prompts per completion request, texts per classify
 
 
 class Refused(Exception):
@@ -53,20 +53,32 @@ class AppState:
             except queue.Full:
                 for k in jobs[:i]:
                     k.cancelled = True
-                raise Refused(429, f"the server is at its queue bound "
-                              f"({self.limits.max_queue} waiting); retry later") from None
+                raise Refused(
+                    429,
+                    f"the server is at its queue bound "
+                    f"({self.limits.max_queue} waiting); retry later",
+                ) from None
 
-    def jobs(self, kind: str, model: str, texts: list[str], sampling: Sampling | None,
-             events: asyncio.Queue) -> list[Job]:
+    def jobs(
+        self,
+        kind: str,
+        model: str,
+        texts: list[str],
+        sampling: Sampling | None,
+        events: asyncio.Queue,
+    ) -> list[Job]:
         if len(texts) > self.limits.max_inputs:
-            raise Refused(400, f"{len(texts)} inputs in one request; at most "
-                          f"{self.limits.max_inputs}")
+            raise Refused(
+                400, f"{len(texts)} inputs in one request; at most {self.limits.max_inputs}"
+            )
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.limits.timeout_s
         jobs = []
         for i, text in enumerate(texts):
+
             def emit(ev: tuple, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+
             job = Job(kind, model, emit, deadline, text=text, sampling=sampling or Sampling())
             if kind == "generate":
                 job.prompt = self.prompt(text, sampling)
@@ -78,23 +90,35 @@ class AppState:
         if not ids:
             raise Refused(400, "prompt: is empty after tokenization")
         if len(ids) > self.limits.max_prompt_tokens:
-            raise Refused(400, f"prompt: {len(ids)} tokens; this server takes at most "
-                          f"{self.limits.max_prompt_tokens}")
+            raise Refused(
+                400,
+                f"prompt: {len(ids)} tokens; this server takes at most "
+                f"{self.limits.max_prompt_tokens}",
+            )
         if sampling and len(ids) + sampling.max_tokens > self.engine.context:
-            raise Refused(400, f"prompt ({len(ids)} tokens) + max_tokens "
-                          f"({sampling.max_tokens}) exceed the model's context of "
-                          f"{self.engine.context} tokens")
+            raise Refused(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens "
+                f"({sampling.max_tokens}) exceed the model's context of "
+                f"{self.engine.context} tokens",
+            )
         return ids
 
     def sampling(self, req: P.Sampled) -> Sampling:
         kind = self.engine.kind
         if kind != "generate":
-            raise Refused(400, f"this server's model is a {kind} model; use /v1/classify"
-                          if kind == "classify" else
-                          "this server's model has no LM head; it cannot generate")
+            raise Refused(
+                400,
+                f"this server's model is a {kind} model; use /v1/classify"
+                if kind == "classify"
+                else "this server's model has no LM head; it cannot generate",
+            )
         if req.max_tokens > self.limits.max_tokens:
-            raise Refused(400, f"max_tokens: {req.max_tokens}; this server generates at most "
-                          f"{self.limits.max_tokens}")
+            raise Refused(
+                400,
+                f"max_tokens: {req.max_tokens}; this server generates at most "
+                f"{self.limits.max_tokens}",
+            )
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise Refused(400, "stop: give at most 4 non-empty strings")
@@ -102,13 +126,13 @@ class AppState:
 
     async def next(self, events: asyncio.Queue, jobs: list[Job]) -> tuple:
         try:
-            return await asyncio.wait_for(events.get(),
-                                          max(jobs[0].deadline - time.monotonic(), 0))
+            return await asyncio.wait_for(events.get(), max(jobs[0].deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             for j in jobs:
                 j.cancelled = True
-            raise Refused(504, f"the request took longer than {self.limits.timeout_s:g} s"
-                          ) from None
+            raise Refused(
+                504, f"the request took longer than {self.limits.timeout_s:g} s"
+            ) from None
 
     async def collect(self, jobs: list[Job], events: asyncio.Queue) -> list:
         """Every job's final state: (text, finish, usage) for a generation, the answer for a

@@ -33,8 +33,9 @@ PathLike = str | os.PathLike
 __all__ = ["Options", "add_task", "compress", "remove_task"]
 
 
-def _open_inputs(base: PathLike, tasks: Mapping[str, PathLike], opts: Options
-                 ) -> tuple[Checkpoint, dict[str, Checkpoint]]:
+def _open_inputs(
+    base: PathLike, tasks: Mapping[str, PathLike], opts: Options
+) -> tuple[Checkpoint, dict[str, Checkpoint]]:
     """Opens and checks every input before any work, so a bad one costs nothing."""
     if not tasks:
         raise PackError("no tasks given: pass at least one NAME=DIR")
@@ -65,8 +66,14 @@ def _put_task(w: PackWriter, name: str, base: Checkpoint, ft: Checkpoint, opts: 
     release_freed_memory()
 
 
-def compress(base: PathLike, tasks: Mapping[str, PathLike], out: PathLike, *,
-             opts: Options | None = None, overwrite: bool = False) -> Pack:
+def compress(
+    base: PathLike,
+    tasks: Mapping[str, PathLike],
+    out: PathLike,
+    *,
+    opts: Options | None = None,
+    overwrite: bool = False,
+) -> Pack:
     """Compresses fine-tunes of `base` into a new pack at `out`.
 
     Args:
@@ -82,8 +89,9 @@ def compress(base: PathLike, tasks: Mapping[str, PathLike], out: PathLike, *,
     opts = opts or Options()
     out = Path(out)
     if out.exists() and (out / mf.NAME).is_file() and not overwrite:
-        raise PackError(f"{out}: a pack already exists; pass --overwrite to replace it, or "
-                        f"use add-task")
+        raise PackError(
+            f"{out}: a pack already exists; pass --overwrite to replace it, or use add-task"
+        )
     base_ckpt, fts = _open_inputs(base, tasks, opts)
     with PackWriter.create(out, _fingerprint(base_ckpt, opts), overwrite=overwrite) as w:
         for name, ft in fts.items():
@@ -91,8 +99,9 @@ def compress(base: PathLike, tasks: Mapping[str, PathLike], out: PathLike, *,
     return Pack.open(out)
 
 
-def add_task(pack: PathLike, base: PathLike, tasks: Mapping[str, PathLike], *,
-             opts: Options | None = None) -> Pack:
+def add_task(
+    pack: PathLike, base: PathLike, tasks: Mapping[str, PathLike], *, opts: Options | None = None
+) -> Pack:
     """Adds tasks to an existing pack without rewriting the others. The base must be the
     pack's (checked by fingerprint); a task name already in the pack is refused."""
     opts = opts or Options()

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import qmerge
 from qmerge import ops
+from qmerge.version import __version__
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,8 +35,9 @@ def _sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
     return float(10 * torch.log10(signal.float().pow(2).sum() / noise))
 
 
-def demo(out_features: int, in_features: int, tasks: int, dtype: torch.dtype,
-         log: Callable[[str], None]) -> dict:
+def demo(
+    out_features: int, in_features: int, tasks: int, dtype: torch.dtype, log: Callable[[str], None]
+) -> dict:
     torch.manual_seed(0)
     log(f"[1/4] base {out_features}x{in_features} {dtype} and {tasks} fine-tunes")
     base = (torch.randn(out_features, in_features) * 0.02).to(dtype)
@@ -46,13 +47,16 @@ def demo(out_features: int, in_features: int, tasks: int, dtype: torch.dtype,
     packed = ops.pack_signs(taus)
     scales = taus.abs().mean(-1, keepdim=True)  # L2-optimal per-row scale
     approx = ops.reference.expand_scales(scales, out_features, in_features) * ops.unpack_signs(
-        packed, in_features)
+        packed, in_features
+    )
     bits = (packed.numel() * 8 + scales.numel() * 32) / taus.numel()
     tau_sqnr = _sqnr_db(taus, approx)
     dense_bytes = tasks * base.numel() * base.element_size()
-    log(f"      {bits:.3f} bits/param, task-vector SQNR {tau_sqnr:.1f} dB, "
+    log(
+        f"      {bits:.3f} bits/param, task-vector SQNR {tau_sqnr:.1f} dB, "
         f"{(packed.numel() + scales.numel() * 4) / 2**20:.1f} MiB vs "
-        f"{dense_bytes / 2**20:.0f} MiB dense")
+        f"{dense_bytes / 2**20:.0f} MiB dense"
+    )
 
     log("[3/4] rebuild task 0's weight with dequant_add_sign")
     one = torch.ones(1)
@@ -71,8 +75,10 @@ def demo(out_features: int, in_features: int, tasks: int, dtype: torch.dtype,
         return base + scales[0].to(dtype) * (signs[:, :in_features].to(dtype) * 2 - 1)
 
     t_naive = _median_ms(naive, reps=3)
-    log(f"      {t_dq:.2f} ms (torch shift-unpack {t_naive:.1f} ms, {t_naive / t_dq:.0f}x); "
-        f"equals the reference: {exact}; weight SQNR vs the fine-tune {weight_sqnr:.1f} dB")
+    log(
+        f"      {t_dq:.2f} ms (torch shift-unpack {t_naive:.1f} ms, {t_naive / t_dq:.0f}x); "
+        f"equals the reference: {exact}; weight SQNR vs the fine-tune {weight_sqnr:.1f} dB"
+    )
 
     log("[4/4] one batch, a different task per row, through sign_linear")
     rows = min(8, tasks + 1)
@@ -83,17 +89,33 @@ def demo(out_features: int, in_features: int, tasks: int, dtype: torch.dtype,
     rel = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
     t_fused = _median_ms(lambda: ops.sign_linear(x, base, packed, scales, task_ids=ids))
     t_base = _median_ms(lambda: F.linear(x, base))
-    log(f"      {rows} rows: {t_fused:.2f} ms (base-only F.linear {t_base:.2f} ms); "
-        f"max rel. error vs fp32 reference {rel:.1e}")
+    log(
+        f"      {rows} rows: {t_fused:.2f} ms (base-only F.linear {t_base:.2f} ms); "
+        f"max rel. error vs fp32 reference {rel:.1e}"
+    )
     return {
-        "shape": [out_features, in_features], "dtype": str(dtype).removeprefix("torch."),
-        "tasks": tasks, "bits_per_param": bits, "task_vector_sqnr_db": tau_sqnr,
-        "weight_sqnr_db": weight_sqnr, "dequant_ms": t_dq, "dequant_torch_shift_ms": t_naive,
-        "dequant_equals_reference": exact, "sign_linear_rows": rows, "sign_linear_ms": t_fused,
-        "base_linear_ms": t_base, "sign_linear_max_rel_error": rel, "backend": ops.backend(),
+        "shape": [out_features, in_features],
+        "dtype": str(dtype).removeprefix("torch."),
+        "tasks": tasks,
+        "bits_per_param": bits,
+        "task_vector_sqnr_db": tau_sqnr,
+        "weight_sqnr_db": weight_sqnr,
+        "dequant_ms": t_dq,
+        "dequant_torch_shift_ms": t_naive,
+        "dequant_equals_reference": exact,
+        "sign_linear_rows": rows,
+        "sign_linear_ms": t_fused,
+        "base_linear_ms": t_base,
+        "sign_linear_max_rel_error": rel,
+        "backend": ops.backend(),
     }
 
 
 def info() -> dict:
-    return {"qmerge": qmerge.__version__, "torch": torch.__version__, "backend": ops.backend(),
-            "isas": ops.supported_isas(), "threads": torch.get_num_threads()}
+    return {
+        "qmerge": __version__,
+        "torch": torch.__version__,
+        "backend": ops.backend(),
+        "isas": ops.supported_isas(),
+        "threads": torch.get_num_threads(),
+    }

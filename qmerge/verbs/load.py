@@ -19,9 +19,9 @@ from qmerge.format.pack import Pack
 from qmerge.format.safetensors_io import dtype_name, tensor_sha256
 from qmerge.nn.features import resolve_layer
 from qmerge.nn.patch import Patched, patch
-from qmerge.verbs.packs import open_pack, residual, shared_residual
-from qmerge.verbs import router_store as store
 from qmerge.routing import ROUTERS
+from qmerge.verbs import router_store as store
+from qmerge.verbs.packs import open_pack, residual, shared_residual
 
 PathLike = str | os.PathLike
 QUANTIZE = ("8bit", "4bit")
@@ -38,19 +38,29 @@ def check_model(model: nn.Module, pack: Pack, content: bool = True) -> None:
     for name, e in sorted(expected.items()):
         t = have.get(name)
         if t is None:
-            raise BaseMismatchError(f"the model has no tensor '{name}' that the pack's base has; "
-                                    f"this is a different base")
+            raise BaseMismatchError(
+                f"the model has no tensor '{name}' that the pack's base has; "
+                f"this is a different base"
+            )
         if list(t.shape) != e["shape"]:
             if content:
-                raise BaseMismatchError(f"model tensor '{name}' is {list(t.shape)}, the pack's "
-                                        f"base had {e['shape']}; this is a different base")
+                raise BaseMismatchError(
+                    f"model tensor '{name}' is {list(t.shape)}, the pack's "
+                    f"base had {e['shape']}; this is a different base"
+                )
             continue
         if content and tensor_sha256(t.detach().cpu().contiguous()) != e["sha256"]:
             got = dtype_name(t.dtype)
-            hint = (f" (the model holds {got}, the base was {e['dtype']}: load it in "
-                    f"{e['dtype']} or pass check_base='shapes')" if got != e["dtype"] else "")
-            raise BaseMismatchError(f"model tensor '{name}' has different values from the "
-                                    f"pack's base{hint}; this is a different base")
+            hint = (
+                f" (the model holds {got}, the base was {e['dtype']}: load it in "
+                f"{e['dtype']} or pass check_base='shapes')"
+                if got != e["dtype"]
+                else ""
+            )
+            raise BaseMismatchError(
+                f"model tensor '{name}' has different values from the "
+                f"pack's base{hint}; this is a different base"
+            )
 
 
 def _auto_class(base: Path, pack: Pack):
@@ -59,8 +69,9 @@ def _auto_class(base: Path, pack: Pack):
     try:
         cfg = json.loads((base / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{base}: no readable config.json ({e}); pass a model object "
-                              f"instead") from None
+        raise CheckpointError(
+            f"{base}: no readable config.json ({e}); pass a model object instead"
+        ) from None
     arch = " ".join(cfg.get("architectures") or [])
     if any(pack.manifest["tasks"][t].get("heads") for t in pack.tasks):
         return transformers.AutoModelForSequenceClassification
@@ -73,8 +84,10 @@ def _from_pretrained(base: Path, pack: Pack, dtype, device, quantize: str | None
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise ConfigError("loading a base by path needs `transformers` (pip install "
-                          "transformers), or pass a model object") from None
+        raise ConfigError(
+            "loading a base by path needs `transformers` (pip install "
+            "transformers), or pass a model object"
+        ) from None
     cls = _auto_class(base, pack)
     kwargs: dict = {}
     if dtype is not None:
@@ -88,14 +101,16 @@ def _from_pretrained(base: Path, pack: Pack, dtype, device, quantize: str | None
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=quantize == "8bit", load_in_4bit=quantize == "4bit",
-            bnb_4bit_compute_dtype=dtype or torch.float32)
+            load_in_8bit=quantize == "8bit",
+            load_in_4bit=quantize == "4bit",
+            bnb_4bit_compute_dtype=dtype or torch.float32,
+        )
         kwargs["device_map"] = device or "cpu"
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: heads come
-    try:                                # from the pack
+    try:  # from the pack
         model = cls.from_pretrained(base, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -104,10 +119,19 @@ def _from_pretrained(base: Path, pack: Pack, dtype, device, quantize: str | None
     return model.eval()
 
 
-def load(base: PathLike | nn.Module, pack: PathLike | Pack, *, dtype: torch.dtype | None = None,
-         device: str | torch.device | None = None, quantize: str | None = None,
-         cache_bytes: int = 256 << 20, mode: str = "auto", min_rows: int = 64,
-         check_base: bool | str = True, _only: Sequence[str] | None = None) -> nn.Module:
+def load(
+    base: PathLike | nn.Module,
+    pack: PathLike | Pack,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    quantize: str | None = None,
+    cache_bytes: int = 256 << 20,
+    mode: str = "auto",
+    min_rows: int = 64,
+    check_base: bool | str = True,
+    _only: Sequence[str] | None = None,
+) -> nn.Module:
     """Patches a model with a pack's tasks, in place; returns the model.
 
     Args:
@@ -139,13 +163,22 @@ def load(base: PathLike | nn.Module, pack: PathLike | Pack, *, dtype: torch.dtyp
         if check_base:
             open_pack(pk.path, base=path)
         model = _from_pretrained(path, pk, dtype, device, quantize)
+
     def res(t: str, n: str) -> Residual:
         # _only (for export's check): the other tasks' residuals are never read, so memory
         # holds the selected tasks only; routing to another task then gives the bare base
         return residual(pk, t, n) if _only is None or t in _only else SkipResidual(())
 
-    patch(model, pk, res, cache_bytes=cache_bytes, mode=mode, min_rows=min_rows,
-          router=store.load(pk), shared=lambda n: shared_residual(pk, n))
+    patch(
+        model,
+        pk,
+        res,
+        cache_bytes=cache_bytes,
+        mode=mode,
+        min_rows=min_rows,
+        router=store.load(pk),
+        shared=lambda n: shared_residual(pk, n),
+    )
     return model
 
 
@@ -156,11 +189,21 @@ def unload(model: nn.Module) -> nn.Module:
     return handle.unload()
 
 
-def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str = "prototype",
-               layer: int | None = None, pooling: str = "mean", mode: str = "top1",
-               temperature: float | None = None, encode: Callable[[Sequence], dict] | None = None,
-               save: bool = True, batch_size: int = 32, metric: str | None = None,
-               progress: Callable[[Iterable], Iterable] = iter):
+def fit_router(
+    model: nn.Module,
+    examples: Mapping[str, Sequence],
+    *,
+    kind: str = "prototype",
+    layer: int | None = None,
+    pooling: str = "mean",
+    mode: str = "top1",
+    temperature: float | None = None,
+    encode: Callable[[Sequence], dict] | None = None,
+    save: bool = True,
+    batch_size: int = 32,
+    metric: str | None = None,
+    progress: Callable[[Iterable], Iterable] = iter,
+):
     """Fits a router on a patched model's base features and (by default) saves it in the pack.
 
     Args:
@@ -181,8 +224,10 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
     if bad := sorted(set(options) - set(router_cls.fit_options)):
         raise ConfigError(f"router kind {kind!r} takes no option {bad[0]!r}")
     if unknown := [t for t in examples if t not in handle.tasks]:
-        raise ConfigError(f"examples name task {unknown[0]!r}, which the pack does not have "
-                          f"(tasks: {', '.join(handle.tasks)})")
+        raise ConfigError(
+            f"examples name task {unknown[0]!r}, which the pack does not have "
+            f"(tasks: {', '.join(handle.tasks)})"
+        )
     layer = resolve_layer(model, layer)
     feats = {}
     for task in progress(list(examples)):
@@ -191,7 +236,7 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
             raise ConfigError(f"task {task!r} has no examples")
         rows = []
         for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
+            chunk = items[i : i + batch_size]
             inputs = encode(chunk) if encode else _stack(chunk)
             rows.append(handle.features(inputs, layer, pooling))
         feats[task] = torch.cat(rows)
@@ -207,6 +252,7 @@ def fit_router(model: nn.Module, examples: Mapping[str, Sequence], *, kind: str 
 
 def _stack(items: Sequence) -> dict:
     if not all(isinstance(x, Mapping) for x in items):
-        raise ConfigError("examples must be dicts of model inputs, or pass encode= (e.g. a "
-                          "tokenizer) for texts")
+        raise ConfigError(
+            "examples must be dicts of model inputs, or pass encode= (e.g. a tokenizer) for texts"
+        )
     return {k: torch.cat([x[k] for x in items]) for k in items[0]}

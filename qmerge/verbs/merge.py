@@ -54,16 +54,23 @@ def _deltas(pack: Pack, name: str) -> tuple[Tensor, list[Residual | None]]:
     for t in pack.tasks:
         e = pack.entries(t).get(name)
         if e is not None and e.get("extra_rows", 0):
-            raise ConfigError(f"{pack.path}: task {t!r} grows '{name}' by {e['extra_rows']} "
-                              f"rows; merging a resized vocabulary is not supported")
+            raise ConfigError(
+                f"{pack.path}: task {t!r} grows '{name}' by {e['extra_rows']} "
+                f"rows; merging a resized vocabulary is not supported"
+            )
         res.append(None if e is None else residual(pack, t, name))
-    d = torch.stack([r.dequantize(torch.float32).reshape(shape) if r is not None
-                     else torch.zeros(shape) for r in res])
+    d = torch.stack(
+        [
+            r.dequantize(torch.float32).reshape(shape) if r is not None else torch.zeros(shape)
+            for r in res
+        ]
+    )
     return d, res
 
 
-def _sum_from_bits(res: list[Residual | None], scale: float, shape: tuple[int, ...]
-                   ) -> Tensor | None:
+def _sum_from_bits(
+    res: list[Residual | None], scale: float, shape: tuple[int, ...]
+) -> Tensor | None:
     """λ Σ_t τ_t straight from packed signs when every task's residual runs as signs with
     scales of one layout (dequant_add_sign over the stacked bits); None otherwise."""
     forms = [r.runtime_form() if r is not None else None for r in res]
@@ -72,13 +79,17 @@ def _sum_from_bits(res: list[Residual | None], scale: float, shape: tuple[int, .
         return None
     zero = torch.zeros(as_matrix(torch.empty(shape, device="meta")).shape)
     alphas = torch.full((len(signs),), float(scale))
-    return ops.dequant_add_sign(zero, torch.stack([f.packed for f in signs]),
-                                torch.stack([f.scales.float() for f in signs]), alphas
-                                ).reshape(shape)
+    return ops.dequant_add_sign(
+        zero,
+        torch.stack([f.packed for f in signs]),
+        torch.stack([f.scales.float() for f in signs]),
+        alphas,
+    ).reshape(shape)
 
 
-def _merged(src: Pack, choice: MethodChoice, progress: Callable[[Iterable], Iterable]
-            ) -> Iterator[tuple[str, Tensor, Merged]]:
+def _merged(
+    src: Pack, choice: MethodChoice, progress: Callable[[Iterable], Iterable]
+) -> Iterator[tuple[str, Tensor, Merged]]:
     """(tensor name, the tasks' deltas [T, *shape], the method's result) for every tensor some
     task of `src` has, one at a time."""
     names = sorted({n for t in src.tasks for n in src.entries(t)})
@@ -106,8 +117,17 @@ class _Out:
     parts: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     tables: dict[str, dict[str, dict]] = field(default_factory=dict)
 
-    def add(self, task: str | None, n: str, r: Residual, cfg: Any, target: Tensor,
-            shape: tuple[int, ...], dtype: str, info: dict) -> None:
+    def add(
+        self,
+        task: str | None,
+        n: str,
+        r: Residual,
+        cfg: Any,
+        target: Tensor,
+        shape: tuple[int, ...],
+        dtype: str,
+        info: dict,
+    ) -> None:
         stored = {part_key(n, k): v.contiguous() for k, v in r.parts().items()}
         e = entry(r, cfg, module_type(n), list(shape), dtype, target, stored, info)
         if task is None:
@@ -118,8 +138,16 @@ class _Out:
         parts.update(stored)
 
 
-def _encode_tensor(out: _Out, n: str, shape: tuple[int, ...], dtype: str, deltas: Tensor,
-                   result: Merged, shared_codec: CodecChoice, policy: Policy) -> None:
+def _encode_tensor(
+    out: _Out,
+    n: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    deltas: Tensor,
+    result: Merged,
+    shared_codec: CodecChoice,
+    policy: Policy,
+) -> None:
     """Encodes one tensor's shared delta and the tasks' exclusive parts into `out`."""
     shared, decoded = result.shared, None
     if shared is not None:
@@ -134,8 +162,10 @@ def _encode_tensor(out: _Out, n: str, shape: tuple[int, ...], dtype: str, deltas
             continue
         if isinstance(ex, Residual):
             if not ex.needs_shared:
-                raise AssertionError(f"a merge method returned a {ex.codec} residual; methods "
-                                     f"return dense parts or residuals over the shared delta")
+                raise AssertionError(
+                    f"a merge method returned a {ex.codec} residual; methods "
+                    f"return dense parts or residuals over the shared delta"
+                )
             if decoded is None:  # no shared delta here: the residual selects nothing
                 continue
             ex.unified = decoded
@@ -144,8 +174,9 @@ def _encode_tensor(out: _Out, n: str, shape: tuple[int, ...], dtype: str, deltas
         else:
             # the shared delta as stored differs from the method's by its codec's error; the
             # exclusive part makes up for it
-            target = ex if shared is None else ex + (shared - (
-                decoded if decoded is not None else 0.0))
+            target = (
+                ex if shared is None else ex + (shared - (decoded if decoded is not None else 0.0))
+            )
             _, choice = policy.spec_for(t, n, len(shape))
             r, rcfg, info = encode(target, choice, None, policy.skip_below)
         if not r.is_zero:
@@ -165,17 +196,26 @@ def _check_out(src: Pack, out: Path, overwrite: bool) -> None:
 def _source(pack: PathLike) -> Pack:
     src = Pack.open(pack)
     if src.manifest.get("merge") is not None:
-        raise PackError(f"{src.path}: is already a merged pack ({src.manifest['merge']['method']}"
-                        f"); merge the pack it was made from")
+        raise PackError(
+            f"{src.path}: is already a merged pack ({src.manifest['merge']['method']}"
+            f"); merge the pack it was made from"
+        )
     if not src.tasks:
         raise PackError(f"{src.path}: has no tasks to merge")
     return src
 
 
-def merge_pack(pack: PathLike, out: PathLike, method: str | MethodChoice, config: Any = None, *,
-               shared_codec: str | CodecChoice = DEFAULT_SHARED_CODEC,
-               exclusive: Policy | None = None, overwrite: bool = False,
-               progress: Callable[[Iterable], Iterable] = lambda it: it) -> Pack:
+def merge_pack(
+    pack: PathLike,
+    out: PathLike,
+    method: str | MethodChoice,
+    config: Any = None,
+    *,
+    shared_codec: str | CodecChoice = DEFAULT_SHARED_CODEC,
+    exclusive: Policy | None = None,
+    overwrite: bool = False,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> Pack:
     """Merges the tasks of `pack` with `method` into a new pack at `out`.
 
     Args:
@@ -196,12 +236,23 @@ def merge_pack(pack: PathLike, out: PathLike, method: str | MethodChoice, config
     _check_out(src, out, overwrite)
     acc = _Out(tuple(src.tasks))
     for n, deltas, result in _merged(src, choice, progress):
-        _encode_tensor(acc, n, _shape(src, n), src.base_fingerprint["tensors"][n]["dtype"],
-                       deltas, result, shared_choice, policy)
+        _encode_tensor(
+            acc,
+            n,
+            _shape(src, n),
+            src.base_fingerprint["tensors"][n]["dtype"],
+            deltas,
+            result,
+            shared_choice,
+            policy,
+        )
         del deltas, result
     name = choice.method.name
-    has_exclusive = any(not codec(e["codec"]).residual.needs_shared
-                        for table in acc.tables.values() for e in table.values())
+    has_exclusive = any(
+        not codec(e["codec"]).residual.needs_shared
+        for table in acc.tables.values()
+        for e in table.values()
+    )
     with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
         for t in acc.tasks:
             info = src.manifest["tasks"][t]
@@ -210,18 +261,29 @@ def merge_pack(pack: PathLike, out: PathLike, method: str | MethodChoice, config
             task_entry = {"source": info.get("source", ""), "tensors": acc.tables.get(t, {})}
             task_entry.update({k: info[k] for k in ("heads", "labels") if k in info})
             w.put_task(t, parts, task_entry, {"qmerge.merge": name})
-        w.set_shared(acc.shared_parts, {
-            "method": name, "config": config_dict(choice.config), "source": str(src.path),
-            "source_manifest_sha256": hashlib.sha256(
-                (src.path / mf.NAME).read_bytes()).hexdigest(),
-            "shared_codec": shared_codec if isinstance(shared_codec, str) else str(shared_choice),
-            "exclusive_policy": config_dict(policy) if has_exclusive else None,
-            "tensors": acc.shared_table}, {"qmerge.merge": name})
+        w.set_shared(
+            acc.shared_parts,
+            {
+                "method": name,
+                "config": config_dict(choice.config),
+                "source": str(src.path),
+                "source_manifest_sha256": hashlib.sha256(
+                    (src.path / mf.NAME).read_bytes()
+                ).hexdigest(),
+                "shared_codec": shared_codec
+                if isinstance(shared_codec, str)
+                else str(shared_choice),
+                "exclusive_policy": config_dict(policy) if has_exclusive else None,
+                "tensors": acc.shared_table,
+            },
+            {"qmerge.merge": name},
+        )
     return Pack.open(out)
 
 
-def shared_deltas(pack: PathLike, method: str | MethodChoice, config: Any = None
-                  ) -> Iterator[tuple[str, Tensor]]:
+def shared_deltas(
+    pack: PathLike, method: str | MethodChoice, config: Any = None
+) -> Iterator[tuple[str, Tensor]]:
     """The shared delta of `method` over the tasks of `pack`, per tensor, dense fp32 and not
     encoded (what `merge_pack` would store before its shared codec): for tuning a merge's
     scale in memory, or for analysis. One tensor at a time, like `merge_pack`."""

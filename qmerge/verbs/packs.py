@@ -38,8 +38,10 @@ def residual(pack: Pack, task: str, tensor: str) -> Residual:
     c = CODECS.get(entry["codec"])  # an unknown codec is reported by load_residual
     if c is not None and c.residual.needs_shared:  # e.g. a mask over it (codecs/mask.py)
         if tensor not in pack.shared_entries():
-            raise PackError(f"{pack.path}: task {task!r} tensor '{tensor}' is a mask over the "
-                            f"shared delta, which has no such tensor")
+            raise PackError(
+                f"{pack.path}: task {task!r} tensor '{tensor}' is a mask over the "
+                f"shared delta, which has no such tensor"
+            )
         parts["unified"] = shared_residual(pack, tensor).dequantize(torch.float32)
     return load_residual(entry, parts, f"{pack.path}: task {task!r} tensor '{tensor}'")
 
@@ -51,14 +53,16 @@ def shared_residual(pack: Pack, tensor: str) -> Residual:
         raise PackError(f"{pack.path}: the shared delta has no tensor '{tensor}'")
     c = CODECS.get(entry["codec"])
     if c is not None and c.residual.needs_shared:
-        raise PackError(f"{pack.path}: shared delta tensor '{tensor}': codec "
-                        f"{entry['codec']!r} cannot hold a shared delta")
-    return load_residual(entry, pack.shared_parts(tensor),
-                         f"{pack.path}: shared delta tensor '{tensor}'")
+        raise PackError(
+            f"{pack.path}: shared delta tensor '{tensor}': codec "
+            f"{entry['codec']!r} cannot hold a shared delta"
+        )
+    return load_residual(
+        entry, pack.shared_parts(tensor), f"{pack.path}: shared delta tensor '{tensor}'"
+    )
 
 
-def verify(path: PathLike, base: PathLike | None = None,
-           progress=lambda it: it) -> dict:
+def verify(path: PathLike, base: PathLike | None = None, progress=lambda it: it) -> dict:
     """Checks a pack completely: every file's size and sha256, that every task file holds
     exactly the residuals its table names and each one reads back, and (with `base`) the base
     fingerprint. Raises the PackError subclass of the first fault; returns a report."""
@@ -75,16 +79,18 @@ def verify(path: PathLike, base: PathLike | None = None,
         for key in f.keys():
             tensor = key.partition(PART_SEP)[0]
             if tensor not in table and tensor not in heads:
-                raise PackError(f"{f.path}: holds '{key}', which task {task!r}'s table does "
-                                f"not name")
+                raise PackError(
+                    f"{f.path}: holds '{key}', which task {task!r}'s table does not name"
+                )
         for name, entry in table.items():
             residual(pack, task, name)
             if entry.get("extra_rows", 0):
                 rows = pack.parts(task, name).get("extra_rows")
                 want = [entry["extra_rows"], *entry["shape"][1:]]
                 if rows is None or list(rows.shape) != want:
-                    raise PackError(f"{f.path}: tensor '{name}': extra rows missing or not "
-                                    f"shaped {want}")
+                    raise PackError(
+                        f"{f.path}: tensor '{name}': extra rows missing or not shaped {want}"
+                    )
     shared = pack.shared_entries()
     if shared:
         f = pack.check_file(mf.SHARED_FILE)
@@ -93,10 +99,15 @@ def verify(path: PathLike, base: PathLike | None = None,
                 raise PackError(f"{f.path}: holds '{key}', which the merge table does not name")
         for name in shared:
             shared_residual(pack, name)
-    report = {"pack": str(pack.path), "format_version": pack.manifest["format_version"],
-              "tasks": pack.tasks, "files_checked": checked,
-              "bytes": sum(f["bytes"] for f in pack.manifest["files"].values()),
-              "stray_files": pack.stray_files(), "base": "not checked"}
+    report = {
+        "pack": str(pack.path),
+        "format_version": pack.manifest["format_version"],
+        "tasks": pack.tasks,
+        "files_checked": checked,
+        "bytes": sum(f["bytes"] for f in pack.manifest["files"].values()),
+        "stray_files": pack.stray_files(),
+        "base": "not checked",
+    }
     if base is not None:
         pack.check_base(checkpoint_fingerprint(Checkpoint(base)), f"{path}")
         report["base"] = "matches"
@@ -113,9 +124,13 @@ def _summary(entries: Iterable[dict]) -> dict:
         codecs[e["codec"]] = codecs.get(e["codec"], 0) + 1
         if e["sqnr_db"] is not None:
             sqnrs.append(e["sqnr_db"])
-    return {"params": params, "bytes": bytes_,
-            "bits_per_param": bytes_ * 8 / params if params else 0.0,
-            "min_sqnr_db": min(sqnrs) if sqnrs else None, "codecs": codecs}
+    return {
+        "params": params,
+        "bytes": bytes_,
+        "bits_per_param": bytes_ * 8 / params if params else 0.0,
+        "min_sqnr_db": min(sqnrs) if sqnrs else None,
+        "codecs": codecs,
+    }
 
 
 def inspect(path: PathLike, worst: int = 5) -> dict:
@@ -126,25 +141,31 @@ def inspect(path: PathLike, worst: int = 5) -> dict:
     tasks = {}
     for task in pack.tasks:
         table = pack.entries(task)
-        by_type = {k: _summary(e for e in table.values() if e["module_type"] == k)
-                   for k in MODULE_TYPES}
-        ranked = sorted(((e["sqnr_db"], n, e["codec"]) for n, e in table.items()
-                         if e["sqnr_db"] is not None), key=lambda r: r[0])
+        by_type = {
+            k: _summary(e for e in table.values() if e["module_type"] == k) for k in MODULE_TYPES
+        }
+        ranked = sorted(
+            ((e["sqnr_db"], n, e["codec"]) for n, e in table.items() if e["sqnr_db"] is not None),
+            key=lambda r: r[0],
+        )
         tasks[task] = {
             "file_bytes": pack.manifest["files"][mf.task_file(task)]["bytes"],
             "source": pack.manifest["tasks"][task].get("source", ""),
             **_summary(table.values()),
             "by_module_type": {k: v for k, v in by_type.items() if v["params"]},
-            "worst_sqnr": [{"tensor": n, "codec": c, "sqnr_db": db}
-                           for db, n, c in ranked[:worst]],
+            "worst_sqnr": [{"tensor": n, "codec": c, "sqnr_db": db} for db, n, c in ranked[:worst]],
         }
-    return {"pack": str(pack.path), "format_version": pack.manifest["format_version"],
-            "generator": pack.manifest.get("generator", ""), "base_params": base_params,
-            "base_bytes_fp32": base_params * 4,
-            "merge": _merge_summary(pack),
-            "pack_bytes": sum(f["bytes"] for f in pack.manifest["files"].values())
-            + len(mf.dumps(pack.manifest)),
-            "tasks": tasks}
+    return {
+        "pack": str(pack.path),
+        "format_version": pack.manifest["format_version"],
+        "generator": pack.manifest.get("generator", ""),
+        "base_params": base_params,
+        "base_bytes_fp32": base_params * 4,
+        "merge": _merge_summary(pack),
+        "pack_bytes": sum(f["bytes"] for f in pack.manifest["files"].values())
+        + (pack.path / mf.NAME).stat().st_size,
+        "tasks": tasks,
+    }
 
 
 def _merge_summary(pack: Pack) -> dict | None:
@@ -152,8 +173,11 @@ def _merge_summary(pack: Pack) -> dict | None:
     if merge is None:
         return None
     shared = pack.shared_entries()
-    return {"method": merge["method"], "config": merge.get("config", {}),
-            "shared": _summary(shared.values()) if shared else None}
+    return {
+        "method": merge["method"],
+        "config": merge.get("config", {}),
+        "shared": _summary(shared.values()) if shared else None,
+    }
 
 
 def _numel(shape: list[int]) -> int:

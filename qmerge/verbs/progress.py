@@ -10,15 +10,17 @@ T = TypeVar("T")
 Progress = Callable[[Iterable[T]], Iterable[T]]
 
 
-def bar(items: Iterable[T], enabled: bool, desc: str, total: int | None = None,
-        unit: str = "tensor") -> Iterable[T]:
+def bar(
+    items: Iterable[T], enabled: bool, desc: str, total: int | None = None, unit: str = "tensor"
+) -> Iterable[T]:
     """`items` wrapped in a progress bar when enabled and stderr is a terminal."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr,
-                disable=None)
+    return tqdm(
+        items, desc=desc, total=total, unit=unit, leave=False, file=sys.stderr, disable=None
+    )
 
 
 def bars(enabled: bool, desc: str, unit: str = "tensor") -> Progress:

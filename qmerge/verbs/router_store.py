@@ -27,18 +27,25 @@ FILE = mf.ROUTER_FILE
 POOLINGS = ("mean", "last")
 
 
-def save(pack: str | os.PathLike, router: Router, pooling: str = "mean",
-         examples: dict[str, int] | None = None) -> dict:
+def save(
+    pack: str | os.PathLike,
+    router: Router,
+    pooling: str = "mean",
+    examples: dict[str, int] | None = None,
+) -> dict:
     """Stores `router` in the pack (replacing any router there); returns the manifest entry."""
     path = Path(pack)
     if pooling not in POOLINGS:
         raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     with PackWriter.edit(path) as w:
         if unknown := [t for t in router.tasks if t not in w.manifest["tasks"]]:
-            raise ConfigError(f"{path}: the router names task {unknown[0]!r}, which the pack "
-                              f"does not have")
-        entry = w.set_router(router.tensors(), router.config() | {
-            "pooling": pooling, "examples": dict(examples or {})})
+            raise ConfigError(
+                f"{path}: the router names task {unknown[0]!r}, which the pack does not have"
+            )
+        entry = w.set_router(
+            router.tensors(),
+            router.config() | {"pooling": pooling, "examples": dict(examples or {})},
+        )
     return entry
 
 
@@ -46,19 +53,31 @@ def _check(entry: dict, pack: Pack) -> None:
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise PackError(f"{pack.path / mf.NAME}: router.{what}")
-    need(entry.get("kind") in ROUTERS, f"kind must be one of {', '.join(ROUTERS)}, got "
-         f"{entry.get('kind')!r}")
-    need(entry.get("file") == FILE and FILE in pack.manifest["files"],
-         f"file must be {FILE!r} and listed in 'files'")
+
+    need(
+        entry.get("kind") in ROUTERS,
+        f"kind must be one of {', '.join(ROUTERS)}, got {entry.get('kind')!r}",
+    )
+    need(
+        entry.get("file") == FILE and FILE in pack.manifest["files"],
+        f"file must be {FILE!r} and listed in 'files'",
+    )
     tasks = entry.get("tasks")
-    need(isinstance(tasks, list) and len(tasks) > 0 and all(isinstance(t, str) for t in tasks)
-         and len(set(tasks)) == len(tasks), "tasks must be a list of distinct task names")
+    need(
+        isinstance(tasks, list)
+        and len(tasks) > 0
+        and all(isinstance(t, str) for t in tasks)
+        and len(set(tasks)) == len(tasks),
+        "tasks must be a list of distinct task names",
+    )
     need(type(entry.get("layer")) is int, "layer must be an integer")
     need(entry.get("pooling") in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}")
     need(entry.get("mode") in MODES, f"mode must be one of {', '.join(MODES)}")
     temp = entry.get("temperature")
-    need(type(temp) in (int, float) and math.isfinite(temp) and temp > 0,
-         "temperature must be a positive number")
+    need(
+        type(temp) in (int, float) and math.isfinite(temp) and temp > 0,
+        "temperature must be a positive number",
+    )
 
 
 def load(pack: Pack) -> tuple[Router, dict] | None:

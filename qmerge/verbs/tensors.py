@@ -62,8 +62,11 @@ def _names(ckpt: Checkpoint, exclude: tuple[str, ...]) -> set[str]:
 
 def heads(base: Checkpoint, ft: Checkpoint, opts: Options) -> list[str]:
     """The fine-tune's task-head tensors: named by `opts.heads`, absent from the base."""
-    return sorted(n for n in _names(ft, opts.exclude) if n not in base
-                  and any(fnmatch.fnmatchcase(n, g) for g in opts.heads))
+    return sorted(
+        n
+        for n in _names(ft, opts.exclude)
+        if n not in base and any(fnmatch.fnmatchcase(n, g) for g in opts.heads)
+    )
 
 
 def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
@@ -73,15 +76,18 @@ def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
     `position_ids`, which newer transformers leave out) is not a weight: it is skipped."""
     ft.align_to(base.names)
     f = _names(ft, opts.exclude) - set(heads(base, ft, opts))
-    b = {n for n in _names(base, opts.exclude)
-         if n in f or base.dtype(n).is_floating_point}
+    b = {n for n in _names(base, opts.exclude) if n in f or base.dtype(n).is_floating_point}
     if missing := sorted(b - f):
-        raise CheckpointError(f"{ft.path}: has no tensor '{missing[0]}' that the base has "
-                              f"({len(missing)} missing); is it a fine-tune of this base?")
+        raise CheckpointError(
+            f"{ft.path}: has no tensor '{missing[0]}' that the base has "
+            f"({len(missing)} missing); is it a fine-tune of this base?"
+        )
     if extra := sorted(f - b):
-        raise CheckpointError(f"{ft.path}: has tensor '{extra[0]}' that the base does not "
-                              f"({len(extra)} extra); keep task heads per task with --head "
-                              f"GLOB, or leave them out with --exclude GLOB")
+        raise CheckpointError(
+            f"{ft.path}: has tensor '{extra[0]}' that the base does not "
+            f"({len(extra)} extra); keep task heads per task with --head "
+            f"GLOB, or leave them out with --exclude GLOB"
+        )
     extra_rows = {}
     for n in sorted(b):
         bs, fs = base.shape(n), ft.shape(n)
@@ -92,10 +98,14 @@ def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
         if grown and opts.allow_resized_vocab:
             extra_rows[n] = fs[0] - bs[0]
             continue
-        hint = (" (a resized vocabulary? pass --allow-resized-vocab to store the new rows "
-                "densely)" if grown else "")
-        raise CheckpointError(f"{ft.path}: tensor '{n}' has shape {list(fs)} but the base's is "
-                              f"{list(bs)}{hint}")
+        hint = (
+            " (a resized vocabulary? pass --allow-resized-vocab to store the new rows densely)"
+            if grown
+            else ""
+        )
+        raise CheckpointError(
+            f"{ft.path}: tensor '{n}' has shape {list(fs)} but the base's is {list(bs)}{hint}"
+        )
     return extra_rows
 
 
@@ -126,8 +136,10 @@ def _all_finite(d: Tensor) -> bool:
     fp64 copy of it (+216 MB for SmolLM2's embedding, measured)."""
     flat = d.reshape(-1)
     step = 1 << 20
-    return all(math.isfinite(float(flat[i:i + step].sum(dtype=torch.float64)))
-               for i in range(0, flat.numel(), step))
+    return all(
+        math.isfinite(float(flat[i : i + step].sum(dtype=torch.float64)))
+        for i in range(0, flat.numel(), step)
+    )
 
 
 def _delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
@@ -141,8 +153,10 @@ def _delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
         idx = list(torch.unravel_index(torch.tensor(i), d.shape)) if d.dim() else []
         where = [int(k) for k in idx]
         fv, bv = float(f.reshape(-1)[i]), float(base.get(name).reshape(-1)[i])
-        raise CheckpointError(f"{ft.path}: tensor '{name}': the delta is not finite at index "
-                              f"{where} (fine-tune {fv}, base {bv}); nothing was written")
+        raise CheckpointError(
+            f"{ft.path}: tensor '{name}': the delta is not finite at index "
+            f"{where} (fine-tune {fv}, base {bv}); nothing was written"
+        )
     return d
 
 
@@ -158,20 +172,25 @@ def labels(ft: Checkpoint) -> list[str] | None:
     return None
 
 
-def encode_heads(base: Checkpoint, ft: Checkpoint, opts: Options
-                 ) -> tuple[dict[str, Tensor], dict[str, dict]]:
+def encode_heads(
+    base: Checkpoint, ft: Checkpoint, opts: Options
+) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """A task's head tensors, stored as they are: (parts keyed 'name:head', head table)."""
     parts, table = {}, {}
     for n in heads(base, ft, opts):
         t = ft.get(n).contiguous()
         parts[part_key(n, "head")] = t
-        table[n] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype),
-                    "bytes": t.numel() * t.element_size()}
+        table[n] = {
+            "shape": list(t.shape),
+            "dtype": dtype_name(t.dtype),
+            "bytes": t.numel() * t.element_size(),
+        }
     return parts, table
 
 
-def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
-                ) -> tuple[dict[str, Tensor], dict[str, dict]]:
+def encode_task(
+    task: str, base: Checkpoint, ft: Checkpoint, opts: Options
+) -> tuple[dict[str, Tensor], dict[str, dict]]:
     """Compresses one fine-tune: (stored tensors keyed 'name:part', codec table)."""
     extra_rows = plan(base, ft, opts)
     policy = opts.policy
@@ -186,14 +205,16 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
         if n in kwargs and kwargs[n] is None:  # a budget gave this tensor nothing
             res, cfg, info_extra = SkipResidual(tuple(d.shape)), SkipConfig(), {}
         else:
-            res, cfg, info_extra = encode(d, choice, calib.get(n), policy.skip_below,
-                                          **(kwargs.get(n) or {}))
+            res, cfg, info_extra = encode(
+                d, choice, calib.get(n), policy.skip_below, **(kwargs.get(n) or {})
+            )
         stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
         if extra_rows[n]:
             f = ft.get(n)
-            stored[part_key(n, "extra_rows")] = f[f.shape[0] - extra_rows[n]:].clone()
-        entry = table_entry(res, cfg, kind, list(base.shape(n)), dtype_name(ft.dtype(n)), d,
-                            stored, info_extra)
+            stored[part_key(n, "extra_rows")] = f[f.shape[0] - extra_rows[n] :].clone()
+        entry = table_entry(
+            res, cfg, kind, list(base.shape(n)), dtype_name(ft.dtype(n)), d, stored, info_extra
+        )
         if extra_rows[n]:
             entry["extra_rows"] = extra_rows[n]
         table[n] = entry
@@ -203,9 +224,14 @@ def encode_task(task: str, base: Checkpoint, ft: Checkpoint, opts: Options
     return parts, table
 
 
-def _planned(task: str, base: Checkpoint, ft: Checkpoint, opts: Options,
-             specs: dict[str, tuple[str, CodecChoice]], extra_rows: dict[str, int]
-             ) -> dict[str, dict | None]:
+def _planned(
+    task: str,
+    base: Checkpoint,
+    ft: Checkpoint,
+    opts: Options,
+    specs: dict[str, tuple[str, CodecChoice]],
+    extra_rows: dict[str, int],
+) -> dict[str, dict | None]:
     """Per-tensor `from_dense` keywords of codecs whose config spans tensors (a low-rank byte
     budget): each such config's `plan` sees the deltas of every tensor that uses it."""
     groups: dict[CodecChoice, list[str]] = {}
@@ -214,8 +240,9 @@ def _planned(task: str, base: Checkpoint, ft: Checkpoint, opts: Options,
             groups.setdefault(choice, []).append(n)
     out: dict[str, dict | None] = {}
     for choice, names in groups.items():
-        deltas = ((n, _delta(base, ft, n, extra_rows[n]))
-                  for n in bar(names, opts.progress, f"{task}: plan"))
+        deltas = (
+            (n, _delta(base, ft, n, extra_rows[n]))
+            for n in bar(names, opts.progress, f"{task}: plan")
+        )
         out.update(codec(choice.name).residual.plan(choice.config, deltas))
     return out
-

@@ -32,12 +32,17 @@ from tasks import Task  # noqa: E402
 def _tasks(labels: dict[str, list[str]], n_train=24, n_test=14) -> dict[str, Task]:
     rng = random.Random(0)
     out = {}
+
     def example(n_labels):
         return " ".join(rng.choice(tiny.WORDS) for _ in range(6)), rng.randrange(n_labels)
 
     for name, names in labels.items():
-        out[name] = Task(name, names, [example(len(names)) for _ in range(n_train)],
-                         [example(len(names)) for _ in range(n_test)])
+        out[name] = Task(
+            name,
+            names,
+            [example(len(names)) for _ in range(n_train)],
+            [example(len(names)) for _ in range(n_test)],
+        )
     return out
 
 
@@ -48,8 +53,9 @@ def minilm(tmp_path_factory):
     tiny.save_tokenizer(base, 80, {"[PAD]": 0, "[UNK]": 1})
     for d in fts.values():
         tiny.save_tokenizer(d, 80, {"[PAD]": 0, "[UNK]": 1})
-    tasks = _tasks({t: [f"label{k}" for k in range(n)] for t, n in zip(fts, (3, 5, 2),
-                                                                          strict=True)})
+    tasks = _tasks(
+        {t: [f"label{k}" for k in range(n)] for t, n in zip(fts, (3, 5, 2), strict=True)}
+    )
     return base, fts, tasks, root
 
 
@@ -64,11 +70,17 @@ def llm(tmp_path_factory):
     return base, fts, tasks, root
 
 
-SETUPS = ["base + head (floor)", "individual fine-tunes", "EMR (unified + 1-bit masks), oracle ids",
-          "routed sign calibrated, oracle ids", "routed sign calibrated, prototype router",
-          "routed sign calibrated, prototype router (cosine)", "routed low-rank r=32, oracle ids",
-          "Twin (TIES shared + 1-bit exclusive), prototype router", "routed auto (SQNR 6 dB), "
-          "oracle ids"]
+SETUPS = [
+    "base + head (floor)",
+    "individual fine-tunes",
+    "EMR (unified + 1-bit masks), oracle ids",
+    "routed sign calibrated, oracle ids",
+    "routed sign calibrated, prototype router",
+    "routed sign calibrated, prototype router (cosine)",
+    "routed low-rank r=32, oracle ids",
+    "Twin (TIES shared + 1-bit exclusive), prototype router",
+    "routed auto (SQNR 6 dB), oracle ids",
+]
 
 
 def _check_rows(rows, sweeps, floor):
@@ -79,8 +91,7 @@ def _check_rows(rows, sweeps, floor):
     assert len(statics) == 4 and all("tuned" in r["setup"] for r in statics)
     by = {r["setup"]: r for r in rows}
     ceiling = by["individual fine-tunes"]
-    assert all(n == (1.0 if ceiling["task_acc"][t] else 0.0) for t, n in
-               ceiling["norm"].items())
+    assert all(n == (1.0 if ceiling["task_acc"][t] else 0.0) for t, n in ceiling["norm"].items())
     for r in rows:
         assert all(0.0 <= a <= 1.0 for a in r["task_acc"].values()), r["setup"]
     # 1 bit per weight plus a 16-bit scale per row of 32-wide tiny matrices
@@ -93,17 +104,20 @@ def _check_rows(rows, sweeps, floor):
 
 
 def _short(track):
-    track.sweeps = {m: (knob, grid[:2], paper) for m, (knob, grid, paper) in
-                    track.sweeps.items()}
+    track.sweeps = {m: (knob, grid[:2], paper) for m, (knob, grid, paper) in track.sweeps.items()}
     return track
 
 
 def test_both_tracks_and_the_report(minilm, llm, tmp_path):
     logs = []
     base, fts, tasks, root = minilm
-    mk = lambda seed: (_short(minilm_track.MiniLM(base, fts, tasks, root / f"s{seed}", seed,  # noqa: E731
-                                                  8, n_val=4, router_examples=8)),
-                       minilm_track.setups)
+
+    def mk(seed):
+        track = minilm_track.MiniLM(
+            base, fts, tasks, root / f"s{seed}", seed, 8, n_val=4, router_examples=8
+        )
+        return _short(track), minilm_track.setups
+
     rows, sweeps = quality.run_seeds(mk, [0], tmp_path / "rows", logs.append)
     _check_rows(rows, sweeps, "base + head (floor)")
     assert (tmp_path / "rows" / "0.json").is_file()  # a seed's rows are cached for --reuse
@@ -111,14 +125,18 @@ def test_both_tracks_and_the_report(minilm, llm, tmp_path):
     assert again[0] == rows and any("rows from" in m for m in logs)
 
     lbase, lfts, ltasks, lroot = llm
-    mk_lm = lambda seed: (_short(lm_track.LM(lbase, lfts, ltasks, lroot / "lm", seed, 8,  # noqa: E731
-                                             n_val=4, router_examples=8)), lm_track.setups)
+
+    def mk_lm(seed):
+        track = lm_track.LM(lbase, lfts, ltasks, lroot / "lm", seed, 8, n_val=4, router_examples=8)
+        return _short(track), lm_track.setups
+
     lm_rows, lm_sweeps = quality.run_seeds(mk_lm, [0], None, logs.append)
     _check_rows(lm_rows, lm_sweeps, "base (floor)")
 
     out = tmp_path / "quality.md"
-    quality.write_report(out, "python bench/quality/run.py --smoke", "- meta", (rows, sweeps),
-                         (lm_rows, lm_sweeps))
+    quality.write_report(
+        out, "python bench/quality/run.py --smoke", "- meta", (rows, sweeps), (lm_rows, lm_sweeps)
+    )
     text = out.read_text()
     assert "Command: `python bench/quality/run.py --smoke`" in text
     assert "## Targets" in text and "## LLM track" in text and "Static-merge sweeps" in text
@@ -138,12 +156,17 @@ def test_teacher_forced_exact_match_is_greedy_decoding(llm, tmp_path):
         logits = model(input_ids=ids, attention_mask=mask).logits
         for k, (s, a) in enumerate(zip(starts, answers, strict=True)):
             # the model's own greedy answer, and the test's answer: both must be judged right
-            gen = model.generate(ids[k:k + 1, :s], max_new_tokens=len(a), do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)[0, s:].tolist()
-            own = ids[k:k + 1].clone()
-            own[0, s:s + len(gen)] = torch.tensor(gen)
-            assert track.matches(model(input_ids=own[:, :s + len(gen)]).logits, [s], [gen]) == 1
-            forced = track.matches(logits[k:k + 1], [s], [a])
+            gen = model.generate(
+                ids[k : k + 1, :s],
+                max_new_tokens=len(a),
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )[0, s:].tolist()
+            own = ids[k : k + 1].clone()
+            own[0, s : s + len(gen)] = torch.tensor(gen)
+            assert track.matches(model(input_ids=own[:, : s + len(gen)]).logits, [s], [gen]) == 1
+            forced = track.matches(logits[k : k + 1], [s], [a])
             assert forced == int(gen == a)
             agree += 1
             matched += forced
@@ -167,8 +190,9 @@ def test_the_held_out_split_shares_the_test_splits_class_mix():
     # hash order under a per-class cap: two classes at random, then the common one runs out
     # and the tail is all the rare class
     rng = random.Random(0)
-    examples = [(f"x{i}", int(rng.random() < 0.5)) for i in range(300)] + \
-        [(f"y{i}", 1) for i in range(200)]
+    examples = [(f"x{i}", int(rng.random() < 0.5)) for i in range(300)] + [
+        (f"y{i}", 1) for i in range(200)
+    ]
     test, val = measure.held_out(examples, 200, 80)
     assert len(test) == 200 and len(val) == 80
     assert not {x for x, _ in test} & {x for x, _ in val}
@@ -179,10 +203,16 @@ def test_the_held_out_split_shares_the_test_splits_class_mix():
 
 
 def test_plot_labels_are_short_and_keep_setups_apart():
-    names = ["routed sign calibrated, prototype router",
-             "routed sign calibrated, prototype router (cosine)",
-             "Twin (TIES shared + 1-bit exclusive), oracle ids",
-             "TIES (k=20%) (λ=0.8 / 0.5 / 0.8, tuned)"]
+    names = [
+        "routed sign calibrated, prototype router",
+        "routed sign calibrated, prototype router (cosine)",
+        "Twin (TIES shared + 1-bit exclusive), oracle ids",
+        "TIES (k=20%) (λ=0.8 / 0.5 / 0.8, tuned)",
+    ]
     labels = [quality._short(n) for n in names]
-    assert labels == ["sign cal., proto", "sign cal., proto cosine",
-                      "Twin (TIES + 1-bit), oracle", "TIES (k=20%)"]
+    assert labels == [
+        "sign cal., proto",
+        "sign cal., proto cosine",
+        "Twin (TIES + 1-bit), oracle",
+        "TIES (k=20%)",
+    ]

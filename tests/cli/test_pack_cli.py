@@ -18,14 +18,36 @@ def _ok(capsys, *argv):
 
 def test_compress_inspect_verify_add_remove(models, capsys):
     m = models
-    out = _ok(capsys, "compress", "--base", m / "base", "--task", f"a={m / 'ft0'}", "--task",
-              f"b={m / 'ft1'}", "--out", m / "pack", "--json")
+    out = _ok(
+        capsys,
+        "compress",
+        "--base",
+        m / "base",
+        "--task",
+        f"a={m / 'ft0'}",
+        "--task",
+        f"b={m / 'ft1'}",
+        "--out",
+        m / "pack",
+        "--json",
+    )
     report = json.loads(out.out)
     assert sorted(report["tasks"]) == ["a", "b"]
     assert report["tasks"]["a"]["by_module_type"]["mlp"]["bits_per_param"] == pytest.approx(
-        1 + 16 / 32, rel=0.2)  # 16-wide rows and 48-wide: 1 bit + a bf16 scale per row
-    _ok(capsys, "add-task", m / "pack", "--base", m / "base", "--task", f"c={m / 'ft2'}",
-        "--codec", "lowrank:rank=2", "--quiet")
+        1 + 16 / 32, rel=0.2
+    )  # 16-wide rows and 48-wide: 1 bit + a bf16 scale per row
+    _ok(
+        capsys,
+        "add-task",
+        m / "pack",
+        "--base",
+        m / "base",
+        "--task",
+        f"c={m / 'ft2'}",
+        "--codec",
+        "lowrank:rank=2",
+        "--quiet",
+    )
     info = json.loads(_ok(capsys, "inspect", m / "pack", "--json").out)
     assert info["tasks"]["c"]["codecs"]["lowrank"] == 4
     text = _ok(capsys, "verify", m / "pack", "--base", m / "base").out
@@ -45,33 +67,91 @@ def _refused(capsys, root, match, *argv):
 
 def test_every_refusal_is_one_line_and_changes_nothing(models, capsys):
     m = models
-    _ok(capsys, "compress", "--base", m / "base", "--task", f"a={m / 'ft0'}", "--out", m / "pack",
-        "--quiet")
+    _ok(
+        capsys,
+        "compress",
+        "--base",
+        m / "base",
+        "--task",
+        f"a={m / 'ft0'}",
+        "--out",
+        m / "pack",
+        "--quiet",
+    )
     save(base_tensors(seed=9), m / "other")
-    _refused(capsys, m, "different base", "add-task", m / "pack", "--base", m / "other",
-             "--task", f"b={m / 'ft1'}")
+    _refused(
+        capsys,
+        m,
+        "different base",
+        "add-task",
+        m / "pack",
+        "--base",
+        m / "other",
+        "--task",
+        f"b={m / 'ft1'}",
+    )
     _refused(capsys, m, "different base", "verify", m / "pack", "--base", m / "other")
 
     bad = finetune_of(base_tensors(), 4)
     bad["extra.weight"] = torch.zeros(2, 2)
     save(bad, m / "extra")
-    _refused(capsys, m, "tensor 'extra.weight' that the base does not", "compress", "--base",
-             m / "base", "--task", f"x={m / 'extra'}", "--out", m / "pack", "--overwrite")
+    _refused(
+        capsys,
+        m,
+        "tensor 'extra.weight' that the base does not",
+        "compress",
+        "--base",
+        m / "base",
+        "--task",
+        f"x={m / 'extra'}",
+        "--out",
+        m / "pack",
+        "--overwrite",
+    )
 
     bad = finetune_of(base_tensors(), 4)
     bad["model.embed_tokens.weight"] = torch.zeros(41, 16)
     save(bad, m / "vocab")
-    _refused(capsys, m, "--allow-resized-vocab", "add-task", m / "pack", "--base", m / "base",
-             "--task", f"x={m / 'vocab'}")
+    _refused(
+        capsys,
+        m,
+        "--allow-resized-vocab",
+        "add-task",
+        m / "pack",
+        "--base",
+        m / "base",
+        "--task",
+        f"x={m / 'vocab'}",
+    )
 
     bad = finetune_of(base_tensors(), 4)
     bad["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
     save(bad, m / "nan")
-    _refused(capsys, m, "not finite", "add-task", m / "pack", "--base", m / "base",
-             "--task", f"x={m / 'nan'}")
+    _refused(
+        capsys,
+        m,
+        "not finite",
+        "add-task",
+        m / "pack",
+        "--base",
+        m / "base",
+        "--task",
+        f"x={m / 'nan'}",
+    )
 
-    _refused(capsys, m, "unknown codec", "add-task", m / "pack", "--base", m / "base",
-             "--task", f"x={m / 'ft1'}", "--codec", "signs")
+    _refused(
+        capsys,
+        m,
+        "unknown codec",
+        "add-task",
+        m / "pack",
+        "--base",
+        m / "base",
+        "--task",
+        f"x={m / 'ft1'}",
+        "--codec",
+        "signs",
+    )
 
     manifest = json.loads((m / "pack/manifest.json").read_text())
     manifest["format_version"] = 99
@@ -89,8 +169,11 @@ def test_every_refusal_is_one_line_and_changes_nothing(models, capsys):
 
 
 def test_a_real_process_prints_no_traceback(models):
-    proc = subprocess.run([sys.executable, "-m", "qmerge", "verify", str(models / "nothing")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmerge", "verify", str(models / "nothing")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
     want = f"qmerge verify: error: {models / 'nothing'}: not a pack (no manifest.json)"
     # the last line: without the extension, a RuntimeWarning about it comes first

@@ -36,13 +36,16 @@ def test_energy_picks_the_smallest_rank_that_reaches_it():
 
 def test_randomized_svd_matches_exact_on_a_low_rank_matrix():
     d = _lowrank_delta(out=300, cols=200, rank=6, noise=0)
-    exact = LowRankResidual.from_dense(d, LowRankConfig(rank=6, factor_dtype="fp32",
-                                                        randomized="never"))
-    rand = LowRankResidual.from_dense(d, LowRankConfig(rank=6, factor_dtype="fp32",
-                                                       randomized="always"))
+    exact = LowRankResidual.from_dense(
+        d, LowRankConfig(rank=6, factor_dtype="fp32", randomized="never")
+    )
+    rand = LowRankResidual.from_dense(
+        d, LowRankConfig(rank=6, factor_dtype="fp32", randomized="always")
+    )
     torch.testing.assert_close(rand.dequantize(), exact.dequantize(), rtol=1e-3, atol=1e-6)
-    again = LowRankResidual.from_dense(d, LowRankConfig(rank=6, factor_dtype="fp32",
-                                                        randomized="always"))
+    again = LowRankResidual.from_dense(
+        d, LowRankConfig(rank=6, factor_dtype="fp32", randomized="always")
+    )
     assert torch.equal(again.U, rand.U)  # seeded: the same input gives the same factors
 
 

@@ -37,8 +37,9 @@ def test_per_group_scale_is_the_group_mean_of_abs(cols, group):
     gs = math.ceil(cols / groups)  # the ops' layout
     assert r.scales.shape == (24, groups)
     for g in range(groups):
-        torch.testing.assert_close(r.scales[:, g], d[:, g * gs:(g + 1) * gs].abs().mean(1),
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            r.scales[:, g], d[:, g * gs : (g + 1) * gs].abs().mean(1), rtol=1e-6, atol=0
+        )
     # the stored layout is what the op consumes
     base = torch.zeros(24, cols)
     w = ops.dequant_add_sign(base, r.signs[None], r.scales[None].float(), torch.ones(1))

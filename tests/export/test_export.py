@@ -11,10 +11,10 @@ import torch
 
 import qmerge
 from qmerge.errors import BaseMismatchError, ConfigError, ExportError
+from qmerge.format.checkpoint import Checkpoint
 from qmerge.verbs.export import build, check
 from qmerge.verbs.export.merged import merged
 from qmerge.verbs.export.selection import select
-from qmerge.format.checkpoint import Checkpoint
 from tests.nn import tiny
 
 transformers = pytest.importorskip("transformers")
@@ -22,10 +22,12 @@ if os.environ.get("QMERGE_DISABLE_EXT") == "1":
     # Export is Python over the pack and transformers; the routed reference it checks
     # against runs the ops, whose reference path tests/nn covers in this pass. Spawning the
     # check's processes again would add minutes for nothing new.
-    pytest.skip("export runs once, in the pass with the compiled kernels",
-                allow_module_level=True)
-LOWRANK = qmerge.Policy(codec="lowrank:rank=4,factor_dtype=fp32", vectors="dense:dtype=fp32",
-                        types={"norm": "dense:dtype=fp32"})
+    pytest.skip("export runs once, in the pass with the compiled kernels", allow_module_level=True)
+LOWRANK = qmerge.Policy(
+    codec="lowrank:rank=4,factor_dtype=fp32",
+    vectors="dense:dtype=fp32",
+    types={"norm": "dense:dtype=fp32"},
+)
 
 
 def _touch_vectors(model_dir, seed: int) -> None:
@@ -35,9 +37,14 @@ def _touch_vectors(model_dir, seed: int) -> None:
 
     ckpt = Checkpoint(model_dir)
     g = torch.Generator().manual_seed(seed)
-    state = {n: (t.clone() + 0.1 * torch.randn(t.shape, generator=g)
-                 if t.is_floating_point() and t.dim() == 1 else t.clone())
-             for n, t in ckpt.items()}
+    state = {
+        n: (
+            t.clone() + 0.1 * torch.randn(t.shape, generator=g)
+            if t.is_floating_point() and t.dim() == 1
+            else t.clone()
+        )
+        for n, t in ckpt.items()
+    }
     del ckpt
     with open(model_dir / "model.safetensors", "wb") as f:
         write_safetensors(f, state, metadata={"format": "pt"})
@@ -49,8 +56,12 @@ def lm(tmp_path_factory):
     base, fts = tiny.llama(root, tasks=2)
     for i, d in enumerate(fts.values()):
         _touch_vectors(d, 50 + i)
-    sign = tiny.compress(base, fts, root / "sign", codec=qmerge.Policy(
-        codec="sign", types={"norm": "dense:dtype=fp32"}))
+    sign = tiny.compress(
+        base,
+        fts,
+        root / "sign",
+        codec=qmerge.Policy(codec="sign", types={"norm": "dense:dtype=fp32"}),
+    )
     lowrank = tiny.compress(base, fts, root / "lowrank", codec=LOWRANK)
     return root, base, fts, sign, lowrank
 
@@ -83,8 +94,9 @@ def test_hf_task_loads_without_qmerge_and_matches(lm):
     ref = qmerge.load(base, sign)
     ids = torch.tensor([[1, 5, 9, 13, 40, 22]])
     with torch.no_grad():
-        torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids, task="t0").logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            m(input_ids=ids).logits, ref(input_ids=ids, task="t0").logits, rtol=1e-5, atol=1e-5
+        )
         other = ref(input_ids=ids, task="t1").logits
     assert not torch.allclose(m(input_ids=ids).logits, other, atol=1e-3)
     assert _stray(root) == []
@@ -92,10 +104,12 @@ def test_hf_task_loads_without_qmerge_and_matches(lm):
 
 def test_hf_mixture_sharded_and_bf16(lm):
     root, base, fts, sign, _ = lm
-    r = qmerge.export(sign, base, root / "mix", fmt="hf", coeffs="t0:0.7+t1:0.3",
-                      max_shard_bytes=40_000)
-    assert len(r["written"]["shards"]) > 1 and (root / "mix" / "model.safetensors.index.json"
-                                                ).exists()
+    r = qmerge.export(
+        sign, base, root / "mix", fmt="hf", coeffs="t0:0.7+t1:0.3", max_shard_bytes=40_000
+    )
+    assert (
+        len(r["written"]["shards"]) > 1 and (root / "mix" / "model.safetensors.index.json").exists()
+    )
     assert r["check"]["passed"] and r["check"]["max_rel"] < 1e-5
     assert r["route"] == {"coeffs": {"t0": 0.7, "t1": 0.3}}
     r = qmerge.export(sign, base, root / "bf16", fmt="hf", task="t1", dtype="bf16")
@@ -111,7 +125,8 @@ def test_peft_lowrank_llama_is_exact_with_tied_embeddings(lm):
     cfg = json.loads((root / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 4
     assert {"lm_head", "embed_tokens"} <= set(cfg["target_modules"]) or any(
-        "lm_head" in m for m in cfg["target_modules"])
+        "lm_head" in m for m in cfg["target_modules"]
+    )
     # norms changed, so the norm modules are carried whole
     assert any("norm" in m for m in cfg["modules_to_save"])
 
@@ -125,8 +140,9 @@ def test_peft_mixture_concatenates_factors(lm):
 
 def test_peft_from_sign_is_svd_with_energy(lm):
     root, base, fts, sign, _ = lm
-    r = qmerge.export(sign, base, root / "peftsvd", fmt="peft", task="t0", rank=3,
-                      min_agreement=0.5)
+    r = qmerge.export(
+        sign, base, root / "peftsvd", fmt="peft", task="t0", rank=3, min_agreement=0.5
+    )
     w = r["written"]
     assert not w["exact"] and not r["check"]["exact"] and w["svd_tensors"] > 0
     assert 0.0 < w["energy_kept_min"] < 1.0
@@ -177,8 +193,10 @@ def test_a_wrong_artifact_fails_the_check_and_nothing_is_written(lm, monkeypatch
         info = real(job.__class__(**{**job.__dict__, "sel": select(job.pack, task="t1")}), out)
         return info
 
-    with build.FORMATS.swapped("hf", wrong), pytest.raises(ExportError,
-                                                          match="does not match the routed model"):
+    with (
+        build.FORMATS.swapped("hf", wrong),
+        pytest.raises(ExportError, match="does not match the routed model"),
+    ):
         qmerge.export(sign, base, root / "wrong", fmt="hf", task="t0")
     assert not (root / "wrong").exists() and _stray(root) == []
 
@@ -224,8 +242,7 @@ def test_the_check_runs_without_qmerge(tmp_path):
     d = tmp_path / "fake"
     d.mkdir()
     (d / "qmerge_int8.py").write_text("import qmerge\n")
-    spec = {"format": "int8", "dir": str(d), "kind": "classifier", "auto": "AutoModel",
-            "eos": []}
+    spec = {"format": "int8", "dir": str(d), "kind": "classifier", "auto": "AutoModel", "eos": []}
     ref = {"seq.0": torch.tensor([1, 2, 3]), "prompt.0": torch.tensor(3)}
     with pytest.raises(ExportError, match="qmerge is blocked|blocked"):
         check.run_child(spec, ref, 1)
@@ -235,10 +252,30 @@ def test_cli_export_json(lm, capsys):
     from qmerge.cli import main
 
     root, base, fts, sign, _ = lm
-    assert main(["export", str(sign), "--base", str(base), "--task", "t1", "--out",
-                 str(root / "cli"), "--format", "hf", "--json", "--check-inputs", "3"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(sign),
+                "--base",
+                str(base),
+                "--task",
+                "t1",
+                "--out",
+                str(root / "cli"),
+                "--format",
+                "hf",
+                "--json",
+                "--check-inputs",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["check"]["inputs"] == 3 and out["check"]["passed"]
-    assert main(["export", str(sign), "--base", str(base), "--task", "t1", "--out",
-                 str(root / "cli")]) == 1
+    assert (
+        main(["export", str(sign), "--base", str(base), "--task", "t1", "--out", str(root / "cli")])
+        == 1
+    )
     assert "exists" in capsys.readouterr().err

@@ -31,8 +31,12 @@ def test_sharded_directory_with_index(tmp_path):
     save({n: t[n] for n in names[3:]}, d / "b")
     (d / "a" / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
     (d / "b" / "model.safetensors").rename(d / "model-00002-of-00002.safetensors")
-    index = {"weight_map": {n: ("model-00001-of-00002.safetensors" if i < 3 else
-                                "model-00002-of-00002.safetensors") for i, n in enumerate(names)}}
+    index = {
+        "weight_map": {
+            n: ("model-00001-of-00002.safetensors" if i < 3 else "model-00002-of-00002.safetensors")
+            for i, n in enumerate(names)
+        }
+    }
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     _same(Checkpoint(d), t)
     index["weight_map"][names[0]] = "../elsewhere.safetensors"

@@ -13,8 +13,9 @@ from qmerge.format import manifest as mf
 from qmerge.format.pack import Pack
 from tests.models import base_tensors, finetune_of, save
 
-FUZZ = settings(max_examples=60, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,12 @@ def pack_dir(tmp_path_factory):
     save(b, root / "base")
     save(finetune_of(b, 1), root / "ft1")
     save(finetune_of(b, 2), root / "ft2")
-    qmerge.compress(root / "base", {"a": root / "ft1", "b": root / "ft2"}, root / "pack",
-                    opts=qmerge.Options(progress=False))
+    qmerge.compress(
+        root / "base",
+        {"a": root / "ft1", "b": root / "ft2"},
+        root / "pack",
+        opts=qmerge.Options(progress=False),
+    )
     return root / "pack"
 
 
@@ -44,11 +49,16 @@ def test_the_fixture_pack_is_valid(pack_dir):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2, 2**40) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2**40)
+    | st.floats(allow_nan=False)
     | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=3),
-    max_leaves=8)
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
 
 
 def _paths(obj, prefix=()):
@@ -125,7 +135,7 @@ def test_truncated_task_files_are_checksum_errors(pack_dir, tmp_path_factory, da
     work = _copy(pack_dir, tmp_path_factory.mktemp("cut"))
     f = work / "tasks" / "a.safetensors"
     raw = f.read_bytes()
-    f.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1))])
+    f.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1))])
     with pytest.raises(ChecksumError, match="truncated"):
         _use(work)
 

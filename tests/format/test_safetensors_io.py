@@ -7,9 +7,14 @@ from qmerge.errors import QmergeError
 from qmerge.format.safetensors_io import SafetensorsFile, sha256_file, write_safetensors
 
 ALL = {
-    "f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 3).bfloat16(),
-    "u8": torch.arange(11, dtype=torch.uint8), "i64": torch.arange(-3, 3),
-    "empty": torch.empty(0, 4), "scalar": torch.tensor(2.5), "bool": torch.tensor([True, False]),
+    "f32": torch.randn(3, 5),
+    "f16": torch.randn(7).half(),
+    "bf16": torch.randn(2, 3).bfloat16(),
+    "u8": torch.arange(11, dtype=torch.uint8),
+    "i64": torch.arange(-3, 3),
+    "empty": torch.empty(0, 4),
+    "scalar": torch.tensor(2.5),
+    "bool": torch.tensor([True, False]),
 }
 
 
@@ -70,13 +75,18 @@ def test_truncated_files_raise_the_given_error(tmp_path, cut):
         SafetensorsFile(p, error=Mine)
 
 
-@pytest.mark.parametrize("header", [
-    b"not json", b"[1, 2]", b'{"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}',
-    b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
-    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
-    b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
-    b'{"__metadata__": {"a": 1}}',
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}',
+        b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
+        b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}',
+        b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}',
+        b'{"__metadata__": {"a": 1}}',
+    ],
+)
 def test_malformed_headers_are_refused(tmp_path, header):
     p = tmp_path / "bad.safetensors"
     p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)

@@ -53,8 +53,9 @@ def _expected(base, fts, method: str, opts: dict, task: str | None):
             if key is None:
                 continue
             d = torch.stack([ft_states[t][name] - state[name] for t in tasks])
-            out = METHODS[method].fn(d, cfg, TensorCtx(name, layer_index(name), layers + 1,
-                                                       tuple(tasks)))
+            out = METHODS[method].fn(
+                d, cfg, TensorCtx(name, layer_index(name), layers + 1, tuple(tasks))
+            )
             w = state[name] + out.shared
             if task is not None and out.exclusive is not None:
                 ex = out.exclusive[tasks.index(task)]
@@ -64,19 +65,29 @@ def _expected(base, fts, method: str, opts: dict, task: str | None):
     return b
 
 
-@pytest.mark.parametrize("method,opts,task", [
-    ("task_arithmetic", {"scale": 0.4}, None),
-    ("ties", {"density": 0.3}, None),
-    ("dare", {"drop": 0.5, "seed": 3}, None),
-    ("lines", {"beta": 0.8}, None),
-    ("emr", {}, "t1"),
-    ("twin", {"shared": "ties"}, "t2"),
-])
+@pytest.mark.parametrize(
+    "method,opts,task",
+    [
+        ("task_arithmetic", {"scale": 0.4}, None),
+        ("ties", {"density": 0.3}, None),
+        ("dare", {"drop": 0.5, "seed": 3}, None),
+        ("lines", {"beta": 0.8}, None),
+        ("emr", {}, "t1"),
+        ("twin", {"shared": "ties"}, "t2"),
+    ],
+)
 def test_merged_pack_routes_to_the_methods_weights(lm, method, opts, task):
     root, base, fts, pack = lm
     out = root / f"m-{method}"
-    qmerge.merge_pack(pack, out, method, make_config(method, opts), shared_codec=FP32,
-                 exclusive=tiny.EXACT, overwrite=True)
+    qmerge.merge_pack(
+        pack,
+        out,
+        method,
+        make_config(method, opts),
+        shared_codec=FP32,
+        exclusive=tiny.EXACT,
+        overwrite=True,
+    )
     assert qmerge.verify(out, base=base)["base"] == "matches"
     man = json.loads((out / "manifest.json").read_text())
     assert man["merge"]["method"] == method
@@ -90,33 +101,39 @@ def test_merged_pack_routes_to_the_methods_weights(lm, method, opts, task):
     # the backbone goes back bit for bit
     qmerge.unload(routed)
     plain = _model(base)
-    for (n, p), (_, q) in zip(routed.state_dict().items(), plain.state_dict().items(),
-                              strict=True):
+    for (n, p), (_, q) in zip(routed.state_dict().items(), plain.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
 
 
 def test_twin_with_lossless_codecs_reproduces_every_fine_tune(lm):
     root, base, fts, pack = lm
-    out = qmerge.merge_pack(pack, root / "twin-exact", "twin", shared_codec=FP32,
-                       exclusive=tiny.EXACT, overwrite=True).path
+    out = qmerge.merge_pack(
+        pack, root / "twin-exact", "twin", shared_codec=FP32, exclusive=tiny.EXACT, overwrite=True
+    ).path
     routed = qmerge.load(base, out)
     with torch.no_grad():
         for t, path in fts.items():
-            torch.testing.assert_close(routed(input_ids=IDS, task=t).logits,
-                                       _model(path)(input_ids=IDS).logits, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                routed(input_ids=IDS, task=t).logits,
+                _model(path)(input_ids=IDS).logits,
+                rtol=1e-4,
+                atol=1e-4,
+            )
         # a mixed batch: one task per row
         mixed = routed(input_ids=IDS, task=["t0", "t1", "t2"]).logits
         for i, t in enumerate(["t0", "t1", "t2"]):
-            torch.testing.assert_close(mixed[i], _model(fts[t])(input_ids=IDS[i:i + 1]).logits[0],
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                mixed[i], _model(fts[t])(input_ids=IDS[i : i + 1]).logits[0], rtol=1e-4, atol=1e-4
+            )
 
 
 def test_twin_one_bit_exclusive_is_smaller_than_the_tasks_and_closer_than_the_static(lm):
     root, base, fts, pack = lm
     twin = qmerge.merge_pack(pack, root / "twin-sign", "twin", overwrite=True).path
     info = qmerge.inspect(twin)
-    assert info["merge"]["shared"]["codecs"] == {"dense": len(qmerge.open_pack(twin)
-                                                              .shared_entries())}
+    assert info["merge"]["shared"]["codecs"] == {
+        "dense": len(qmerge.open_pack(twin).shared_entries())
+    }
     routed = qmerge.load(base, twin)
     with torch.no_grad():
         ft = _model(fts["t0"])(input_ids=IDS).logits
@@ -132,34 +149,44 @@ def test_task_arithmetic_over_one_bit_tasks_sums_the_packed_bits(lm):
     delta as the dense sum of the dequantized residuals."""
     root, base, fts, _ = lm
     signs = tiny.compress(base, fts, root / "signs", "sign")
-    out = qmerge.merge_pack(signs, root / "ta-bits", "task_arithmetic:scale=0.5", shared_codec=FP32,
-                       overwrite=True)
+    out = qmerge.merge_pack(
+        signs, root / "ta-bits", "task_arithmetic:scale=0.5", shared_codec=FP32, overwrite=True
+    )
     src = qmerge.open_pack(signs)
     for name in out.shared_entries():
-        want = sum(qmerge.residual(src, t, name).dequantize() for t in src.tasks
-                   if name in src.entries(t)) * 0.5
+        want = (
+            sum(
+                qmerge.residual(src, t, name).dequantize()
+                for t in src.tasks
+                if name in src.entries(t)
+            )
+            * 0.5
+        )
         got = shared_residual(out, name).dequantize()
         torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-6, atol=1e-7)
 
 
 def test_export_shared_is_the_static_merge(lm, tmp_path):
     root, base, fts, pack = lm
-    out = qmerge.merge_pack(pack, root / "ta-export", "task_arithmetic", shared_codec=FP32,
-                       overwrite=True).path
+    out = qmerge.merge_pack(
+        pack, root / "ta-export", "task_arithmetic", shared_codec=FP32, overwrite=True
+    ).path
     qmerge.export(out, base, tmp_path / "hf", shared=True)
     want = _expected(base, fts, "task_arithmetic", {}, None)
     got = _model(tmp_path / "hf")
     with torch.no_grad():
-        torch.testing.assert_close(got(input_ids=IDS).logits, want(input_ids=IDS).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            got(input_ids=IDS).logits, want(input_ids=IDS).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("spec", ["task_arithmetic:scale=0.7", "ties:density=0.3", "lines"])
 def test_shared_deltas_in_memory_equal_the_merged_packs(lm, spec):
     root, base, fts, pack = lm
     name = spec.split(":")[0]
-    out = qmerge.merge_pack(pack, root / f"mem-{name}", spec, shared_codec=FP32,
-                            exclusive=tiny.EXACT, overwrite=True)
+    out = qmerge.merge_pack(
+        pack, root / f"mem-{name}", spec, shared_codec=FP32, exclusive=tiny.EXACT, overwrite=True
+    )
     got = dict(qmerge.shared_deltas(pack, spec))
     stored = out.shared_entries()
     assert stored and set(stored) <= set(got)
@@ -167,15 +194,17 @@ def test_shared_deltas_in_memory_equal_the_merged_packs(lm, spec):
         if n not in stored:  # the pack skips an all-zero delta (tiny.perturbed leaves norms)
             assert not d.any(), n
             continue
-        torch.testing.assert_close(d.reshape(-1), shared_residual(out, n).dequantize().reshape(-1),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            d.reshape(-1), shared_residual(out, n).dequantize().reshape(-1), rtol=0, atol=0
+        )
 
 
 def test_classifier_heads_survive_the_merge(tmp_path):
     base, fts = tiny.bert(tmp_path)
     pack = tiny.compress(base, fts, tmp_path / "pack", tiny.EXACT, heads=("classifier.*",))
-    out = qmerge.merge_pack(pack, tmp_path / "twin", "twin", shared_codec=FP32,
-                            exclusive=tiny.EXACT)
+    out = qmerge.merge_pack(
+        pack, tmp_path / "twin", "twin", shared_codec=FP32, exclusive=tiny.EXACT
+    )
     for t in out.tasks:
         assert out.labels(t) == qmerge.open_pack(pack).labels(t)
         for k, v in out.heads(t).items():
@@ -186,7 +215,7 @@ def test_classifier_heads_survive_the_merge(tmp_path):
         for t, path in fts.items():
             ft = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
             want = ft(input_ids=ids).logits  # the routed head pads to the widest task's labels
-            got = routed(input_ids=ids, task=t).logits[:, :want.shape[1]]
+            got = routed(input_ids=ids, task=t).logits[:, : want.shape[1]]
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -214,13 +243,44 @@ def test_bad_merges_are_refused_and_write_nothing(lm, tmp_path):
 def test_cli_merge(lm, tmp_path):
     root, base, fts, pack = lm
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "qmerge", "merge", str(pack), "--method", "dare",
-                        "--option", "drop=0.5", "--option", "seed=7", "--out", str(out),
-                        "--json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmerge",
+            "merge",
+            str(pack),
+            "--method",
+            "dare",
+            "--option",
+            "drop=0.5",
+            "--option",
+            "seed=7",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["merge"]["method"] == "dare" and info["merge"]["config"]["seed"] == 7
-    r = subprocess.run([sys.executable, "-m", "qmerge", "merge", str(pack), "--method", "ties",
-                        "--option", "density=2", "--out", str(tmp_path / "bad")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmerge",
+            "merge",
+            str(pack),
+            "--method",
+            "ties",
+            "--option",
+            "density=2",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "density" in r.stderr and not (tmp_path / "bad").exists()

@@ -30,9 +30,7 @@ def test_task_arithmetic_is_scaled_sum():
 
 def test_ties_by_hand():
     # 3 tasks, 4 entries; density 0.5 keeps each task's 2 largest magnitudes
-    d = torch.tensor([[3.0, -1.0, 0.5, -4.0],
-                      [-2.0, 2.0, 0.1, 1.0],
-                      [1.0, 0.2, -3.0, 5.0]])
+    d = torch.tensor([[3.0, -1.0, 0.5, -4.0], [-2.0, 2.0, 0.1, 1.0], [1.0, 0.2, -3.0, 5.0]])
     # trimmed: a [3, 0, 0, -4], b [-2, 2, 0, 0], c [0, 0, -3, 5]
     # elected sign of the sums [1, 2, -3, 1] -> [+, +, -, +]
     # disjoint means: [3, 2, -3, 5]
@@ -70,13 +68,13 @@ def test_lines_scales_with_depth():
     torch.testing.assert_close(emb.shared, 0.1 * s)
     # alpha defaults to 1/T; inner can be TIES
     out = fn(d, make_config("lines", {"inner": "ties:density=1.0"}), ctx(depth=0))
-    torch.testing.assert_close(out.shared, METHODS["ties"].fn(
-        d, make_config("ties", {"density": 1.0}), ctx()).shared / 3)
+    torch.testing.assert_close(
+        out.shared, METHODS["ties"].fn(d, make_config("ties", {"density": 1.0}), ctx()).shared / 3
+    )
 
 
 def test_emr_unified_masks_and_rescalers():
-    d = torch.tensor([[1.0, -2.0, 3.0],
-                      [2.0, 1.0, -1.0]])
+    d = torch.tensor([[1.0, -2.0, 3.0], [2.0, 1.0, -1.0]])
     out = METHODS["emr"].fn(d, make_config("emr", {}), ctx())
     # signs of the sums [3, -1, 2] -> [+, -, +]; largest agreeing magnitudes [2, 2, 3]
     torch.testing.assert_close(out.shared, torch.tensor([2.0, -2.0, 3.0]))

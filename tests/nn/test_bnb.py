@@ -31,12 +31,17 @@ def _quantize(model, bnb, bits):
     for name, mod in list(model.named_modules()):
         if type(mod) is torch.nn.Linear and ".layers." in f".{name}":
             if bits == 8:
-                q = bnb.nn.Linear8bitLt(mod.in_features, mod.out_features, mod.bias is not None,
-                                        has_fp16_weights=False)
+                q = bnb.nn.Linear8bitLt(
+                    mod.in_features, mod.out_features, mod.bias is not None, has_fp16_weights=False
+                )
                 q.load_state_dict(mod.state_dict())
             else:
-                q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, mod.bias is not None,
-                                      compute_dtype=torch.float32)
+                q = bnb.nn.Linear4bit(
+                    mod.in_features,
+                    mod.out_features,
+                    mod.bias is not None,
+                    compute_dtype=torch.float32,
+                )
                 q.load_state_dict(mod.state_dict())
                 q = q.to("cpu")
             parent, _, child = name.rpartition(".")
@@ -64,8 +69,9 @@ def test_quantized_base_loads_and_routes(tmp_path, bits):
         got = q(input_ids=ids, task=route).logits
         want = fp(input_ids=ids, task=route).logits
         for i, t in enumerate(route):  # rows are independent on the quantized base too
-            torch.testing.assert_close(got[i], q(input_ids=ids[i:i + 1], task=t).logits[0],
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                got[i], q(input_ids=ids[i : i + 1], task=t).logits[0], rtol=1e-4, atol=1e-4
+            )
     # quantization error only: the deltas are applied exactly on top
     err = (got - want).abs().max() / want.abs().max()
     assert err < (0.05 if bits == 8 else 0.25), float(err)

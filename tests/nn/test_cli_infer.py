@@ -31,8 +31,11 @@ def _json(capsys, argv):
 def test_fit_router_then_run_auto(cls_pack, capsys):
     root, base, pack = cls_pack
     files = {}
-    for t, words in {"c0": "the cat sat on the mat", "c1": "red blue big small very",
-                     "c2": "is was not and or"}.items():
+    for t, words in {
+        "c0": "the cat sat on the mat",
+        "c1": "red blue big small very",
+        "c2": "is was not and or",
+    }.items():
         f = root / f"{t}.txt"
         f.write_text("\n".join([words] * 3) + "\n")
         files[t] = f
@@ -44,11 +47,22 @@ def test_fit_router_then_run_auto(cls_pack, capsys):
     assert out["evaluation"]["accuracy"] == 1.0
     assert out["evaluation"]["confusion"]["c2"]["c2"] == 3
     reqs = root / "reqs.jsonl"
-    reqs.write_text("\n".join(json.dumps(r) for r in [
-        {"text": "red blue big", "auto": True}, {"text": "the cat sat", "task": "c0"},
-        {"text": "is not", "coeffs": "c2:0.5+c2:0.5"}, {"text": "the dog"}]) + "\n")
-    res = _json(capsys, ["run", str(pack), "--base", str(base), "--jsonl", str(reqs),
-                         "--task", "c2", "--json"])
+    reqs.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"text": "red blue big", "auto": True},
+                {"text": "the cat sat", "task": "c0"},
+                {"text": "is not", "coeffs": "c2:0.5+c2:0.5"},
+                {"text": "the dog"},
+            ]
+        )
+        + "\n"
+    )
+    res = _json(
+        capsys,
+        ["run", str(pack), "--base", str(base), "--jsonl", str(reqs), "--task", "c2", "--json"],
+    )
     assert res["kind"] == "classify"
     r = res["results"]
     assert r[0]["route"] == {"c1": 1.0} and len(r[0]["scores"]) == 5
@@ -63,8 +77,24 @@ def test_run_generates_with_a_causal_lm(tmp_path, capsys):
     base, fts = tiny.llama(tmp_path, tasks=2)
     tiny.save_tokenizer(base, 64, LM_SPECIALS)
     pack = tiny.compress(base, fts, tmp_path / "pack", "sign")
-    res = _json(capsys, ["run", str(pack), "--base", str(base), "--task", "t1", "--text",
-                         "the cat", "--text", "a big red dog", "--max-new-tokens", "4", "--json"])
+    res = _json(
+        capsys,
+        [
+            "run",
+            str(pack),
+            "--base",
+            str(base),
+            "--task",
+            "t1",
+            "--text",
+            "the cat",
+            "--text",
+            "a big red dog",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ],
+    )
     assert res["kind"] == "generate" and len(res["results"]) == 2
     assert all(isinstance(x["output"], str) for x in res["results"])
     assert main(["run", str(pack), "--base", str(base), "--task", "nope", "--text", "a"]) == 1

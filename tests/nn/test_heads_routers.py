@@ -10,8 +10,8 @@ import torch
 import qmerge
 from qmerge.errors import PackError
 from qmerge.routing import LinearRouter, PrototypeRouter
-from qmerge.verbs import router_store as store
 from qmerge.routing.prototype import ledoit_wolf
+from qmerge.verbs import router_store as store
 from tests.nn import tiny
 
 transformers = pytest.importorskip("transformers")
@@ -25,8 +25,9 @@ def cls(tmp_path_factory):
     return root, base, fts, pack
 
 
-IDS = torch.tensor([[2, 14, 33, 50, 7, 3], [2, 60, 61, 62, 4, 3], [2, 9, 9, 9, 9, 3],
-                    [2, 70, 5, 41, 8, 3]])
+IDS = torch.tensor(
+    [[2, 14, 33, 50, 7, 3], [2, 60, 61, 62, 4, 3], [2, 9, 9, 9, 9, 3], [2, 70, 5, 41, 8, 3]]
+)
 
 
 def test_heads_are_stored_with_labels_and_verified(cls):
@@ -48,8 +49,11 @@ def test_mixed_batch_of_classifiers_equals_each_fine_tune(cls):
         logits = model(input_ids=IDS, task=route).logits
         assert logits.shape == (4, 5)
         for i, t in enumerate(route):
-            ref = transformers.AutoModelForSequenceClassification.from_pretrained(
-                fts[t]).eval()(input_ids=IDS[i:i + 1]).logits[0]
+            ref = (
+                transformers.AutoModelForSequenceClassification.from_pretrained(fts[t])
+                .eval()(input_ids=IDS[i : i + 1])
+                .logits[0]
+            )
             n = ref.shape[0]
             torch.testing.assert_close(logits[i, :n], ref, rtol=1e-5, atol=1e-5)
             assert (logits[i, n:] == torch.finfo(logits.dtype).min).all()
@@ -62,8 +66,9 @@ def test_grouping_a_mixed_batch_by_task_changes_nothing(cls):
     root, base, fts, pack = cls
     model = qmerge.load(base, pack, mode="fused")
     route = ["c2", "c0", "c2", "c1"]
-    assert model.qmerge._task_order(qmerge.routing.resolve(model.qmerge.tasks, 4, route),
-                                    {}).tolist() == [1, 3, 0, 2]
+    assert model.qmerge._task_order(
+        qmerge.routing.resolve(model.qmerge.tasks, 4, route), {}
+    ).tolist() == [1, 3, 0, 2]
     with torch.no_grad():
         grouped = model(input_ids=IDS, task=route, output_hidden_states=True)
         model.qmerge.runtime.sort_batches = False
@@ -75,15 +80,19 @@ def test_grouping_a_mixed_batch_by_task_changes_nothing(cls):
 
 def _features(dim=8, n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {t: torch.randn(n, dim, generator=g) + 4 * torch.eye(dim)[k]
-            for k, t in enumerate(["c0", "c1", "c2"])}
+    return {
+        t: torch.randn(n, dim, generator=g) + 4 * torch.eye(dim)[k]
+        for k, t in enumerate(["c0", "c1", "c2"])
+    }
 
 
 def test_prototype_and_linear_routers_separate_clusters():
     train, test = _features(seed=0), _features(seed=1)
-    for router in (PrototypeRouter.fit(train, layer=2),
-                   PrototypeRouter.fit(train, layer=2, metric="cosine"),
-                   LinearRouter.fit(train, layer=2)):
+    for router in (
+        PrototypeRouter.fit(train, layer=2),
+        PrototypeRouter.fit(train, layer=2, metric="cosine"),
+        LinearRouter.fit(train, layer=2),
+    ):
         for t, f in test.items():
             assert router.predict(f) == [t] * f.shape[0], router.kind
         soft = type(router).from_saved(router.config() | {"mode": "softmax"}, router.tensors())
@@ -126,7 +135,7 @@ def test_mahalanobis_prototypes_separate_what_cosine_confuses():
 def test_prototype_router_edge_cases():
     # the Ledoit-Wolf weight: small for a well-estimated skewed covariance, large for few rows
     g = torch.Generator().manual_seed(0)
-    skewed = torch.randn(4000, 8, generator=g, dtype=torch.float64) * torch.arange(1., 9.)
+    skewed = torch.randn(4000, 8, generator=g, dtype=torch.float64) * torch.arange(1.0, 9.0)
     skewed -= skewed.mean(0)
     assert ledoit_wolf(skewed, skewed.T @ skewed / 4000) < 0.01
     few = skewed[:4] - skewed[:4].mean(0)
@@ -157,8 +166,11 @@ def test_router_saved_into_the_pack_routes_a_forward(cls, tmp_path):
     local = tmp_path / "pack"
     shutil.copytree(pack, local)
     model = qmerge.load(base, local)
-    examples = {"c0": [{"input_ids": IDS[:1]}], "c1": [{"input_ids": IDS[1:2]}],
-                "c2": [{"input_ids": IDS[2:3]}]}
+    examples = {
+        "c0": [{"input_ids": IDS[:1]}],
+        "c1": [{"input_ids": IDS[1:2]}],
+        "c2": [{"input_ids": IDS[2:3]}],
+    }
     router = qmerge.fit_router(model, examples, layer=2)
     assert router.layer == 2
     assert qmerge.verify(local)["files_checked"] == 4  # 3 tasks + router.safetensors
@@ -186,8 +198,9 @@ def test_a_damaged_router_entry_is_refused(cls, tmp_path):
     local = tmp_path / "pack"
     shutil.copytree(pack, local)
     model = qmerge.load(base, local)
-    qmerge.fit_router(model, {"c0": [{"input_ids": IDS[:1]}], "c1": [{"input_ids": IDS[1:2]}]},
-                      layer=1)
+    qmerge.fit_router(
+        model, {"c0": [{"input_ids": IDS[:1]}], "c1": [{"input_ids": IDS[1:2]}]}, layer=1
+    )
     m = json.loads((local / "manifest.json").read_text())
     m["router"]["mode"] = "bogus"
     (local / "manifest.json").write_text(json.dumps(m))
@@ -199,8 +212,9 @@ def test_ledoit_wolf_weight_equals_scikit_learns():
     covariance = pytest.importorskip("sklearn.covariance")
     g = torch.Generator().manual_seed(0)
     for n, d in ((10, 30), (200, 16), (50, 50)):
-        x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, d,
-                                                                                dtype=torch.float64)
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(
+            0.1, 3, d, dtype=torch.float64
+        )
         x -= x.mean(0)
         want = covariance.ledoit_wolf_shrinkage(x.numpy(), assume_centered=True)
         assert ledoit_wolf(x, x.T @ x / n) == pytest.approx(want, rel=1e-9)

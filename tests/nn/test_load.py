@@ -52,8 +52,9 @@ def _merged_model(base, pack_path, task, coeffs=None):
     return m
 
 
-IDS = torch.tensor([[5, 9, 3, 17, 22, 8], [40, 4, 4, 12, 30, 1], [7, 7, 19, 2, 61, 33],
-                    [11, 3, 5, 8, 13, 21]])
+IDS = torch.tensor(
+    [[5, 9, 3, 17, 22, 8], [40, 4, 4, 12, 30, 1], [7, 7, 19, 2, 61, 33], [11, 3, 5, 8, 13, 21]]
+)
 
 
 def test_dense_pack_reproduces_every_fine_tune(lm):
@@ -63,7 +64,7 @@ def test_dense_pack_reproduces_every_fine_tune(lm):
     with torch.no_grad():
         y = model(input_ids=IDS[:3], task=names).logits
         for i, t in enumerate(names):
-            ref = _ft(fts[t])(input_ids=IDS[i:i + 1]).logits[0]
+            ref = _ft(fts[t])(input_ids=IDS[i : i + 1]).logits[0]
             torch.testing.assert_close(y[i], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -76,11 +77,12 @@ def test_mixed_batch_equals_each_task_alone_and_the_merged_model(lm, codec):
     with torch.no_grad():
         mixed = model(input_ids=IDS, task=route).logits
         for i, t in enumerate(route):
-            alone = model(input_ids=IDS[i:i + 1], task=t).logits[0]
+            alone = model(input_ids=IDS[i : i + 1], task=t).logits[0]
             torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
-            ref = (_ft(base) if t == "base" else _merged_model(base, pack, t))
-            torch.testing.assert_close(mixed[i], ref(input_ids=IDS[i:i + 1]).logits[0],
-                                       rtol=1e-4, atol=1e-4)
+            ref = _ft(base) if t == "base" else _merged_model(base, pack, t)
+            torch.testing.assert_close(
+                mixed[i], ref(input_ids=IDS[i : i + 1]).logits[0], rtol=1e-4, atol=1e-4
+            )
 
 
 def test_fused_and_materialized_agree_and_the_cache_is_used(lm):
@@ -103,11 +105,11 @@ def test_auto_mode_materializes_large_uniform_batches_only(lm):
     root, base, fts = lm
     model = qmerge.load(base, _pack(lm, "sign", "sign"), mode="auto", min_rows=20)
     with torch.no_grad():
-        model(input_ids=IDS[:2], task="t0")        # 12 rows: fused
+        model(input_ids=IDS[:2], task="t0")  # 12 rows: fused
         assert model.qmerge.runtime.cache.stats()["entries"] == 0
         model(input_ids=IDS, task=["t0", "t1", "t0", "t0"])  # mixed: fused
         assert model.qmerge.runtime.cache.stats()["entries"] == 0
-        model(input_ids=IDS, task="t0")            # 24 rows of one task: merged
+        model(input_ids=IDS, task="t0")  # 24 rows of one task: merged
         assert model.qmerge.runtime.cache.stats()["entries"] > 0
 
 
@@ -154,15 +156,26 @@ def test_generate_mixed_batch_equals_each_merged_model(lm):
     mask = torch.ones_like(prompts)
     route = ["t2", "t0", "t1", "t0"]
     with torch.no_grad():
-        out = model.generate(prompts, attention_mask=mask, task=route, max_new_tokens=8,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            prompts,
+            attention_mask=mask,
+            task=route,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=0,
+        )
         with model.qmerge.route(task=route):  # the context manager, for code without kwargs
-            out2 = model.generate(prompts, attention_mask=mask, max_new_tokens=8,
-                                  do_sample=False, pad_token_id=0)
+            out2 = model.generate(
+                prompts, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0
+            )
         for i, t in enumerate(route):
             ref = _merged_model(base, pack, t).generate(
-                prompts[i:i + 1], attention_mask=mask[i:i + 1], max_new_tokens=8,
-                do_sample=False, pad_token_id=0)
+                prompts[i : i + 1],
+                attention_mask=mask[i : i + 1],
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+            )
             n = ref.shape[1]  # a sequence that hit EOS early is padded in the batch
             assert out[i, :n].tolist() == ref[0].tolist(), t
             assert (out[i, n:] == 0).all()
@@ -174,27 +187,41 @@ def test_beam_search_and_several_returns_keep_each_sequence_on_its_task(lm):
     pack = _pack(lm, "sign", "sign")
     model = qmerge.load(base, pack)
     prompts = IDS[:2, :4]
-    kw = dict(attention_mask=torch.ones_like(prompts), max_new_tokens=5, do_sample=False,
-              num_beams=3, num_return_sequences=2, pad_token_id=0)
+    kw = dict(
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=5,
+        do_sample=False,
+        num_beams=3,
+        num_return_sequences=2,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         out = model.generate(prompts, task=["t1", "t2"], **kw)
         for i, t in enumerate(["t1", "t2"]):
-            kwi = kw | {"attention_mask": kw["attention_mask"][i:i + 1]}
-            ref = _merged_model(base, pack, t).generate(prompts[i:i + 1], **kwi)
-            got = out[2 * i:2 * i + 2, :ref.shape[1]]
+            kwi = kw | {"attention_mask": kw["attention_mask"][i : i + 1]}
+            ref = _merged_model(base, pack, t).generate(prompts[i : i + 1], **kwi)
+            got = out[2 * i : 2 * i + 2, : ref.shape[1]]
             assert got.tolist() == ref.tolist(), t
 
 
 def test_threads_with_different_tasks_equal_sequential_calls(lm):
     root, base, fts = lm
     model = qmerge.load(base, _pack(lm, "sign", "sign"), min_rows=10)
-    jobs = [("t0", IDS[:1]), ("t1", IDS), ("t2", IDS[1:3]), (["t0", "t2"], IDS[2:]),
-            ("base", IDS), ({"t0": 0.5, "t1": 0.5}, IDS[:2])] * 3
+    jobs = [
+        ("t0", IDS[:1]),
+        ("t1", IDS),
+        ("t2", IDS[1:3]),
+        (["t0", "t2"], IDS[2:]),
+        ("base", IDS),
+        ({"t0": 0.5, "t1": 0.5}, IDS[:2]),
+    ] * 3
     with torch.no_grad():
+
         def call(spec, ids):
             if isinstance(spec, dict):
                 return model(input_ids=ids, coeffs=spec).logits
             return model(input_ids=ids, task=spec).logits
+
         want = [call(s, x) for s, x in jobs]
         got: list = [None] * len(jobs)
         errors: list = []
@@ -205,6 +232,7 @@ def test_threads_with_different_tasks_equal_sequential_calls(lm):
                     got[k] = call(*jobs[k])
             except Exception as e:  # surfaced below
                 errors.append(e)
+
         threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
         for th in threads:
             th.start()
@@ -281,13 +309,16 @@ class Plain(torch.nn.Module):
 def test_plain_module_by_names_with_biases_norms_and_embeddings(models):
     from qmerge.format.checkpoint import Checkpoint
 
-    pack = tiny.compress(models / "base", {f"t{i}": models / f"ft{i}" for i in range(3)},
-                         models / "pack", tiny.EXACT)
+    pack = tiny.compress(
+        models / "base", {f"t{i}": models / f"ft{i}" for i in range(3)}, models / "pack", tiny.EXACT
+    )
+
     def build(path):
         net = Plain()
         ck = Checkpoint(path)
         net.load_state_dict({n: ck.get(n).clone() for n in ck.names})
         return net.eval()
+
     net = build(models / "base")
     qmerge.load(net, pack)
     kinds = {type(m).__name__ for m in net.modules()}
@@ -296,5 +327,5 @@ def test_plain_module_by_names_with_biases_norms_and_embeddings(models):
     with torch.no_grad():
         y = net(ids, task=["t2", "t0", "t1"])
         for i, t in enumerate(["t2", "t0", "t1"]):
-            ref = build(models / f"ft{int(t[1])}")(ids[i:i + 1])[0]
+            ref = build(models / f"ft{int(t[1])}")(ids[i : i + 1])[0]
             torch.testing.assert_close(y[i], ref, rtol=1e-5, atol=1e-5)

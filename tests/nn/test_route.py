@@ -42,16 +42,19 @@ def test_per_token_coeffs_and_expansion():
     assert ids.task_ids.tolist() == [0, 0, 0, 2, 2, 2]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"task": "nope"}, "unknown task 'nope'"),
-    ({"task": ["math"]}, "lists 1 tasks for a batch of 2"),
-    ({"task": 7}, "out of range"),
-    ({"coeffs": "math:x"}, "weight 'x' of 'math' is not a number"),
-    ({"coeffs": "math:inf"}, "not finite"),
-    ({"coeffs": torch.ones(2, 4)}, r"\[B, T\]"),
-    ({"coeffs": torch.tensor([float("nan"), 0, 0])}, "NaN"),
-    ({"task": "math", "coeffs": "code"}, "not both"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"task": "nope"}, "unknown task 'nope'"),
+        ({"task": ["math"]}, "lists 1 tasks for a batch of 2"),
+        ({"task": 7}, "out of range"),
+        ({"coeffs": "math:x"}, "weight 'x' of 'math' is not a number"),
+        ({"coeffs": "math:inf"}, "not finite"),
+        ({"coeffs": torch.ones(2, 4)}, r"\[B, T\]"),
+        ({"coeffs": torch.tensor([float("nan"), 0, 0])}, "NaN"),
+        ({"task": "math", "coeffs": "code"}, "not both"),
+    ],
+)
 def test_refusals_name_the_problem(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         resolve(TASKS, 2, **kwargs)

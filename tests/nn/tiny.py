@@ -9,17 +9,27 @@ import torch
 
 import qmerge
 
-EXACT = qmerge.Policy(codec="dense:dtype=fp32", vectors="dense:dtype=fp32",
-                      types={"norm": "dense:dtype=fp32"})
+EXACT = qmerge.Policy(
+    codec="dense:dtype=fp32", vectors="dense:dtype=fp32", types={"norm": "dense:dtype=fp32"}
+)
 
 
 def llama_config(tie: bool = True):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                       max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2)
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def perturbed(model, seed: int, scale: float = 0.05):
@@ -51,8 +61,14 @@ def bert(root: Path, labels: tuple[int, ...] = (3, 5, 2)) -> tuple[Path, dict[st
     from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=80,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     base = BertModel(cfg).eval()
     base.save_pretrained(root / "base")
     fts = {}
@@ -68,16 +84,40 @@ def bert(root: Path, labels: tuple[int, ...] = (3, 5, 2)) -> tuple[Path, dict[st
     return root / "base", fts
 
 
-def compress(base: Path, fts: dict[str, Path], out: Path, codec: str | qmerge.Policy = EXACT,
-             heads: tuple[str, ...] = ()) -> Path:
+def compress(
+    base: Path,
+    fts: dict[str, Path],
+    out: Path,
+    codec: str | qmerge.Policy = EXACT,
+    heads: tuple[str, ...] = (),
+) -> Path:
     policy = codec if isinstance(codec, qmerge.Policy) else qmerge.Policy(codec=codec)
-    qmerge.compress(base, fts, out, opts=qmerge.Options(policy=policy, heads=heads,
-                                                        progress=False))
+    qmerge.compress(base, fts, out, opts=qmerge.Options(policy=policy, heads=heads, progress=False))
     return out
 
 
-WORDS = ["the", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "red", "blue", "big",
-         "small", "a", "is", "was", "very", "not", "and", "or"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "mat",
+    "fast",
+    "slow",
+    "red",
+    "blue",
+    "big",
+    "small",
+    "a",
+    "is",
+    "was",
+    "very",
+    "not",
+    "and",
+    "or",
+]
 
 
 def save_tokenizer(directory: Path, vocab_size: int, specials: dict[str, int]) -> None:
@@ -92,7 +132,10 @@ def save_tokenizer(directory: Path, vocab_size: int, specials: dict[str, int]) -
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     names = {v: k for k, v in specials.items()}
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
-                                  pad_token=names.get(0), **({"eos_token": "[EOS]"} if
-                                                            "[EOS]" in specials else {}))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token=names.get(0),
+        **({"eos_token": "[EOS]"} if "[EOS]" in specials else {}),
+    )
     tok.save_pretrained(directory)

@@ -63,10 +63,13 @@ def test_import_without_extension_warns_once_and_works():
 
 
 def test_ops_run_on_meta_device_without_data():
-    y = ops.sign_linear(torch.empty(2, 9, device="meta"), torch.empty(3, 9, device="meta"),
-                        torch.empty(1, 3, 2, dtype=torch.uint8, device="meta"),
-                        torch.empty(1, 3, 1, device="meta"),
-                        task_ids=torch.zeros(2, dtype=torch.long, device="meta"))
+    y = ops.sign_linear(
+        torch.empty(2, 9, device="meta"),
+        torch.empty(3, 9, device="meta"),
+        torch.empty(1, 3, 2, dtype=torch.uint8, device="meta"),
+        torch.empty(1, 3, 1, device="meta"),
+        task_ids=torch.zeros(2, dtype=torch.long, device="meta"),
+    )
     assert y.shape == (2, 3) and y.device.type == "meta"
 
 
@@ -74,12 +77,20 @@ def test_cuda_backend_variable_is_checked_and_reported():
     """A bad QMERGE_CUDA_BACKEND fails the import naming the choices; one that cannot be had
     here warns and falls back to the reference for CUDA tensors."""
     code = "from qmerge import ops; print(ops.backend()['cuda'])"
-    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "QMERGE_CUDA_BACKEND": "gpu9"})
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QMERGE_CUDA_BACKEND": "gpu9"},
+    )
     assert bad.returncode != 0 and "QMERGE_CUDA_BACKEND must be one of auto, native" in bad.stderr
     if torch.cuda.is_available():
         return
-    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env={**os.environ, "QMERGE_CUDA_BACKEND": "reference"})
+    ok = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "QMERGE_CUDA_BACKEND": "reference"},
+    )
     assert ok.returncode == 0 and ok.stdout.strip() == "reference"
     assert ops.backend()["cuda"] == "reference" and "cuda_reason" in ops.backend()

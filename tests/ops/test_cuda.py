@@ -49,8 +49,10 @@ def impl(request):
     if request.param == "native":
         q = torch.ops.qmerge
         return SimpleNamespace(
-            dequant_add_sign=q.dequant_add_sign, dequant_add_sign_out=q.dequant_add_sign_out,
-            sign_linear=q.sign_linear, lowrank_linear=q.lowrank_linear,
+            dequant_add_sign=q.dequant_add_sign,
+            dequant_add_sign_out=q.dequant_add_sign_out,
+            sign_linear=q.sign_linear,
+            lowrank_linear=q.lowrank_linear,
         )
     return _cupy
 
@@ -62,8 +64,14 @@ def cuda(*ts):
 # --- dequant_add_sign -------------------------------------------------------------------------
 
 DEQUANT = [  # (out, in, T, scale rows R (0: per row), groups)
-    (1, 1, 1, 0, 1), (17, 13, 2, 0, 1), (64, 128, 3, 0, 4), (33, 100, 2, 1, 7),
-    (5, 8, 4, 0, 8), (300, 264, 1, 0, 3), (70, 4096, 2, 0, 1), (3, 40, 0, 0, 1),
+    (1, 1, 1, 0, 1),
+    (17, 13, 2, 0, 1),
+    (64, 128, 3, 0, 4),
+    (33, 100, 2, 1, 7),
+    (5, 8, 4, 0, 8),
+    (300, 264, 1, 0, 3),
+    (70, 4096, 2, 0, 1),
+    (3, 40, 0, 0, 1),
 ]
 
 
@@ -104,20 +112,41 @@ def test_dequant_unaligned_views_take_the_scalar_path(impl):
 # (rows N, out, in, tasks T, groups): gemv (N <= 2, fp32, groups not 16-aligned), mma (N >= 3;
 # 16-byte bit loads when in is a multiple of 128 and groups of 128).
 SIGN = [
-    (1, 16, 24, 1, 1), (3, 9, 13, 2, 1), (5, 32, 77, 3, 4), (8, 40, 64, 8, 1),
-    (9, 17, 100, 5, 3), (30, 24, 45, 4, 1), (64, 20, 40, 2, 2), (300, 12, 33, 8, 1),
-    (16, 32, 64, 4, 1), (64, 48, 128, 64, 1), (100, 40, 96, 5, 3), (37, 24, 45, 3, 1),
-    (50, 20, 40, 2, 3), (70, 130, 256, 6, 2), (12, 8, 4096, 2, 1), (3, 40, 256, 2, 1),
-    (4, 33, 512, 3, 4), (2, 24, 1000, 2, 1),
+    (1, 16, 24, 1, 1),
+    (3, 9, 13, 2, 1),
+    (5, 32, 77, 3, 4),
+    (8, 40, 64, 8, 1),
+    (9, 17, 100, 5, 3),
+    (30, 24, 45, 4, 1),
+    (64, 20, 40, 2, 2),
+    (300, 12, 33, 8, 1),
+    (16, 32, 64, 4, 1),
+    (64, 48, 128, 64, 1),
+    (100, 40, 96, 5, 3),
+    (37, 24, 45, 3, 1),
+    (50, 20, 40, 2, 3),
+    (70, 130, 256, 6, 2),
+    (12, 8, 4096, 2, 1),
+    (3, 40, 256, 2, 1),
+    (4, 33, 512, 3, 4),
+    (2, 24, 1000, 2, 1),
 ]
 
 
 def _sign_check(impl, x, base, packed, scales, bias=None, **route):
-    y = impl.sign_linear(*cuda(x, base, packed, scales), cuda(route.get("task_ids"))[0],
-                         cuda(route.get("coeffs"))[0], cuda(bias)[0])
+    y = impl.sign_linear(
+        *cuda(x, base, packed, scales),
+        cuda(route.get("task_ids"))[0],
+        cuda(route.get("coeffs"))[0],
+        cuda(bias)[0],
+    )
     assert y.dtype == x.dtype and y.shape == (x.shape[0], base.shape[0]) and y.is_cuda
     exact = ops.reference.sign_linear(
-        x.float(), base.float(), packed, scales, bias=None if bias is None else bias.float(),
+        x.float(),
+        base.float(),
+        packed,
+        scales,
+        bias=None if bias is None else bias.float(),
         **{k: (v.float() if k == "coeffs" else v) for k, v in route.items()},
     )
     c = route_coeffs(route, x.shape[0], packed.shape[0])
@@ -134,8 +163,7 @@ def test_sign_linear_task_ids(impl, dtype, case):
     x = torch.randn(rows, inn).to(dtype)
     ids = torch.randint(-1, tasks, (rows,))
     _sign_check(impl, x, base, packed, scales, task_ids=ids)
-    _sign_check(impl, x, base, packed, scales, bias=torch.randn(out),
-                task_ids=ids.to(torch.int32))
+    _sign_check(impl, x, base, packed, scales, bias=torch.randn(out), task_ids=ids.to(torch.int32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,8 +171,7 @@ def test_sign_linear_task_ids(impl, dtype, case):
 def test_sign_linear_mixtures(impl, dtype, case):
     rows, out, inn, tasks, groups = case
     base = torch.randn(out, inn).to(dtype)
-    packed, scales = make_signs(tasks, out, inn, scale_rows=1 if tasks % 2 else None,
-                                groups=groups)
+    packed, scales = make_signs(tasks, out, inn, scale_rows=1 if tasks % 2 else None, groups=groups)
     x = torch.randn(rows, inn).to(dtype)
     coeffs = torch.rand(rows, tasks) * (torch.rand(rows, tasks) > 0.4)
     _sign_check(impl, x, base, packed, scales, bias=torch.randn(out), coeffs=coeffs)
@@ -161,8 +188,15 @@ def test_sign_linear_one_task_for_all_rows(impl):
 def test_sign_linear_empty_batch(impl):
     base = torch.randn(8, 16).cuda()
     packed, scales = cuda(*make_signs(1, 8, 16))
-    y = impl.sign_linear(torch.empty(0, 16).cuda(), base, packed, scales,
-                         torch.empty(0, dtype=torch.long).cuda(), None, None)
+    y = impl.sign_linear(
+        torch.empty(0, 16).cuda(),
+        base,
+        packed,
+        scales,
+        torch.empty(0, dtype=torch.long).cuda(),
+        None,
+        None,
+    )
     assert y.shape == (0, 8)
 
 
@@ -170,14 +204,27 @@ def test_sign_linear_refuses_a_cpu_argument(impl):
     base = torch.randn(8, 16).cuda()
     packed, scales = make_signs(1, 8, 16)
     with pytest.raises(ValueError, match="'packed' must be on the device of 'x'"):
-        impl.sign_linear(torch.randn(2, 16).cuda(), base, packed, scales.cuda(),
-                         torch.zeros(2, dtype=torch.long).cuda(), None, None)
+        impl.sign_linear(
+            torch.randn(2, 16).cuda(),
+            base,
+            packed,
+            scales.cuda(),
+            torch.zeros(2, dtype=torch.long).cuda(),
+            None,
+            None,
+        )
 
 
 # --- lowrank_linear ---------------------------------------------------------------------------
 
-LOWRANK = [(1, 16, 24, 1, 4), (7, 33, 65, 3, 8), (20, 12, 40, 2, 16), (40, 9, 19, 5, 3),
-           (64, 96, 512, 8, 16), (3, 64, 4096, 2, 16)]
+LOWRANK = [
+    (1, 16, 24, 1, 4),
+    (7, 33, 65, 3, 8),
+    (20, 12, 40, 2, 16),
+    (40, 9, 19, 5, 3),
+    (64, 96, 512, 8, 16),
+    (3, 64, 4096, 2, 16),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -190,20 +237,33 @@ def test_lowrank_linear(impl, dtype, case, route):
     V = (torch.randn(tasks, r, inn) * 0.1).to(dtype)
     x = torch.randn(rows, inn).to(dtype)
     bias = torch.randn(out)
-    kw = ({"task_ids": torch.randint(-1, tasks, (rows,))} if route == "ids"
-          else {"coeffs": torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3)})
+    kw = (
+        {"task_ids": torch.randint(-1, tasks, (rows,))}
+        if route == "ids"
+        else {"coeffs": torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3)}
+    )
     for rank in (None, max(r - 2, 0), 0):
-        y = impl.lowrank_linear(*cuda(x, base, U, V), cuda(kw.get("task_ids"))[0],
-                                cuda(kw.get("coeffs"))[0], cuda(bias)[0], rank)
-        exact = ops.reference.lowrank_linear(x.float(), base.float(), U.float(), V.float(),
-                                             bias=bias, rank=rank, **kw)
+        y = impl.lowrank_linear(
+            *cuda(x, base, U, V),
+            cuda(kw.get("task_ids"))[0],
+            cuda(kw.get("coeffs"))[0],
+            cuda(bias)[0],
+            rank,
+        )
+        exact = ops.reference.lowrank_linear(
+            x.float(), base.float(), U.float(), V.float(), bias=bias, rank=rank, **kw
+        )
         rk = r if rank is None else rank
-        c = (F.one_hot(kw["task_ids"].clamp(min=0), tasks).float()
-             * (kw["task_ids"] >= 0)[:, None] if route == "ids" else kw["coeffs"])
+        c = (
+            F.one_hot(kw["task_ids"].clamp(min=0), tasks).float() * (kw["task_ids"] >= 0)[:, None]
+            if route == "ids"
+            else kw["coeffs"]
+        )
         deltas = U[:, :, :rk].float() @ V[:, :rk].float()
         w = base.float()[None] + torch.einsum("nt,toi->noi", c, deltas)
-        eager = torch.stack([F.linear(x[n : n + 1], w[n].to(dtype), bias.to(dtype))[0]
-                             for n in range(rows)])
+        eager = torch.stack(
+            [F.linear(x[n : n + 1], w[n].to(dtype), bias.to(dtype))[0] for n in range(rows)]
+        )
         assert_within_eager(y.cpu(), exact, eager, f"rank={rank}")
 
 

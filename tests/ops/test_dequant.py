@@ -11,8 +11,15 @@ from tests.ops.helpers import make_signs
 
 # (out, in, scale_rows, groups): per row, per tensor, groups that divide in, uneven groups
 # (group starts not on a byte boundary), and in_features not a multiple of 8.
-LAYOUTS = [(8, 16, None, 1), (5, 13, 1, 1), (7, 64, None, 4), (6, 50, None, 3), (9, 77, 1, 5),
-           (4, 1000, None, 7), (33, 129, None, 1)]
+LAYOUTS = [
+    (8, 16, None, 1),
+    (5, 13, 1, 1),
+    (7, 64, None, 4),
+    (6, 50, None, 3),
+    (9, 77, 1, 5),
+    (4, 1000, None, 7),
+    (33, 129, None, 1),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -34,8 +41,12 @@ def test_matches_reference_exactly(isa, dtype, layout, tasks):
 # others take plain stores. Rows of 4100 bf16 (8200 bytes) are aligned only every 4th row.
 @pytest.mark.parametrize(
     "dtype,out,inn,groups",
-    [(torch.bfloat16, 1024, 4096, 2), (torch.bfloat16, 1025, 4100, 1),
-     (torch.float32, 520, 4104, 1), (torch.float16, 1024, 4100, 3)],
+    [
+        (torch.bfloat16, 1024, 4096, 2),
+        (torch.bfloat16, 1025, 4100, 1),
+        (torch.float32, 520, 4104, 1),
+        (torch.float16, 1024, 4100, 3),
+    ],
     ids=str,
 )
 def test_large_outputs_streamed_match_reference(isa, dtype, out, inn, groups):
@@ -44,8 +55,9 @@ def test_large_outputs_streamed_match_reference(isa, dtype, out, inn, groups):
     packed, scales = make_signs(2, out, inn, None, groups)
     alphas = torch.randn(2)
     ref = ops.reference.dequant_add_sign(base, packed, scales, alphas)
-    torch.testing.assert_close(ops.dequant_add_sign(base, packed, scales, alphas), ref,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.dequant_add_sign(base, packed, scales, alphas), ref, rtol=0, atol=0
+    )
     ops.dequant_add_sign(base, packed, scales, alphas, out=base)  # in place
     torch.testing.assert_close(base, ref, rtol=0, atol=0)
 
@@ -89,5 +101,6 @@ def test_rounding_matches_torch_on_a_million_values(isa, dtype):
     packed, _ = make_signs(1, 1024, 1024)
     scales = torch.rand(1, 1024, 16) * 0.37
     w = ops.dequant_add_sign(base, packed, scales, torch.ones(1))
-    torch.testing.assert_close(w, ops.reference.dequant_add_sign(base, packed, scales, torch.ones(1)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        w, ops.reference.dequant_add_sign(base, packed, scales, torch.ones(1)), rtol=0, atol=0
+    )

@@ -12,12 +12,15 @@ from tests.ops.helpers import assert_within_eager
 
 
 def factors(tasks, out, inn, r, dtype):
-    return (torch.randn(tasks, out, r) * 0.1).to(dtype), (torch.randn(tasks, r, inn) * 0.1).to(dtype)
+    return (torch.randn(tasks, out, r) * 0.1).to(dtype), (torch.randn(tasks, r, inn) * 0.1).to(
+        dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [(1, 16, 24, 1, 4), (7, 33, 65, 3, 8), (20, 12, 40, 2, 16),
-                                  (40, 9, 19, 5, 3)], ids=str)
+@pytest.mark.parametrize(
+    "case", [(1, 16, 24, 1, 4), (7, 33, 65, 3, 8), (20, 12, 40, 2, 16), (40, 9, 19, 5, 3)], ids=str
+)
 @pytest.mark.parametrize("route", ["ids", "coeffs"])
 def test_matches_reference(isa, dtype, case, route):
     rows, out, inn, tasks, r = case
@@ -25,20 +28,29 @@ def test_matches_reference(isa, dtype, case, route):
     U, V = factors(tasks, out, inn, r, dtype)
     x = torch.randn(rows, inn).to(dtype)
     bias = torch.randn(out)
-    kw = ({"task_ids": torch.randint(-1, tasks, (rows,))} if route == "ids"
-          else {"coeffs": torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3)})
+    kw = (
+        {"task_ids": torch.randint(-1, tasks, (rows,))}
+        if route == "ids"
+        else {"coeffs": torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3)}
+    )
     for rank in (None, max(r - 2, 0)):
         y = ops.lowrank_linear(x, base, U, V, bias=bias, rank=rank, **kw)
-        exact = ops.reference.lowrank_linear(x.float(), base.float(), U.float(), V.float(),
-                                             bias=bias, rank=rank, **kw)
+        exact = ops.reference.lowrank_linear(
+            x.float(), base.float(), U.float(), V.float(), bias=bias, rank=rank, **kw
+        )
         # eager torch: each row's merged weight in x's dtype, then F.linear
         rk = r if rank is None else rank
-        c = (torch.nn.functional.one_hot(kw["task_ids"].clamp(min=0), tasks).float()
-             * (kw["task_ids"] >= 0)[:, None] if route == "ids" else kw["coeffs"])
+        c = (
+            torch.nn.functional.one_hot(kw["task_ids"].clamp(min=0), tasks).float()
+            * (kw["task_ids"] >= 0)[:, None]
+            if route == "ids"
+            else kw["coeffs"]
+        )
         deltas = U[:, :, :rk].float() @ V[:, :rk].float()
         w = base.float()[None] + torch.einsum("nt,toi->noi", c, deltas)
-        eager = torch.stack([F.linear(x[n : n + 1], w[n].to(dtype), bias.to(dtype))[0]
-                             for n in range(rows)])
+        eager = torch.stack(
+            [F.linear(x[n : n + 1], w[n].to(dtype), bias.to(dtype))[0] for n in range(rows)]
+        )
         assert_within_eager(y, exact, eager, f"rank={rank}")
 
 

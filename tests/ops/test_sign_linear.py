@@ -10,8 +10,14 @@ from tests.conftest import DTYPES
 from tests.ops.helpers import assert_within_eager, make_signs, route_coeffs, sign_eager
 
 CASES = [  # (rows N, out, in, tasks T, groups)
-    (1, 16, 24, 1, 1), (3, 9, 13, 2, 1), (5, 32, 77, 3, 4), (8, 40, 64, 8, 1),
-    (9, 17, 100, 5, 3), (30, 24, 45, 4, 1), (64, 20, 40, 2, 2), (300, 12, 33, 8, 1),
+    (1, 16, 24, 1, 1),
+    (3, 9, 13, 2, 1),
+    (5, 32, 77, 3, 4),
+    (8, 40, 64, 8, 1),
+    (9, 17, 100, 5, 3),
+    (30, 24, 45, 4, 1),
+    (64, 20, 40, 2, 2),
+    (300, 12, 33, 8, 1),
 ]
 
 
@@ -19,7 +25,11 @@ def check(x, base, packed, scales, bias=None, **route):
     y = ops.sign_linear(x, base, packed, scales, bias=bias, **route)
     assert y.dtype == x.dtype and y.shape == (x.shape[0], base.shape[0])
     exact = ops.reference.sign_linear(
-        x.float(), base.float(), packed, scales, bias=None if bias is None else bias.float(),
+        x.float(),
+        base.float(),
+        packed,
+        scales,
+        bias=None if bias is None else bias.float(),
         **{k: (v.float() if k == "coeffs" else v) for k, v in route.items()},
     )
     c = route_coeffs(route, x.shape[0], packed.shape[0])
@@ -65,8 +75,12 @@ def test_mixed_batch_equals_each_row_alone(isa, rows):
     x = torch.randn(rows, 70).to(torch.bfloat16)
     ids = torch.randint(-1, 4, (rows,))
     y = ops.sign_linear(x, base, packed, scales, task_ids=ids)
-    alone = torch.cat([ops.sign_linear(x[n : n + 1], base, packed, scales, task_ids=ids[n : n + 1])
-                       for n in range(rows)])
+    alone = torch.cat(
+        [
+            ops.sign_linear(x[n : n + 1], base, packed, scales, task_ids=ids[n : n + 1])
+            for n in range(rows)
+        ]
+    )
     assert torch.equal(y, alone)
 
 
@@ -77,12 +91,16 @@ def test_one_hot_coeffs_equal_task_ids(isa):
     ids = torch.tensor([0, 1, 2, -1, 1, 0])
     c = torch.zeros(6, 3)
     c[ids >= 0, ids[ids >= 0]] = 1.0
-    torch.testing.assert_close(ops.sign_linear(x, base, packed, scales, task_ids=ids),
-                               ops.sign_linear(x, base, packed, scales, coeffs=c))
+    torch.testing.assert_close(
+        ops.sign_linear(x, base, packed, scales, task_ids=ids),
+        ops.sign_linear(x, base, packed, scales, coeffs=c),
+    )
 
 
 def test_no_rows(isa):
     base = torch.randn(4, 8)
     packed, scales = make_signs(1, 4, 8)
-    y = ops.sign_linear(torch.randn(0, 8), base, packed, scales, task_ids=torch.zeros(0, dtype=torch.long))
+    y = ops.sign_linear(
+        torch.randn(0, 8), base, packed, scales, task_ids=torch.zeros(0, dtype=torch.long)
+    )
     assert y.shape == (0, 4)

@@ -12,9 +12,14 @@ PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\ufffd", 6: "é", 9: "<eos>
 
 
 def _seq(stop=(), max_tokens=10) -> Sequence:
-    return Sequence([7, 8], "t", Sampling(max_tokens, 0.0, stop=tuple(stop)), frozenset({9}),
-                    lambda ids: "".join(PIECES[i] for i in ids if i != 5 or ids[-1] == 5),
-                    limit=100)
+    return Sequence(
+        [7, 8],
+        "t",
+        Sampling(max_tokens, 0.0, stop=tuple(stop)),
+        frozenset({9}),
+        lambda ids: "".join(PIECES[i] for i in ids if i != 5 or ids[-1] == 5),
+        limit=100,
+    )
 
 
 def _logits(tok: int) -> torch.Tensor:
@@ -31,8 +36,8 @@ def test_text_is_released_once_and_a_stop_string_is_held_back_then_cut():
     assert s.push(_logits(3)) == " "
     assert s.finish == "stop" and s.text == "Hello "
     s = _seq(stop=["low"])
-    assert s.push(_logits(1)) == "He"    # "l" could start "low": held back
-    assert s.push(_logits(2)) == "l"     # "Hello": its "lo" could still become "low"
+    assert s.push(_logits(1)) == "He"  # "l" could start "low": held back
+    assert s.push(_logits(2)) == "l"  # "Hello": its "lo" could still become "low"
     assert s.push(_logits(3)) == "lo wor"
     assert s.finish is None and s.text == "Hello wor"
 
@@ -40,7 +45,7 @@ def test_text_is_released_once_and_a_stop_string_is_held_back_then_cut():
 def test_partial_character_is_held_and_eos_and_length_finish():
     s = _seq()
     assert s.push(_logits(1)) == "Hel"
-    assert s.push(_logits(5)) == ""      # ends in U+FFFD: not final yet
+    assert s.push(_logits(5)) == ""  # ends in U+FFFD: not final yet
     assert s.push(_logits(6)) == "é"
     assert s.push(_logits(9)) == "" and s.finish == "stop" and s.tokens == [1, 5, 6]
     s = _seq(max_tokens=2)
@@ -62,7 +67,7 @@ def test_kv_join_and_select_keep_each_row_right_aligned():
     def kv(lens, length, fill):
         k = torch.zeros(len(lens), 2, length, 4)
         for b, n in enumerate(lens):
-            k[b, :, length - n:] = fill + b
+            k[b, :, length - n :] = fill + b
         return KV([k], [k.clone()], torch.tensor(lens))
 
     a, b = kv([3, 1], 3, 10), kv([5], 5, 20)
@@ -70,6 +75,6 @@ def test_kv_join_and_select_keep_each_row_right_aligned():
     assert j.length == 5 and j.lens.tolist() == [3, 1, 5]
     assert j.mask().tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
     assert torch.equal(j.keys[0][0, :, 2:], a.keys[0][0])
-    s = j.select([0, 1])   # the longest row left: two padding columns go
+    s = j.select([0, 1])  # the longest row left: two padding columns go
     assert s.length == 3 and torch.equal(s.keys[0], a.keys[0])
     assert s.mask(1).tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]

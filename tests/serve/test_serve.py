@@ -24,8 +24,16 @@ from tests.nn import tiny  # noqa: E402
 
 LM_SPECIALS = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
 BERT_SPECIALS = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
-PROMPTS = ["the cat sat on", "a dog ran", "red blue big", "the mat was very", "small cat is not",
-           "slow and fast", "a big red dog sat on the", "is"]
+PROMPTS = [
+    "the cat sat on",
+    "a dog ran",
+    "red blue big",
+    "the mat was very",
+    "small cat is not",
+    "slow and fast",
+    "a big red dog sat on the",
+    "is",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +67,19 @@ def offline(lm):
         enc = tok(prompt, return_tensors="pt")
         kw = {"coeffs": task} if isinstance(task, dict) else {"task": task}
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, **kw)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, **kw
+            )
+        return tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return answer
 
 
 def _complete(client, model: str, prompt, n: int = 12, **kw) -> httpx.Response:
-    return client.post("/v1/completions", json={"model": model, "prompt": prompt,
-                                                "max_tokens": n, "temperature": 0, **kw})
+    return client.post(
+        "/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, **kw},
+    )
 
 
 def test_concurrent_mixed_tasks_equal_offline_greedy(server, offline):
@@ -85,10 +96,16 @@ def test_concurrent_mixed_tasks_equal_offline_greedy(server, offline):
         assert body["choices"][0]["text"] == offline(mix, prompt, n), (route, prompt)
         assert body["model"] == route and body["usage"]["completion_tokens"] <= n
     # requests of different tasks shared decoding steps
-    sizes = [line for line in metrics.splitlines()
-             if line.startswith('qmerge_batch_size_bucket{phase="decode",le="1"}')]
-    total = [line for line in metrics.splitlines()
-             if line.startswith('qmerge_batch_size_count{phase="decode"}')]
+    sizes = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('qmerge_batch_size_bucket{phase="decode",le="1"}')
+    ]
+    total = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('qmerge_batch_size_count{phase="decode"}')
+    ]
     assert sizes and total and int(sizes[0].split()[-1]) < int(total[0].split()[-1])
 
 
@@ -96,9 +113,17 @@ def test_stream_equals_non_stream(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         whole = _complete(c, "t1", PROMPTS[0], 10).json()["choices"][0]["text"]
         parts, finish = [], None
-        with c.stream("POST", "/v1/completions", json={
-                "model": "t1", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0,
-                "stream": True}) as r:
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "t1",
+                "prompt": PROMPTS[0],
+                "max_tokens": 10,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
             lines = [x for x in r.iter_lines() if x]
@@ -109,14 +134,31 @@ def test_stream_equals_non_stream(server):
             finish = ch["finish_reason"] or finish
         assert "".join(parts) == whole and finish == "length"
         assert len([p for p in parts if p]) > 1  # it did stream, token by token
-        chat = c.post("/v1/chat/completions", json={
-            "model": "t2", "messages": [{"role": "user", "content": "the cat"}],
-            "max_tokens": 6, "temperature": 0}).json()
-        with c.stream("POST", "/v1/chat/completions", json={
-                "model": "t2", "messages": [{"role": "user", "content": "the cat"}],
-                "max_tokens": 6, "temperature": 0, "stream": True}) as r:
-            chunks = [json.loads(x.removeprefix("data: ")) for x in r.iter_lines()
-                      if x and x != "data: [DONE]"]
+        chat = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "t2",
+                "messages": [{"role": "user", "content": "the cat"}],
+                "max_tokens": 6,
+                "temperature": 0,
+            },
+        ).json()
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "t2",
+                "messages": [{"role": "user", "content": "the cat"}],
+                "max_tokens": 6,
+                "temperature": 0,
+                "stream": True,
+            },
+        ) as r:
+            chunks = [
+                json.loads(x.removeprefix("data: "))
+                for x in r.iter_lines()
+                if x and x != "data: [DONE]"
+            ]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert chunks[0]["object"] == "chat.completion.chunk"
     text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
@@ -131,32 +173,43 @@ def test_stop_strings_sampling_and_prompt_lists(server):
         assert len(words) > 2
         stop = words[2]
         cut = _complete(c, "t0", PROMPTS[6], 12, stop=[stop, "zzz"]).json()["choices"][0]
-        assert cut["finish_reason"] == "stop" and cut["text"] == full[:full.find(stop)]
+        assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.find(stop)]
         many = _complete(c, "t0", [PROMPTS[0], PROMPTS[1]], 5).json()
         assert [ch["index"] for ch in many["choices"]] == [0, 1]
-        assert many["choices"][0]["text"] == _complete(c, "t0", PROMPTS[0], 5).json()[
-            "choices"][0]["text"]
-        sample = {"model": "t1", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 1.5,
-                  "top_p": 0.9, "seed": 7}
+        assert (
+            many["choices"][0]["text"]
+            == _complete(c, "t0", PROMPTS[0], 5).json()["choices"][0]["text"]
+        )
+        sample = {
+            "model": "t1",
+            "prompt": PROMPTS[2],
+            "max_tokens": 8,
+            "temperature": 1.5,
+            "top_p": 0.9,
+            "seed": 7,
+        }
         a = c.post("/v1/completions", json=sample).json()["choices"][0]["text"]
         b = c.post("/v1/completions", json=sample).json()["choices"][0]["text"]
         assert a == b  # a seed makes sampling reproducible
 
 
-@pytest.mark.parametrize(("body", "status", "words"), [
-    ({"model": "nope", "prompt": "the cat"}, 404, "does not exist"),
-    ({"model": "t0:0.5+zz:0.5", "prompt": "the cat"}, 404, "'zz' does not exist"),
-    ({"model": "t0:x+t1:0.5", "prompt": "the cat"}, 400, "is not a number"),
-    ({"model": "auto", "prompt": "the cat"}, 400, "has none"),
-    ({"model": "t0", "prompt": "the cat", "max_tokens": 1000}, 400, "at most 24"),
-    ({"model": "t0", "prompt": "the cat", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": "t0", "prompt": "the cat", "stop": [""]}, 400, "non-empty"),
-    ({"model": "t0", "prompt": "the cat", "temperature": -1}, 400, "temperature"),
-    ({"model": "t0", "prompt": ""}, 400, "empty"),
-    ({"model": "t0", "prompt": []}, 400, "at least one"),
-    ({"model": "t0"}, 400, "prompt"),
-    ({"prompt": "the cat"}, 400, "model"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"model": "nope", "prompt": "the cat"}, 404, "does not exist"),
+        ({"model": "t0:0.5+zz:0.5", "prompt": "the cat"}, 404, "'zz' does not exist"),
+        ({"model": "t0:x+t1:0.5", "prompt": "the cat"}, 400, "is not a number"),
+        ({"model": "auto", "prompt": "the cat"}, 400, "has none"),
+        ({"model": "t0", "prompt": "the cat", "max_tokens": 1000}, 400, "at most 24"),
+        ({"model": "t0", "prompt": "the cat", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": "t0", "prompt": "the cat", "stop": [""]}, 400, "non-empty"),
+        ({"model": "t0", "prompt": "the cat", "temperature": -1}, 400, "temperature"),
+        ({"model": "t0", "prompt": ""}, 400, "empty"),
+        ({"model": "t0", "prompt": []}, 400, "at least one"),
+        ({"model": "t0"}, 400, "prompt"),
+        ({"prompt": "the cat"}, 400, "model"),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(server, body, status, words):
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
@@ -166,8 +219,9 @@ def test_bad_requests_get_4xx_with_a_message(server, body, status, words):
 
 def test_malformed_json_wrong_endpoint_and_health(server):
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        r = c.post("/v1/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
         r = c.post("/v1/classify", json={"model": "t0", "input": "the cat"})
         assert r.status_code == 400 and "task heads" in r.json()["error"]["message"]
@@ -177,8 +231,9 @@ def test_malformed_json_wrong_endpoint_and_health(server):
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert ids == ["t0", "t1", "t2", "base"]
         spec = c.get("/openapi.json").json()
-        assert {"/v1/completions", "/v1/chat/completions", "/v1/classify",
-                "/v1/models"} <= set(spec["paths"])
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models"} <= set(
+            spec["paths"]
+        )
 
 
 def test_failures_stay_with_their_request(lm, offline, monkeypatch):
@@ -186,8 +241,7 @@ def test_failures_stay_with_their_request(lm, offline, monkeypatch):
     exactly; a slow server gives 429 past its queue bound and 504 past the timeout, and keeps
     answering."""
     _, base, pack, _ = lm
-    with Server(pack, base, Limits(max_tokens=24, max_batch=8, max_queue=4,
-                                   timeout_s=3)) as s:
+    with Server(pack, base, Limits(max_tokens=24, max_batch=8, max_queue=4, timeout_s=3)) as s:
         engine = s.engine
         real_prefill, real_step = engine.prefill, engine.step
         poison = engine.encode("blue")[0]
@@ -205,8 +259,9 @@ def test_failures_stay_with_their_request(lm, offline, monkeypatch):
             assert got[1].status_code == 500
             for p, r in zip(prompts, got, strict=True):
                 if p != "red blue big":
-                    assert r.status_code == 200 and \
-                        r.json()["choices"][0]["text"] == offline("t1", p, 6)
+                    assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline(
+                        "t1", p, 6
+                    )
 
             def slow(seqs, kv):
                 time.sleep(0.3)
@@ -215,8 +270,10 @@ def test_failures_stay_with_their_request(lm, offline, monkeypatch):
             monkeypatch.setattr(engine, "prefill", real_prefill)
             monkeypatch.setattr(engine, "step", slow)
             with ThreadPoolExecutor(16) as ex:
-                codes = [r.status_code for r in ex.map(
-                    lambda i: _complete(c, "t0", PROMPTS[i % 8], 20), range(16))]
+                codes = [
+                    r.status_code
+                    for r in ex.map(lambda i: _complete(c, "t0", PROMPTS[i % 8], 20), range(16))
+                ]
             assert 429 in codes and 504 in codes and set(codes) <= {200, 429, 504}
             monkeypatch.setattr(engine, "step", real_step)
             time.sleep(0.5)
@@ -233,11 +290,17 @@ def test_tasks_added_and_removed_without_restart(lm, tmp_path):
 
     live = tmp_path / "live"
     shutil.copytree(pack, live)
-    with Server(live, base, Limits(max_tokens=24)) as s, \
-            httpx.Client(base_url=s.url, timeout=60) as c:
+    with (
+        Server(live, base, Limits(max_tokens=24)) as s,
+        httpx.Client(base_url=s.url, timeout=60) as c,
+    ):
         assert _complete(c, "t3", PROMPTS[0]).status_code == 404
-        qmerge.add_task(live, base, {"t3": fts["t3"]},
-                        opts=qmerge.Options(policy=qmerge.Policy(codec="sign"), progress=False))
+        qmerge.add_task(
+            live,
+            base,
+            {"t3": fts["t3"]},
+            opts=qmerge.Options(policy=qmerge.Policy(codec="sign"), progress=False),
+        )
         deadline = time.monotonic() + 30
         while "t3" not in [m["id"] for m in c.get("/v1/models").json()["data"]]:
             assert time.monotonic() < deadline, "the added task never appeared"
@@ -249,10 +312,12 @@ def test_tasks_added_and_removed_without_restart(lm, tmp_path):
 
         tok = tokenizer(base)
         enc = tok(PROMPTS[0], return_tensors="pt")
-        out = ref.generate(**enc, max_new_tokens=8, do_sample=False, task="t3",
-                           pad_token_id=tok.pad_token_id)
-        assert r.json()["choices"][0]["text"] == tok.decode(out[0, enc["input_ids"].shape[1]:],
-                                                            skip_special_tokens=True)
+        out = ref.generate(
+            **enc, max_new_tokens=8, do_sample=False, task="t3", pad_token_id=tok.pad_token_id
+        )
+        assert r.json()["choices"][0]["text"] == tok.decode(
+            out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         qmerge.remove_task(live, ["t1"])
         while "t1" in [m["id"] for m in c.get("/v1/models").json()["data"]]:
             assert time.monotonic() < deadline + 30, "the removed task never left"
@@ -280,15 +345,19 @@ def test_classify_mixed_tasks_equal_qmerge_run(cls_server):
     texts = ["the cat sat", "red blue", "is not very big", "a dog ran fast"]
     with httpx.Client(base_url=s.url, timeout=60) as c:
         with ThreadPoolExecutor(6) as ex:
-            got = list(ex.map(lambda t: c.post("/v1/classify", json={"model": t,
-                                                                     "input": texts}),
-                              ["c0", "c1", "c2"]))
+            got = list(
+                ex.map(
+                    lambda t: c.post("/v1/classify", json={"model": t, "input": texts}),
+                    ["c0", "c1", "c2"],
+                )
+            )
         r = c.post("/v1/completions", json={"model": "c0", "prompt": "the cat"})
         assert r.status_code == 400 and "classify" in r.json()["error"]["message"]
         cards = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
     assert cards["c1"]["labels"] == [f"label{k}" for k in range(5)]
-    ref = inference.run(pack, base, [{"text": x, "task": t} for t in ("c0", "c1", "c2")
-                                     for x in texts])["results"]
+    ref = inference.run(
+        pack, base, [{"text": x, "task": t} for t in ("c0", "c1", "c2") for x in texts]
+    )["results"]
     data = [d for r in got for d in r.json()["data"]]
     assert [d["label"] for d in data] == [x["label"] for x in ref]
     for d, x in zip(data, ref, strict=True):
@@ -307,16 +376,28 @@ def test_router_fitted_while_serving_makes_auto_answer(cls_server):
         assert r.status_code == 400 and "router" in r.json()["error"]["message"]
         tok = tokenizer(base)
         model = qmerge.load(base, pack)
-        examples = {"c0": ["the cat sat on the mat"] * 3, "c1": ["red blue big small"] * 3,
-                    "c2": ["is was not and or"] * 3}
-        qmerge.fit_router(model, examples, layer=2, encode=lambda x: dict(
-            tok(list(x), return_tensors="pt", padding=True)))
+        examples = {
+            "c0": ["the cat sat on the mat"] * 3,
+            "c1": ["red blue big small"] * 3,
+            "c2": ["is was not and or"] * 3,
+        }
+        qmerge.fit_router(
+            model,
+            examples,
+            layer=2,
+            encode=lambda x: dict(tok(list(x), return_tensors="pt", padding=True)),
+        )
         deadline = time.monotonic() + 30
         while "auto" not in [m["id"] for m in c.get("/v1/models").json()["data"]]:
             assert time.monotonic() < deadline, "the router never appeared"
             time.sleep(0.1)
-        r = c.post("/v1/classify", json={"model": "auto", "input": [
-            "the cat sat on the mat", "red blue big small", "is was not and or"]})
+        r = c.post(
+            "/v1/classify",
+            json={
+                "model": "auto",
+                "input": ["the cat sat on the mat", "red blue big small", "is was not and or"],
+            },
+        )
     assert r.status_code == 200, r.text
     assert [d["route"] for d in r.json()["data"]] == [{"c0": 1.0}, {"c1": 1.0}, {"c2": 1.0}]
 
@@ -333,14 +414,24 @@ def test_fuzz_the_openapi_spec(server, offline):
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]
     assert len(ops) >= 6
-    cases = st.one_of([op.as_strategy(mode) for op in ops
-                       for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+    cases = st.one_of(
+        [
+            op.as_strategy(mode)
+            for op in ops
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        ]
+    )
     n = int(os.environ.get("QMERGE_FUZZ_EXAMPLES", "60"))
     seen: list[int] = []
 
     @given(case=cases)
-    @settings(max_examples=n, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def fuzz(case):
         r = case.call(base_url=server.url, timeout=30)
         seen.append(r.status_code)
@@ -351,23 +442,43 @@ def test_fuzz_the_openapi_spec(server, offline):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r = _complete(c, "t0", PROMPTS[2], 9)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == offline(
-            "t0", PROMPTS[2], 9)
+            "t0", PROMPTS[2], 9
+        )
 
 
 def test_cli_serve(lm, tmp_path):
     _, base, pack, _ = lm
-    out = subprocess.run([sys.executable, "-m", "qmerge", "serve", "--help"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "qmerge", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "--batch-window-ms" in out.stdout
     import socket
 
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qmerge", "serve", str(pack), "--base",
-                             str(base), "--port", str(port), "--max-batch", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qmerge",
+            "serve",
+            str(pack),
+            "--base",
+            str(base),
+            "--port",
+            str(port),
+            "--max-batch",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -382,6 +493,10 @@ def test_cli_serve(lm, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    bad = subprocess.run([sys.executable, "-m", "qmerge", "serve", str(tmp_path / "nopack"),
-                          "--base", str(base)], capture_output=True, text=True, timeout=90)
+    bad = subprocess.run(
+        [sys.executable, "-m", "qmerge", "serve", str(tmp_path / "nopack"), "--base", str(base)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert bad.returncode == 1 and "nopack" in bad.stderr

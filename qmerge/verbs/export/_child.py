@@ -66,17 +66,23 @@ def scored(spec, out, inputs, i):
     continuation, and the one after it); other kinds' outputs whole."""
     if spec["kind"] != "causal-lm":
         return out
-    return out[int(inputs[f"prompt.{i}"]) - 1:].contiguous()
+    return out[int(inputs[f"prompt.{i}"]) - 1 :].contiguous()
 
 
 def greedy_generate(model, prompt, n, eos):
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1,
-                           eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0)
-    ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                         generation_config=cfg)
-    return ids[0, prompt.shape[1]:]
+    cfg = GenerationConfig(
+        max_new_tokens=n,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos or None,
+        pad_token_id=eos[0] if eos else 0,
+    )
+    ids = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=cfg
+    )
+    return ids[0, prompt.shape[1] :]
 
 
 def run_torch(spec, inputs, results):
@@ -89,20 +95,25 @@ def run_torch(spec, inputs, results):
             if spec["kind"] == "causal-lm":
                 p = int(inputs[f"prompt.{i}"])
                 n = seq.shape[1] - p
-                results[f"greedy.{i}"] = greedy_generate(model, seq[:, :p], n, spec["eos"]) \
-                    if n else torch.zeros(0, dtype=torch.long)
+                results[f"greedy.{i}"] = (
+                    greedy_generate(model, seq[:, :p], n, spec["eos"])
+                    if n
+                    else torch.zeros(0, dtype=torch.long)
+                )
 
 
 def run_onnx(spec, inputs, results):
     import numpy as np
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(Path(spec["dir"]) / "model.onnx"),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(Path(spec["dir"]) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
 
     def fwd(ids):
-        return torch.from_numpy(sess.run(None, {"input_ids": ids,
-                                                "attention_mask": np.ones_like(ids)})[0][0])
+        return torch.from_numpy(
+            sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+        )
 
     for i in range(spec["count"]):
         seq = inputs[f"seq.{i}"][None].numpy()

@@ -50,21 +50,15 @@ def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor
     return u[:, :r] * root, root[:, None] * vh[:r], {"exact": False, "energy": energy}
 
 
-def write(job: Job, out: Path) -> dict:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("the peft format needs `peft` (pip install peft)") from None
+def _plan(job: Job, shapes: dict[str, tuple[int, ...]]):
+    """(LoRA factors per module path: (B, A, is_embedding), modules saved whole, per-weight
+    SVD info) for every module the selection changes."""
     t = job.target
-    if job.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ConfigError(f"peft adapters are stored in fp32, bf16 or fp16, not {job.dtype}")
     changed = [n for n in t.names if n in job.head or residuals(job.pack, job.sel, n)]
-    model = t.build(torch.float32)
-    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     by_module: dict[str, set[str]] = {}
     for src in changed:
         by_module.setdefault(t.modules[src], set()).add(src)
-    lora: dict[str, tuple[Tensor, Tensor, bool]] = {}   # module path -> (B, A, is_embedding)
+    lora: dict[str, tuple[Tensor, Tensor, bool]] = {}
     save: set[str] = set()
     infos = {}
     for mod, srcs in sorted(by_module.items()):
@@ -82,24 +76,12 @@ def write(job: Job, out: Path) -> dict:
             for alias, first in t.tied.items():
                 if first == t.names[weight]:
                     lora[alias.rpartition(".")[0]] = (f[0], f[1], False)
-    lora_biases = {m for m in lora if f"{m}.bias" in shapes}
-    if not lora:
-        raise ExportError(f"{job.sel.describe} changes no Linear or Embedding weight; there is "
-                          f"no LoRA adapter to export (use --format hf)")
-    ranks = {m: a.shape[0] for m, (_, a, _) in lora.items()}
-    r0 = Counter(ranks.values()).most_common(1)[0][0]
-    cfg = LoraConfig(
-        r=r0, lora_alpha=r0, lora_dropout=0.0, target_modules=sorted(lora),
-        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
-        alpha_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
-        bias="lora_only" if lora_biases else "none",
-        modules_to_save=sorted(save) or None, inference_mode=True,
-        base_model_name_or_path=str(job.base.resolve()))
-    model.name_or_path = cfg.base_model_name_or_path  # else peft records None
-    with warnings.catch_warnings():
-        # peft warns that a tied layer is adapted; both sides get the same factors here
-        warnings.simplefilter("ignore")
-        peft_model = get_peft_model(model, cfg)
+    return lora, save, infos
+
+
+def _fill(job: Job, peft_model, lora: dict, save: set[str], lora_biases: set[str]) -> None:
+    """Copies the factors, the adapted biases and the saved modules into the PEFT model."""
+    t = job.target
     with torch.no_grad():
         for m, (b, a, emb) in lora.items():
             layer = peft_model.base_model.model.get_submodule(m)
@@ -116,6 +98,44 @@ def write(job: Job, out: Path) -> dict:
             copy = wrapper.modules_to_save["default"]
             for pname, p in copy.named_parameters():
                 p.copy_(job.tensor(t.sources[f"{m}.{pname}"]))
+
+
+def write(job: Job, out: Path) -> dict:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("the peft format needs `peft` (pip install peft)") from None
+    if job.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"peft adapters are stored in fp32, bf16 or fp16, not {job.dtype}")
+    model = job.target.build(torch.float32)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    lora, save, infos = _plan(job, shapes)
+    lora_biases = {m for m in lora if f"{m}.bias" in shapes}
+    if not lora:
+        raise ExportError(
+            f"{job.sel.describe} changes no Linear or Embedding weight; there is "
+            f"no LoRA adapter to export (use --format hf)"
+        )
+    ranks = {m: a.shape[0] for m, (_, a, _) in lora.items()}
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    cfg = LoraConfig(
+        r=r0,
+        lora_alpha=r0,
+        lora_dropout=0.0,
+        target_modules=sorted(lora),
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(m): r for m, r in ranks.items() if r != r0},
+        bias="lora_only" if lora_biases else "none",
+        modules_to_save=sorted(save) or None,
+        inference_mode=True,
+        base_model_name_or_path=str(job.base.resolve()),
+    )
+    model.name_or_path = cfg.base_model_name_or_path  # else peft records None
+    with warnings.catch_warnings():
+        # peft warns that a tied layer is adapted; both sides get the same factors here
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, cfg)
+    _fill(job, peft_model, lora, save, lora_biases)
     if job.dtype != torch.float32:
         peft_model = peft_model.to(job.dtype)
     with warnings.catch_warnings():
@@ -123,8 +143,11 @@ def write(job: Job, out: Path) -> dict:
         # the base's embedding stays the base's: saving it into the adapter would copy it
         peft_model.save_pretrained(out, save_embedding_layers=False)
     converted = [i for i in infos.values() if not i["exact"]]
-    return {"target_modules": len(lora), "modules_to_save": sorted(save),
-            "ranks": dict(Counter(ranks.values())), "svd_tensors": len(converted),
-            "energy_kept_min": min((i["energy"] for i in converted), default=None),
-            "exact": not converted and job.dtype == torch.float32}
-
+    return {
+        "target_modules": len(lora),
+        "modules_to_save": sorted(save),
+        "ranks": dict(Counter(ranks.values())),
+        "svd_tensors": len(converted),
+        "energy_kept_min": min((i["energy"] for i in converted), default=None),
+        "exact": not converted and job.dtype == torch.float32,
+    }

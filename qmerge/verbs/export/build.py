@@ -21,20 +21,21 @@ import torch
 
 from qmerge.dtypes import float_dtype
 from qmerge.errors import ConfigError
+from qmerge.format.atomic import install_dir, temp_sibling
+from qmerge.format.checkpoint import Checkpoint
 from qmerge.registry import Registry
 from qmerge.verbs.export import adapter, hf, int8, to_onnx
 from qmerge.verbs.export.check import eos_ids, probe, verify
 from qmerge.verbs.export.job import Job
 from qmerge.verbs.export.selection import head, select
 from qmerge.verbs.export.target import resolve
-from qmerge.format.atomic import install_dir, temp_sibling
-from qmerge.format.checkpoint import Checkpoint
 from qmerge.verbs.packs import open_pack
 
 FORMATS: Registry[Callable[[Job, Path], dict]] = Registry("export format")
 FORMATS.register("hf", hf.write, "a Hugging Face model directory (transformers loads it as-is)")
-FORMATS.register("peft", adapter.write, "a PEFT LoRA adapter over the base",
-                 "huggingface.co/docs/peft")
+FORMATS.register(
+    "peft", adapter.write, "a PEFT LoRA adapter over the base", "huggingface.co/docs/peft"
+)
 FORMATS.register("int8", int8.write, "int8 per-channel weights + a small standalone loader")
 FORMATS.register("onnx", to_onnx.write, "the merged model for onnxruntime", "onnx.ai")
 REPORT = "qmerge-export.json"
@@ -62,13 +63,26 @@ def _weights_bytes(source: str) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
-def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
-           task: str | None = None, coeffs: str | Mapping[str, float] | None = None,
-           shared: bool = False, dtype: str = "auto", rank: int = 16,
-           max_shard_bytes: int = 2 << 30, texts: list[str] | None = None,
-           check_inputs: int = 8, new_tokens: int = 16, tolerance: float = 1e-3,
-           min_agreement: float = 0.9, overwrite: bool = False,
-           progress: Callable[[Iterable], Iterable] = iter) -> dict:
+def export(
+    pack: PathLike,
+    base: PathLike,
+    out: PathLike,
+    *,
+    fmt: str = "hf",
+    task: str | None = None,
+    coeffs: str | Mapping[str, float] | None = None,
+    shared: bool = False,
+    dtype: str = "auto",
+    rank: int = 16,
+    max_shard_bytes: int = 2 << 30,
+    texts: list[str] | None = None,
+    check_inputs: int = 8,
+    new_tokens: int = 16,
+    tolerance: float = 1e-3,
+    min_agreement: float = 0.9,
+    overwrite: bool = False,
+    progress: Callable[[Iterable], Iterable] = iter,
+) -> dict:
     """Exports and checks; returns the report (also written to `out/qmerge-export.json`).
 
     Args:
@@ -95,40 +109,28 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
     ckpt = Checkpoint(base_dir)
     dt = _dtype(dtype, ckpt, fmt)
     target = resolve(base_dir, pk, hd, labels, dt)
-    job = Job(base_dir, pk, sel, target, hd, dt, rank=rank,
-              max_shard_bytes=max_shard_bytes, progress=progress, _ckpt=ckpt)
+    job = Job(
+        base_dir,
+        pk,
+        sel,
+        target,
+        hd,
+        dt,
+        rank=rank,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+        _ckpt=ckpt,
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staged = temp_sibling(out_dir, "export")
     staged.mkdir()
     try:
         info = write(job, staged)
         exact = dt == torch.float32 and fmt != "int8" and info.get("exact", True)
-        from qmerge.verbs.load import load
-
-        model = load(base_dir, pk, dtype=torch.float32, check_base=False, _only=sel.used())
-        spec = {"format": fmt, "dir": str(staged), "kind": target.kind, "auto": target.auto,
-                "base": str(base_dir.resolve()), "eos": eos_ids(target.config),
-                "num_labels": target.config.get("num_labels") if target.kind == "classifier"
-                else None}
-        pr = probe(base_dir, target.config, texts, check_inputs)
-        rep = verify(model, sel, spec, pr, new_tokens if target.kind == "causal-lm" else 0,
-                     exact, tolerance, min_agreement)
-        del model
-        pack_bytes = sum(pk.manifest["files"][f"tasks/{t}.safetensors"]["bytes"]
-                         for t in sel.used() if f"tasks/{t}.safetensors" in pk.manifest["files"])
-        sources = {t: _weights_bytes(src) if (src := pk.manifest["tasks"][t].get("source"))
-                   else None for t in sel.used()}
-        report = {
-            "format": fmt, "selection": sel.describe, "route": sel.route(),
-            "class": target.arch, "auto_class": target.auto, "kind": target.kind,
-            "dtype": str(dt).removeprefix("torch."), "base": str(base_dir.resolve()),
-            "pack": str(pk.path), "base_fingerprint": pk.base_fingerprint["content"],
-            "labels": labels, "written": info, "check": rep,
-            "sizes": {"export_bytes": 0, "pack_task_bytes": pack_bytes,
-                      "finetune_bytes": sources,
-                      "base_fp32_bytes": sum(4 * math.prod(ckpt.shape(n)) for n in ckpt.names
-                                             if ckpt.dtype(n).is_floating_point)},
-        }
+        rep = _check(
+            job, fmt, staged, texts, check_inputs, new_tokens, exact, tolerance, min_agreement
+        )
+        report = _report(job, fmt, info, rep, ckpt, labels)
         report["sizes"]["export_bytes"] = dir_bytes(staged)
         (staged / REPORT).write_text(json.dumps(report, indent=2, default=str) + "\n")
         install_dir(staged, out_dir)
@@ -138,3 +140,71 @@ def export(pack: PathLike, base: PathLike, out: PathLike, *, fmt: str = "hf",
     report["out"] = str(out_dir)
     return report
 
+
+def _check(
+    job: Job,
+    fmt: str,
+    staged: Path,
+    texts: list[str] | None,
+    check_inputs: int,
+    new_tokens: int,
+    exact: bool,
+    tolerance: float,
+    min_agreement: float,
+) -> dict:
+    """The artifact in `staged`, run by its own runtime in a fresh process, against the
+    routed model (check.py)."""
+    from qmerge.verbs.load import load
+
+    target = job.target
+    model = load(job.base, job.pack, dtype=torch.float32, check_base=False, _only=job.sel.used())
+    spec = {
+        "format": fmt,
+        "dir": str(staged),
+        "kind": target.kind,
+        "auto": target.auto,
+        "base": str(job.base.resolve()),
+        "eos": eos_ids(target.config),
+        "num_labels": target.config.get("num_labels") if target.kind == "classifier" else None,
+    }
+    pr = probe(job.base, target.config, texts, check_inputs)
+    tokens = new_tokens if target.kind == "causal-lm" else 0
+    return verify(model, job.sel, spec, pr, tokens, exact, tolerance, min_agreement)
+
+
+def _report(
+    job: Job, fmt: str, info: dict, rep: dict, ckpt: Checkpoint, labels: list[str] | None
+) -> dict:
+    """qmerge-export.json: what was exported, the check's numbers, the sizes."""
+    pk, sel, target = job.pack, job.sel, job.target
+    tasks = pk.manifest["tasks"]
+    pack_bytes = sum(
+        pk.manifest["files"][tasks[t]["file"]]["bytes"] for t in sel.used() if t in tasks
+    )
+    sources = {
+        t: _weights_bytes(src) if (src := tasks[t].get("source")) else None for t in sel.used()
+    }
+    base_fp32 = sum(
+        4 * math.prod(ckpt.shape(n)) for n in ckpt.names if ckpt.dtype(n).is_floating_point
+    )
+    return {
+        "format": fmt,
+        "selection": sel.describe,
+        "route": sel.route(),
+        "class": target.arch,
+        "auto_class": target.auto,
+        "kind": target.kind,
+        "dtype": str(job.dtype).removeprefix("torch."),
+        "base": str(job.base.resolve()),
+        "pack": str(pk.path),
+        "base_fingerprint": pk.base_fingerprint["content"],
+        "labels": labels,
+        "written": info,
+        "check": rep,
+        "sizes": {
+            "export_bytes": 0,
+            "pack_task_bytes": pack_bytes,
+            "finetune_bytes": sources,
+            "base_fp32_bytes": base_fp32,
+        },
+    }

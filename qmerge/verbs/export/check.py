@@ -48,7 +48,7 @@ TEXTS = [
 
 @dataclass
 class Probe:
-    seqs: list[Tensor]      # token ids [L] per input (causal LM: the prompt)
+    seqs: list[Tensor]  # token ids [L] per input (causal LM: the prompt)
     source: str
 
 
@@ -56,8 +56,10 @@ def probe(base: Path, config: dict, texts: list[str] | None, count: int) -> Prob
     """Token ids for the check: `texts` (or the built-in ones) through the base's tokenizer,
     or seeded random ids when the base directory has no tokenizer."""
     chosen = (texts or TEXTS)[:count]
-    has_tok = any((base / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                "vocab.txt", "tokenizer.model"))
+    has_tok = any(
+        (base / f).exists()
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+    )
     if has_tok:
         from transformers import AutoTokenizer
 
@@ -69,8 +71,9 @@ def probe(base: Path, config: dict, texts: list[str] | None, count: int) -> Prob
             return Probe(seqs, what)
     g = torch.Generator().manual_seed(0)
     vocab = int(config.get("vocab_size", 100))
-    seqs = [torch.randint(min(3, vocab - 1), vocab, (8 + i % 5,), generator=g)
-            for i in range(count)]
+    seqs = [
+        torch.randint(min(3, vocab - 1), vocab, (8 + i % 5,), generator=g) for i in range(count)
+    ]
     return Probe(seqs, f"{count} random token sequences (the base has no tokenizer)")
 
 
@@ -83,8 +86,9 @@ def _out(kind: str, out) -> Tensor:
     return (out.last_hidden_state if kind == "encoder" else out.logits)[0].float()
 
 
-def reference(model: nn.Module, sel: Selection, kind: str, pr: Probe, new_tokens: int,
-              eos: list[int]) -> dict[str, Tensor]:
+def reference(
+    model: nn.Module, sel: Selection, kind: str, pr: Probe, new_tokens: int, eos: list[int]
+) -> dict[str, Tensor]:
     """The routed model's outputs; for a causal LM the sequences become prompt + its greedy
     continuation (the artifact is then run on the same full sequences)."""
     from transformers import GenerationConfig
@@ -95,16 +99,24 @@ def reference(model: nn.Module, sel: Selection, kind: str, pr: Probe, new_tokens
         for i, seq in enumerate(pr.seqs):
             ids = seq[None]
             if kind == "causal-lm" and new_tokens:
-                cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                                       eos_token_id=eos or None,
-                                       pad_token_id=eos[0] if eos else 0)
-                ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     generation_config=cfg, **route)
+                cfg = GenerationConfig(
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=eos or None,
+                    pad_token_id=eos[0] if eos else 0,
+                )
+                ids = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=cfg,
+                    **route,
+                )
             res[f"seq.{i}"] = ids[0].clone()
             res[f"prompt.{i}"] = torch.tensor(seq.numel())
             out = _out(kind, model(input_ids=ids, attention_mask=torch.ones_like(ids), **route))
             # a causal LM: the logits that predict the continuation (and the token after it)
-            res[f"out.{i}"] = out[seq.numel() - 1:].contiguous() if kind == "causal-lm" else out
+            res[f"out.{i}"] = out[seq.numel() - 1 :].contiguous() if kind == "causal-lm" else out
     return res
 
 
@@ -113,18 +125,31 @@ def run_child(spec: dict, ref: dict[str, Tensor], count: int) -> dict[str, Tenso
 
     with tempfile.TemporaryDirectory(prefix="qmerge-check-") as tmp:
         t = Path(tmp)
-        save_file({k: v.contiguous() for k, v in ref.items() if not k.startswith("out.")},
-                  str(t / "inputs.safetensors"))
-        spec = dict(spec, inputs=str(t / "inputs.safetensors"),
-                    output=str(t / "outputs.safetensors"), count=count)
+        save_file(
+            {k: v.contiguous() for k, v in ref.items() if not k.startswith("out.")},
+            str(t / "inputs.safetensors"),
+        )
+        spec = dict(
+            spec,
+            inputs=str(t / "inputs.safetensors"),
+            output=str(t / "outputs.safetensors"),
+            count=count,
+        )
         (t / "spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        proc = subprocess.run([sys.executable, str(CHILD), str(t / "spec.json")], cwd=t,
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, str(CHILD), str(t / "spec.json")],
+            cwd=t,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             tail = "\n".join(proc.stderr.strip().splitlines()[-12:])
-            raise ExportError(f"the {spec['format']} export failed to run in a fresh process "
-                              f"without qmerge:\n{tail}")
+            raise ExportError(
+                f"the {spec['format']} export failed to run in a fresh process "
+                f"without qmerge:\n{tail}"
+            )
         return load_file(str(t / "outputs.safetensors"))
 
 
@@ -143,10 +168,12 @@ def compare(kind: str, ref: dict[str, Tensor], got: dict[str, Tensor], count: in
     for i in range(count):
         r, g = ref[f"out.{i}"], got[f"out.{i}"]
         if kind == "classifier":
-            r = r[..., :g.shape[-1]]  # the routed head pads to the widest task
+            r = r[..., : g.shape[-1]]  # the routed head pads to the widest task
         if r.shape != g.shape:
-            raise ExportError(f"input {i}: the export's output is {list(g.shape)}, the routed "
-                              f"model's {list(r.shape)}")
+            raise ExportError(
+                f"input {i}: the export's output is {list(g.shape)}, the routed "
+                f"model's {list(r.shape)}"
+            )
         max_abs = max(max_abs, float((r - g).abs().max()))
         ref_max = max(ref_max, float(r.abs().max()))
         if kind == "classifier":
@@ -163,17 +190,29 @@ def compare(kind: str, ref: dict[str, Tensor], got: dict[str, Tensor], count: in
                 total += n
             cont = ref[f"seq.{i}"][p:]
             identical += int(torch.equal(got[f"greedy.{i}"], cont))
-    report = {"inputs": count, "max_abs": max_abs,
-              "max_rel": max_abs / ref_max if ref_max else 0.0,
-              "agreement": agree / total if total else 1.0, "compared": total,
-              "flip_margin_max": max(flips) if flips else None}
+    report = {
+        "inputs": count,
+        "max_abs": max_abs,
+        "max_rel": max_abs / ref_max if ref_max else 0.0,
+        "agreement": agree / total if total else 1.0,
+        "compared": total,
+        "flip_margin_max": max(flips) if flips else None,
+    }
     if kind == "causal-lm":
         report["greedy_identical"] = f"{identical}/{count}"
     return report
 
 
-def verify(model: nn.Module, sel: Selection, spec: dict, pr: Probe, new_tokens: int,
-           exact: bool, tolerance: float, min_agreement: float) -> dict:
+def verify(
+    model: nn.Module,
+    sel: Selection,
+    spec: dict,
+    pr: Probe,
+    new_tokens: int,
+    exact: bool,
+    tolerance: float,
+    min_agreement: float,
+) -> dict:
     """Runs the check; raises ExportError (with the numbers) when the export fails it."""
     eos = spec["eos"]
     ref = reference(model, sel, spec["kind"], pr, new_tokens, eos)
@@ -188,8 +227,10 @@ def verify(model: nn.Module, sel: Selection, spec: dict, pr: Probe, new_tokens: 
         ok = rep["agreement"] >= min_agreement
     rep["passed"] = ok
     if not ok:
-        raise ExportError(f"the {spec['format']} export does not match the routed model "
-                          f"({rep['criterion']} fails: max_rel {rep['max_rel']:.3g}, "
-                          f"agreement {rep['agreement']:.3f} over {rep['compared']} outputs); "
-                          f"nothing was written")
+        raise ExportError(
+            f"the {spec['format']} export does not match the routed model "
+            f"({rep['criterion']} fails: max_rel {rep['max_rel']:.3g}, "
+            f"agreement {rep['agreement']:.3f} over {rep['compared']} outputs); "
+            f"nothing was written"
+        )
     return rep

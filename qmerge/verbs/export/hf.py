@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qmerge.format.safetensors_io import write_safetensors
 from qmerge.verbs.export.job import Job
 from qmerge.verbs.export.target import copy_side_files
-from qmerge.format.safetensors_io import write_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -61,8 +61,11 @@ def write(job: Job, out: Path) -> dict:
             used = 0
         shards[-1].append(i)
         used += size
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
     weight_map = {}
     bar = iter(job.progress(range(len(items))))
     for fname, idx in zip(names, shards, strict=True):
@@ -76,8 +79,10 @@ def write(job: Job, out: Path) -> dict:
             write_safetensors(f, chunk, metadata={"format": "pt"})
         del chunk
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(
-            weight_map.items()))}
+        index = {
+            "metadata": {"total_size": sum(sizes)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     write_config(job, out)
     copied = copy_side_files(job.base, out)

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from qmerge.format.safetensors_io import write_safetensors
 from qmerge.verbs.export.hf import cast, tensors, write_config
 from qmerge.verbs.export.int8_loader import SCALE, WEIGHTS
 from qmerge.verbs.export.job import Job
 from qmerge.verbs.export.target import copy_side_files
-from qmerge.format.safetensors_io import write_safetensors
 
 LOADER = "qmerge_int8.py"
 

@@ -94,7 +94,7 @@ def load(directory: str | Path) -> nn.Module:
     with _params_on_meta():
         model = cls(config)
     modules = dict(model.named_modules())
-    quantized = sorted(k[:-len(SCALE)] for k in state if k.endswith(SCALE))
+    quantized = sorted(k[: -len(SCALE)] for k in state if k.endswith(SCALE))
     made: dict[str, nn.Module] = {}
     for name in quantized:
         path = name.rpartition(".")[0]
@@ -105,19 +105,25 @@ def load(directory: str | Path) -> nn.Module:
         elif isinstance(old, nn.Linear):
             made[path] = Int8Linear(q, s, state.pop(f"{path}.bias", None))
         else:
-            raise ValueError(f"{d / WEIGHTS}: '{name}' is quantized but '{path}' is a "
-                             f"{type(old).__name__}, not a Linear or Embedding")
+            raise ValueError(
+                f"{d / WEIGHTS}: '{name}' is quantized but '{path}' is a "
+                f"{type(old).__name__}, not a Linear or Embedding"
+            )
         _set(model, path, made[path])
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None and isinstance(out_emb, nn.Linear) and out_emb.weight.is_meta:
         inp = model.get_input_embeddings()
-        if not isinstance(inp, Int8Embedding) or not getattr(config, "tie_word_embeddings",
-                                                             False):
-            raise ValueError(f"{d / WEIGHTS}: has no output-embedding weight and the model does "
-                             f"not tie it to a quantized input embedding")
+        if not isinstance(inp, Int8Embedding) or not getattr(config, "tie_word_embeddings", False):
+            raise ValueError(
+                f"{d / WEIGHTS}: has no output-embedding weight and the model does "
+                f"not tie it to a quantized input embedding"
+            )
         path = next(p for p, m in model.named_modules() if m is out_emb)
-        _set(model, path, Int8Linear(inp.qweight, inp.scale,
-                                     None if out_emb.bias is None else out_emb.bias))
+        _set(
+            model,
+            path,
+            Int8Linear(inp.qweight, inp.scale, None if out_emb.bias is None else out_emb.bias),
+        )
     model.load_state_dict(state, strict=False, assign=True)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.format.pack import Pack
 from qmerge.verbs.export.merged import merged
 from qmerge.verbs.export.selection import Selection
 from qmerge.verbs.export.target import Target
-from qmerge.format.checkpoint import Checkpoint
-from qmerge.format.pack import Pack
 
 
 @dataclass
@@ -23,10 +23,10 @@ class Job:
     pack: Pack
     sel: Selection
     target: Target
-    head: dict[str, Tensor]          # the selection's head tensors (pack names), fp32
-    dtype: torch.dtype               # of the written floating-point tensors
-    rank: int = 16                   # peft: rank of a truncated SVD of a non-low-rank residual
-    max_shard_bytes: int = 2 << 30   # hf: shard above this
+    head: dict[str, Tensor]  # the selection's head tensors (pack names), fp32
+    dtype: torch.dtype  # of the written floating-point tensors
+    rank: int = 16  # peft: rank of a truncated SVD of a non-low-rank residual
+    max_shard_bytes: int = 2 << 30  # hf: shard above this
     progress: Callable[[Iterable], Iterable] = iter
     _ckpt: Checkpoint | None = field(default=None, repr=False)
 
@@ -51,6 +51,8 @@ class Job:
         if missing or unexpected:
             from qmerge.errors import ExportError
 
-            raise ExportError(f"the merged state does not fit {self.target.arch}: missing "
-                              f"{missing[:3]}, unexpected {unexpected[:3]}")
+            raise ExportError(
+                f"the merged state does not fit {self.target.arch}: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
         return model.eval()

@@ -9,9 +9,9 @@ from torch import Tensor
 
 from qmerge.codecs import CODECS, Residual
 from qmerge.errors import ConfigError
-from qmerge.verbs.export.selection import Selection
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.pack import Pack
+from qmerge.verbs.export.selection import Selection
 from qmerge.verbs.packs import residual, shared_residual
 
 
@@ -24,8 +24,10 @@ def residuals(pack: Pack, sel: Selection, name: str) -> list[tuple[float, Residu
         if entry is None or (kind is not None and kind.residual.is_zero):
             continue
         if entry.get("extra_rows", 0):
-            raise ConfigError(f"{pack.path}: task {t!r} grows '{name}' by {entry['extra_rows']} "
-                              f"rows; exporting a resized vocabulary is not supported")
+            raise ConfigError(
+                f"{pack.path}: task {t!r} grows '{name}' by {entry['extra_rows']} "
+                f"rows; exporting a resized vocabulary is not supported"
+            )
         out.append((c, residual(pack, t, name)))
     return out
 

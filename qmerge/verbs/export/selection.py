@@ -24,8 +24,8 @@ from qmerge.routing.route import BASE, parse_mixture
 
 @dataclass(frozen=True)
 class Selection:
-    coeffs: dict[str, float]        # task -> weight, zero weights dropped; {} is the bare base
-    describe: str                   # "task 'math'" / "mixture math:0.7+code:0.3"
+    coeffs: dict[str, float]  # task -> weight, zero weights dropped; {} is the bare base
+    describe: str  # "task 'math'" / "mixture math:0.7+code:0.3"
 
     def route(self) -> dict:
         """The keyword arguments that route the qmerge model the same way."""
@@ -37,21 +37,32 @@ class Selection:
         return list(self.coeffs)
 
 
-def select(pack: Pack, task: str | None = None, coeffs: str | Mapping[str, float] | None = None,
-           shared: bool = False) -> Selection:
+def select(
+    pack: Pack,
+    task: str | None = None,
+    coeffs: str | Mapping[str, float] | None = None,
+    shared: bool = False,
+) -> Selection:
     """The selection named by exactly one of `task`, `coeffs` ('a:0.7+b:0.3' or a dict) and
     `shared`; unknown tasks and non-finite weights are refused naming them."""
-    given = [n for n, v in (("task", task), ("coeffs", coeffs), ("shared", shared or None))
-             if v is not None]
+    given = [
+        n
+        for n, v in (("task", task), ("coeffs", coeffs), ("shared", shared or None))
+        if v is not None
+    ]
     if len(given) != 1:
-        raise ConfigError("say what to export with exactly one of task=, coeffs= or shared=True "
-                          f"(got {', '.join(given) or 'none'})")
+        raise ConfigError(
+            "say what to export with exactly one of task=, coeffs= or shared=True "
+            f"(got {', '.join(given) or 'none'})"
+        )
     if shared:
         # a merged pack's backbone (W0 + shared) is in every export of it; this one is that
         # alone: the static merge
         if not pack.shared_entries():
-            raise ConfigError(f"{pack.path}: the pack has no shared delta (`qmerge merge` "
-                              f"writes one); export a task or a mixture")
+            raise ConfigError(
+                f"{pack.path}: the pack has no shared delta (`qmerge merge` "
+                f"writes one); export a task or a mixture"
+            )
         return Selection({}, "the shared delta (the static merge)")
     if task is not None:
         if task == BASE:
@@ -79,19 +90,26 @@ def head(pack: Pack, sel: Selection) -> tuple[dict[str, Tensor], list[str] | Non
     if not any(pack.manifest["tasks"][t].get("heads") for t in pack.tasks):
         return {}, None
     if not sel.coeffs:
-        raise ConfigError(f"{pack.path}: the tasks have their own heads, and {sel.describe} "
-                          f"has none to export; name a task or a mixture")
+        raise ConfigError(
+            f"{pack.path}: the tasks have their own heads, and {sel.describe} "
+            f"has none to export; name a task or a mixture"
+        )
     out: dict[str, Tensor] = {}
     labels: list[str] | None = None
     for t, c in sel.coeffs.items():
         h = pack.heads(t)
         if not h:
-            raise ConfigError(f"{pack.path}: task {t!r} has no head; it cannot be exported from "
-                              f"a pack whose tasks are classifiers")
-        if out and {k: tuple(v.shape) for k, v in h.items()} != {k: tuple(v.shape)
-                                                                 for k, v in out.items()}:
-            raise ConfigError(f"{sel.describe}: tasks with heads of different shapes (numbers "
-                              f"of labels) cannot be mixed into one head")
+            raise ConfigError(
+                f"{pack.path}: task {t!r} has no head; it cannot be exported from "
+                f"a pack whose tasks are classifiers"
+            )
+        if out and {k: tuple(v.shape) for k, v in h.items()} != {
+            k: tuple(v.shape) for k, v in out.items()
+        }:
+            raise ConfigError(
+                f"{sel.describe}: tasks with heads of different shapes (numbers "
+                f"of labels) cannot be mixed into one head"
+            )
         for k, v in h.items():
             out[k] = out.get(k, torch.zeros(v.shape)) + c * v.float()
         lab = pack.labels(t)

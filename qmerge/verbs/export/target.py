@@ -22,22 +22,35 @@ from qmerge.errors import CheckpointError, ConfigError, ExportError
 from qmerge.format.names import alignment
 from qmerge.format.pack import Pack
 
-KINDS = {"AutoModelForSequenceClassification": "classifier",
-         "AutoModelForCausalLM": "causal-lm", "AutoModel": "encoder"}
+KINDS = {
+    "AutoModelForSequenceClassification": "classifier",
+    "AutoModelForCausalLM": "causal-lm",
+    "AutoModel": "encoder",
+}
 # files of the base directory an export carries: tokenizer and generation settings
-SIDE_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece",
-              "sentencepiece", "generation_config", "chat_template", "preprocessor_config")
+SIDE_FILES = (
+    "tokenizer",
+    "vocab",
+    "merges",
+    "special_tokens_map",
+    "added_tokens",
+    "spiece",
+    "sentencepiece",
+    "generation_config",
+    "chat_template",
+    "preprocessor_config",
+)
 
 
 @dataclass
 class Target:
-    auto: str                     # the transformers Auto class that loads it
-    arch: str                     # the concrete class, e.g. "BertForSequenceClassification"
-    config: dict                  # the config.json to write
-    names: dict[str, str]         # pack tensor name -> state-dict name written
-    tied: dict[str, str] = field(default_factory=dict)   # alias -> the name it shares
-    linears: set[str] = field(default_factory=set)       # pack names of nn.Linear weights
-    embeddings: set[str] = field(default_factory=set)    # pack names of nn.Embedding weights
+    auto: str  # the transformers Auto class that loads it
+    arch: str  # the concrete class, e.g. "BertForSequenceClassification"
+    config: dict  # the config.json to write
+    names: dict[str, str]  # pack tensor name -> state-dict name written
+    tied: dict[str, str] = field(default_factory=dict)  # alias -> the name it shares
+    linears: set[str] = field(default_factory=set)  # pack names of nn.Linear weights
+    embeddings: set[str] = field(default_factory=set)  # pack names of nn.Embedding weights
     modules: dict[str, str] = field(default_factory=dict)  # pack name -> owning module path
 
     @functools.cached_property
@@ -66,8 +79,9 @@ def auto_class(config: dict, pack: Pack) -> str:
 def _instantiate(auto: str, config: dict, dtype: torch.dtype, meta: bool) -> nn.Module:
     import transformers
 
-    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items()
-                                               if k not in ("architectures",)})
+    cfg = transformers.AutoConfig.for_model(
+        **{k: v for k, v in config.items() if k not in ("architectures",)}
+    )
     cls = getattr(transformers, auto)
     from transformers.utils import logging as hf_logging
 
@@ -86,15 +100,22 @@ def read_config(base: Path) -> dict:
     try:
         cfg = json.loads((base / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{base}: no readable config.json ({e}); an export needs the "
-                              f"base's Hugging Face directory") from None
+        raise CheckpointError(
+            f"{base}: no readable config.json ({e}); an export needs the "
+            f"base's Hugging Face directory"
+        ) from None
     if not isinstance(cfg, dict) or "model_type" not in cfg:
         raise CheckpointError(f"{base / 'config.json'}: has no model_type")
     return cfg
 
 
-def resolve(base: Path, pack: Pack, head: dict[str, torch.Tensor], labels: list[str] | None,
-            dtype: torch.dtype) -> Target:
+def resolve(
+    base: Path,
+    pack: Pack,
+    head: dict[str, torch.Tensor],
+    labels: list[str] | None,
+    dtype: torch.dtype,
+) -> Target:
     """The target model for exporting `pack` over `base` with the selection's `head`."""
     config = read_config(base)
     auto = auto_class(config, pack)
@@ -105,8 +126,11 @@ def resolve(base: Path, pack: Pack, head: dict[str, torch.Tensor], labels: list[
             raise ExportError(f"{pack.path}: cannot tell the number of labels from the head")
         n = widths.pop()
         names = labels if labels and len(labels) == n else [f"LABEL_{i}" for i in range(n)]
-        config.update(num_labels=n, id2label={str(i): s for i, s in enumerate(names)},
-                      label2id={s: i for i, s in enumerate(names)})
+        config.update(
+            num_labels=n,
+            id2label={str(i): s for i, s in enumerate(names)},
+            label2id={s: i for i, s in enumerate(names)},
+        )
     config["dtype"] = str(dtype).removeprefix("torch.")
     model = _instantiate(auto, config, torch.float32, meta=True)
     config["architectures"] = [type(model).__name__]
@@ -130,16 +154,23 @@ def resolve(base: Path, pack: Pack, head: dict[str, torch.Tensor], labels: list[
     want = set(writable)
     names = {s: t for s, t in mapped.items() if t in want}
     if missing := sorted(want - set(names.values())):
-        raise ExportError(f"{base}: the {config['architectures'][0]} export needs "
-                          f"'{missing[0]}', which neither the base nor the task heads have "
-                          f"({len(missing)} such tensors)")
+        raise ExportError(
+            f"{base}: the {config['architectures'][0]} export needs "
+            f"'{missing[0]}', which neither the base nor the task heads have "
+            f"({len(missing)} such tensors)"
+        )
     floats = {s for s, e in pack.base_fingerprint["tensors"].items() if e["dtype"][0] in "FB"}
     changed = {n for t in pack.tasks for n in pack.entries(t)}
-    dropped = [s for s in source if s not in names and (s in floats or s in head)
-               and (mapped[s] not in tied or s in changed)]
+    dropped = [
+        s
+        for s in source
+        if s not in names and (s in floats or s in head) and (mapped[s] not in tied or s in changed)
+    ]
     if dropped:
-        raise ConfigError(f"{pack.path}: base tensor '{dropped[0]}' has no place in "
-                          f"{config['architectures'][0]}; is this the base's architecture?")
+        raise ConfigError(
+            f"{pack.path}: base tensor '{dropped[0]}' has no place in "
+            f"{config['architectures'][0]}; is this the base's architecture?"
+        )
     target = Target(auto, config["architectures"][0], config, names, tied)
     modules = dict(model.named_modules())
     for mod_name, mod in modules.items():

@@ -33,14 +33,18 @@ class _Graph(nn.Module):
 
 def write(job: Job, out: Path) -> dict:
     if job.dtype != torch.float32:
-        raise ConfigError("the onnx export is fp32 (onnxruntime's CPU kernels are fp32); "
-                          "drop --dtype or use the int8 format for a smaller build")
+        raise ConfigError(
+            "the onnx export is fp32 (onnxruntime's CPU kernels are fp32); "
+            "drop --dtype or use the int8 format for a smaller build"
+        )
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ConfigError("the onnx format needs `onnx` and `onnxscript` (pip install onnx "
-                          "onnxscript; onnxruntime to run it)") from None
+        raise ConfigError(
+            "the onnx format needs `onnx` and `onnxscript` (pip install onnx "
+            "onnxscript; onnxruntime to run it)"
+        ) from None
     graph = _Graph(job.merged_model(), job.target.kind).eval()
     ids = torch.randint(3, min(int(job.target.config.get("vocab_size", 100)), 1000), (2, 7))
     mask = torch.ones_like(ids)
@@ -50,13 +54,24 @@ def write(job: Job, out: Path) -> dict:
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                graph, (ids, mask), None, input_names=["input_ids", "attention_mask"],
-                output_names=[out_name], opset_version=OPSET, dynamo=True, verbose=False,
-                dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                "attention_mask": {0: batch, 1: seq}})
+                graph,
+                (ids, mask),
+                None,
+                input_names=["input_ids", "attention_mask"],
+                output_names=[out_name],
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+                dynamic_shapes={
+                    "input_ids": {0: batch, 1: seq},
+                    "attention_mask": {0: batch, 1: seq},
+                },
+            )
         except Exception as e:  # the exporter raises many types; name the model and cause
-            raise ExportError(f"torch.onnx could not export {job.target.arch}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+            raise ExportError(
+                f"torch.onnx could not export {job.target.arch}: "
+                f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            ) from None
     big = sum(p.numel() * 4 for p in graph.parameters()) > (1 << 30)
     program.save(str(out / "model.onnx"), external_data=big)
     copy_side_files(job.base, out)
