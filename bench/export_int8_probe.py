@@ -1,7 +1,7 @@
 """Why int8 misses 98% next-token agreement on SmolLM2's free-text continuations: the same
 merged weights rounded several ways, scored the way `qmerge export` scores them.
 
-    .venv/bin/python bench/export_int8_probe.py     # writes bench/results/export-notes.md (~3 min)
+    .venv/bin/python -m bench.export_int8_probe     # writes bench/results/export-notes.md (~3 min)
 
 The merged fp32 model of the fortunes task (pack-smollm2-5, bench/export.py) greedily
 continues 48 held-out fortunes (first 8 words, 16 tokens); each variant is then run on those
@@ -11,23 +11,20 @@ sequences and its next-token argmax compared with the fp32 model's.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "quality"))
-import tasks as task_data  # noqa: E402
-from common import CACHE, smollm2_base  # noqa: E402
+from bench.common import CACHE, smollm2_base
+from bench.quality import tasks as task_data
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.verbs.export.int8 import quantize_rows
+from qmerge.verbs.export.job import Job
+from qmerge.verbs.export.selection import head, select
+from qmerge.verbs.export.target import resolve
+from qmerge.verbs.packs import open_pack
 
-from qmerge.format.checkpoint import Checkpoint  # noqa: E402
-from qmerge.verbs.export.int8 import quantize_rows  # noqa: E402
-from qmerge.verbs.export.job import Job  # noqa: E402
-from qmerge.verbs.export.selection import head, select  # noqa: E402
-from qmerge.verbs.export.target import resolve  # noqa: E402
-from qmerge.verbs.packs import open_pack  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 OUT = ROOT / "results" / "export-notes.md"
 
@@ -114,7 +111,7 @@ def main() -> None:
     lines = [
         "# Export notes: int8 and near-ties on free text",
         "",
-        "Command: `.venv/bin/python bench/export_int8_probe.py`",
+        "Command: `.venv/bin/python -m bench.export_int8_probe`",
         "",
         __doc__.strip(),
         "",

@@ -1,7 +1,7 @@
 """CPU kernel benchmark: qmerge ops vs this machine's ceilings and vs the torch ways.
 
-Run:  .venv/bin/python bench/kernels.py            (writes bench/results/kernels-cpu.md)
-      .venv/bin/python bench/kernels.py --quick    (one small shape, prints only)
+Run:  .venv/bin/python -m bench.kernels            (writes bench/results/kernels-cpu.md)
+      .venv/bin/python -m bench.kernels --quick    (one small shape, prints only)
 
 Measured in one run: copy bandwidth (a 256 MiB tensor copy) and the base-only GEMV (torch
 F.linear, and qmerge's own kernel with no task), then for each shape in bf16:
@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,42 +28,12 @@ import torch
 import torch.nn.functional as F
 
 import qmerge
+from bench._timing import copy_bandwidth, timeit, timeit_alternating
 from qmerge import ops
 
 RESULTS = Path(__file__).parent / "results" / "kernels-cpu.md"
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 DTYPE = torch.bfloat16
-
-_flush_buf = torch.empty(64 << 20, dtype=torch.uint8)
-
-
-def timeit_alternating(
-    fns: list[Callable[[], object]], cold: bool, min_reps: int = 9, budget_s: float = 4.0
-) -> list[float]:
-    """Median seconds of each fn, timed in turns (one call of each per round).
-
-    The calls a target compares are timed this way: this VM's memory bandwidth drifts by tens
-    of percent within minutes, and taking turns makes the drift hit both sides of a ratio alike.
-    """
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < 50):
-        for k, fn in enumerate(fns):
-            if cold:
-                _flush_buf.fill_((rounds + k) & 0xFF)
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-        rounds += 1
-    return [statistics.median(t) for t in times]
-
-
-def timeit(fn: Callable[[], object], cold: bool, min_reps: int = 5, budget_s: float = 1.5) -> float:
-    """Median seconds of fn() over repeats (at least min_reps, more while under budget_s)."""
-    return timeit_alternating([fn], cold, min_reps, budget_s)[0]
 
 
 def machine() -> list[str]:
@@ -84,13 +52,6 @@ def machine() -> list[str]:
         f"- qmerge backend: {ops.backend()}, ISAs here: {ops.supported_isas()}",
         f"- torch CPU capability: {torch.backends.cpu.get_cpu_capability()}",
     ]
-
-
-def copy_bandwidth(cold: bool) -> float:
-    src = torch.randn(64 << 20)  # 256 MiB
-    dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), cold)
-    return 2 * src.numel() * 4 / t / 1e9
 
 
 def make_tasks(out: int, inn: int, tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,7 +270,7 @@ def main() -> int:
     torch.manual_seed(0)
     desc = machine()
     print("\n".join(desc))
-    bw = copy_bandwidth(cold)
+    bw = copy_bandwidth(256 << 20, timer=lambda fn: timeit(fn, cold))
     print(f"copy bandwidth: {bw:.1f} GB/s")
     shapes = [(1024, 1024)] if args.quick else SHAPES
     rows = []
@@ -322,7 +283,7 @@ def main() -> int:
         return 0
     ver = verdicts(rows)
     print("\n".join(ver))
-    cmd = "bench/kernels.py" + (" --warm" if args.warm else "")
+    cmd = "-m bench.kernels" + (" --warm" if args.warm else "")
     text = [
         "# qmerge CPU kernels",
         "",

@@ -1,7 +1,7 @@
 """GPU kernel benchmark: qmerge's CUDA ops vs this GPU's ceilings and vs the torch ways.
 
-Run:  python bench/kernels_gpu.py              (writes bench/results/kernels-<gpu>.md, e.g. -h100)
-      python bench/kernels_gpu.py --quick      (one shape, prints only)
+Run:  python -m bench.kernels_gpu              (writes bench/results/kernels-<gpu>.md, e.g. -h100)
+      python -m bench.kernels_gpu --quick      (one shape, prints only)
 
 Measured in one run, bf16: device-to-device copy bandwidth (torch copy of 1 GiB) and the
 cuBLAS base-only F.linear at each batch size; then per shape: dequant_add_sign (1 task) in GB/s
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import qmerge
+from bench._timing import copy_bandwidth
 from qmerge import ops
 
 SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192)]
@@ -64,13 +65,6 @@ def time_turns(
             events[k].append((a, b))
     torch.cuda.synchronize()
     return [statistics.median(a.elapsed_time(b) for a, b in ev) for ev in events]
-
-
-def copy_bandwidth(flush) -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    (ms,) = time_turns([lambda: dst.copy_(src)], flush, reps=10)
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
 def make_tasks(out: int, inn: int, tasks: int):
@@ -350,7 +344,9 @@ def main() -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     log(f"{name}; qmerge backend {ops.backend()}")
     flush = flusher()
-    bw = copy_bandwidth(flush)
+    bw = copy_bandwidth(
+        1 << 30, "cuda", timer=lambda fn: time_turns([fn], flush, reps=10)[0] * 1e-3
+    )
     log(f"copy bandwidth {bw:.0f} GB/s")
     rows: list[dict] = []
     for out, inn in SHAPES[-1:] if args.quick else SHAPES:
@@ -365,7 +361,7 @@ def main() -> int:
     lines = [
         f"# qmerge CUDA kernels on {name}",
         "",
-        "Command: `python bench/kernels_gpu.py` (writes this file; L2 flushed before every timed "
+        "Command: `python -m bench.kernels_gpu` (writes this file; L2 flushed before every timed "
         "call, medians of CUDA-event timings, bf16).",
         "",
         f"- GPU: {name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB; "

@@ -1,6 +1,6 @@
 """Routed inference on real models: mixed-task batches, generation, memory, routers.
 
-    .venv/bin/python bench/routing.py            # writes bench/results/routing.md (~15 min)
+    .venv/bin/python -m bench.routing            # writes bench/results/routing.md (~15 min)
 
 Needs the bench extras (not part of the test set-up):
     apt-get install -y wordnet-base fortunes fortunes-min fortunes-de fortunes-es \\
@@ -32,57 +32,23 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "quality"))
-import finetune  # noqa: E402
-import routing_llm  # noqa: E402
-import tasks as task_data  # noqa: E402
-from common import CACHE, minilm_base  # noqa: E402
+import qmerge
+from bench import routing_llm
+from bench._timing import best_of, copy_bandwidth, paired
+from bench.common import CACHE, minilm_base
+from bench.quality import finetune
+from bench.quality import tasks as task_data
 
-import qmerge  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 TASKS = list(task_data.ALL)
 BATCH = 8
 MAX_LEN = 64
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 64 MiB copy, best of 3: a probe of the VM's slow spells."""
-    a = torch.empty(64 << 20, dtype=torch.uint8)
-    b = torch.empty_like(a)
-    best = 0.0
-    for _ in range(3):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = max(best, 2 * a.numel() / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def paired(base, fn, reps: int) -> tuple[float, float, float]:
-    """(base s, fn s, median of the per-pair ratios fn/base), base and fn run in turns so that
-    the shared 2-core VM's slow spells (copy bandwidth and GEMM speed both swing by +-20%
-    within seconds here) hit both alike."""
-    for _ in range(3):
-        base()
-        fn()
-    tb, tf, ratios = [], [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        tb.append(t1 - t0)
-        tf.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(tb), statistics.median(tf), statistics.median(ratios)
 
 
 # --- MiniLM ------------------------------------------------------------------------------
@@ -154,9 +120,9 @@ def time_mixed(log, model, plain, merged, data, enc, n_tasks: int, reps: int):
         for key, (_, fn) in paths.items():
             res[key] = []
             for i in range(6 if key == "fused" else 1):
-                bw = copy_bandwidth()
+                bw = copy_bandwidth(64 << 20, timer=best_of(3))
                 res[key].append(paired(lambda: plain(**inputs), fn, reps))
-                bandwidth[(key, i)] = min(bw, copy_bandwidth())
+                bandwidth[(key, i)] = min(bw, copy_bandwidth(64 << 20, timer=best_of(3)))
     log(
         f"### Forward time, one batch of {BATCH} sentences over {n_tasks} tasks ({rows} "
         f"token rows), torch threads {torch.get_num_threads()}"
@@ -358,7 +324,7 @@ def main() -> None:
     log = lambda s="": (print(s, flush=True), lines.append(s))  # noqa: E731
     log("# Routed inference (`qmerge.load`): mixed-task batches, generation, memory, routers")
     log()
-    log("Command: `.venv/bin/python bench/routing.py` (needs the extras in its docstring)")
+    log("Command: `.venv/bin/python -m bench.routing` (needs the extras in its docstring)")
     log()
     log(
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "

@@ -15,13 +15,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "quality"))
-from common import CACHE, perturbed, smollm2_base  # noqa: E402
+import qmerge
+from bench.common import CACHE, perturbed, smollm2_base
+from qmerge.verbs.compress import release_freed_memory
 
-import qmerge  # noqa: E402
-from qmerge.verbs.compress import release_freed_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 
 def status_bytes(key: str) -> int:

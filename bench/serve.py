@@ -1,7 +1,7 @@
 """`qmerge serve` under load on SmolLM2-135M with 5 tasks (bench/routing_llm.py's pack: two
 real LM fine-tunes and three synthetic ones), on loopback. Writes bench/results/serve.md.
 
-    .venv/bin/python bench/serve.py [--requests 120] [--clients 32] [--tokens 32]
+    .venv/bin/python -m bench.serve [--requests 120] [--clients 32] [--tokens 32]
 
 1. The offline answer of every request: the patched model's own greedy `generate`, one
    request at a time, in this process.
@@ -27,7 +27,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -35,12 +34,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "quality"))
-from common import CACHE, QMERGE, smollm2_base  # noqa: E402
+import qmerge
+from bench.common import CACHE, QMERGE, smollm2_base
 
-import qmerge  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 OUT = ROOT / "results" / "serve.md"
 PROMPTS = [
@@ -293,7 +290,7 @@ def main() -> None:
     log("# qmerge serve: many task variants from one process")
     log()
     log(
-        f"Command: `.venv/bin/python bench/serve.py --requests {args.requests} --clients "
+        f"Command: `.venv/bin/python -m bench.serve --requests {args.requests} --clients "
         f"{args.clients} --tokens {args.tokens} --fuzz {args.fuzz}`"
     )
     log()

@@ -2,7 +2,7 @@
 and caches the result under bench/.cache/minilm-<task>[-s<seed>] (a transformers directory; not
 in git).
 
-    .venv/bin/python bench/quality/finetune.py [--steps 200] [--tasks a,b,...] [--seeds 0,1,2]
+    .venv/bin/python -m bench.quality.finetune [--steps 200] [--tasks a,b,...] [--seeds 0,1,2]
 
 A cached fine-tune is reused unless --force. 200 steps of batch 16 at 64 tokens take about
 2 minutes per task on the project's 2-core machine.
@@ -14,14 +14,12 @@ import argparse
 import importlib.util
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tasks as task_data  # noqa: E402
+from bench.quality import tasks as task_data
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 

@@ -2,7 +2,7 @@
 steps, and caches it under bench/.cache/smollm2-<name> (not in git). Real (if short) LLM
 fine-tunes for the routing benchmark; issue 5's quality track trains longer.
 
-    .venv/bin/python bench/quality/finetune_lm.py [--steps 40] [--tasks fortune_topic,noun_sense]
+    .venv/bin/python -m bench.quality.finetune_lm [--steps 40] [--tasks fortune_topic,noun_sense]
 
 About 1.5 s a step (batch 4, 64 tokens) on the project's 2-core machine.
 """
@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench.common import CACHE, smollm2_base
+from bench.quality import tasks as task_data
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-import tasks as task_data  # noqa: E402
-from common import CACHE, smollm2_base  # noqa: E402
 
 
 def finetune_lm(name: str, steps: int = 40, force: bool = False, seed: int = 0) -> Path:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from finetune_lm import CUES, answer_prompt, answer_word
-from measure import Track, linear_inputs, swapped, track_setups
 
 import qmerge
+from bench.quality.finetune_lm import CUES, answer_prompt, answer_word
+from bench.quality.measure import Track, linear_inputs, swapped, track_setups
 
 
 class LM(Track):

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from measure import Track, linear_inputs, swapped, track_setups
 
 import qmerge
+from bench.quality.measure import Track, linear_inputs, swapped, track_setups
 
 
 class MiniLM(Track):

@@ -1,6 +1,6 @@
 """The quality benchmark: static merges vs routed compressed deltas on real fine-tunes.
 
-    .venv/bin/python bench/quality/run.py [--seeds 0,1,2] [--max-test 200] [--lm-max-test 100]
+    .venv/bin/python -m bench.quality.run [--seeds 0,1,2] [--max-test 200] [--lm-max-test 100]
 
 MiniLM track (minilm.py): all-MiniLM-L6-v2 fine-tuned (whole encoder + a head) on the 5 tasks
 of tasks.py, one fine-tune per task and seed (finetune.py, cached in bench/.cache). LLM track
@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
+from bench.quality import lm as lm_track
+from bench.quality import minilm as minilm_track
+from bench.quality import tasks as task_data
+from bench.quality.measure import LABELS, ROWS_VERSION, SWEEPS
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-import lm as lm_track  # noqa: E402
-import minilm as minilm_track  # noqa: E402
-import tasks as task_data  # noqa: E402
-from measure import LABELS, ROWS_VERSION, SWEEPS  # noqa: E402
 
 RESULTS = HERE.parent / "results"
 LM_TASKS = "fortune_topic,sentiment,language"
@@ -389,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         log("LLM track")
         lm_tag = f"n{a.lm_max_test}-{'+'.join(lm_names)}-g{grids}"
         lm = run_seeds(make_lm, [0], work / f"rows-lm-{lm_tag}" if a.reuse else None, log)
-    command = ".venv/bin/python bench/quality/run.py " + shlex.join(
+    command = ".venv/bin/python -m bench.quality.run " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
     lm_steps = ", ".join(f"{n} {_steps(CACHE / f'smollm2-{n}-answers')}" for n in lm_names)

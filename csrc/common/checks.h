@@ -50,8 +50,8 @@ inline void check_linear(const char* op, const at::Tensor& x, const at::Tensor& 
   check_same_dtype(base_w, x, op, "base_w", "x");
   check_dim(base_w, 2, op, "base_w");
   check_contiguous(base_w, op, "base_w");
-  TORCH_CHECK_VALUE(base_w.size(1) == x.size(1), "qmerge.", op, ": 'base_w' must have ",
-                    x.size(1), " columns (in_features of 'x'), got shape ", base_w.sizes());
+  TORCH_CHECK_VALUE(base_w.size(1) == x.size(1), "qmerge.", op, ": 'base_w' must have ", x.size(1),
+                    " columns (in_features of 'x'), got shape ", base_w.sizes());
 }
 
 // packed [T, out, ceil(in/8)] uint8 and scales [T, R in {1, out}, G in 1..in] float.
@@ -72,8 +72,8 @@ inline void check_sign_set(const char* op, const at::Tensor& packed, const at::T
   TORCH_CHECK_VALUE(scales.size(0) == tasks, "qmerge.", op, ": 'scales' must have ", tasks,
                     " tasks (dim 0 of 'packed'), got shape ", scales.sizes());
   TORCH_CHECK_VALUE(scales.size(1) == 1 || scales.size(1) == out, "qmerge.", op,
-                    ": 'scales' dim 1 must be 1 (per tensor) or ", out,
-                    " (per row), got shape ", scales.sizes());
+                    ": 'scales' dim 1 must be 1 (per tensor) or ", out, " (per row), got shape ",
+                    scales.sizes());
   TORCH_CHECK_VALUE(scales.size(2) >= 1 && scales.size(2) <= std::max<int64_t>(in, 1), "qmerge.",
                     op, ": 'scales' dim 2 (groups along in_features) must be in [1, ", in,
                     "], got shape ", scales.sizes());
@@ -102,11 +102,12 @@ inline void check_routes(const char* op, int64_t rows, int64_t tasks,
                          const std::optional<at::Tensor>& coeffs) {
   TORCH_CHECK_VALUE(task_ids.has_value() != coeffs.has_value(), "qmerge.", op,
                     ": pass exactly one of 'task_ids' (one task per row) or 'coeffs' (a mixture "
-                    "per row), got ", task_ids ? "both" : "neither");
+                    "per row), got ",
+                    task_ids ? "both" : "neither");
   if (task_ids) {
     const at::Tensor& ids = *task_ids;
-    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "qmerge.",
-                     op, ": 'task_ids' must be int64 or int32, got ", ids.scalar_type());
+    TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, "qmerge.", op,
+                     ": 'task_ids' must be int64 or int32, got ", ids.scalar_type());
     check_dim(ids, 1, op, "task_ids");
     check_contiguous(ids, op, "task_ids");
     TORCH_CHECK_VALUE(ids.size(0) == rows, "qmerge.", op, ": 'task_ids' must have ", rows,
@@ -145,8 +146,8 @@ inline int64_t check_lowrank(const char* op, const at::Tensor& x, const at::Tens
                     "qmerge.", op, ": 'V' must have shape [", tasks, ", ", full_rank, ", ",
                     x.size(1), "] to match 'U' ", U.sizes(), ", got ", V.sizes());
   const int64_t r = rank.value_or(full_rank);
-  TORCH_CHECK_VALUE(r >= 0 && r <= full_rank, "qmerge.", op, ": 'rank' must be in [0, ",
-                    full_rank, "] (the stored rank), got ", r);
+  TORCH_CHECK_VALUE(r >= 0 && r <= full_rank, "qmerge.", op, ": 'rank' must be in [0, ", full_rank,
+                    "] (the stored rank), got ", r);
   return r;
 }
 

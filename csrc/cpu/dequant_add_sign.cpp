@@ -38,8 +38,7 @@ void dequant_into(const at::Tensor& base, const at::Tensor& packed, const at::Te
   check_alphas(kOp, alphas, a.tasks);
   check_out(kOp, out, base);
   // alpha_t * scale_t in fp32, exactly the reference's product.
-  const at::Tensor ascales =
-      (scales32 * alphas.to(at::kFloat).view({a.tasks, 1, 1})).contiguous();
+  const at::Tensor ascales = (scales32 * alphas.to(at::kFloat).view({a.tasks, 1, 1})).contiguous();
   a.signs.scales = ascales.data_ptr<float>();
   a.base = base.data_ptr();
   a.dst = out.data_ptr();

@@ -56,8 +56,8 @@ std::atomic<int>& forced() {
 Isa best_isa() {
   static const Isa best = cpu_has_avx512bf16() ? Isa::avx512bf16
                           : cpu_has_avx512()   ? Isa::avx512
-                          : cpu_has_avx2() ? Isa::avx2
-                                           : Isa::scalar;
+                          : cpu_has_avx2()     ? Isa::avx2
+                                               : Isa::scalar;
   return best;
 }
 

@@ -12,7 +12,8 @@ namespace qmerge::cpu {
 Isa best_isa();
 // The one in use: best_isa() unless QMERGE_ISA or set_isa() chose a lower one.
 Isa active_isa();
-// Forces an instruction set ("avx512bf16", "avx512", "avx2", "scalar" or "auto"); refuses one the CPU lacks.
+// Forces an instruction set ("avx512bf16", "avx512", "avx2", "scalar" or "auto"); refuses one the
+// CPU lacks.
 void set_isa(const std::string& name);
 std::string isa_name(Isa isa);
 std::vector<std::string> supported_isas();

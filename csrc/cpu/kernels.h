@@ -44,9 +44,9 @@ struct DequantArgs {
   void* dst = nullptr;         // [out, in]
   int64_t in = 0;
   int64_t tasks = 0;
-  SignSet signs;               // scales = alpha-premultiplied
-  bool stream = false;         // non-temporal stores: dst is larger than the cache and is not
-                               // read back at once (skips the read-for-ownership of dst)
+  SignSet signs;        // scales = alpha-premultiplied
+  bool stream = false;  // non-temporal stores: dst is larger than the cache and is not
+                        // read back at once (skips the read-for-ownership of dst)
 };
 
 // One unit of GEMV work for one output row: `nr` consecutive x rows (each with its own
@@ -57,9 +57,9 @@ struct DequantArgs {
 constexpr int kMaxChunk = 8;
 struct Chunk {
   int32_t nr = 0, np = 0;
-  int64_t row = 0;                   // first x row / output row
-  int32_t task[kMaxChunk] = {};      // per term, -1 = none
-  float coeff[kMaxChunk] = {};       // per term
+  int64_t row = 0;               // first x row / output row
+  int32_t task[kMaxChunk] = {};  // per term, -1 = none
+  float coeff[kMaxChunk] = {};   // per term
 };
 
 // y[n, i] += x[n, :] . w[i, :] + sum over the chunk's terms of
@@ -67,20 +67,20 @@ struct Chunk {
 // for every chunk and every output row i in [i0, i1). Accumulation is fp32.
 struct GemvArgs {
   DType dtype = DType::f32;
-  const void* w = nullptr;     // [out, ldw], rows of length `in`
+  const void* w = nullptr;  // [out, ldw], rows of length `in`
   int64_t ldw = 0;
-  int64_t out = 0;             // rows of w (the kernels prefetch ahead, never past the last)
+  int64_t out = 0;  // rows of w (the kernels prefetch ahead, never past the last)
   int64_t in = 0;
-  const float* x = nullptr;    // [N, ldx] fp32
+  const float* x = nullptr;  // [N, ldx] fp32
   int64_t ldx = 0;
   const uint16_t* xb = nullptr;  // [N, ldxb] x as bf16, set when the values are exactly bf16
   int64_t ldxb = 0;              // (bf16 weights with KernelTable::bf16_dot; else null)
-  const float* xsum = nullptr; // [N, G] per-group sums of x (when signs are used)
-  float* y = nullptr;          // [N, ldy] fp32, accumulated into
+  const float* xsum = nullptr;   // [N, G] per-group sums of x (when signs are used)
+  float* y = nullptr;            // [N, ldy] fp32, accumulated into
   int64_t ldy = 0;
   const Chunk* chunks = nullptr;
   int64_t nchunks = 0;
-  SignSet signs;               // unused when every chunk has np == 0
+  SignSet signs;                       // unused when every chunk has np == 0
   const uint8_t* zero_bits = nullptr;  // nb zero bytes, the bits of "no task"
 };
 
@@ -111,9 +111,17 @@ struct KernelTable {
   void (*gemv)(const GemvArgs&, int64_t i0, int64_t i1);
 };
 
-namespace avx512bf16 { const KernelTable& table(); }
-namespace avx512 { const KernelTable& table(); }
-namespace avx2 { const KernelTable& table(); }
-namespace scalar { const KernelTable& table(); }
+namespace avx512bf16 {
+const KernelTable& table();
+}
+namespace avx512 {
+const KernelTable& table();
+}
+namespace avx2 {
+const KernelTable& table();
+}
+namespace scalar {
+const KernelTable& table();
+}
 
 }  // namespace qmerge::cpu

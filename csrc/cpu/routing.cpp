@@ -17,8 +17,8 @@ Routes parse_routes(const char* op, int64_t rows, int64_t tasks,
     const at::Tensor ids64 = ids.to(at::kLong);
     const int64_t* p = ids64.data_ptr<int64_t>();
     for (int64_t n = 0; n < rows; ++n) {
-      TORCH_CHECK_INDEX(p[n] >= -1 && p[n] < tasks, "qmerge.", op, ": 'task_ids'[", n, "] = ",
-                        p[n], " is out of range: expected -1 (no task) or 0..", tasks - 1);
+      TORCH_CHECK_INDEX(p[n] >= -1 && p[n] < tasks, "qmerge.", op, ": 'task_ids'[", n, "] = ", p[n],
+                        " is out of range: expected -1 (no task) or 0..", tasks - 1);
       if (p[n] >= 0) {
         r.task.push_back(int32_t(p[n]));
         r.coeff.push_back(1.0f);

@@ -30,7 +30,7 @@ void dequant_into(const at::Tensor& base, const at::Tensor& packed, const at::Te
   const int64_t groups = scales.size(2), gs = ceil_div(in, groups);
   const int64_t nb = ceil_div(in, 8);
   const dim3 grid{unsigned(ceil_div(nb, kThreads * kDequantChunks)),
-                 unsigned(std::min<int64_t>(rows, 65535))};
+                  unsigned(std::min<int64_t>(rows, 65535))};
   const int vec = vec_ok(in, {&base, &out});
   const int srows = int(scales.size(1));
   const auto* bits = packed.data_ptr<uint8_t>();
@@ -38,18 +38,18 @@ void dequant_into(const at::Tensor& base, const at::Tensor& packed, const at::Te
   switch (dtype_of(base)) {
     case Dt::f32:
       qm_dequant_f32<<<grid, kThreads, 0, stream()>>>(base.data_ptr<float>(), bits, as, srows,
-                                                 int(groups), gs, int(tasks),
-                                                 out.data_ptr<float>(), rows, in, vec);
+                                                      int(groups), gs, int(tasks),
+                                                      out.data_ptr<float>(), rows, in, vec);
       break;
     case Dt::f16:
       qm_dequant_f16<<<grid, kThreads, 0, stream()>>>(
-          static_cast<const qm_u16*>(base.data_ptr()), bits, as, srows, int(groups), gs,
-          int(tasks), static_cast<qm_u16*>(out.data_ptr()), rows, in, vec);
+          static_cast<const qm_u16*>(base.data_ptr()), bits, as, srows, int(groups), gs, int(tasks),
+          static_cast<qm_u16*>(out.data_ptr()), rows, in, vec);
       break;
     case Dt::bf16:
       qm_dequant_bf16<<<grid, kThreads, 0, stream()>>>(
-          static_cast<const qm_u16*>(base.data_ptr()), bits, as, srows, int(groups), gs,
-          int(tasks), static_cast<qm_u16*>(out.data_ptr()), rows, in, vec);
+          static_cast<const qm_u16*>(base.data_ptr()), bits, as, srows, int(groups), gs, int(tasks),
+          static_cast<qm_u16*>(out.data_ptr()), rows, in, vec);
       break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

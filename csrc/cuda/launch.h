@@ -69,9 +69,7 @@ struct RoutesArg {
   at::Tensor ids, coeffs;
   int ids64 = 0;
   const void* ids_ptr() const { return ids.defined() ? ids.data_ptr() : nullptr; }
-  const float* coeffs_ptr() const {
-    return coeffs.defined() ? coeffs.data_ptr<float>() : nullptr;
-  }
+  const float* coeffs_ptr() const { return coeffs.defined() ? coeffs.data_ptr<float>() : nullptr; }
 };
 
 inline RoutesArg routes_arg(const std::optional<at::Tensor>& task_ids,

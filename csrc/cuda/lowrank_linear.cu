@@ -24,8 +24,11 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
   check_bias(kOp, bias, out);
   const at::Tensor no;
   check_device(kOp, x, "x",
-               {{&base_w, "base_w"}, {&U, "U"}, {&V, "V"},
-                {task_ids ? &*task_ids : &no, "task_ids"}, {coeffs ? &*coeffs : &no, "coeffs"},
+               {{&base_w, "base_w"},
+                {&U, "U"},
+                {&V, "V"},
+                {task_ids ? &*task_ids : &no, "task_ids"},
+                {coeffs ? &*coeffs : &no, "coeffs"},
                 {bias ? &*bias : &no, "bias"}});
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0 || out == 0) return y;
@@ -34,8 +37,8 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor y32 = base_gemm_f32(x, base_w);
   const int64_t slots = task_ids ? 1 : tasks;
-  const at::Tensor z = at::zeros({rows, slots, std::max<int64_t>(r, 1)},
-                                 x.options().dtype(at::kFloat));
+  const at::Tensor z =
+      at::zeros({rows, slots, std::max<int64_t>(r, 1)}, x.options().dtype(at::kFloat));
   const int vec = vec_ok(in, {&x, &V});
   const int64_t esize = x.element_size();
   const float* b = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
@@ -51,16 +54,16 @@ at::Tensor lowrank_linear(const at::Tensor& x, const at::Tensor& base_w, const a
     void* yp = static_cast<char*>(y.data_ptr()) + n0 * out * esize;
     const dim3 shrink_grid{unsigned(n), unsigned(slots), unsigned(ceil_div(in, kShrinkCols))};
     const dim3 expand_grid{unsigned(ceil_div(out, 256)), unsigned(n)};
-#define QM_LOWRANK(SUF, CT)                                                                      \
-  if (r > 0) {                                                                                   \
-    qm_lowrank_shrink_##SUF<<<shrink_grid, 256, 0, stream()>>>(                                  \
-        static_cast<const CT*>(xp), static_cast<const CT*>(V.data_ptr()), int(tasks),            \
-        int(full_rank), int(r), idp, ra.ids64, cp, zp, in, vec);                                 \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                              \
-  }                                                                                              \
-  qm_lowrank_expand_##SUF<<<expand_grid, 256, 0, stream()>>>(                                    \
-      y32p, static_cast<const CT*>(U.data_ptr()), int(tasks), int(full_rank), int(r),           \
-      int(slots), idp, ra.ids64, cp, zp, b, static_cast<CT*>(yp), out);                          \
+#define QM_LOWRANK(SUF, CT)                                                                       \
+  if (r > 0) {                                                                                    \
+    qm_lowrank_shrink_##SUF<<<shrink_grid, 256, 0, stream()>>>(                                   \
+        static_cast<const CT*>(xp), static_cast<const CT*>(V.data_ptr()), int(tasks),             \
+        int(full_rank), int(r), idp, ra.ids64, cp, zp, in, vec);                                  \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                               \
+  }                                                                                               \
+  qm_lowrank_expand_##SUF<<<expand_grid, 256, 0, stream()>>>(                                     \
+      y32p, static_cast<const CT*>(U.data_ptr()), int(tasks), int(full_rank), int(r), int(slots), \
+      idp, ra.ids64, cp, zp, b, static_cast<CT*>(yp), out);                                       \
   C10_CUDA_KERNEL_LAUNCH_CHECK();
     switch (dtype_of(x)) {
       case Dt::f32: QM_LOWRANK(f32, float); break;

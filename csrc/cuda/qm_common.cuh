@@ -140,8 +140,8 @@ __device__ __forceinline__ void qm_scales8(const float* srow, int groups, qm_i64
 // A task id out of range cannot be reported from the host without a device sync: like torch's
 // own indexing kernels, the kernel stops with a device-side error that names the op.
 __device__ __forceinline__ void qm_bad_task(const char* op, qm_i64 n, qm_i64 id, int tasks) {
-  printf("qmerge.%s: 'task_ids'[%lld] = %lld is out of range: expected -1 (no task) or 0..%d\n",
-         op, n, id, tasks - 1);
+  printf("qmerge.%s: 'task_ids'[%lld] = %lld is out of range: expected -1 (no task) or 0..%d\n", op,
+         n, id, tasks - 1);
   __trap();
 }
 

@@ -60,8 +60,8 @@ __device__ void qm_dequant(const typename D::T* base, const qm_u8* packed, const
       for (int t = 0; t < tasks; ++t) {
         const qm_u32 byte = packed[(qm_i64(t) * rows + r) * nb + b];
         float s[8];
-        qm_scales8(ascales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : r)) * groups,
-                   groups, gs, b * 8, s);
+        qm_scales8(ascales + (qm_i64(t) * scale_rows + (scale_rows == 1 ? 0 : r)) * groups, groups,
+                   gs, b * 8, s);
 #pragma unroll
         for (int e = 0; e < 8; ++e) w[e] += (byte >> e) & 1u ? s[e] : -s[e];
       }

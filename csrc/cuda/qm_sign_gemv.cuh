@@ -14,10 +14,9 @@ constexpr int kGemvChunks = 4;
 
 template <class D, int NR>
 __device__ void qm_sign_gemv(const typename D::T* x, const typename D::T* w, const qm_u8* packed,
-                             const float* scales, int scale_rows, int groups, qm_i64 gs,
-                             int tasks, const void* ids, int ids64, const float* coeffs,
-                             const float* bias, typename D::T* y, int rows, qm_i64 out,
-                             qm_i64 in, int vec) {
+                             const float* scales, int scale_rows, int groups, qm_i64 gs, int tasks,
+                             const void* ids, int ids64, const float* coeffs, const float* bias,
+                             typename D::T* y, int rows, qm_i64 out, qm_i64 in, int vec) {
   const qm_i64 nb = (in + 7) / 8;
   const int lane = threadIdx.x & 31;
   const qm_i64 warps = qm_i64(gridDim.x) * (blockDim.x >> 5);
@@ -48,7 +47,8 @@ __device__ void qm_sign_gemv(const typename D::T* x, const typename D::T* w, con
 #pragma unroll
         for (int n = 0; n < NR; ++n) {
           bits[u][n] = (b < nb && n < rows && task[n] >= 0)
-                           ? packed[(qm_i64(task[n]) * out + o) * nb + b] : 0u;
+                           ? packed[(qm_i64(task[n]) * out + o) * nb + b]
+                           : 0u;
         }
       }
 #pragma unroll
@@ -83,7 +83,8 @@ __device__ void qm_sign_gemv(const typename D::T* x, const typename D::T* w, con
             float s[8];
             qm_scales8(srow[n], groups, gs, c0, s);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[n] = fmaf((byte >> j) & 1u ? s[j] : -s[j], xv[j], acc[n]);
+            for (int j = 0; j < 8; ++j)
+              acc[n] = fmaf((byte >> j) & 1u ? s[j] : -s[j], xv[j], acc[n]);
           }
         }
       }

@@ -24,18 +24,19 @@ __device__ __forceinline__ void qm_mma(float c[4], const qm_u32 a[4], const qm_u
 
 // mma.m16n8k16 with fp32 accumulators, one specialization per 16-bit input type (its PTX name).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define QM_MMA_BODY(PTX)                                                                         \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX ".f32 {%0,%1,%2,%3}, "     \
-               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                                          \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+#define QM_MMA_BODY(PTX)                                            \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX "." PTX \
+               ".f32 {%0,%1,%2,%3}, "                               \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"             \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])     \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
 #else
 #define QM_MMA_BODY(PTX) __trap()
 #endif
-#define QM_MMA_SPECIALIZATION(D, PTX)                                                             \
-  template <>                                                                                     \
+#define QM_MMA_SPECIALIZATION(D, PTX)                                                           \
+  template <>                                                                                   \
   __device__ __forceinline__ void qm_mma<D>(float c[4], const qm_u32 a[4], const qm_u32 b[2]) { \
-    QM_MMA_BODY(PTX);                                                                             \
+    QM_MMA_BODY(PTX);                                                                           \
   }
 QM_MMA_SPECIALIZATION(QmBF16, "bf16")
 QM_MMA_SPECIALIZATION(QmF16, "f16")
@@ -52,8 +53,8 @@ __device__ __forceinline__ qm_u32 qm_pair16(const qm_u16* p, qm_i64 k, qm_i64 in
 template <class D>
 __device__ void qm_sign_mma(const qm_u16* x, const qm_u8* packed, const float* scales,
                             int scale_rows, int groups, qm_i64 gs, int tasks, const void* ids,
-                            int ids64, const int* order, const float* coeffs, float* y32,
-                            int rows, qm_i64 out, qm_i64 in, int wide_ok) {
+                            int ids64, const int* order, const float* coeffs, float* y32, int rows,
+                            qm_i64 out, qm_i64 in, int wide_ok) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const qm_i64 o0 = (qm_i64(blockIdx.y) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;
   const qm_i64 n0 = qm_i64(blockIdx.x) * 8;
@@ -87,8 +88,8 @@ __device__ void qm_sign_mma(const qm_u16* x, const qm_u8* packed, const float* s
       cc[1] = __shfl_sync(0xFFFFFFFFu, my_task, 2 * q + 1) == t ? 1.0f : 0.0f;
     } else {
       t = i;
-      const float mine = lane < 8 && n0 + lane < rows ? coeffs[qm_i64(order[n0 + lane]) * tasks + t]
-                                                      : 0.0f;
+      const float mine =
+          lane < 8 && n0 + lane < rows ? coeffs[qm_i64(order[n0 + lane]) * tasks + t] : 0.0f;
       if (!__any_sync(0xFFFFFFFFu, mine != 0.0f)) continue;
       cb = __shfl_sync(0xFFFFFFFFu, mine, g);
       cc[0] = __shfl_sync(0xFFFFFFFFu, mine, 2 * q);

@@ -1,7 +1,8 @@
 // sign_linear on CUDA (semantics: qmerge/ops/reference.py). The wrapper picks per call:
 //   gemv  up to 8 rows per pass, one read of the base and of each used task's bits
 //         (qm_sign_gemv): decoding (1-2 rows), fp32, and groups not 16-aligned;
-//   mma   3 rows or more (fp16/bf16, sm_80+): the base as one cuBLAS GEMM over every row (fp32 out),
+//   mma   3 rows or more (fp16/bf16, sm_80+): the base as one cuBLAS GEMM over every row (fp32
+//   out),
 //         then the task terms on tensor cores with the signs expanded in registers
 //         (qm_sign_mma), rows sorted by task on the device; no host sync.
 #include <torch/library.h>
@@ -12,12 +13,12 @@ namespace qmerge::cuda {
 namespace {
 
 constexpr const char* kOp = "sign_linear";
-constexpr int64_t kGemvRows = 8;   // rows per qm_sign_gemv pass
+constexpr int64_t kGemvRows = 8;  // rows per qm_sign_gemv pass
 // From this many rows (fp16/bf16) the mma path: a gemv pass computes every row's dot products on
 // CUDA cores, which stops being memory-bound past 2 rows (bench/results/kernels-gpu-notes.md).
 constexpr int64_t kMmaMinRows = 3;
-constexpr int kGemvWarps = 8;      // warps (output rows in flight) per gemv block
-constexpr int kMmaWarps = 4;       // 16-row output tiles per mma block
+constexpr int kGemvWarps = 8;  // warps (output rows in flight) per gemv block
+constexpr int kMmaWarps = 4;   // 16-row output tiles per mma block
 
 bool aligned16_ptr(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
@@ -42,17 +43,17 @@ struct SignArgs {
 void launch_gemv(int nr, dim3 grid, const void* x, const void* w, const SignArgs& s,
                  const void* ids, int ids64, const float* coeffs, const float* bias, void* y,
                  int rows, int64_t out, int64_t in, int vec, Dt dt) {
-#define QM_GEMV_CASE(NR, SUF, CT)                                                     \
-  qm_sign_gemv##NR##_##SUF<<<grid, kGemvWarps * 32, 0, stream()>>>(                   \
-      reinterpret_cast<const CT*>(x), reinterpret_cast<const CT*>(w), s.packed, s.scales, \
-      s.scale_rows, s.groups, s.gs, s.tasks, ids, ids64, coeffs, bias,                 \
-      reinterpret_cast<CT*>(y), rows, out, in, vec)
-#define QM_GEMV_NR(SUF, CT)                          \
-  switch (nr) {                                      \
-    case 1: QM_GEMV_CASE(1, SUF, CT); break;         \
-    case 2: QM_GEMV_CASE(2, SUF, CT); break;         \
-    case 4: QM_GEMV_CASE(4, SUF, CT); break;         \
-    default: QM_GEMV_CASE(8, SUF, CT); break;        \
+#define QM_GEMV_CASE(NR, SUF, CT)                                                                \
+  qm_sign_gemv##NR##_##SUF<<<grid, kGemvWarps * 32, 0, stream()>>>(                              \
+      reinterpret_cast<const CT*>(x), reinterpret_cast<const CT*>(w), s.packed, s.scales,        \
+      s.scale_rows, s.groups, s.gs, s.tasks, ids, ids64, coeffs, bias, reinterpret_cast<CT*>(y), \
+      rows, out, in, vec)
+#define QM_GEMV_NR(SUF, CT)                   \
+  switch (nr) {                               \
+    case 1: QM_GEMV_CASE(1, SUF, CT); break;  \
+    case 2: QM_GEMV_CASE(2, SUF, CT); break;  \
+    case 4: QM_GEMV_CASE(4, SUF, CT); break;  \
+    default: QM_GEMV_CASE(8, SUF, CT); break; \
   }
   switch (dt) {
     case Dt::f32: QM_GEMV_NR(f32, float); break;
@@ -90,14 +91,13 @@ void run_mma(const at::Tensor& x_in, const at::Tensor& w, const SignArgs& s, con
   // The kernel reads x two values (4 bytes) at a time.
   const at::Tensor x = reinterpret_cast<std::uintptr_t>(x_in.data_ptr()) % 4 ? x_in.clone() : x_in;
   at::Tensor y32 = base_gemm_f32(x, w);
-  const at::Tensor order =
-      r.ids.defined() ? at::argsort(r.ids, /*stable=*/true).to(at::kInt)
-                      : at::arange(rows, x.options().dtype(at::kInt));
+  const at::Tensor order = r.ids.defined() ? at::argsort(r.ids, /*stable=*/true).to(at::kInt)
+                                           : at::arange(rows, x.options().dtype(at::kInt));
   const dim3 grid{unsigned(ceil_div(rows, 8)), unsigned(ceil_div(ceil_div(out, 16), kMmaWarps))};
   const auto* xp = static_cast<const qm_u16*>(x.data_ptr());
   const int* op = order.data_ptr<int>();
-#define QM_MMA_ARGS                                                                          \
-  xp, s.packed, s.scales, s.scale_rows, s.groups, s.gs, s.tasks, r.ids_ptr(), r.ids64, op,  \
+#define QM_MMA_ARGS                                                                        \
+  xp, s.packed, s.scales, s.scale_rows, s.groups, s.gs, s.tasks, r.ids_ptr(), r.ids64, op, \
       r.coeffs_ptr(), y32.data_ptr<float>(), int(rows), out, in, int(aligned16_ptr(s.packed))
   if (dtype_of(x) == Dt::bf16) {
     qm_sign_mma_bf16<<<grid, kMmaWarps * 32, 0, stream()>>>(QM_MMA_ARGS);
@@ -128,8 +128,11 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   check_bias(kOp, bias, out);
   const at::Tensor no;
   check_device(kOp, x, "x",
-               {{&base_w, "base_w"}, {&packed, "packed"}, {&scales, "scales"},
-                {task_ids ? &*task_ids : &no, "task_ids"}, {coeffs ? &*coeffs : &no, "coeffs"},
+               {{&base_w, "base_w"},
+                {&packed, "packed"},
+                {&scales, "scales"},
+                {task_ids ? &*task_ids : &no, "task_ids"},
+                {coeffs ? &*coeffs : &no, "coeffs"},
                 {bias ? &*bias : &no, "bias"}});
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0 || out == 0) return y;

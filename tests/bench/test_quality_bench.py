@@ -2,12 +2,12 @@
 tracks' setups, the static merges' sweeps and the report. The real run (real models, real data,
 hours of CPU) is bench/quality/run.py; this checks its code paths in seconds."""
 
+# ruff: noqa: E402  (the benchmark's modules import after the skips: they need transformers
+# and matplotlib)
 from __future__ import annotations
 
 import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,14 +19,11 @@ pytest.importorskip("matplotlib")
 if os.environ.get("QMERGE_DISABLE_EXT") == "1":
     # the benchmark's code is the same on either kernel path, and this file costs ~1 min
     pytest.skip("run once, with the compiled kernels", allow_module_level=True)
-QUALITY = Path(__file__).resolve().parents[2] / "bench" / "quality"
-sys.path.insert(0, str(QUALITY))
-sys.path.insert(0, str(QUALITY.parent))
-import lm as lm_track  # noqa: E402
-import measure  # noqa: E402
-import minilm as minilm_track  # noqa: E402
-import run as quality  # noqa: E402
-from tasks import Task  # noqa: E402
+from bench.quality import lm as lm_track
+from bench.quality import measure
+from bench.quality import minilm as minilm_track
+from bench.quality import run as quality
+from bench.quality.tasks import Task
 
 
 def _tasks(labels: dict[str, list[str]], n_train=24, n_test=14) -> dict[str, Task]:
@@ -135,10 +132,10 @@ def test_both_tracks_and_the_report(minilm, llm, tmp_path):
 
     out = tmp_path / "quality.md"
     quality.write_report(
-        out, "python bench/quality/run.py --smoke", "- meta", (rows, sweeps), (lm_rows, lm_sweeps)
+        out, "python -m bench.quality.run --smoke", "- meta", (rows, sweeps), (lm_rows, lm_sweeps)
     )
     text = out.read_text()
-    assert "Command: `python bench/quality/run.py --smoke`" in text
+    assert "Command: `python -m bench.quality.run --smoke`" in text
     assert "## Targets" in text and "## LLM track" in text and "Static-merge sweeps" in text
     assert text.count("| routed sign calibrated, oracle ids |") == 2
     assert out.with_suffix(".png").stat().st_size > 10_000

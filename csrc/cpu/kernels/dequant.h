@@ -56,7 +56,8 @@ QM_INLINE void dequant_span(const DequantArgs& a, int64_t i, int64_t g, int64_t 
   if (c < c1) {
     const int n = int(c1 - c);
     F v = HAS_BASE ? Simd::load(Tag{}, base + c, n) : Simd::zero();
-    for (int64_t t = 0; t < tasks; ++t) v = add_task(v, t, bits32_any(bits0 + t * bits_step, c, nb));
+    for (int64_t t = 0; t < tasks; ++t)
+      v = add_task(v, t, bits32_any(bits0 + t * bits_step, c, nb));
     Simd::store(Tag{}, dst + c, v, n);
   }
 }

@@ -145,8 +145,8 @@ ChunkFn<Tag> chunk_ptr() {
 template <class Tag, int R, class XT>
 ChunkFn<Tag> chunk_fn(int nr, int np) {
 #define QM_SHAPE(NR, NP) \
-  case (NR) * 16 + (NP): \
-    return chunk_ptr<Tag, R, NR, NP, XT>();
+  case (NR) * 16 + (NP): return chunk_ptr<Tag, R, NR, NP, XT>();
+  // clang-format off: one case per macro, laid out as the table of chunk shapes
   switch (nr * 16 + np) {
     QM_SHAPE(1, 0) QM_SHAPE(2, 0) QM_SHAPE(3, 0) QM_SHAPE(4, 0)
     QM_SHAPE(5, 0) QM_SHAPE(6, 0) QM_SHAPE(7, 0) QM_SHAPE(8, 0)
@@ -156,6 +156,7 @@ ChunkFn<Tag> chunk_fn(int nr, int np) {
     default:
       return nullptr;
   }
+  // clang-format on
 #undef QM_SHAPE
 }
 

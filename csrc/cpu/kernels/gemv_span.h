@@ -38,8 +38,8 @@ QM_INLINE void gemv_span(const typename Tag::T* w, int64_t ldw, const float* x, 
     }
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) {
-      xv[r] = full ? Simd::load(TagF32{}, x + r * ldx + c)
-                   : Simd::load(TagF32{}, x + r * ldx + c, n);
+      xv[r] =
+          full ? Simd::load(TagF32{}, x + r * ldx + c) : Simd::load(TagF32{}, x + r * ldx + c, n);
 #pragma GCC unroll 4
       for (int k = 0; k < R; ++k) acc[k][r] = Simd::fma(wv[k], xv[r], acc[k][r]);
     }

@@ -18,8 +18,9 @@ inline void gemv_bf16_or_base(const GemvArgs& a, int64_t i0, int64_t i1) {
 
 const KernelTable& table() {
   const KernelTable& b = avx512::table();
-  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, b.routed_rows, true,
-                             b.pack,          b.unpack,     b.dequant,     &gemv_bf16_or_base};
+  static const KernelTable t{
+      QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, b.routed_rows, true, b.pack, b.unpack,
+      b.dequant,       &gemv_bf16_or_base};
   return t;
 }
 #else
@@ -31,21 +32,25 @@ const KernelTable& table() {
     case DType::bf16: return FN<TagBF16>(ARGS, R0, R1); \
   }
 
-inline void pack_any(const PackArgs& a, int64_t r0, int64_t r1) { QM_BY_DTYPE(pack_rows, a, r0, r1) }
+inline void pack_any(const PackArgs& a, int64_t r0, int64_t r1) {
+  QM_BY_DTYPE(pack_rows, a, r0, r1)
+}
 inline void unpack_any(const UnpackArgs& a, int64_t r0, int64_t r1) {
   QM_BY_DTYPE(unpack_rows, a, r0, r1)
 }
 inline void dequant_any(const DequantArgs& a, int64_t r0, int64_t r1) {
   QM_BY_DTYPE(dequant_rows, a, r0, r1)
 }
-inline void gemv_any(const GemvArgs& a, int64_t i0, int64_t i1) { QM_BY_DTYPE(gemv_rows, a, i0, i1) }
+inline void gemv_any(const GemvArgs& a, int64_t i0, int64_t i1) {
+  QM_BY_DTYPE(gemv_rows, a, i0, i1)
+}
 
 #undef QM_BY_DTYPE
 
 const KernelTable& table() {
-  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, QMERGE_ISA_ROUTED_ROWS,
-                             false,           &pack_any,             &unpack_any,
-                             &dequant_any,    &gemv_any};
+  static const KernelTable t{
+      QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, QMERGE_ISA_ROUTED_ROWS, false,
+      &pack_any,       &unpack_any,           &dequant_any,           &gemv_any};
   return t;
 }
 #endif

@@ -24,7 +24,9 @@ struct Simd {
   static F load(TagF16, const uint16_t* p) { return c10::detail::fp16_ieee_to_fp32_value(*p); }
   static F load(TagBF16, const uint16_t* p) { return c10::detail::f32_from_bits(*p); }
   template <class Tag>
-  static F load(Tag tag, const typename Tag::T* p, int n) { return n > 0 ? load(tag, p) : 0.0f; }
+  static F load(Tag tag, const typename Tag::T* p, int n) {
+    return n > 0 ? load(tag, p) : 0.0f;
+  }
 
   static void store(TagF32, float* p, F v) { *p = v; }
   static void store(TagF16, uint16_t* p, F v) { *p = c10::detail::fp16_ieee_from_fp32_value(v); }
@@ -35,7 +37,9 @@ struct Simd {
   }
   // No non-temporal stores for one lane: plain stores.
   template <class Tag>
-  static void stream(Tag tag, typename Tag::T* p, F v) { store(tag, p, v); }
+  static void stream(Tag tag, typename Tag::T* p, F v) {
+    store(tag, p, v);
+  }
   static void fence() {}
 
   static M mask(uint32_t bits) { return (bits & 1u) != 0; }
