@@ -132,10 +132,14 @@ class Route:
         return out
 
 
-def parse_route(text: str, tasks: Sequence[str], *, router: bool = False) -> str | dict[str, float]:
+def parse_route(
+    text: str | Mapping, tasks: Sequence[str], *, router: bool = False
+) -> str | dict[str, float]:
     """A route as written: 'base', 'auto' (only where a router serves it), a task name, or a
-    mixture 'a:0.7+b:0.3' -> BASE, AUTO, the name, or {name: weight}. UnknownTask for a name
-    that is no task; ConfigError for anything else malformed."""
+    mixture 'a:0.7+b:0.3' (or a mapping) -> BASE, AUTO, the name, or {name: weight}.
+    UnknownTask for a name that is no task; ConfigError for anything else malformed."""
+    if isinstance(text, Mapping):
+        return check_mixture(text, tasks, "route")
     if not isinstance(text, str):
         raise ConfigError(
             f"a route is a task name or a mixture such as 'a:0.7+b:0.3', got {text!r}"
@@ -191,25 +195,40 @@ def _index(name: object, tasks: Sequence[str], where: str) -> int:
     return tasks.index(name)
 
 
-def _row(spec: object, tasks: Sequence[str], where: str) -> Tensor:
-    c = torch.zeros(len(tasks))
-    if spec is None or spec == BASE:
-        return c
-    if isinstance(spec, str):
-        spec = parse_mixture(spec, tasks)
+def check_mixture(spec: object, tasks: Sequence[str], where: str = "mixture") -> dict[str, float]:
+    """A mixture given as a mapping (JSON, Python) checked once: {task: finite weight}; 'base'
+    entries add nothing and are dropped."""
     if not isinstance(spec, Mapping):
         raise ConfigError(
             f"{where}: a mixture is a dict name -> weight or 'a:0.7+b:0.3', got "
             f"{type(spec).__name__}"
         )
+    out: dict[str, float] = {}
     for name, w in spec.items():
-        i = _index(name, tasks, where)
-        if i < 0:
+        if _index(name, tasks, where) < 0:
             continue
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError(f"{where}: weight of {name!r} must be a finite number, got {w!r}")
-        c[i] += float(w)
+        out[name] = out.get(name, 0.0) + float(w)
+    return out
+
+
+def coefficients(rows: Sequence[object], tasks: Sequence[str]) -> Tensor:
+    """[B, T] fp32 from parsed per-row routes ('base', a task name, or a checked mixture)."""
+    c = torch.zeros(len(rows), len(tasks))
+    for i, r in enumerate(rows):
+        mix = r if isinstance(r, Mapping) else {} if r == BASE else {r: 1.0}
+        for name, w in mix.items():
+            c[i, list(tasks).index(name)] += w
     return c
+
+
+def _row(spec: object, tasks: Sequence[str], where: str) -> Tensor:
+    if spec is None or spec == BASE:
+        return torch.zeros(len(tasks))
+    if isinstance(spec, str):
+        spec = parse_mixture(spec, tasks)
+    return coefficients([check_mixture(spec, tasks, where)], tasks)[0]
 
 
 def resolve(tasks: Sequence[str], batch: int, task: object = None, coeffs: object = None) -> Route:

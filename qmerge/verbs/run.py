@@ -19,7 +19,7 @@ import torch
 from qmerge.errors import ConfigError
 from qmerge.nn import TaskHead
 from qmerge.nn.features import pool
-from qmerge.routing.route import BASE, parse_route
+from qmerge.routing.route import BASE, coefficients, parse_route
 from qmerge.verbs.load import fit_router, load
 
 PathLike = str | os.PathLike
@@ -94,7 +94,7 @@ def kind_of(model) -> str:
 def parsed(route: object, tasks: Sequence[str]) -> str | dict[str, float]:
     """A request's route entry read once (routing/route.py's grammar): 'base', a task name,
     or a mixture dict."""
-    return route if isinstance(route, dict) else parse_route(route, tasks)
+    return parse_route(route, tasks)
 
 
 def _echo(req: dict, route: object) -> object:
@@ -139,11 +139,12 @@ def routes(model, tok, batch: Sequence[dict], max_length: int) -> list:
 
 
 def route_kwargs(rows: Sequence[object], tasks: Sequence[str]) -> dict:
-    """The forward's routing keywords for parsed per-row routes: task= when every row names a
-    task (or 'base'), else coeffs= (mixture dicts; a name is its one-task mixture)."""
+    """The forward's routing keywords for parsed per-row routes, as ids and numbers (nothing
+    is parsed again inside): task= indices when every row names a task (-1: 'base'), else
+    coeffs= [B, T] (a name is its one-task mixture)."""
     if all(isinstance(r, str) for r in rows):
-        return {"task": list(rows)}
-    return {"coeffs": [r if isinstance(r, dict) else None if r == BASE else {r: 1.0} for r in rows]}
+        return {"task": [-1 if r == BASE else list(tasks).index(r) for r in rows]}
+    return {"coeffs": coefficients(rows, tasks)}
 
 
 def answer(
@@ -183,7 +184,7 @@ def answer(
         elif kind == "classify":
             logits = model(**enc, **kw).logits.float()
             for r, route, row in zip(batch, rows, logits, strict=True):
-                mix = route if isinstance(route, dict) else {route: 1.0}
+                mix = (route if isinstance(route, dict) else {route: 1.0}) or {BASE: 1.0}
                 task = max(mix, key=lambda t: abs(mix[t]))
                 labels = handle.labels(task) if task != "base" else None
                 n = len(labels) if labels else row.shape[0]

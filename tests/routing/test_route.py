@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from qmerge.errors import ConfigError
+from qmerge.errors import ConfigError, UnknownTask
 from qmerge.routing import parse_mixture, resolve
+from qmerge.routing.route import coefficients, parse_route
 
 TASKS = ("math", "code", "chat")
 
@@ -63,3 +64,20 @@ def test_refusals_name_the_problem(kwargs, match):
 def test_expand_refuses_a_batch_that_is_not_a_multiple():
     with pytest.raises(ConfigError, match="5 sequences but 2 were routed"):
         resolve(TASKS, 2, task="math").expand(5)
+
+
+def test_one_grammar_reads_a_route_once():
+    assert parse_route("base", TASKS) == "base" and parse_route("code", TASKS) == "code"
+    assert parse_route("math:0.7+code:0.3", TASKS) == {"math": 0.7, "code": 0.3}
+    assert parse_route({"math": 1, "base": 2}, TASKS) == {"math": 1.0}
+    assert parse_route("auto", TASKS, router=True) == "auto"
+    with pytest.raises(ConfigError, match="has none"):
+        parse_route("auto", TASKS)
+    for text in ("nope", "math:0.5+nope:0.5"):
+        with pytest.raises(UnknownTask) as e:
+            parse_route(text, TASKS)
+        assert e.value.name == "nope"
+    with pytest.raises(ConfigError, match="finite"):
+        parse_route({"math": float("nan")}, TASKS)
+    c = coefficients(["base", "chat", {"math": 0.25}], TASKS)
+    assert c.tolist() == [[0, 0, 0], [0, 0, 1], [0.25, 0, 0]]
