@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from qmerge import ops
 from qmerge.version import __version__
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def _median_ms(fn: Callable[[], object], reps: int = 5) -> float:
     fn()
