@@ -25,6 +25,7 @@ from qmerge.merge.base import Merged, TensorCtx
 from qmerge.merge.base import register as register_method
 from qmerge.nn.bank import SignBank
 from qmerge.nn.delta_linear import DeltaLinear
+from qmerge.verbs.packs import shared_residual
 from tests.nn import tiny
 
 
@@ -192,5 +193,5 @@ def test_a_new_merge_method_runs_from_the_cli(plugins, tmp_path):
     )
     got = dict(qmerge.shared_deltas(pack, "toy_mean:weight=0.5"))[name]
     torch.testing.assert_close(got, want)
-    stored = qmerge.verbs.packs.shared_residual(merged, name).dequantize()
+    stored = shared_residual(merged, name).dequantize()
     torch.testing.assert_close(stored, want)

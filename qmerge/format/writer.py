@@ -160,21 +160,28 @@ class PackWriter:
     ) -> None:
         """Writes a task's file and records it. `entry` is the task's manifest entry without
         "file" ({"source", "tensors", and optionally "heads", "labels"})."""
+        self._free(task)  # before writing: the file of a task the pack has is never touched
         self._record(write_task_file(self.staging, task, tensors, metadata), task, entry)
+
+    def _free(self, task: str) -> None:
+        if task in self.manifest["tasks"]:
+            raise PackError(f"{self.staging}: already has task {task!r}; remove-task it first")
 
     def adopt_task(self, fragment: Fragment, task: str, entry: Mapping[str, Any]) -> None:
         """Records a task file written by `write_task_file` (possibly by another process),
-        after checking it is the file the fragment describes (size and sha256)."""
+        after checking it is the file the fragment describes (size and sha256). A coordinator
+        hands workers only names the pack does not have (`manifest["tasks"]`)."""
         mf.check_task_name(task)
         if fragment.rel != mf.task_file(task):
             raise PackError(f"fragment {fragment.rel} is not the file of task {task!r}")
+        if not self._new:  # written into the live pack: dropped if this edit fails
+            self._added.append(self.staging / fragment.rel)
         self._check(fragment)
         self._record(fragment, task, entry)
 
     def _record(self, fragment: Fragment, task: str, entry: Mapping[str, Any]) -> None:
-        if task in self.manifest["tasks"]:
-            raise PackError(f"{self.staging}: already has task {task!r}; remove-task it first")
-        if not self._new:
+        self._free(task)
+        if not self._new and self.staging / fragment.rel not in self._added:
             self._added.append(self.staging / fragment.rel)
         self.manifest["files"][fragment.rel] = {"sha256": fragment.sha256, "bytes": fragment.bytes}
         self.manifest["tasks"][task] = {**entry, "file": fragment.rel}
