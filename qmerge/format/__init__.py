@@ -4,7 +4,8 @@ safetensors_io  read (memory-mapped) and write (streamed, hashed) safetensors; n
 checkpoint      a base or fine-tuned model's tensors, from a file or a Hugging Face directory
 fingerprint     what a pack records about its base, and the comparison that names a mismatch
 manifest        manifest.json: schema, validation, format_version
-pack            reading a pack lazily; writing task files and the manifest
+pack            reading a pack lazily
+writer          the only writer of a pack: staged, locked transactions; fragments from workers
 atomic          atomic file and directory replacement
 """
 
