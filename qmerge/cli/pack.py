@@ -52,6 +52,21 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         "[n, in_features] keyed by base tensor name, for 'sign:calibrate=true'",
     )
     p.add_argument(
+        "--calib-texts",
+        action="append",
+        default=[],
+        metavar="[TASK=]FILE",
+        help="texts to calibrate 'sign:calibrate=true' scales on (one a line, or JSONL with "
+        '"text"): the base is run over them and each linear layer\'s inputs are kept; one '
+        "file for every task, or TASK=FILE per task (repeatable)",
+    )
+    p.add_argument(
+        "--calib-rows",
+        type=positive_int,
+        default=512,
+        help="inputs kept per layer from --calib-texts (bounds memory; default: %(default)s)",
+    )
+    p.add_argument(
         "--allow-resized-vocab",
         action="store_true",
         help="store rows a fine-tune added to a tensor (grown vocabulary) densely",
@@ -74,14 +89,30 @@ def _input_options(p: argparse.ArgumentParser) -> None:
     add_output(p)
 
 
+def _calib_texts(values: list[str]) -> dict[str, str] | None:
+    """--calib-texts values: FILE (every task) or TASK=FILE."""
+    out: dict[str, str] = {}
+    for v in values:
+        task, eq, path = v.partition("=")
+        key, path = (task, path) if eq and not Path(v).exists() else ("*", v)
+        if key in out:
+            raise ConfigError(f"--calib-texts gives {'every task' if key == '*' else key} twice")
+        out[key] = path
+    return out or None
+
+
 def _options(args: argparse.Namespace) -> Options:
     calib = None
+    if args.calib and args.calib_texts:
+        raise ConfigError("give --calib (inputs) or --calib-texts (texts), not both")
     if args.calib:
         f = SafetensorsFile(args.calib, error=ConfigError)
         calib = {k: f.get(k).float() for k in f.keys()}
     return Options(
         policy=policy(args.policy, args.codec),
         calib=calib,
+        calib_texts=_calib_texts(args.calib_texts),
+        calib_rows=args.calib_rows,
         allow_resized_vocab=args.allow_resized_vocab,
         exclude=tuple(args.exclude),
         heads=tuple(args.head),

@@ -9,6 +9,7 @@ added by writing its file, then the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -46,6 +47,23 @@ def _open_inputs(
     for ft in fts.values():
         plan(base_ckpt, ft, opts)
     return base_ckpt, fts
+
+
+def _calibrated(base: PathLike, tasks: Mapping[str, PathLike], opts: Options) -> Options:
+    """`opts` with the layer inputs of its calibration texts, per task (after every input was
+    checked: a bad fine-tune costs no forward passes)."""
+    if not opts.calib_texts:
+        return opts
+    from qmerge.verbs import calibrate
+
+    inputs = calibrate.per_task(
+        base,
+        opts.calib_texts,
+        tasks,
+        max_rows=opts.calib_rows,
+        progress=lambda it: bar(it, opts.progress, "calibrate", unit="batch"),
+    )
+    return dataclasses.replace(opts, calib_inputs=inputs)
 
 
 def _fingerprint(base: Checkpoint, opts: Options) -> dict:
@@ -93,6 +111,7 @@ def compress(
             f"{out}: a pack already exists; pass --overwrite to replace it, or use add-task"
         )
     base_ckpt, fts = _open_inputs(base, tasks, opts)
+    opts = _calibrated(base, tasks, opts)
     with PackWriter.create(out, _fingerprint(base_ckpt, opts), overwrite=overwrite) as w:
         for name, ft in fts.items():
             _put_task(w, name, base_ckpt, ft, opts)
@@ -108,6 +127,7 @@ def add_task(
     path = Path(pack)
     Pack.open(path)  # a clear error if it is not a pack
     base_ckpt, fts = _open_inputs(base, tasks, opts)
+    opts = _calibrated(base, tasks, opts)
     fp = _fingerprint(base_ckpt, opts)
     with PackWriter.edit(path) as w:
         Pack(path, w.manifest).check_base(fp, f"{path}: cannot add to this pack")

@@ -38,7 +38,11 @@ class Options:
     Attributes:
         policy: the codec of every tensor (codecs/policy.py).
         calib: calibration inputs per base tensor name, [n, in_features], for codecs that
-            calibrate (sign with calibrate=true).
+            calibrate (sign with calibrate=true), for every task.
+        calib_texts: calibration texts instead: task (or "*" for every task) -> a text file
+            (one text a line, or JSONL with "text") or a list of texts; the base's linear
+            layers are run over them (verbs/calibrate.py). A task's texts win over `calib`.
+        calib_rows: rows kept per layer from `calib_texts` (the memory bound).
         allow_resized_vocab: a fine-tune whose tensor has more rows than the base's (a grown
             vocabulary) stores the shared rows' delta with its codec and the new rows dense,
             as they are in the fine-tune. Without it, that is an error.
@@ -50,10 +54,14 @@ class Options:
 
     policy: Policy = field(default_factory=Policy)
     calib: Mapping[str, Tensor] | None = None
+    calib_texts: Mapping[str, object] | None = None
+    calib_rows: int = 512
     allow_resized_vocab: bool = False
     exclude: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
     progress: bool = True
+    # layer inputs per task, computed from calib_texts by compress / add_task
+    calib_inputs: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict, repr=False)
 
 
 def _names(ckpt: Checkpoint, exclude: tuple[str, ...]) -> set[str]:
@@ -198,7 +206,7 @@ def encode_task(
     kwargs = _planned(task, base, ft, opts, specs, extra_rows)
     parts: dict[str, Tensor] = {}
     table: dict[str, dict] = {}
-    calib = opts.calib or {}
+    calib = opts.calib_inputs.get(task, opts.calib or {})
     for n in bar(sorted(extra_rows), opts.progress, f"{task}: compress", len(extra_rows)):
         d = _delta(base, ft, n, extra_rows[n])
         kind, choice = specs[n]
