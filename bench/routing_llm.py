@@ -61,7 +61,7 @@ PROMPTS = [
 def smollm_tasks() -> dict[str, Path]:
     """Two short real fine-tunes (causal LM on fortunes and on WordNet glosses,
     bench/quality/finetune_lm.py) and three synthetic ones (base + 1% RMS noise)."""
-    import finetune_lm
+    from bench.quality import finetune_lm
 
     base = smollm2_base()
     fts = {
@@ -196,7 +196,10 @@ def memory(log) -> None:
     res = {}
     for mode in ("base", "routed", "separate"):
         p = subprocess.run(
-            [sys.executable, __file__, "--child", mode], capture_output=True, text=True
+            [sys.executable, "-m", "bench.routing_llm", "--child", mode],
+            capture_output=True,
+            text=True,
+            cwd=ROOT.parent,  # the repository root, where the bench package is importable
         )
         if p.returncode:
             raise SystemExit(f"child {mode} failed: {p.stderr[-2000:]}")

@@ -266,7 +266,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     args = ap.parse_args()
     import httpx
-    from routing_llm import smollm_tasks
+
+    from bench.routing_llm import smollm_tasks
 
     base = smollm2_base()
     fts = smollm_tasks()

@@ -137,6 +137,6 @@ def finetune_answers(name: str, steps: int = 150, force: bool = False, seed: int
 
 
 if __name__ == "__main__":
-    from finetune import run_cli
+    from bench.quality.finetune import run_cli
 
     run_cli(__doc__, finetune_lm, 40, "fortune_topic,noun_sense")

@@ -348,9 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         "(bench/.cache/quality) when the same settings made them",
     )
     a = ap.parse_args(argv)
-    from common import CACHE, smollm2_base
-    from finetune import finetune, minilm_base
-    from finetune_lm import finetune_answers
+    from bench.common import CACHE, smollm2_base
+    from bench.quality.finetune import finetune, minilm_base
+    from bench.quality.finetune_lm import finetune_answers
 
     task_data.ensure_data()
     torch.set_num_threads(2)
