@@ -174,13 +174,14 @@ class PackWriter:
         mf.check_task_name(task)
         if fragment.rel != mf.task_file(task):
             raise PackError(f"fragment {fragment.rel} is not the file of task {task!r}")
+        self._free(task)  # before the file is claimed: a live task's file is never dropped
         if not self._new:  # written into the live pack: dropped if this edit fails
             self._added.append(self.staging / fragment.rel)
         self._check(fragment)
         self._record(fragment, task, entry)
 
     def _record(self, fragment: Fragment, task: str, entry: Mapping[str, Any]) -> None:
-        self._free(task)
+        """Names a checked file in the manifest (the caller checked `task` is free)."""
         if not self._new and self.staging / fragment.rel not in self._added:
             self._added.append(self.staging / fragment.rel)
         self.manifest["files"][fragment.rel] = {"sha256": fragment.sha256, "bytes": fragment.bytes}

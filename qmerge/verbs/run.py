@@ -91,12 +91,6 @@ def kind_of(model) -> str:
     return "embed"
 
 
-def parsed(route: object, tasks: Sequence[str]) -> str | dict[str, float]:
-    """A request's route entry read once (routing/route.py's grammar): 'base', a task name,
-    or a mixture dict."""
-    return parse_route(route, tasks)
-
-
 def _echo(req: dict, route: object) -> object:
     """The route as the request wrote it (a router's choice when it asked for "auto")."""
     return req.get("coeffs", req.get("task", route))
@@ -110,9 +104,9 @@ def routes(model, tok, batch: Sequence[dict], max_length: int) -> list:
     auto = [i for i, r in enumerate(batch) if r.get("auto")]
     for i, r in enumerate(batch):
         if "coeffs" in r:
-            out[i] = parsed(r["coeffs"], handle.tasks)
+            out[i] = parse_route(r["coeffs"], handle.tasks)
         elif "task" in r:
-            out[i] = parsed(r["task"], handle.tasks)
+            out[i] = parse_route(r["task"], handle.tasks)
         elif not r.get("auto"):
             out[i] = BASE
     if auto:
