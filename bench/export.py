@@ -10,7 +10,7 @@ Needs the bench extras of bench/routing.py (models and task data) and the export
      task, and `peft` (each residual cut to rank 64 by SVD: lossy, the energy kept reported);
    - a low-rank pack of 2 tasks (rank 16, fp32 factors, vectors and norms dense fp32): `peft`,
      which must match the routed low-rank model within fp tolerance.
-   Every check runs the task's held-out test texts (bench/quality/tasks.py).
+   Every check runs the task's held-out test texts (qmerge/verbs/demo/data.py).
 2. SmolLM2-135M (fp32), the 5-task sign pack of bench/routing_llm.py: `hf` (the fortunes
    task, and a 50/50 mixture of fortunes and glosses), `onnx` (8 prompts, 16 greedy tokens
    each), `int8` and a bf16 `hf` on the same 48 held-out fortunes cut to their first 8 words
@@ -38,7 +38,7 @@ import qmerge
 from bench import routing, routing_llm
 from bench.common import CACHE, minilm_base, smollm2_base
 from bench.quality import finetune_lm
-from bench.quality import tasks as task_data
+from qmerge.verbs.demo import data as task_data
 
 ROOT = Path(__file__).resolve().parent
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE, smollm2_base
-from bench.quality import tasks as task_data
 from qmerge.format.checkpoint import Checkpoint
+from qmerge.verbs.demo import data as task_data
 from qmerge.verbs.export.int8 import quantize_rows
 from qmerge.verbs.export.job import Job
 from qmerge.verbs.export.selection import head, select

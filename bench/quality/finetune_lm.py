@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.common import CACHE, smollm2_base
-from bench.quality import tasks as task_data
+from qmerge.verbs.demo import data as task_data
 
 HERE = Path(__file__).resolve().parent
 

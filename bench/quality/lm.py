@@ -17,10 +17,12 @@ import torch
 
 import qmerge
 from bench.quality.finetune_lm import CUES, answer_prompt, answer_word
-from bench.quality.measure import Track, linear_inputs, swapped, track_setups
+from bench.quality.measure import Track, swapped, track_setups
 
 
 class LM(Track):
+    calib_max_length = 1024  # encode() does not truncate
+
     def __init__(
         self,
         base: Path,
@@ -109,11 +111,9 @@ class LM(Track):
                 for t in self.names
             }
 
-    def calibration(self, t: str, n: int = 32) -> dict[str, torch.Tensor]:
-        m = self.finetuned(t)
-        enc = self.encode([self.prompt(t, x) for x, _ in self.tasks[t].train[:n]])
-        keep = enc["attention_mask"].reshape(-1).bool()
-        return linear_inputs(m, lambda: m(**enc), keep)
+    def calib_texts(self, t: str, n: int = 32) -> list[str]:
+        """The prompts the calibrated pack's scales are fitted on: n training prompts."""
+        return [self.prompt(t, x) for x, _ in self.tasks[t].train[:n]]
 
     def score_pack(
         self, pack: Path, route: str, preds: dict[str, list[str]] | None = None

@@ -1,5 +1,6 @@
 """What both tracks of the quality benchmark share: stored bytes per task, the setups' row
-records, calibration inputs, and tuning a static merge's scale on held-out data.
+records, the packs (calibrated through qmerge's public path, Options.calib_texts), and tuning
+a static merge's scale on held-out data.
 
 A track is an object with `names` (its tasks), `base` (the base model directory), `work` (its
 packs), `score_pack(pack, route, preds)`, `score_state(state, split)` (accuracy per task of the
@@ -132,32 +133,6 @@ def swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Iterator[
                 params[n].copy_(v)
 
 
-def linear_inputs(
-    model: torch.nn.Module, run: Callable[[], object], keep: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """The inputs of every nn.Linear of `model` during `run()`, flattened to rows (only the
-    rows where `keep` is true, i.e. real tokens, when given), keyed by '<module>.weight'."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-
-            def hook(_m, args, _out, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1])
-                seen[f"{name}.weight"] = (
-                    x[keep] if keep is not None and x.shape[0] == keep.shape[0] else x
-                )
-
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
 def static_merges(track, dense: Path, rows: Rows, sweeps: dict = SWEEPS) -> dict[str, dict]:
     """Every static merge with its scale tuned on the held-out split (the best average
     accuracy over the grid), then scored on the test split as a real merged pack; returns the
@@ -275,9 +250,10 @@ ROWS_VERSION = 2
 class Track:
     """One track and seed: fine-tunes of `base` per task, their test and held-out splits, the
     packs made from them under `work`, and scoring. Subclasses give the model side:
-    `encode`, `base_state`, `score_state`, `score_model`, `score_pack`, `calibration`."""
+    `encode`, `base_state`, `score_state`, `score_model`, `score_pack`, `calib_texts`."""
 
     heads: tuple[str, ...] = ()
+    calib_max_length = 128  # tokens per calibration text (the track's own truncation)
     sweeps: dict = SWEEPS  # the static merges' grids (tests shorten them)
 
     def __init__(
@@ -303,16 +279,17 @@ class Track:
             )
 
     def compress(self, name: str, policy: Policy, calib: bool = False) -> Path:
+        """A pack of every task; with `calib`, scales calibrated through the public path
+        (Options.calib_texts): each fine-tune reads its task's `calib_texts`, every token kept
+        (the row cap is above what the texts give)."""
         out = self.work / name
         if not (out / "manifest.json").is_file():
             opts = qmerge.Options(policy=policy, heads=self.heads, progress=False)
-            for t in self.names:
-                if calib:
-                    opts.calib = self.calibration(t)
-                if (out / "manifest.json").is_file():
-                    qmerge.add_task(out, self.base, {t: self.fts[t]}, opts=opts)
-                else:
-                    qmerge.compress(self.base, {t: self.fts[t]}, out, opts=opts)
+            if calib:
+                opts.calib_texts = {t: self.calib_texts(t) for t in self.names}
+                opts.calib_rows = 1 << 20
+                opts.calib_max_length = self.calib_max_length
+            qmerge.compress(self.base, self.fts, out, opts=opts)
         return out
 
     def merge(self, name: str, src: Path, method: str, exclusive: str = "sign") -> Path:

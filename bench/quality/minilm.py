@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 import qmerge
-from bench.quality.measure import Track, linear_inputs, swapped, track_setups
+from bench.quality.measure import Track, swapped, track_setups
 
 
 class MiniLM(Track):
     heads = ("classifier.*",)
+    calib_max_length = 64  # as encode() truncates
 
     def __init__(
         self,
@@ -91,12 +92,9 @@ class MiniLM(Track):
                 out[t] = right / n
         return out
 
-    def calibration(self, t: str, n: int = 64) -> dict[str, torch.Tensor]:
-        """Inputs of every Linear of the fine-tune on n training texts, keyed by base name."""
-        m = self.finetuned(t)
-        enc = self.encode([x for x, _ in self.tasks[t].train[:n]])
-        keep = enc["attention_mask"].reshape(-1).bool()
-        return linear_inputs(m.bert, lambda: m(**enc), keep)
+    def calib_texts(self, t: str, n: int = 64) -> list[str]:
+        """The texts the calibrated pack's scales are fitted on: n training texts."""
+        return [x for x, _ in self.tasks[t].train[:n]]
 
     def score_pack(
         self, pack: Path, route: str, preds: dict[str, list[str]] | None = None

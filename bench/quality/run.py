@@ -29,8 +29,8 @@ import torch
 
 from bench.quality import lm as lm_track
 from bench.quality import minilm as minilm_track
-from bench.quality import tasks as task_data
 from bench.quality.measure import LABELS, ROWS_VERSION, SWEEPS
+from qmerge.verbs.demo import data as task_data
 
 HERE = Path(__file__).resolve().parent
 

@@ -57,8 +57,16 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="[TASK=]FILE",
         help="texts to calibrate 'sign:calibrate=true' scales on (one a line, or JSONL with "
-        '"text"): the base is run over them and each linear layer\'s inputs are kept; one '
-        "file for every task, or TASK=FILE per task (repeatable)",
+        '"text"): each fine-tune (or the base, --calib-from base) is run over them and each '
+        "linear layer's inputs are kept; one file for every task, or TASK=FILE per task "
+        "(repeatable)",
+    )
+    p.add_argument(
+        "--calib-from",
+        choices=("finetune", "base"),
+        default="finetune",
+        help="the model that reads --calib-texts: each task's fine-tune (default), or the "
+        "base once for every task (cheaper)",
     )
     p.add_argument(
         "--calib-rows",
@@ -113,6 +121,7 @@ def _options(args: argparse.Namespace) -> Options:
         calib=calib,
         calib_texts=_calib_texts(args.calib_texts),
         calib_rows=args.calib_rows,
+        calib_from=args.calib_from,
         allow_resized_vocab=args.allow_resized_vocab,
         exclude=tuple(args.exclude),
         heads=tuple(args.head),

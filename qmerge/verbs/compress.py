@@ -60,7 +60,9 @@ def _calibrated(base: PathLike, tasks: Mapping[str, PathLike], opts: Options) ->
         base,
         opts.calib_texts,
         tasks,
+        opts.calib_from,
         max_rows=opts.calib_rows,
+        max_length=opts.calib_max_length,
         progress=lambda it: bar(it, opts.progress, "calibrate", unit="batch"),
     )
     return dataclasses.replace(opts, calib_inputs=inputs)

@@ -43,6 +43,9 @@ class Options:
             (one text a line, or JSONL with "text") or a list of texts; the base's linear
             layers are run over them (verbs/calibrate.py). A task's texts win over `calib`.
         calib_rows: rows kept per layer from `calib_texts` (the memory bound).
+        calib_max_length: tokens kept per calibration text (longer texts are truncated).
+        calib_from: which model reads `calib_texts`: "finetune" (each task's own fine-tune,
+            the default) or "base" (once for every task; cheaper).
         allow_resized_vocab: a fine-tune whose tensor has more rows than the base's (a grown
             vocabulary) stores the shared rows' delta with its codec and the new rows dense,
             as they are in the fine-tune. Without it, that is an error.
@@ -56,6 +59,8 @@ class Options:
     calib: Mapping[str, Tensor] | None = None
     calib_texts: Mapping[str, object] | None = None
     calib_rows: int = 512
+    calib_max_length: int = 128
+    calib_from: str = "finetune"
     allow_resized_vocab: bool = False
     exclude: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()

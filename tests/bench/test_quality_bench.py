@@ -23,7 +23,7 @@ from bench.quality import lm as lm_track
 from bench.quality import measure
 from bench.quality import minilm as minilm_track
 from bench.quality import run as quality
-from bench.quality.tasks import Task
+from qmerge.verbs.demo.data import Task
 
 
 def _tasks(labels: dict[str, list[str]], n_train=24, n_test=14) -> dict[str, Task]:

@@ -1,6 +1,6 @@
-"""Calibration from texts: the base's linear-layer inputs over calibration texts, with a row cap,
-and `compress --calib-texts` giving the same scales as calibrating on the benchmark's own
-collection of those inputs."""
+"""Calibration from texts: the linear-layer inputs over calibration texts (in each fine-tune, or
+the base), with a row cap, and `compress --calib-texts` giving the same scales as calibrating on
+a plain one-forward collection of those inputs."""
 
 from __future__ import annotations
 
@@ -49,36 +49,60 @@ def test_layer_inputs_are_the_real_tokens_each_linear_sees(bert):
     torch.testing.assert_close(capped[name], got[name][:7])
 
 
-def test_calib_texts_give_the_benchmarks_scales(bert, tmp_path):
-    measure = pytest.importorskip("bench.quality.measure")
-    root, base, fts, texts = bert
-    # the benchmark's own collection: one forward over all texts, hooks on every nn.Linear
-    model = transformers.AutoModel.from_pretrained(base, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(base)
+def _reference_inputs(model, texts) -> dict:
+    """The plain way: one forward over all texts, a hook on every nn.Linear keeping its
+    real-token input rows (what the quality benchmark collected before it used the public
+    path)."""
+    tok = transformers.AutoTokenizer.from_pretrained(model.name_or_path)
     enc = tok(texts, padding=True, return_tensors="pt")
     keep = enc["attention_mask"].reshape(-1).bool()
-    calib = measure.linear_inputs(model, lambda: model(**enc), keep)
-    opts = dict(policy=CALIBRATED, heads=("classifier.*",), progress=False)
-    a = qmerge.compress(base, fts, tmp_path / "a", opts=qmerge.Options(calib=calib, **opts))
-    argv = [
-        "compress",
-        "--base",
-        str(base),
-        "--out",
-        str(tmp_path / "b"),
-        "--head",
-        "classifier.*",
-        "--codec",
-        "sign:calibrate=true,scale_dtype=fp32",
-        "--calib-texts",
-        str(root / "texts.txt"),
-        "--quiet",
-        "--json",
+    seen = {}
+
+    def hook(name):
+        def fn(_m, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            seen[name] = x[keep] if x.shape[0] == keep.shape[0] else x  # the pooler: [CLS] rows
+
+        return fn
+
+    hooks = [
+        m.register_forward_hook(hook(f"{n}.weight"))
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
     ]
+    with torch.no_grad():
+        model(**enc)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _compress_cli(base, fts, out, root, *extra) -> Pack:
+    argv = ["compress", "--base", str(base), "--out", str(out), "--head", "classifier.*"]
+    argv += ["--codec", "sign:calibrate=true,scale_dtype=fp32", "--quiet", "--json", *extra]
+    argv += ["--calib-texts", str(root / "texts.txt")]
     for t, p in fts.items():
         argv += ["--task", f"{t}={p}"]
     assert main(argv) == 0
-    b = Pack.open(tmp_path / "b")
+    return Pack.open(out)
+
+
+@pytest.mark.parametrize("source", ["finetune", "base"])
+def test_calib_texts_give_the_reference_scales(bert, tmp_path, source):
+    root, base, fts, texts = bert
+    opts = dict(policy=CALIBRATED, heads=("classifier.*",), progress=False)
+    a = None
+    for t, ft in fts.items():  # each task calibrated on the reference collection
+        model = transformers.AutoModel.from_pretrained(
+            ft if source == "finetune" else base, dtype=torch.float32
+        ).eval()
+        model.name_or_path = str(base)  # the base's tokenizer
+        o = qmerge.Options(calib=_reference_inputs(model, texts), **opts)
+        if a is None:
+            a = qmerge.compress(base, {t: ft}, tmp_path / "a", opts=o)
+        else:
+            a = qmerge.add_task(tmp_path / "a", base, {t: ft}, opts=o)
+    b = _compress_cli(base, fts, tmp_path / "b", root, "--calib-from", source)
     calibrated = 0
     for task in a.tasks:
         for n, e in a.entries(task).items():
@@ -90,6 +114,18 @@ def test_calib_texts_give_the_benchmarks_scales(bert, tmp_path):
                 b.parts(task, n)["scales"], a.parts(task, n)["scales"], rtol=1e-4, atol=1e-7
             )
     assert calibrated >= 2 * 12  # every linear weight of both tasks was calibrated
+
+
+def test_finetune_and_base_inputs_differ(bert, tmp_path):
+    """The source matters: a fine-tune's layers see other inputs than the base's (else the
+    test above could not tell the two apart)."""
+    root, base, fts, texts = bert
+    task, ft = next(iter(fts.items()))
+    a = layer_inputs(base, texts)
+    b = layer_inputs(base, texts, weights=ft)
+    name = "encoder.layer.1.intermediate.dense.weight"
+    assert a[name].shape == b[name].shape
+    assert not torch.allclose(a[name], b[name])
 
 
 def test_calibration_refusals(bert, tmp_path):

