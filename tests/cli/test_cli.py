@@ -11,8 +11,18 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qmerge", *args], capture_output=True, text=True)
 
 
-def test_demo_json_small():
-    out = run("demo", "--out-features", "96", "--in-features", "100", "--tasks", "3", "--json")
+def test_ops_demo_json_small():
+    out = run(
+        "demo",
+        "--ops",
+        "--out-features",
+        "96",
+        "--in-features",
+        "100",
+        "--ops-tasks",
+        "3",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["dequant_equals_reference"] is True
@@ -29,5 +39,5 @@ def test_info_and_help():
 
 
 def test_bad_argument_is_a_clear_error():
-    out = run("demo", "--tasks", "0")
-    assert out.returncode == 2 and "--tasks: must be >= 1" in out.stderr
+    out = run("demo", "--steps", "0")
+    assert out.returncode == 2 and "--steps: must be >= 1" in out.stderr

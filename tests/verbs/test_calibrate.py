@@ -141,3 +141,60 @@ def test_calibration_refusals(bert, tmp_path):
     with pytest.raises(ConfigError, match="task 'zz', which is not being compressed"):
         qmerge.compress(base, fts, tmp_path / "x", opts=opts)
     assert not (tmp_path / "x").exists()
+
+
+def _refused(capsys, argv, out) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists()  # nothing written
+    return err
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", "is empty"),
+        (b"\n  \n", "is empty"),
+        (b"\xff\xfe\x00bad", "cannot read"),  # not UTF-8
+        (b'{"text": ""}\n{"text": ""}\n', "tokenize to nothing"),
+        (b'{"txt": "a"}\n', 'needs a string field "text"'),
+    ],
+)
+def test_cli_refuses_bad_calibration_texts(bert, tmp_path, capsys, content, expected):
+    root, base, fts, texts = bert
+    f = tmp_path / "calib.txt"
+    f.write_bytes(content)
+    out = tmp_path / "pack"
+    argv = ["compress", "--base", str(base), "--out", str(out), "--head", "classifier.*"]
+    argv += ["--codec", "sign:calibrate=true", "--calib-texts", str(f), "--quiet"]
+    for t, p in fts.items():
+        argv += ["--task", f"{t}={p}"]
+    assert expected in _refused(capsys, argv, out)
+
+
+def test_cli_refuses_texts_for_a_task_not_compressed(bert, tmp_path, capsys):
+    root, base, fts, texts = bert
+    out = tmp_path / "pack"
+    argv = ["compress", "--base", str(base), "--out", str(out), "--head", "classifier.*"]
+    argv += ["--calib-texts", f"zz={root / 'texts.txt'}", "--quiet"]
+    for t, p in fts.items():
+        argv += ["--task", f"{t}={p}"]
+    assert "task 'zz', which is not being compressed" in _refused(capsys, argv, out)
+
+
+def test_refuses_a_model_without_linear_layers(bert, tmp_path, capsys, monkeypatch):
+    from qmerge.verbs import calibrate
+
+    root, base, fts, texts = bert
+    monkeypatch.setattr(
+        calibrate,
+        "_model",
+        lambda base, weights=None: torch.nn.Sequential(torch.nn.Embedding(80, 8)),
+    )
+    out = tmp_path / "pack"
+    argv = ["compress", "--base", str(base), "--out", str(out), "--head", "classifier.*"]
+    argv += ["--codec", "sign:calibrate=true", "--calib-texts", str(root / "texts.txt"), "--quiet"]
+    for t, p in fts.items():
+        argv += ["--task", f"{t}={p}"]
+    assert "has no linear layers to calibrate" in _refused(capsys, argv, out)
