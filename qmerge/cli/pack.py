@@ -28,23 +28,8 @@ def _codecs_epilog() -> str:
     )
 
 
-def _input_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="the base checkpoint (HF directory or file)")
-    p.add_argument(
-        "--task",
-        dest="tasks",
-        action="append",
-        type=name_path,
-        required=True,
-        metavar="NAME=DIR",
-        help="a fine-tune of the base (repeat for more)",
-    )
-    p.add_argument("--codec", default="sign", help=CODEC_HELP)
-    p.add_argument(
-        "--policy",
-        metavar="FILE",
-        help="JSON policy: codec per module type / tensor pattern / task (README)",
-    )
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    """--calib, --calib-texts and what goes with them (calibrated and distilled scales)."""
     p.add_argument(
         "--calib",
         metavar="FILE",
@@ -74,6 +59,41 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         default=512,
         help="inputs kept per layer from --calib-texts (bounds memory; default: %(default)s)",
     )
+    p.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then fit each task's 1-bit scales end to end for N Adam steps so the compressed "
+        "model's outputs match the fine-tune's on --calib-texts (BitDelta's scale "
+        "distillation; default 0: off)",
+    )
+    p.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-2,
+        help="learning rate of the distillation (a multiplier per scale; default: %(default)s)",
+    )
+
+
+def _input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="the base checkpoint (HF directory or file)")
+    p.add_argument(
+        "--task",
+        dest="tasks",
+        action="append",
+        type=name_path,
+        required=True,
+        metavar="NAME=DIR",
+        help="a fine-tune of the base (repeat for more)",
+    )
+    p.add_argument("--codec", default="sign", help=CODEC_HELP)
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="JSON policy: codec per module type / tensor pattern / task (README)",
+    )
+    _calibration_options(p)
     p.add_argument(
         "--allow-resized-vocab",
         action="store_true",
@@ -122,6 +142,8 @@ def _options(args: argparse.Namespace) -> Options:
         calib_texts=_calib_texts(args.calib_texts),
         calib_rows=args.calib_rows,
         calib_from=args.calib_from,
+        distill_steps=args.distill_steps,
+        distill_lr=args.distill_lr,
         allow_resized_vocab=args.allow_resized_vocab,
         exclude=tuple(args.exclude),
         heads=tuple(args.head),

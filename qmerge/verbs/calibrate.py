@@ -151,6 +151,11 @@ def layer_inputs(
     return {n: r.tensor() for n, r in rows.items() if r.n}
 
 
+def texts_of(src: object) -> list[str]:
+    """The texts of a source: a list of texts, or a file (one a line, or JSONL "text")."""
+    return list(src) if isinstance(src, (list, tuple)) else read_texts(src)
+
+
 def per_task(
     base: PathLike,
     sources: Mapping[str, object],
@@ -178,7 +183,7 @@ def per_task(
         if src is None:
             continue
         if id(src) not in texts:  # read (and refuse) every file before any forward pass
-            texts[id(src)] = list(src) if isinstance(src, (list, tuple)) else read_texts(src)
+            texts[id(src)] = texts_of(src)
     for t in tasks:
         src = sources.get(t, sources.get("*"))
         if src is None:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from qmerge.errors import PackError
+from qmerge.errors import ConfigError, PackError
 from qmerge.format import manifest as mf
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.fingerprint import checkpoint_fingerprint
@@ -42,6 +42,7 @@ def _open_inputs(
         raise PackError("no tasks given: pass at least one NAME=DIR")
     for name in tasks:
         mf.check_task_name(name)
+    _check_distill(tasks, opts)
     base_ckpt = Checkpoint(base)
     fts = {name: Checkpoint(path) for name, path in tasks.items()}
     for ft in fts.values():
@@ -68,12 +69,43 @@ def _calibrated(base: PathLike, tasks: Mapping[str, PathLike], opts: Options) ->
     return dataclasses.replace(opts, calib_inputs=inputs)
 
 
+def _check_distill(tasks: Mapping[str, PathLike], opts: Options) -> None:
+    if opts.distill_steps < 0:
+        raise ConfigError(f"distill_steps must be >= 0, got {opts.distill_steps}")
+    if opts.distill_steps and not opts.calib_texts:
+        raise ConfigError("scale distillation (--distill-steps) needs --calib-texts")
+    if opts.distill_steps and opts.calib_texts:
+        if missing := [
+            t for t in tasks if t not in opts.calib_texts and "*" not in opts.calib_texts
+        ]:
+            raise ConfigError(f"scale distillation needs calibration texts for task {missing[0]!r}")
+
+
+def _distill(name: str, base: Checkpoint, ft: Checkpoint, parts, table, opts: Options) -> None:
+    from qmerge.verbs import calibrate, distill
+
+    src = opts.calib_texts.get(name, opts.calib_texts.get("*"))
+    distill.distill_task(
+        base.path,
+        ft.path,
+        parts,
+        table,
+        calibrate.texts_of(src),
+        steps=opts.distill_steps,
+        lr=opts.distill_lr,
+        max_length=opts.calib_max_length,
+        progress=lambda it: bar(it, opts.progress, f"{name}: distill scales", unit="step"),
+    )
+
+
 def _fingerprint(base: Checkpoint, opts: Options) -> dict:
     return checkpoint_fingerprint(base, lambda it: bar(it, opts.progress, "fingerprint base"))
 
 
 def _put_task(w: PackWriter, name: str, base: Checkpoint, ft: Checkpoint, opts: Options) -> None:
     parts, table = encode_task(name, base, ft, opts)
+    if opts.distill_steps:
+        _distill(name, base, ft, parts, table, opts)
     head_parts, head_table = encode_heads(base, ft, opts)
     parts.update(head_parts)
     entry: dict = {"source": str(ft.path), "tensors": table}

@@ -46,6 +46,10 @@ class Options:
         calib_max_length: tokens kept per calibration text (longer texts are truncated).
         calib_from: which model reads `calib_texts`: "finetune" (each task's own fine-tune,
             the default) or "base" (once for every task; cheaper).
+        distill_steps: after encoding, fit each task's 1-bit scales end to end on its
+            calibration texts for this many Adam steps (BitDelta's scale distillation,
+            verbs/distill.py; 0: off). Needs `calib_texts`.
+        distill_lr: the distillation's learning rate (of a multiplier on each scale).
         allow_resized_vocab: a fine-tune whose tensor has more rows than the base's (a grown
             vocabulary) stores the shared rows' delta with its codec and the new rows dense,
             as they are in the fine-tune. Without it, that is an error.
@@ -61,6 +65,8 @@ class Options:
     calib_rows: int = 512
     calib_max_length: int = 128
     calib_from: str = "finetune"
+    distill_steps: int = 0
+    distill_lr: float = 1e-2
     allow_resized_vocab: bool = False
     exclude: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()

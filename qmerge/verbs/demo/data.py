@@ -55,6 +55,16 @@ NEEDS = {
     "fortune_topic": ["fortunes"],
     "language": list(LANGUAGES.values()),
 }
+# WordNet's lexicographer files by number (the lexnames of the WordNet database format)
+LEXNAMES = (
+    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute "
+    "noun.body noun.cognition noun.communication noun.event noun.feeling noun.food noun.group "
+    "noun.location noun.motive noun.object noun.person noun.phenomenon noun.plant "
+    "noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
+    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication "
+    "verb.competition verb.consumption verb.contact verb.creation verb.emotion verb.motion "
+    "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl"
+).split()
 PER_CLASS_CAP = 600  # keeps big classes from drowning small ones and bounds the fine-tune
 
 
@@ -149,7 +159,8 @@ def _wordnet(pos: str) -> Task:
         gloss = line.split("|", 1)[1].split(";")[0].strip()
         raw.append((gloss, int(fields[1])))
     files = sorted({y for _, y in raw})
-    return _split(f"{pos}_sense", [str(f) for f in files], [(g, files.index(y)) for g, y in raw])
+    labels = [LEXNAMES[f] if f < len(LEXNAMES) else str(f) for f in files]
+    return _split(f"{pos}_sense", labels, [(g, files.index(y)) for g, y in raw])
 
 
 def noun_sense() -> Task:

@@ -35,16 +35,19 @@ class Recipe:
     seed: int = 0
 
 
-def is_done(out: Path, recipe: Recipe | None = None) -> bool:
-    """A finished fine-tune is at `out` (made with `recipe`, when given)."""
+def is_done(out: Path, recipe: Recipe | None = None, task: Task | None = None) -> bool:
+    """A finished fine-tune is at `out` (made with `recipe`, and for `task`'s labels, when
+    given)."""
     meta = out / RECIPE_FILE
     if not (out / "model.safetensors").is_file() or not meta.is_file():
         return False
-    if recipe is None:
-        return True
     try:
         made = json.loads(meta.read_text())
     except ValueError:
+        return False
+    if recipe is None:
+        return True
+    if task is not None and made.get("labels") != task.labels:
         return False
     return all(made.get(k) == v for k, v in asdict(recipe).items())
 
@@ -99,7 +102,7 @@ def finetune(
         if step % 50 == 0 or step == steps - 1:
             log(f"{task.name}: step {step} loss {loss.item():.3f}")
     model.eval()
-    return _save(model, tok, out, {"task": task.name, **asdict(recipe)})
+    return _save(model, tok, out, {"task": task.name, "labels": task.labels, **asdict(recipe)})
 
 
 def _save(model, tok, out: Path, meta: dict) -> Path:

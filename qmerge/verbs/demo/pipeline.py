@@ -88,7 +88,7 @@ def finetunes(cfg: Config, base: Path, tasks: dict, log: Callable[[str], None]) 
     for name, task in tasks.items():
         r = cfg.recipe
         path = cfg.cache_dir / "finetunes" / f"minilm-{name}-s{r.steps}-seed{r.seed}"
-        made = not is_done(path, r)
+        made = not is_done(path, r, task)
         if made:
             steps = bars(cfg.progress, f"fine-tune {name}", unit="step")
             finetune(base, task, path, r, progress=steps)
