@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def setups(steps: list[int]) -> list[tuple[str, dict]]:
     sign, cal = Policy(codec="sign"), Policy(codec="sign:calibrate=true")
     out = [
-        ("plain scales (mean |τ|)", {"policy": sign}),
+        ("plain scales (mean abs τ)", {"policy": sign}),
         ("calibrated, fine-tune inputs (default)", {"policy": cal, "texts": True}),
         ("calibrated, base inputs", {"policy": cal, "texts": True, "calib_from": "base"}),
     ]
@@ -94,7 +94,7 @@ def write(a, names: list[str], ft: dict, rows: list) -> None:
         f"task's head on at most {a.max_test} test texts per task; *normalized* is accuracy ÷ "
         "the fine-tune's, per task, averaged. Calibration and distillation read the same 64 "
         "training texts per task; compress time is the whole `qmerge.compress` of five tasks "
-        "on 2 cores.",
+        "on 2 cores. Analysis: quality-notes.md, \"Calibrated or distilled scales\".",
         "",
         head,
         "|" + "---|" * (len(names) + 4),
