@@ -94,7 +94,7 @@ def write(a, names: list[str], ft: dict, rows: list) -> None:
         f"task's head on at most {a.max_test} test texts per task; *normalized* is accuracy ÷ "
         "the fine-tune's, per task, averaged. Calibration and distillation read the same 64 "
         "training texts per task; compress time is the whole `qmerge.compress` of five tasks "
-        "on 2 cores. Analysis: quality-notes.md, \"Calibrated or distilled scales\".",
+        'on 2 cores. Analysis: quality-notes.md, "Calibrated or distilled scales".',
         "",
         head,
         "|" + "---|" * (len(names) + 4),

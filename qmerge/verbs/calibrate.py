@@ -62,31 +62,39 @@ def _model(base: Path, weights: PathLike | None = None) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Copies every tensor of `ckpt` that the model has (up to a name prefix) into it; tensors
-    the checkpoint lacks (tied or untouched) stay the base's."""
-    state = model.state_dict()
-    _, rename = alignment(state, ckpt.names)
-    with torch.no_grad():
-        for name, t in state.items():
-            src = rename(name)
-            if src in ckpt and tuple(ckpt.shape(src)) == tuple(t.shape):
-                t.copy_(ckpt.get(src).to(t.dtype))
+    """Points every parameter of the model that `ckpt` has (up to a name prefix) at the
+    checkpoint's tensor: its memory-mapped pages when the dtype matches, so a fine-tune costs
+    page cache, not a second copy of the model in the process; parameters the checkpoint
+    lacks (tied or untouched) stay the base's."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    _, rename = alignment(params, ckpt.names)
+    for name, p in params.items():
+        src = rename(name)
+        if src in ckpt and tuple(ckpt.shape(src)) == tuple(p.shape):
+            t = ckpt.get(src)
+            p.data = t if t.dtype == p.dtype else t.to(p.dtype)
 
 
 class _Rows:
-    """Up to `cap` input rows of one linear layer, gathered batch by batch."""
+    """Up to `cap` input rows of one linear layer, written batch by batch into one buffer
+    allocated at the first batch (so the rows are never held twice, as a list of chunks and
+    their concatenation would be)."""
 
     def __init__(self, cap: int):
-        self.cap, self.n, self.chunks = cap, 0, []
+        self.cap, self.n, self.buf = cap, 0, None
 
     def add(self, x: Tensor) -> None:
         take = min(self.cap - self.n, x.shape[0])
-        if take > 0:
-            self.chunks.append(x[:take].float().clone())
-            self.n += take
+        if take <= 0:
+            return
+        if self.buf is None:
+            self.buf = torch.empty(self.cap, x.shape[1], dtype=torch.float32)
+        self.buf[self.n : self.n + take] = x[:take]
+        self.n += take
 
     def tensor(self) -> Tensor:
-        return torch.cat(self.chunks)
+        assert self.buf is not None
+        return self.buf[: self.n]
 
 
 def layer_inputs(
@@ -116,7 +124,8 @@ def layer_inputs(
     if not linears:
         raise ConfigError(f"{base}: the model has no linear layers to calibrate")
     _, rename = alignment([f"{n}.weight" for n, _ in linears], names)
-    rows = {rename(f"{n}.weight"): _Rows(max_rows) for n, _ in linears}
+    cap = min(max_rows, len(texts) * max_length)  # no text gives more rows than tokens
+    rows = {rename(f"{n}.weight"): _Rows(cap) for n, _ in linears}
     keep: list[Tensor] = []  # the current batch's real-token rows
 
     def hook(name: str):
@@ -127,6 +136,7 @@ def layer_inputs(
         return fn
 
     hooks = [m.register_forward_hook(hook(rename(f"{n}.weight"))) for n, m in linears]
+    _skip_logits(model)
     try:
         with torch.no_grad():
             for i in progress(range(0, len(texts), batch_size)):
@@ -143,12 +153,23 @@ def layer_inputs(
                     raise ConfigError(f"{what}: texts {i + 1}..{last} tokenize to nothing")
                 keep[:] = [mask]
                 model(**enc)
-                if all(r.n >= max_rows for r in rows.values()):
+                if all(r.n >= r.cap for r in rows.values()):
                     break
     finally:
         for h in hooks:
             h.remove()
     return {n: r.tensor() for n, r in rows.items() if r.n}
+
+
+def _skip_logits(model: nn.Module) -> None:
+    """The output projection (an LM head) still sees its inputs, but computes nothing: the
+    logits of a batch (batch x tokens x vocabulary floats, 400 MB for SmolLM2's 49k words at
+    16 x 128) are the largest thing a forward makes, and calibration never reads them. The
+    model is calibration's own copy, dropped afterwards."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, nn.Linear):
+        head.forward = lambda x: x.new_empty(*x.shape[:-1], 0)
 
 
 def texts_of(src: object) -> list[str]:

@@ -198,3 +198,20 @@ def test_refuses_a_model_without_linear_layers(bert, tmp_path, capsys, monkeypat
     for t, p in fts.items():
         argv += ["--task", f"{t}={p}"]
     assert "has no linear layers to calibrate" in _refused(capsys, argv, out)
+
+
+def test_causal_lm_head_inputs_without_its_logits(tmp_path):
+    """An untied LM head's inputs are collected (the final hidden states) while its logits
+    are never computed (the largest activation of a forward)."""
+    base, fts = tiny.llama(tmp_path, tasks=1, tie=False)
+    tiny.save_tokenizer(base, 64, {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3})
+    rng = random.Random(1)
+    texts = [" ".join(rng.choice(tiny.WORDS) for _ in range(rng.randrange(2, 7))) for _ in range(6)]
+    got = layer_inputs(base, texts, batch_size=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc, output_hidden_states=True).hidden_states[-1]
+    want = h.reshape(-1, h.shape[-1])[enc["attention_mask"].reshape(-1).bool()]
+    torch.testing.assert_close(got["lm_head.weight"], want, rtol=1e-4, atol=1e-5)
