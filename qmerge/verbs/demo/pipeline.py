@@ -181,10 +181,10 @@ def router_accuracy(rows, answers_: list[dict]) -> float:
 
 def showcase(model, tok, tasks: dict) -> list[dict]:
     """One mixed batch to show: per task a test text named by its task and another one left
-    to the router."""
+    to the router (the first two without undecodable characters, which some corpora have)."""
     reqs, truth = [], []
     for t, task in tasks.items():
-        (x1, y1), (x2, y2) = task.test[0], task.test[1]
+        (x1, y1), (x2, y2) = [(x, y) for x, y in task.test if "\ufffd" not in x][:2]
         reqs += [{"text": x1, "task": t}, {"text": x2, "auto": True}]
         truth += [(t, task.labels[y1]), (t, task.labels[y2])]
     out = answer(model, tok, reqs, "classify", 0, MAX_LENGTH)

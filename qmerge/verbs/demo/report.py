@@ -74,7 +74,7 @@ def lines(r: dict) -> list[str]:
     for b in r["batch"]:
         text = b["text"] if len(b["text"]) <= 44 else b["text"][:41] + "..."
         mark = "ok" if b["routed"] == b["task"] and b["label"] == b["truth"] else "x"
-        out.append(f"  {b['asked']:>10} -> {b['routed']:<10} {b['label']:<14} {mark:<2} {text!r}")
+        out.append(f"  {b['asked']:>10} -> {b['routed']:<10} {b['label']:<18} {mark:<2} {text!r}")
     secs = r["seconds"]
     out += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())]
     if r.get("plot"):
