@@ -109,7 +109,7 @@ def compress(cfg: Config, base: Path, fts: dict[str, Path], tasks: dict, pack: P
     return compress_verb.compress(base, fts, pack, opts=opts, overwrite=True)
 
 
-def test_rows(cfg: Config, tasks: dict) -> list[tuple[str, str, int]]:
+def held_out_rows(cfg: Config, tasks: dict) -> list[tuple[str, str, int]]:
     """(task, text, label) of every task's test texts, interleaved in a fixed shuffle: one
     stream whose batches mix tasks."""
     rows = [(n, x, y) for n, t in tasks.items() for x, y in t.test[: cfg.max_test]]
@@ -165,7 +165,7 @@ def finetune_accuracy(fts: dict[str, Path], tasks: dict, cfg: Config) -> dict[st
                     [x for x, _ in chunk],
                     padding=True,
                     truncation=True,
-                    max_length=64,
+                    max_length=MAX_LENGTH,
                     return_tensors="pt",
                 )
                 pred = model(**enc).logits.argmax(-1)
@@ -310,7 +310,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
         compress(cfg, base, fts, tasks, pack)
     with step("verify", "verify the pack against the base"):
         checked = verify(pack, base, progress=bars(cfg.progress, "verify", unit="file"))
-    rows = test_rows(cfg, tasks)
+    rows = held_out_rows(cfg, tasks)
     with step("serve", f"router, then {len(rows)} test texts in mixed batches of 64"):
         ft_acc = finetune_accuracy(fts, tasks, cfg)
         served = serve_pack(cfg, base, pack, tasks, rows)
