@@ -42,13 +42,23 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _fail(verb: str, message: str) -> int:
+    """One line on stderr, exit status 1 (nothing was changed: writes are staged)."""
+    print(f"qmerge {verb}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         result = args.handler(args)
     except QmergeError as e:
-        print(f"qmerge {args.verb}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+        return _fail(args.verb, str(e))
+    except OSError as e:  # disk full, a path under a file, a directory where a file goes, ...
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(args.verb, f"{where}{e.strerror or e}")
+    except RecursionError:  # json: a file nested deeper than Python's stack
+        return _fail(args.verb, "an input file is nested too deeply to read")
     except KeyboardInterrupt:
         print(f"qmerge {args.verb}: interrupted; nothing was changed", file=sys.stderr)
         return 130

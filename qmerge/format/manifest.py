@@ -51,6 +51,21 @@ def check_task_name(task: str) -> None:
         )
 
 
+# Words of the route grammar (routing/route.py: BASE, AUTO, mixtures "a:0.5+b:0.5"): a new task
+# named so could never be asked for by name. Packs that already hold such a name still open.
+RESERVED_TASK_NAMES = ("base", "auto")
+
+
+def check_new_task_name(task: str) -> None:
+    """A name for a task being added: valid, not a route word, no '+' (the mixture separator)."""
+    check_task_name(task)
+    if task.lower() in RESERVED_TASK_NAMES or "+" in task:
+        raise PackError(
+            f"task name {task!r} is reserved by the route grammar ('base', 'auto' and names "
+            f"with '+' mean something else in a request); choose another name"
+        )
+
+
 def new(base_fingerprint: dict, generator: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,

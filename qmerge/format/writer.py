@@ -79,7 +79,7 @@ def write_task_file(
 ) -> Fragment:
     """Writes one task's residuals as tasks/<task>.safetensors under `staging`, atomically.
     Safe to call from a worker process; nothing is recorded until the coordinator adopts it."""
-    mf.check_task_name(task)
+    mf.check_new_task_name(task)
     meta = {
         "qmerge.format": "task",
         "qmerge.format_version": str(mf.FORMAT_VERSION),
@@ -171,7 +171,7 @@ class PackWriter:
         """Records a task file written by `write_task_file` (possibly by another process),
         after checking it is the file the fragment describes (size and sha256). A coordinator
         hands workers only names the pack does not have (`manifest["tasks"]`)."""
-        mf.check_task_name(task)
+        mf.check_new_task_name(task)
         if fragment.rel != mf.task_file(task):
             raise PackError(f"fragment {fragment.rel} is not the file of task {task!r}")
         self._free(task)  # before the file is claimed: a live task's file is never dropped

@@ -41,7 +41,7 @@ def _open_inputs(
     if not tasks:
         raise PackError("no tasks given: pass at least one NAME=DIR")
     for name in tasks:
-        mf.check_task_name(name)
+        mf.check_new_task_name(name)
     _check_distill(tasks, opts)
     base_ckpt = Checkpoint(base)
     fts = {name: Checkpoint(path) for name, path in tasks.items()}

@@ -168,6 +168,66 @@ def test_every_refusal_is_one_line_and_changes_nothing(models, capsys):
     _refused(capsys, m, "a.safetensors: is corrupted", "verify", m / "pack")
 
 
+@pytest.mark.parametrize("name", ["base", "auto", "Auto", "a+b"])
+def test_route_words_are_refused_as_new_task_names(models, capsys, name):
+    """A task named like a route word ('base', 'auto', a mixture 'a+b') could never be asked
+    for by name (issue 30, 10)."""
+    m = models
+    _refused(
+        capsys,
+        m,
+        "reserved by the route grammar",
+        "compress",
+        "--base",
+        m / "base",
+        "--task",
+        f"{name}={m / 'ft0'}",
+        "--out",
+        m / "x",
+    )
+
+
+def test_os_errors_are_one_line(models, capsys, tmp_path):
+    """An OS error (here --out under a regular file) is the one-line error, not a traceback
+    (issue 30, 6)."""
+    m = models
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _refused(
+        capsys,
+        tmp_path,
+        str(blocker),
+        "compress",
+        "--base",
+        m / "base",
+        "--task",
+        f"a={m / 'ft0'}",
+        "--out",
+        blocker / "pack",
+    )
+
+
+def test_deeply_nested_json_is_one_line(models, capsys, tmp_path):
+    """A policy nested deeper than Python's stack (issue 30, 8)."""
+    m = models
+    policy = tmp_path / "policy.json"
+    policy.write_text("[" * 100_000 + "]" * 100_000)
+    _refused(
+        capsys,
+        tmp_path,
+        "nested too deeply",
+        "compress",
+        "--base",
+        m / "base",
+        "--task",
+        f"a={m / 'ft0'}",
+        "--out",
+        tmp_path / "p",
+        "--policy",
+        policy,
+    )
+
+
 def test_a_real_process_prints_no_traceback(models):
     proc = subprocess.run(
         [sys.executable, "-m", "qmerge", "verify", str(models / "nothing")],
