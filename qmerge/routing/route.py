@@ -25,6 +25,10 @@ from qmerge.errors import ConfigError, UnknownTask
 
 BASE = "base"  # the name a request uses for the bare base model
 AUTO = "auto"  # the name a request uses for the pack's router
+# The largest |weight| a mixture may give a task. Weights past it scale a task vector beyond
+# any use and overflow activations to inf/NaN (a weight of 1e39 did, and its NaN logits failed
+# the sampler for the other requests of a batch).
+MAX_WEIGHT = 1000.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,7 +180,18 @@ def parse_mixture(text: str, tasks: Sequence[str]) -> dict[str, float]:
             raise ConfigError(f"mixture {text!r}: weight of {name!r} is not finite")
         _index(name, tasks, f"mixture {text!r}")
         out[name] = out.get(name, 0.0) + weight
-    return out
+    return _bounded(out, f"mixture {text!r}")
+
+
+def _bounded(mix: dict[str, float], where: str) -> dict[str, float]:
+    """`mix`, once every task's summed weight is within ±MAX_WEIGHT."""
+    for name, w in mix.items():
+        if not abs(w) <= MAX_WEIGHT:
+            raise ConfigError(
+                f"{where}: weight of {name!r} is {w:g}; weights are at most {MAX_WEIGHT:g} "
+                f"in size"
+            )
+    return mix
 
 
 def _index(name: object, tasks: Sequence[str], where: str) -> int:
@@ -210,7 +225,7 @@ def check_mixture(spec: object, tasks: Sequence[str], where: str = "mixture") ->
         if not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ConfigError(f"{where}: weight of {name!r} must be a finite number, got {w!r}")
         out[name] = out.get(name, 0.0) + float(w)
-    return out
+    return _bounded(out, where)
 
 
 def coefficients(rows: Sequence[object], tasks: Sequence[str]) -> Tensor:

@@ -29,14 +29,19 @@ class Sampling:
 def choose(logits: Tensor, s: Sampling, gen: torch.Generator | None) -> int:
     """The next token from one row of logits: argmax at temperature 0, else a sample from the
     tempered distribution cut to its top-p nucleus."""
-    if s.temperature == 0:
-        return int(logits.argmax())
-    p = torch.softmax(logits.float() / s.temperature, -1)
+    z = torch.nan_to_num(logits.double(), nan=-torch.inf)  # a NaN is never chosen
+    if s.temperature == 0 or not bool(torch.isfinite(z).any()):
+        return int(torch.nan_to_num(logits.float(), nan=-torch.inf).argmax())
+    # shifted by the max first, so a tiny temperature sends the rest to -inf (greedy, its
+    # limit) instead of overflowing to inf - inf = NaN
+    p = torch.softmax((z - z.max()) / s.temperature, -1)
+    if not bool(torch.isfinite(p).all()):
+        return int(z.argmax())
     if s.top_p < 1:
         sp, idx = torch.sort(p, descending=True)
         keep = (sp.cumsum(-1) - sp) < s.top_p  # always keeps the most likely token
         p = torch.zeros_like(p).scatter_(0, idx[keep], sp[keep])
-    return int(torch.multinomial(p, 1, generator=gen))
+    return int(torch.multinomial(p.float(), 1, generator=gen))
 
 
 @dataclass(eq=False)

@@ -81,3 +81,12 @@ def test_one_grammar_reads_a_route_once():
         parse_route({"math": float("nan")}, TASKS)
     c = coefficients(["base", "chat", {"math": 0.25}], TASKS)
     assert c.tolist() == [[0, 0, 0], [0, 0, 1], [0.25, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "spec", ["a:1e308+a:1e308", "a:1e39", {"a": 1e39}, {"a": -1001.0}, "a:600+a:600"]
+)
+def test_mixture_weights_past_the_bound_are_refused(spec):
+    """Issue 30, 3 and 7: a weight that overflows activations is a client error."""
+    with pytest.raises(ConfigError, match="weights are at most 1000"):
+        parse_route(spec, ["a", "b"])

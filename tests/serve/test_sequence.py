@@ -3,6 +3,7 @@ join/select, without a model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qmerge.serve.kv import KV
@@ -78,3 +79,22 @@ def test_kv_join_and_select_keep_each_row_right_aligned():
     s = j.select([0, 1])  # the longest row left: two padding columns go
     assert s.length == 3 and torch.equal(s.keys[0], a.keys[0])
     assert s.mask(1).tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p", [(1e-40, 1.0), (1e-320, 1.0), (1.0, 1e-300), (1e-40, 1e-300)]
+)
+def test_hostile_sampling_values_pick_a_token_without_raising(temperature, top_p):
+    """Issue 30, 3: a tiny temperature or nucleus is its greedy limit, not a NaN that makes
+    multinomial raise for the whole batch."""
+    logits = torch.tensor([1.0, 5.0, 3.0, 5.0 - 1e-3])
+    s = Sampling(temperature=temperature, top_p=top_p, seed=0)
+    assert choose(logits, s, s.generator()) == 1
+
+
+def test_non_finite_logits_never_pick_a_nan():
+    s = Sampling(temperature=0.7, seed=0)
+    logits = torch.tensor([float("nan"), 2.0, float("nan"), 1.0])
+    for _ in range(20):
+        assert choose(logits, s, s.generator()) in (1, 3)
+    assert choose(torch.full((3,), float("nan")), s, s.generator()) in (0, 1, 2)
