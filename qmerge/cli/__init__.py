@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from qmerge.cli import demo, export, infer, merge, pack, serve
@@ -40,6 +41,18 @@ def parser() -> argparse.ArgumentParser:
     for group in GROUPS:
         group.register(sub)
     return top
+
+
+def _finite(obj):
+    """`obj` with every NaN or inf float as null: JSON has no NaN, and a consumer's parser
+    would refuse the whole answer."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _fail(verb: str, message: str) -> int:
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qmerge {args.verb}: interrupted; nothing was changed", file=sys.stderr)
         return 130
     if getattr(args, "json", False):
-        print(json.dumps(result, indent=2))
+        print(json.dumps(_finite(result), indent=2, allow_nan=False))
     return 0
 
 

@@ -32,6 +32,9 @@ from qmerge.errors import FormatVersionError, PackError
 
 FORMAT_VERSION = 1
 NAME = "manifest.json"
+# A manifest names every tensor of every task: about 300 bytes an entry, so 64 MiB holds
+# 200,000 entries. A bigger one is refused unread (1 GB of JSON took 2.3 GB to parse).
+MAX_MANIFEST_BYTES = 64 << 20
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 SHARED_FILE = "shared.safetensors"

@@ -45,6 +45,12 @@ class Pack:
         if not (path / mf.NAME).is_file():
             raise PackError(f"{path}: not a pack (no {mf.NAME})")
         try:
+            size = (path / mf.NAME).stat().st_size
+            if size > mf.MAX_MANIFEST_BYTES:
+                raise PackError(
+                    f"{path / mf.NAME}: is {size} bytes, over the {mf.MAX_MANIFEST_BYTES} a "
+                    f"manifest may have"
+                )
             raw = (path / mf.NAME).read_bytes()
         except OSError as e:
             raise PackError(f"{path / mf.NAME}: cannot read: {e.strerror or e}") from None
@@ -149,5 +155,9 @@ class Pack:
     def stray_files(self) -> list[str]:
         """Files under tasks/ that the manifest does not name (left by an interrupted write)."""
         listed = set(self.manifest["files"])
-        found = (f"tasks/{p.name}" for p in (self.path / "tasks").glob("*"))
+        # a name that is not UTF-8 is shown with its bytes escaped, so it can be printed
+        found = (
+            "tasks/" + p.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            for p in (self.path / "tasks").glob("*")
+        )
         return sorted(f for f in found if f not in listed)

@@ -188,8 +188,7 @@ def _bounded(mix: dict[str, float], where: str) -> dict[str, float]:
     for name, w in mix.items():
         if not abs(w) <= MAX_WEIGHT:
             raise ConfigError(
-                f"{where}: weight of {name!r} is {w:g}; weights are at most {MAX_WEIGHT:g} "
-                f"in size"
+                f"{where}: weight of {name!r} is {w:g}; weights are at most {MAX_WEIGHT:g} in size"
             )
     return mix
 

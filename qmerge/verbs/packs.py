@@ -62,6 +62,13 @@ def shared_residual(pack: Pack, tensor: str) -> Residual:
     )
 
 
+def _check_finite(parts: dict, where: str) -> None:
+    """A stored part with NaN or inf (a scale, a factor) would make every answer NaN."""
+    for key, t in parts.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PackError(f"{where}: part '{key}' holds NaN or inf")
+
+
 def verify(path: PathLike, base: PathLike | None = None, progress=lambda it: it) -> dict:
     """Checks a pack completely: every file's size and sha256, that every task file holds
     exactly the residuals its table names and each one reads back, and (with `base`) the base
@@ -84,6 +91,7 @@ def verify(path: PathLike, base: PathLike | None = None, progress=lambda it: it)
                 )
         for name, entry in table.items():
             residual(pack, task, name)
+            _check_finite(pack.parts(task, name), f"{f.path}: tensor '{name}'")
             if entry.get("extra_rows", 0):
                 rows = pack.parts(task, name).get("extra_rows")
                 want = [entry["extra_rows"], *entry["shape"][1:]]

@@ -198,6 +198,8 @@ def encode_heads(
     parts, table = {}, {}
     for n in heads(base, ft, opts):
         t = ft.get(n).contiguous()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{ft.path}: head tensor '{n}' holds NaN or inf")
         parts[part_key(n, "head")] = t
         table[n] = {
             "shape": list(t.shape),

@@ -1,0 +1,76 @@
+"""Regression tests for the reliability defects of issue 30 (item numbers in the tests' names):
+each hostile input is the documented one-line error and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from qmerge.cli import _finite, main
+from qmerge.format import manifest as mf
+from qmerge.format.safetensors_io import SafetensorsFile, write_safetensors
+from tests.models import base_tensors, save
+
+
+def _pack(models, capsys):
+    argv = ["compress", "--base", str(models / "base"), "--task", f"a={models / 'ft0'}"]
+    assert main([*argv, "--out", str(models / "pack"), "--quiet"]) == 0
+    capsys.readouterr()
+    return models / "pack"
+
+
+def _one_line_error(capsys, argv, match):
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and match in err, err
+
+
+def test_10_verify_refuses_nan_scales_that_the_checksums_accept(models, capsys):
+    pack = _pack(models, capsys)
+    f = pack / "tasks" / "a.safetensors"
+    src = SafetensorsFile(f)
+    tensors = {k: src.get(k).clone() for k in src.keys()}
+    key = next(k for k in tensors if k.endswith("scales"))
+    tensors[key][0] = float("nan")
+    del src
+    with open(f, "wb") as out:
+        nbytes, sha = write_safetensors(out, tensors, {"qmerge.task": "a"})
+    manifest = json.loads((pack / mf.NAME).read_text())
+    manifest["files"]["tasks/a.safetensors"].update(bytes=nbytes, sha256=sha)
+    (pack / mf.NAME).write_text(json.dumps(manifest))
+    _one_line_error(capsys, ["verify", pack], "holds NaN or inf")
+
+
+def test_10_a_nan_head_is_refused(models, capsys):
+    b = base_tensors()
+    ft = {n: t + 0.01 for n, t in b.items()}
+    ft["head.weight"] = torch.tensor([[1.0, float("nan")]])
+    save(ft, models / "nanhead")
+    argv = ["compress", "--base", models / "base", "--task", f"a={models / 'nanhead'}"]
+    _one_line_error(capsys, [*argv, "--head", "head.*", "--out", models / "x"], "NaN or inf")
+    assert not (models / "x").exists()
+
+
+def test_10_an_oversized_manifest_is_refused_unread(models, capsys):
+    pack = _pack(models, capsys)
+    with open(pack / mf.NAME, "ab") as f:
+        f.truncate(mf.MAX_MANIFEST_BYTES + 1)
+    _one_line_error(capsys, ["inspect", pack], "over the")
+
+
+def test_10_a_stray_file_name_that_is_not_utf8_is_printable(models, capsys):
+    pack = _pack(models, capsys)
+    name = os.fsencode(pack / "tasks") + b"/\xff\xfe.tmp"
+    with open(name, "wb") as f:
+        f.write(b"x")
+    assert main(["verify", str(pack), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stray_files"] == ["tasks/\\xff\\xfe.tmp"]
+
+
+def test_10_json_output_has_no_nan():
+    got = _finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
+    assert got == {"a": None, "b": [1.0, None], "c": {"d": 2}}
+    assert "NaN" not in json.dumps(got, allow_nan=False)
