@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
+import qmerge
 from qmerge.cli import _finite, main
+from qmerge.errors import PackError
 from qmerge.format import manifest as mf
 from qmerge.format.safetensors_io import SafetensorsFile, write_safetensors
 from tests.models import base_tensors, save
@@ -74,3 +77,31 @@ def test_10_json_output_has_no_nan():
     got = _finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
     assert got == {"a": None, "b": [1.0, None], "c": {"d": 2}}
     assert "NaN" not in json.dumps(got, allow_nan=False)
+
+
+def test_5_a_task_file_linked_out_of_the_pack_is_refused(models, capsys, tmp_path):
+    pack = _pack(models, capsys)
+    f = pack / "tasks" / "a.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    f.rename(outside)
+    f.symlink_to(outside)  # same bytes: only the link gives it away
+    _one_line_error(capsys, ["verify", pack], "is a symbolic link")
+    with pytest.raises(PackError, match="is a symbolic link"):
+        qmerge.open_pack(pack).task_file("a")
+
+
+def test_5_a_fifo_as_a_task_file_does_not_hang(models, capsys):
+    pack = _pack(models, capsys)
+    f = pack / "tasks" / "a.safetensors"
+    f.unlink()
+    os.mkfifo(f)
+    _one_line_error(capsys, ["verify", pack], "is not a regular file")
+
+
+def test_5_a_dangling_lock_link_makes_no_file_outside(models, capsys, tmp_path):
+    pack = _pack(models, capsys)
+    target = tmp_path / "created-outside"
+    (pack / ".lock").unlink(missing_ok=True)
+    (pack / ".lock").symlink_to(target)
+    _one_line_error(capsys, ["remove-task", pack, "a"], "cannot open the pack's lock")
+    assert not target.exists()

@@ -14,6 +14,7 @@ everything it names.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from torch import Tensor
@@ -28,6 +29,23 @@ PART_SEP = ":"
 
 def part_key(tensor: str, part: str) -> str:
     return f"{tensor}{PART_SEP}{part}"
+
+
+def regular_size(pack: Path, rel: str) -> int:
+    """The size of pack file `rel`, once it and every directory above it inside the pack are
+    plain (no symbolic link out of the pack, no FIFO or device that would hang a read)."""
+    p = pack
+    for part in Path(rel).parts:
+        p = p / part
+        try:
+            st = os.lstat(p)
+        except OSError:
+            raise ChecksumError(f"{p}: is missing") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise PackError(f"{p}: is a symbolic link; a pack holds only its own files")
+    if not stat.S_ISREG(st.st_mode):
+        raise PackError(f"{p}: is not a regular file")
+    return st.st_size
 
 
 class Pack:
@@ -45,7 +63,7 @@ class Pack:
         if not (path / mf.NAME).is_file():
             raise PackError(f"{path}: not a pack (no {mf.NAME})")
         try:
-            size = (path / mf.NAME).stat().st_size
+            size = regular_size(path, mf.NAME)
             if size > mf.MAX_MANIFEST_BYTES:
                 raise PackError(
                     f"{path / mf.NAME}: is {size} bytes, over the {mf.MAX_MANIFEST_BYTES} a "
@@ -80,10 +98,7 @@ class Pack:
         if want is None:
             raise PackError(f"{self.path}: manifest lists no file {rel}")
         p = self.path / rel
-        try:
-            size = p.stat().st_size
-        except OSError:
-            raise ChecksumError(f"{p}: is missing") from None
+        size = regular_size(self.path, rel)
         if size != want["bytes"]:
             raise ChecksumError(
                 f"{p}: is truncated or overwritten: {size} bytes, the manifest says {want['bytes']}"

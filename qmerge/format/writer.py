@@ -53,7 +53,10 @@ class Fragment:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Holds an exclusive lock on a pack directory while it is being changed."""
-    fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    try:  # O_NOFOLLOW: a link planted as the lock never makes a file outside the pack
+        fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise PackError(f"{path / LOCK}: cannot open the pack's lock: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
