@@ -69,9 +69,9 @@ def calibration(base: Path, ft: Path, log) -> None:
     log(
         f"Peak growth from {lo} to {hi} texts: {(peaks[hi] - peaks[lo]) / 1e6:+.1f} MB "
         "(target: no growth past the row cap). The collection stops once every layer holds "
-        "its 512 rows (within the first batch or two of 16 fortunes), so N changes what is read, not "
-        "what is held; differences of a few tens of MB are run-to-run noise (two runs of this "
-        "script put the 1-vs-4 fine-tunes growth above at +13.5 and +53.0 MB)."
+        "its 512 rows (within the first batch or two of 16 fortunes), so N changes what is "
+        "read, not what is held; differences of a few tens of MB are run-to-run noise (two "
+        "runs of this script put the 1-vs-4 fine-tunes growth above at +13.5 and +53.0 MB)."
     )
     log()
 

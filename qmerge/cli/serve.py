@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> dict:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
         max_inputs=max(64, args.max_batch),
+        max_request_bytes=args.max_request_bytes,
+        max_text_chars=64 * args.max_prompt_tokens,
     )
     serve(
         args.pack,
@@ -92,6 +94,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-prompt-tokens", type=positive_int, default=2048, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=positive_int,
+        default=4 << 20,
+        help="largest request body, refused with 413 before it is parsed (default: %(default)s)",
     )
     p.add_argument(
         "--max-tokens",

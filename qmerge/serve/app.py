@@ -56,6 +56,39 @@ def _handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 before it is parsed,
+    from its Content-Length, or once that many bytes of a chunked body have arrived."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(
+            413, f"request body over {self.max_bytes} bytes (--max-request-bytes)"
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            exc = self._too_large()
+            return await _error(exc.status_code, str(exc.detail))(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()  # inside the app: its handler answers 413
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def create_app(
     engine: Engine,
     limits: Limits | None = None,
@@ -96,6 +129,7 @@ def create_app(
     app.state.engine, app.state.scheduler, app.state.metrics = engine, sched, metrics
     app.state.qmerge = AppState(engine, sched, metrics, limits)
     _handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     app.include_router(routes_generate.router)
     app.include_router(routes_info.router)
     return app

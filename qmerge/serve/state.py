@@ -31,6 +31,11 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 512  # per completion
     max_inputs: int = 64  # prompts per completion request, texts per classify
+    max_request_bytes: int = 4 << 20  # a request body, checked before it is parsed
+    # characters of one prompt or text, checked before it is tokenized (a token rarely
+    # covers more than a few dozen characters, so a longer prompt is over max_prompt_tokens;
+    # a classify text past the model's context is cut there anyway)
+    max_text_chars: int = 64 * 2048
 
 
 class Refused(Exception):
@@ -74,6 +79,12 @@ class AppState:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.limits.timeout_s
         jobs = []
+        if long := [i for i, t in enumerate(texts) if len(t) > self.limits.max_text_chars]:
+            raise Refused(
+                400,
+                f"input {long[0]}: {len(texts[long[0]])} characters; this server reads at most "
+                f"{self.limits.max_text_chars} per prompt or text",
+            )
         for i, text in enumerate(texts):
 
             def emit(ev: tuple, i: int = i) -> None:

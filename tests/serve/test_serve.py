@@ -3,6 +3,7 @@ tiny models. Greedy answers are compared with the offline `generate` of each tas
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -207,6 +208,10 @@ def test_stop_strings_sampling_and_prompt_lists(server):
         ({"model": "t0", "prompt": []}, 400, "at least one"),
         ({"model": "t0"}, 400, "prompt"),
         ({"prompt": "the cat"}, 400, "model"),
+        # issue 30: hostile values are client errors, refused before any work
+        ({"model": "t0:1e39", "prompt": "the cat"}, 400, "at most 1000"),
+        ({"model": "t0:1e308+t0:1e308", "prompt": "the cat"}, 400, "at most 1000"),
+        ({"model": "t0", "prompt": "cat " * 40_000}, 400, "characters"),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(server, body, status, words):
@@ -233,6 +238,48 @@ def test_malformed_json_wrong_endpoint_and_health(server):
         assert {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models"} <= set(
             spec["paths"]
         )
+
+
+def test_oversized_bodies_get_413_and_the_server_keeps_going(server):
+    """Issue 30, 4: a body over --max-request-bytes is refused before it is parsed, whether
+    it says its length or arrives chunked."""
+    big = b'{"model": "t0", "prompt": "' + b"a" * (5 << 20) + b'"}'
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]
+
+        def chunks():
+            for i in range(0, len(big), 1 << 16):
+                yield big[i : i + (1 << 16)]
+
+        r = c.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413, r.text
+        assert c.get("/health").json()["status"] == "ok"
+
+
+def test_hostile_sampling_values_do_not_fail_the_batch(server):
+    """Issue 30, 3: a request with a vanishing temperature and nucleus is answered (greedily),
+    and so are the requests batched with it."""
+    bodies = [
+        {
+            "model": "t1",
+            "prompt": "the cat",
+            "max_tokens": 6,
+            "temperature": 1e-40,
+            "top_p": 1e-300,
+            "seed": 1,
+        },
+        {"model": "t0", "prompt": "a big red dog", "max_tokens": 6, "temperature": 0},
+    ]
+
+    async def both():
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+
+    for r in asyncio.run(both()):
+        assert r.status_code == 200, r.text
 
 
 def test_failures_stay_with_their_request(lm, offline, monkeypatch):
