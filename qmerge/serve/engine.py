@@ -24,7 +24,7 @@ from qmerge.serve.kv import KV
 from qmerge.serve.sequence import Sequence
 from qmerge.verbs import run as inference
 from qmerge.verbs.load import load
-from qmerge.verbs.packs import open_pack
+from qmerge.verbs.packs import open_pack, verify
 
 log = logging.getLogger("qmerge.serve")
 
@@ -91,6 +91,9 @@ class Engine:
                     f"{self.pack_path}: the pack now belongs to another base; "
                     f"restart the server with that base"
                 )
+            # every file and residual checked before the model is touched: a pack that fails
+            # half-way through re-patching could leave no tasks patched at all
+            verify(self.pack_path)
             handle = self.model.qmerge
             model = handle.unload()
             try:

@@ -130,7 +130,9 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    # degraded: the pack on disk changed and could not be served; the previous tasks are
+    # still served and reload_error says why
+    status: Literal["ok", "degraded"]
     kind: str
     tasks: list[str]
     queue_depth: int

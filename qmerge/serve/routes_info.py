@@ -67,11 +67,12 @@ async def models(s: AppState = Depends(state)):  # noqa: B008
 
 @router.get("/health", response_model=P.Health, responses=P.responses(503))
 async def health(s: AppState = Depends(state)):  # noqa: B008
-    """ok while the scheduler runs; also the served tasks and the last reload error."""
+    """ok while the scheduler runs ('degraded' after a failed reload: the previous tasks are
+    served); also the served tasks and the last reload error."""
     if not s.sched.alive():
         raise Refused(503, "the scheduler thread has stopped")
     return P.Health(
-        status="ok",
+        status="degraded" if s.engine.reload_error else "ok",
         kind=s.engine.kind,
         tasks=list(s.engine.tasks),
         queue_depth=s.sched.queue.qsize(),

@@ -374,6 +374,36 @@ def test_tasks_added_and_removed_without_restart(lm, tmp_path):
         assert c.get("/health").json()["reload_error"] is None
 
 
+def test_a_failed_reload_keeps_the_old_tasks_serving(lm, tmp_path, offline):
+    """Issue 30, 1: a served pack's task file corrupted on disk (its manifest touched, so the
+    server reloads) is refused as a whole: the model stays patched with the previous tasks,
+    which answer as before, and /health says degraded with the error."""
+    import shutil
+
+    root, base, pack, fts = lm
+    live = tmp_path / "live"
+    shutil.copytree(pack, live)
+    with (
+        Server(live, base, Limits(max_tokens=24)) as s,
+        httpx.Client(base_url=s.url, timeout=60) as c,
+    ):
+        f = live / "tasks" / "t2.safetensors"
+        raw = bytearray(f.read_bytes())
+        raw[-1] ^= 0x80  # same size: every page the server may have mapped stays readable
+        f.write_bytes(bytes(raw))
+        os.utime(live / "manifest.json", ns=(time.time_ns(), time.time_ns() + 10**9))
+        deadline = time.monotonic() + 30
+        while (h := c.get("/health").json())["status"] == "ok":
+            assert time.monotonic() < deadline, "the change was never picked up"
+            time.sleep(0.1)
+        assert h["status"] == "degraded" and "t2.safetensors" in h["reload_error"]
+        assert h["tasks"] == ["t0", "t1", "t2"]
+        for task in ("t0", "t1"):
+            r = _complete(c, task, PROMPTS[1], 6)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == offline(task, PROMPTS[1], 6)
+
+
 def test_fuzz_the_openapi_spec(server, offline):
     """Requests generated from the server's own OpenAPI spec, valid and invalid (schemathesis
     positive and negative modes): none may get a 5xx, and the server answers correctly
