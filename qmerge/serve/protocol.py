@@ -153,7 +153,9 @@ class ErrorResponse(BaseModel):
 ERRORS = {
     400: "invalid_request_error",
     404: "not_found_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
+    499: "client_closed_request",
     500: "server_error",
     503: "server_error",
     504: "timeout_error",

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from qmerge.serve import protocol as P
@@ -35,7 +35,13 @@ def _usage(done: list) -> P.Usage:
 
 
 async def _generate(
-    s: AppState, endpoint: str, req: P.Sampled, model: str, prompts: list[str], chat: bool
+    s: AppState,
+    endpoint: str,
+    req: P.Sampled,
+    model: str,
+    prompts: list[str],
+    chat: bool,
+    request: Request,
 ):
     t0 = time.monotonic()
     try:
@@ -55,7 +61,7 @@ async def _generate(
             return StreamingResponse(
                 body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        done = await s.collect(jobs, events)
+        done = await s.collect(jobs, events, request)
     except Refused as e:
         s.record(endpoint, model, e.status, t0)
         raise
@@ -143,12 +149,16 @@ async def _stream(
     response_model=P.CompletionResponse,
     responses=P.responses(400, 404, 429, 504) | STREAM_DOC,
 )
-async def completions(req: P.CompletionRequest, s: AppState = Depends(state)):  # noqa: B008
+async def completions(
+    req: P.CompletionRequest,
+    request: Request,
+    s: AppState = Depends(state),  # noqa: B008
+):
     """Completes a prompt (or several) with the task, mixture or router `model` names."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
     if not prompts:
         raise Refused(400, "prompt: give at least one prompt")
-    return await _generate(s, "completions", req, req.model, prompts, chat=False)
+    return await _generate(s, "completions", req, req.model, prompts, False, request)
 
 
 @router.post(
@@ -156,9 +166,13 @@ async def completions(req: P.CompletionRequest, s: AppState = Depends(state)):  
     response_model=P.ChatResponse,
     responses=P.responses(400, 404, 429, 504) | STREAM_DOC,
 )
-async def chat_completions(req: P.ChatRequest, s: AppState = Depends(state)):  # noqa: B008
+async def chat_completions(
+    req: P.ChatRequest,
+    request: Request,
+    s: AppState = Depends(state),  # noqa: B008
+):
     """The assistant's reply to a conversation (the base tokenizer's chat template)."""
     if s.engine.kind != "generate":
         s.sampling(req)  # raises the same message as /v1/completions
     prompt = s.engine.chat_prompt([m.model_dump() for m in req.messages])
-    return await _generate(s, "chat", req, req.model, [prompt], chat=True)
+    return await _generate(s, "chat", req, req.model, [prompt], True, request)

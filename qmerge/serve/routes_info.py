@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from qmerge.serve import protocol as P
@@ -19,7 +19,11 @@ router = APIRouter()
 @router.post(
     "/v1/classify", response_model=P.ClassifyResponse, responses=P.responses(400, 404, 429, 504)
 )
-async def classify(req: P.ClassifyRequest, s: AppState = Depends(state)):  # noqa: B008
+async def classify(
+    req: P.ClassifyRequest,
+    request: Request,
+    s: AppState = Depends(state),  # noqa: B008
+):
     """Label and class probabilities of each text, from the task head of `model`."""
     t0 = time.monotonic()
     try:
@@ -35,7 +39,7 @@ async def classify(req: P.ClassifyRequest, s: AppState = Depends(state)):  # noq
         events: asyncio.Queue = asyncio.Queue()
         jobs = s.jobs("classify", req.model, texts, None, events)
         s.submit(jobs)
-        out = await s.collect(jobs, events)
+        out = await s.collect(jobs, events, request)
     except Refused as e:
         s.record("classify", req.model, e.status, t0)
         raise

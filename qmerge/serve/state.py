@@ -135,25 +135,38 @@ class AppState:
             raise Refused(400, "stop: give at most 4 non-empty strings")
         return Sampling(req.max_tokens, req.temperature, req.top_p, tuple(stop), req.seed)
 
-    async def next(self, events: asyncio.Queue, jobs: list[Job]) -> tuple:
-        try:
-            return await asyncio.wait_for(events.get(), max(jobs[0].deadline - time.monotonic(), 0))
-        except asyncio.TimeoutError:
-            for j in jobs:
-                j.cancelled = True
-            raise Refused(
-                504, f"the request took longer than {self.limits.timeout_s:g} s"
-            ) from None
+    async def next(
+        self, events: asyncio.Queue, jobs: list[Job], gone: asyncio.Future | None = None
+    ) -> tuple:
+        """The next event of `jobs`; Refused 504 past their deadline, 499 once `gone` (the
+        client's disconnect) is done. Either way the jobs are cancelled."""
+        timeout = max(jobs[0].deadline - time.monotonic(), 0)
+        get = asyncio.ensure_future(events.get())
+        waiting = {get} if gone is None else {get, gone}
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        for j in jobs:
+            j.cancelled = True
+        if gone is not None and gone in done:
+            raise Refused(499, "the client disconnected; its request was cancelled")
+        raise Refused(504, f"the request took longer than {self.limits.timeout_s:g} s")
 
-    async def collect(self, jobs: list[Job], events: asyncio.Queue) -> list:
+    async def collect(
+        self, jobs: list[Job], events: asyncio.Queue, request: Request | None = None
+    ) -> list:
         """Every job's final state: (text, finish, usage) for a generation, the answer for a
-        classification. Raises Refused on the first error (the other jobs are cancelled)."""
+        classification. Raises Refused on the first error (the other jobs are cancelled), and
+        when `request`'s client disconnects first (its jobs would hold batch slots and queue
+        places for an answer nobody reads)."""
         out: list = [None] * len(jobs)
         texts = [""] * len(jobs)
         left = len(jobs)
+        gone = asyncio.ensure_future(disconnected(request)) if request is not None else None
         try:
             while left:
-                i, ev = await self.next(events, jobs)
+                i, ev = await self.next(events, jobs, gone)
                 if ev[0] == "delta":
                     texts[i] += ev[1]
                 elif ev[0] == "done":
@@ -168,10 +181,19 @@ class AppState:
             for j in jobs:
                 j.cancelled = True
             raise
+        finally:
+            if gone is not None:
+                gone.cancel()
         return out
 
     def record(self, endpoint: str, model: str, status: int, t0: float) -> None:
         self.metrics.request(endpoint, model, status, time.monotonic() - t0)
+
+
+async def disconnected(request: Request) -> None:
+    """Returns once the client of `request` (whose body was read) has disconnected."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def state(request: Request) -> AppState:

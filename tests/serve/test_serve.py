@@ -330,6 +330,30 @@ def test_failures_stay_with_their_request(lm, offline, monkeypatch):
     assert 'status="429"' in metrics and 'status="504"' in metrics
 
 
+def test_a_disconnected_client_cancels_its_request(lm, monkeypatch):
+    """Issue 30, 9: a non-streaming request whose client hangs up is cancelled (recorded as
+    499) instead of holding its batch slot and queue place until it finishes."""
+    _, base, pack, _ = lm
+    with Server(pack, base, Limits(max_tokens=24, timeout_s=60)) as s:
+        real_step = s.engine.step
+
+        def slow(seqs, kv):
+            time.sleep(0.2)
+            return real_step(seqs, kv)
+
+        monkeypatch.setattr(s.engine, "step", slow)
+        with httpx.Client(base_url=s.url, timeout=0.5) as c, pytest.raises(httpx.TimeoutException):
+            _complete(c, "t0", PROMPTS[0], 24)  # 24 slow steps: the client gives up first
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            deadline = time.monotonic() + 10
+            while 'status="499"' not in c.get("/metrics").text:
+                assert time.monotonic() < deadline, "the abandoned request was never cancelled"
+                time.sleep(0.1)
+            while c.get("/health").json()["running"]:  # dropped at the scheduler's next step
+                assert time.monotonic() < deadline, "the cancelled sequence kept running"
+                time.sleep(0.1)
+
+
 def test_tasks_added_and_removed_without_restart(lm, tmp_path):
     root, base, pack, fts = lm
     import shutil
