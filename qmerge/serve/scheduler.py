@@ -213,8 +213,11 @@ class Scheduler:
         self.metrics.batch("classify", len(jobs))
         try:
             answers = self.engine.classify([(j.text, j.route) for j in jobs])
-        except Exception:  # noqa: BLE001 - retry one by one: only a failing job fails
+        except Exception as e:  # noqa: BLE001 - retry one by one: only a failing job fails
             if len(jobs) == 1:
+                if isinstance(e, QmergeError):  # the request's fault (a mixture of heads
+                    self._fail(jobs, 400, str(e))  # with different label counts)
+                    return
                 log.exception("classification failed")
                 self._fail(jobs, 500, "classification failed for this input")
                 return
@@ -240,8 +243,11 @@ class Scheduler:
         failing prompt fails."""
         try:
             logits, kv = self.engine.prefill([j.seq for j in jobs])  # type: ignore[misc]
-        except Exception:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
             if len(jobs) == 1:
+                if isinstance(e, QmergeError):  # the request's fault, not the server's
+                    self._fail(jobs, 400, str(e))
+                    return
                 log.exception("prefill failed")
                 self._fail(jobs, 500, "the forward pass failed on this prompt")
                 return

@@ -79,6 +79,13 @@ class AppState:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.limits.timeout_s
         jobs = []
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise Refused(
+                    400, f"input {i}: is not valid Unicode (a lone surrogate such as \\udcff)"
+                ) from None
         if long := [i for i, t in enumerate(texts) if len(t) > self.limits.max_text_chars]:
             raise Refused(
                 400,

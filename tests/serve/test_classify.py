@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,6 +55,26 @@ def test_classify_mixed_tasks_equal_qmerge_run(cls_server):
     for d, x in zip(data, ref, strict=True):
         assert d["scores"] == pytest.approx(x["scores"], abs=1e-5)
         assert abs(sum(d["scores"].values()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        # c0 has 3 labels, c1 has 5: their heads cannot be mixed
+        ({"model": "c0:0.5+c1:0.5", "input": "the cat sat"}, "different numbers of outputs"),
+        ({"model": "c0:1e39", "input": "the cat sat"}, "at most 1000"),
+        ({"model": "c0", "input": ["the cat", "red \udcff blue"]}, "not valid Unicode"),
+    ],
+)
+def test_client_faults_on_classify_are_400_and_the_others_are_answered(cls_server, body, words):
+    """Issue 30, 7: each was a 500 (or a 200 with null scores) before."""
+    s, _, _ = cls_server
+    with httpx.Client(base_url=s.url, timeout=60) as c:
+        content = json.dumps(body)  # json.dumps keeps a lone surrogate as its escape
+        r = c.post("/v1/classify", content=content, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+        ok = c.post("/v1/classify", json={"model": "c1", "input": "the cat sat"})
+        assert ok.status_code == 200
 
 
 def test_router_fitted_while_serving_makes_auto_answer(cls_server):
