@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from qmerge.cli import _finite, main
 from qmerge.errors import PackError
 from qmerge.format import manifest as mf
 from qmerge.format.safetensors_io import SafetensorsFile, write_safetensors
+from qmerge.format.writer import locked
 from tests.models import base_tensors, save
 
 
@@ -105,3 +107,42 @@ def test_5_a_dangling_lock_link_makes_no_file_outside(models, capsys, tmp_path):
     (pack / ".lock").symlink_to(target)
     _one_line_error(capsys, ["remove-task", pack, "a"], "cannot open the pack's lock")
     assert not target.exists()
+
+
+def test_2_a_writer_that_waited_on_a_swapped_pack_takes_the_live_lock(models, capsys):
+    """compress --overwrite swaps a new directory in while it holds the old one's lock. A
+    writer that waited on that lock must end up holding the new directory's lock, or it
+    edits the new pack unlocked beside the next writer (issue 30, 2: packs naming deleted
+    files, or tasks lost). Replayed step by step: hold the lock, let a writer wait on it, swap
+    the directory, release; the writer must then hold the live lock."""
+    import fcntl
+    import shutil
+    import threading
+
+    pack = _pack(models, capsys)
+    holds_live_lock: list[bool] = []
+    waiting = threading.Event()
+
+    def writer():
+        waiting.set()
+        with locked(pack):
+            fd = os.open(pack / ".lock", os.O_RDWR)
+            try:  # a second open file description: blocked iff the writer holds this lock
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holds_live_lock.append(False)
+            except BlockingIOError:
+                holds_live_lock.append(True)
+            finally:
+                os.close(fd)
+
+    with locked(pack):
+        t = threading.Thread(target=writer)
+        t.start()
+        waiting.wait()
+        time.sleep(0.2)  # the writer is now blocked in flock on the old directory's lock
+        new = models / ".pack.new"
+        shutil.copytree(pack, new, ignore=shutil.ignore_patterns(".lock"))
+        pack.rename(models / ".pack.old")
+        new.rename(pack)  # what install_dir does at the end of create(overwrite=True)
+    t.join(10)
+    assert holds_live_lock == [True]

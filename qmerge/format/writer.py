@@ -52,13 +52,27 @@ class Fragment:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Holds an exclusive lock on a pack directory while it is being changed."""
-    try:  # O_NOFOLLOW: a link planted as the lock never makes a file outside the pack
-        fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        raise PackError(f"{path / LOCK}: cannot open the pack's lock: {e.strerror or e}") from None
-    try:
+    """Holds an exclusive lock on a pack directory while it is being changed.
+
+    `create(overwrite=True)` swaps a new directory in while it holds the old one's lock, so a
+    writer that waited on that lock wakes holding the lock of a directory that is gone: it
+    sees the lock file at `path` is another file now, and takes that one instead."""
+    while True:
+        try:  # O_NOFOLLOW: a link planted as the lock never makes a file outside the pack
+            fd = os.open(path / LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise PackError(
+                f"{path / LOCK}: cannot open the pack's lock: {e.strerror or e}"
+            ) from None
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path / LOCK, follow_symlinks=False).st_ino
+        except OSError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # stale: the directory was replaced while this writer waited
+    try:
         yield
     finally:
         os.close(fd)
