@@ -146,3 +146,18 @@ def test_2_a_writer_that_waited_on_a_swapped_pack_takes_the_live_lock(models, ca
         new.rename(pack)  # what install_dir does at the end of create(overwrite=True)
     t.join(10)
     assert holds_live_lock == [True]
+
+
+def test_8_a_shape_past_int64_and_a_deep_header_are_refused(tmp_path):
+    from qmerge.errors import QmergeError
+
+    def file_with(header: bytes):
+        f = tmp_path / "t.safetensors"
+        f.write_bytes(len(header).to_bytes(8, "little") + header)
+        return f
+
+    huge = json.dumps({"x": {"dtype": "F32", "shape": [0, 2**64], "data_offsets": [0, 0]}})
+    with pytest.raises(QmergeError, match="is not a list of non-negative ints"):
+        SafetensorsFile(file_with(huge.encode()))
+    with pytest.raises(QmergeError, match="not valid JSON"):
+        SafetensorsFile(file_with(b"[" * 100_000 + b"]" * 100_000))

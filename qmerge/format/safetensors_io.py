@@ -87,8 +87,8 @@ class SafetensorsFile:
         self._data_start = 8 + n
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._fail(f"has a header that is not valid JSON ({e})")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            self._fail(f"has a header that is not valid JSON ({e or 'nested too deeply'})")
         if not isinstance(header, dict):
             self._fail("has a header that is not a JSON object")
         meta = header.pop("__metadata__", None) or {}
@@ -123,7 +123,8 @@ class SafetensorsFile:
         shape, offs = e.get("shape"), e.get("data_offsets")
         if dtype is None:
             self._fail(f"tensor '{name}': unknown dtype {e.get('dtype')!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
+            # (a dimension past int64 cannot be a tensor's, even an empty one's)
             self._fail(f"tensor '{name}': shape {shape!r} is not a list of non-negative ints")
         if not (
             isinstance(offs, list)
