@@ -161,3 +161,32 @@ def test_8_a_shape_past_int64_and_a_deep_header_are_refused(tmp_path):
         SafetensorsFile(file_with(huge.encode()))
     with pytest.raises(QmergeError, match="not valid JSON"):
         SafetensorsFile(file_with(b"[" * 100_000 + b"]" * 100_000))
+
+
+def test_6_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """ENOSPC while writing, and again when the file is closed (its buffer flushed): the
+    atomic write fails with the OS error and leaves neither the target nor a hidden temporary
+    file (before, the failing close skipped the clean-up)."""
+    import errno
+
+    from qmerge.format import atomic
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_open = open
+    monkeypatch.setattr(atomic, "open", lambda *a, **k: Full(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.atomic_write_bytes(tmp_path / "manifest.json", b"{}")
+    assert list(tmp_path.iterdir()) == []

@@ -47,7 +47,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
-        f.close()
+        with contextlib.suppress(OSError):  # closing flushes, and on a full disk that fails
+            f.close()  # too: the temporary file must go all the same
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
