@@ -190,3 +190,21 @@ def test_6_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         atomic.atomic_write_bytes(tmp_path / "manifest.json", b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_10_verify_reports_what_a_killed_writer_left(models, capsys):
+    import subprocess
+    import sys
+
+    pack = _pack(models, capsys)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    left = models / f".pack.tmp-{dead}-0123abcd"
+    left.mkdir()
+    busy = models / f".pack.tmp-{os.getpid()}-89abcdef"  # a writer still at work
+    busy.mkdir()
+    assert main(["verify", str(pack)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {left} was being built by a writer that was killed" in out
+    assert str(busy) not in out

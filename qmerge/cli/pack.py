@@ -218,6 +218,8 @@ def cmd_verify(args: argparse.Namespace) -> dict:
                 f"note: {stray} is not in the manifest (left by an interrupted write); it is "
                 f"safe to delete"
             )
+        for left in result["leftover_dirs"]:
+            print(f"note: {left} was being built by a writer that was killed; it is safe to delete")
     return result
 
 

@@ -14,6 +14,7 @@ everything it names.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -29,6 +30,19 @@ PART_SEP = ":"
 
 def part_key(tensor: str, part: str) -> str:
     return f"{tensor}{PART_SEP}{part}"
+
+
+_STAGED = re.compile(r"-(\d+)-[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def regular_size(pack: Path, rel: str) -> int:
@@ -166,6 +180,16 @@ class Pack:
 
     def labels(self, task: str) -> list[str] | None:
         return self.manifest["tasks"][task].get("labels")
+
+    def leftover_dirs(self) -> list[str]:
+        """Hidden directories beside the pack that a killed writer left (`.<name>.<tag>-<pid>-
+        <hex>`, built by `staged_dir`), whose process no longer runs."""
+        out = []
+        for p in self.path.parent.glob(f".{self.path.name}.*"):
+            m = _STAGED.search(p.name)
+            if m and p.is_dir() and not _alive(int(m.group(1))):
+                out.append(str(p))
+        return sorted(out)
 
     def stray_files(self) -> list[str]:
         """Files under tasks/ that the manifest does not name (left by an interrupted write)."""

@@ -114,6 +114,7 @@ def verify(path: PathLike, base: PathLike | None = None, progress=lambda it: it)
         "files_checked": checked,
         "bytes": sum(f["bytes"] for f in pack.manifest["files"].values()),
         "stray_files": pack.stray_files(),
+        "leftover_dirs": pack.leftover_dirs(),
         "base": "not checked",
     }
     if base is not None:
