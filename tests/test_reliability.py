@@ -208,3 +208,25 @@ def test_10_verify_reports_what_a_killed_writer_left(models, capsys):
     out = capsys.readouterr().out
     assert f"note: {left} was being built by a writer that was killed" in out
     assert str(busy) not in out
+
+
+def test_6_compress_onto_a_full_tmpfs(models, capsys, tmp_path):
+    """A real full disk where root may mount one: the one-line error, nothing left on it."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        argv = ["compress", "--base", models / "base", "--task", f"a={models / 'ft0'}"]
+        _one_line_error(
+            capsys,
+            [*argv, "--out", mnt / "p", "--codec", "dense:dtype=fp32"],
+            "No space left on device",
+        )
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

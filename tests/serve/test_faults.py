@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -136,8 +137,10 @@ def test_a_disconnected_client_cancels_its_request(lm, monkeypatch):
 def test_a_failed_reload_keeps_the_old_tasks_serving(lm, tmp_path, offline):
     """Issue 30, 1: a served pack's task file corrupted on disk (its manifest touched, so the
     server reloads) is refused as a whole: the model stays patched with the previous tasks,
-    which answer as before, and /health says degraded with the error."""
+    which answer as before, and /health says degraded with the error. Clients keep asking
+    all along (under load): none gets a 5xx."""
     import shutil
+    import threading
 
     root, base, pack, fts = lm
     live = tmp_path / "live"
@@ -146,6 +149,16 @@ def test_a_failed_reload_keeps_the_old_tasks_serving(lm, tmp_path, offline):
         Server(live, base, Limits(max_tokens=24)) as s,
         httpx.Client(base_url=s.url, timeout=60) as c,
     ):
+        stop, codes = threading.Event(), []
+
+        def load():
+            with httpx.Client(base_url=s.url, timeout=60) as lc:
+                while not stop.is_set():
+                    codes.append(complete(lc, "t0", PROMPTS[2], 4).status_code)
+
+        clients = [threading.Thread(target=load) for _ in range(3)]
+        for t in clients:
+            t.start()
         f = live / "tasks" / "t2.safetensors"
         raw = bytearray(f.read_bytes())
         raw[-1] ^= 0x80  # same size: every page the server may have mapped stays readable
@@ -161,3 +174,7 @@ def test_a_failed_reload_keeps_the_old_tasks_serving(lm, tmp_path, offline):
             r = complete(c, task, PROMPTS[1], 6)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == offline(task, PROMPTS[1], 6)
+        stop.set()
+        for t in clients:
+            t.join()
+    assert codes and set(codes) == {200}, Counter(codes)
