@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from qmerge.errors import CheckpointError, ConfigError
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.names import alignment
+from qmerge.verbs.progress import quiet_transformers
 from qmerge.verbs.run import read_texts, tokenizer
 
 PathLike = str | os.PathLike
@@ -35,7 +36,7 @@ DEFAULT_MAX_ROWS = 512
 SOURCES = ("finetune", "base")
 
 
-def _model(base: Path, weights: PathLike | None = None) -> nn.Module:
+def load_model(base: Path, weights: PathLike | None = None) -> nn.Module:
     """The base's model class and config, with `weights`' tensors (a fine-tune) if given."""
     try:
         from transformers import AutoModel, AutoModelForCausalLM
@@ -47,15 +48,8 @@ def _model(base: Path, weights: PathLike | None = None) -> nn.Module:
         raise CheckpointError(f"{base}: no readable config.json ({e})") from None
     causal = "CausalLM" in " ".join(cfg.get("architectures") or [])
     cls = AutoModelForCausalLM if causal else AutoModel
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # qmerge's own bar says what is running
-    try:
+    with quiet_transformers():
         model = cls.from_pretrained(base, dtype=torch.float32).eval()
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
     if weights is not None:
         _load_weights(model, Checkpoint(weights))
     return model
@@ -117,7 +111,7 @@ def layer_inputs(
     if max_rows < 1:
         raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
     base = Path(base)
-    model, tok = _model(base, weights), tokenizer(base)
+    model, tok = load_model(base, weights), tokenizer(base)
     tok.padding_side = "right"  # real tokens at positions 0..n-1, as when read alone
     names = Checkpoint(base).names
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -196,19 +190,12 @@ def per_task(
             f"calibration texts are given for task {unknown[0]!r}, which is not "
             f"being compressed (tasks: {', '.join(tasks)})"
         )
-    texts: dict[int, list[str]] = {}
+    srcs = {t: s for t in tasks if (s := sources.get(t, sources.get("*"))) is not None}
+    # every file read (and refused) before any forward pass
+    texts = {id(src): texts_of(src) for src in srcs.values()}
     done: dict[int, dict[str, Tensor]] = {}
     out = {}
-    for t in tasks:
-        src = sources.get(t, sources.get("*"))
-        if src is None:
-            continue
-        if id(src) not in texts:  # read (and refuse) every file before any forward pass
-            texts[id(src)] = texts_of(src)
-    for t in tasks:
-        src = sources.get(t, sources.get("*"))
-        if src is None:
-            continue
+    for t, src in srcs.items():
         what = str(src) if isinstance(src, (str, os.PathLike)) else f"task {t!r}'s texts"
         if source == "finetune":
             kwargs["weights"] = finetunes[t]

@@ -74,10 +74,8 @@ def _check_distill(tasks: Mapping[str, PathLike], opts: Options) -> None:
         raise ConfigError(f"distill_steps must be >= 0, got {opts.distill_steps}")
     if opts.distill_steps and not opts.calib_texts:
         raise ConfigError("scale distillation (--distill-steps) needs --calib-texts")
-    if opts.distill_steps and opts.calib_texts:
-        if missing := [
-            t for t in tasks if t not in opts.calib_texts and "*" not in opts.calib_texts
-        ]:
+    if opts.distill_steps and "*" not in opts.calib_texts:
+        if missing := [t for t in tasks if t not in opts.calib_texts]:
             raise ConfigError(f"scale distillation needs calibration texts for task {missing[0]!r}")
 
 

@@ -27,7 +27,7 @@ from qmerge.errors import ConfigError
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.names import alignment
 from qmerge.format.pack import part_key
-from qmerge.verbs.calibrate import _model
+from qmerge.verbs.calibrate import load_model
 from qmerge.verbs.run import tokenizer
 
 PathLike = str | os.PathLike
@@ -83,8 +83,8 @@ def distill_task(
         raise ConfigError(f"distillation steps must be >= 1, got {steps}")
     if not texts:
         raise ConfigError("scale distillation needs calibration texts")
-    teacher = _model(base, weights=finetune)
-    student = _model(base)
+    teacher = load_model(base, weights=finetune)
+    student = load_model(base)
     for p in (*teacher.parameters(), *student.parameters()):
         p.requires_grad_(False)
     tuned = _student(student, parts, table)

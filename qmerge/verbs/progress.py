@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -26,3 +27,18 @@ def bar(
 def bars(enabled: bool, desc: str, unit: str = "tensor") -> Progress:
     """A `progress` callable for the verbs that take one."""
     return lambda items: bar(items, enabled, desc, unit=unit)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars off (a "Loading weights" bar per model load drowns
+    qmerge's bars, which say what is running), as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()

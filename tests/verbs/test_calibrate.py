@@ -189,7 +189,7 @@ def test_refuses_a_model_without_linear_layers(bert, tmp_path, capsys, monkeypat
     root, base, fts, texts = bert
     monkeypatch.setattr(
         calibrate,
-        "_model",
+        "load_model",
         lambda base, weights=None: torch.nn.Sequential(torch.nn.Embedding(80, 8)),
     )
     out = tmp_path / "pack"

@@ -12,7 +12,7 @@ import torch
 import qmerge
 from qmerge.errors import ConfigError
 from qmerge.format.pack import Pack
-from qmerge.verbs.calibrate import _model
+from qmerge.verbs.calibrate import load_model
 from qmerge.verbs.run import tokenizer
 from tests.nn import tiny
 
@@ -38,8 +38,8 @@ def _gap(base, ft, pack: Pack, texts) -> float:
     enc = tok(texts, return_tensors="pt", padding=True)
     mask = enc["attention_mask"].bool()
     with torch.no_grad():
-        want = _model(base, weights=ft)(**enc).last_hidden_state
-        model = _model(base)
+        want = load_model(base, weights=ft)(**enc).last_hidden_state
+        model = load_model(base)
         qmerge.load(model, pack, check_base="shapes")
         got = model(**enc, task=pack.tasks[0]).last_hidden_state
     return float((got - want).pow(2)[mask].mean())

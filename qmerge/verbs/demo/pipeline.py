@@ -30,7 +30,7 @@ from qmerge.verbs.export import export
 from qmerge.verbs.load import fit_router, load, unload
 from qmerge.verbs.merge import merge_pack
 from qmerge.verbs.packs import inspect, verify
-from qmerge.verbs.progress import bar, bars
+from qmerge.verbs.progress import bar, bars, quiet_transformers
 from qmerge.verbs.run import answer, tokenizer
 
 TASKS = ("sentiment", "language", "noun_sense")
@@ -283,15 +283,8 @@ def export_task(cfg: Config, base: Path, pack: Path, out: Path, task) -> dict:
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """The whole demo; returns what `report` prints (and --json gives)."""
-    from transformers.utils import logging as hf_logging
-
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load drowns the steps
-    try:
+    with quiet_transformers():
         return _run(cfg, log)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
 
 
 def _run(cfg: Config, log: Callable[[str], None]) -> dict:
