@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import qmerge
-from bench import routing, routing_llm
+from bench import export_gguf, routing, routing_llm
 from bench.common import CACHE, minilm_base, smollm2_base
 from bench.quality import finetune_lm
 from qmerge.verbs.demo import data as task_data
@@ -110,7 +110,7 @@ def minilm(rows: list) -> None:
     run(rows, "MiniLM", lr, base, "peft", MINILM_TASK, task=MINILM_TASK, **check)
 
 
-def smollm(rows: list) -> None:
+def smollm(rows: list) -> dict:
     base = smollm2_base()
     fts = routing_llm.smollm_tasks()
     pack = CACHE / "pack-smollm2-5"
@@ -119,8 +119,7 @@ def smollm(rows: list) -> None:
     prompts = dict(texts=routing_llm.PROMPTS, check_inputs=len(routing_llm.PROMPTS), new_tokens=16)
     run(rows, "SmolLM2", pack, base, "hf", LM_TASK, task=LM_TASK, **prompts)
     run(rows, "SmolLM2", pack, base, "hf", "mixture", coeffs="fortunes:0.5+glosses:0.5", **prompts)
-    held = [" ".join(t.split()[:8]) for t, _ in task_data.load("fortune_topic").test]
-    held = [h for h in held if len(h.split()) >= 4][:48]
+    held = held_openings()
     free = dict(texts=held, check_inputs=len(held), new_tokens=16)
     run(rows, "SmolLM2", pack, base, "int8", "free-text", task=LM_TASK, **free)
     run(rows, "SmolLM2", pack, base, "hf", "free-text-bf16", task=LM_TASK, dtype="bf16", **free)
@@ -155,13 +154,33 @@ def smollm(rows: list) -> None:
         "pack-smollm2-lowrank", base, {"fortunes": fts["fortunes"], "glosses": fts["glosses"]}
     )
     run(rows, "SmolLM2", lr, base, "peft", LM_TASK, task=LM_TASK, **prompts)
+    return gguf(rows)
+
+
+def held_openings() -> list[str]:
+    """48 held-out fortunes cut to their first 8 words: free-text prompts."""
+    held = [" ".join(t.split()[:8]) for t, _ in task_data.load("fortune_topic").test]
+    return [h for h in held if len(h.split()) >= 4][:48]
+
+
+def gguf(rows: list) -> dict:
+    """The llama.cpp and vLLM rows (bench/export_gguf.py)."""
+    base = smollm2_base()
+    fts = routing_llm.smollm_tasks()
+    pack = CACHE / "pack-smollm2-5"
+    if not (pack / "manifest.json").exists():
+        qmerge.compress(base, fts, pack, overwrite=True)
+    lr = lowrank_pack(
+        "pack-smollm2-lowrank", base, {"fortunes": fts["fortunes"], "glosses": fts["glosses"]}
+    )
+    return export_gguf.track(rows, run, base, pack, lr, held_openings())
 
 
 def mib(b) -> str:
     return f"{b / 2**20:.1f}" if b else "-"
 
 
-def report(rows: list, argv: str) -> str:
+def report(rows: list, two: dict, argv: str) -> str:
     lines = [
         "# Export: every format on real models, checked against the routed model",
         "",
@@ -325,18 +344,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--only", choices=["minilm", "smollm"], help="run one track")
+    ap.add_argument("--only", choices=["minilm", "smollm", "gguf"], help="run one track")
     a = ap.parse_args()
     task_data.ensure_data()
     torch.set_num_threads(2)
     rows: list = []
     if a.only in (None, "minilm"):
         minilm(rows)
+    two = None
     if a.only in (None, "smollm"):
-        smollm(rows)
+        two = smollm(rows)
+    if a.only == "gguf":
+        two = gguf(rows)
+        print("\n".join(export_gguf.notes(rows, two)))
     (OUT / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
     if a.only is None:
-        RESULTS.write_text(report(rows, ".venv/bin/python -m bench.export"))
+        RESULTS.write_text(report(rows, two, ".venv/bin/python -m bench.export"))
         print(RESULTS.read_text())
     for d in OUT.iterdir():
         if d.is_dir():

@@ -19,6 +19,10 @@ pip install --no-deps "bitsandbytes==0.50.2"
 # Export formats: PEFT adapters, ONNX (torch's dynamo exporter needs onnxscript) and
 # onnxruntime, which checks the ONNX export.
 pip install "peft==0.21.2" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31.1"
+# GGUF (llama.cpp's file format) is written and read with the gguf package (pure Python).
+# llama.cpp itself (llama-cpp-python, built from source: minutes) is not installed here:
+# `pip install 'qmerge[llama]'`, or bench/export_gguf.py builds it into its own venv.
+pip install "gguf==0.19.0"
 # The HTTP server (qmerge serve) and its tests: an HTTP client and the OpenAPI fuzzer.
 pip install "fastapi==0.163.2" "uvicorn==0.54.0" "httpx==0.28.1" "schemathesis==4.32.5"
 # The quality benchmark's plot (bench/quality/run.py; its smoke test runs in the suite).

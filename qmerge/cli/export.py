@@ -8,6 +8,7 @@ from pathlib import Path
 from qmerge.cli.common import add_output, positive_int, progress
 from qmerge.dtypes import FLOAT_DTYPES
 from qmerge.verbs.export import FORMATS, export
+from qmerge.verbs.export.gguf_arch import TYPES
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -24,6 +25,9 @@ def run(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         rank=args.rank,
         max_shard_bytes=int(args.max_shard_mb * (1 << 20)),
+        gguf_type=args.gguf_type,
+        gguf_base=args.gguf_base,
+        target=args.target,
         texts=read_texts(args.inputs) if args.inputs else None,
         check_inputs=args.check_inputs,
         new_tokens=args.check_tokens,
@@ -46,6 +50,8 @@ def _print(r: dict, rank: int) -> None:
     )
     if "greedy_identical" in c:
         line += f", greedy continuations identical {c['greedy_identical']}"
+    if c.get("runtime") and c["runtime"] != r["format"]:
+        line += f" ({c['runtime']})"
     print(line + f"; {c['criterion']}: passed")
     ft = [b for b in z["finetune_bytes"].values() if b]
     print(
@@ -53,7 +59,16 @@ def _print(r: dict, rank: int) -> None:
         f"{z['pack_task_bytes'] / 2**20:.2f} MiB, base fp32 {z['base_fp32_bytes'] / 2**20:.2f} "
         f"MiB" + (f", fine-tune {ft[0] / 2**20:.2f} MiB" if len(ft) == 1 else "")
     )
-    if (e := r["written"].get("energy_kept_min")) is not None:
+    w = r["written"]
+    if w.get("energy_left_out"):
+        print(
+            f"note: left out {len(w['left_out'])} tensor(s) the runtime cannot carry "
+            f"({', '.join(w['left_out'][:3])}{', ...' if len(w['left_out']) > 3 else ''}): "
+            f"{w['energy_left_out']:.2%} of the task vector's energy"
+        )
+    if (tk := w.get("tokenizer")) and tk.get("warning"):
+        print(f"warning: {tk['warning']}")
+    if (e := w.get("energy_kept_min")) is not None:
         print(
             f"note: {r['written']['svd_tensors']} residual(s) were not low-rank and were cut "
             f"to rank {rank} by SVD; the worst keeps {e:.1%} of its energy"
@@ -93,9 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--rank",
         type=positive_int,
         default=16,
-        help="peft: rank of the truncated "
+        help="peft, gguf-lora: rank of the truncated "
         "SVD of a residual that is not low-rank (default: %(default)s)",
     )
+    _runtime_options(p)
     p.add_argument(
         "--max-shard-mb",
         type=float,
@@ -135,3 +151,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_output(p)
     p.set_defaults(handler=run)
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    """The options of the llama.cpp and vLLM hand-offs."""
+    p.add_argument(
+        "--gguf-type",
+        choices=TYPES,
+        default="f16",
+        help="gguf: type of the weight matrices (norms stay f32; at q4_0 the token "
+        "embedding is q8_0); gguf-lora: f32, f16 or bf16 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--gguf-base",
+        type=Path,
+        metavar="FILE",
+        help="gguf-lora: the base GGUF the adapter is checked over (default: the base is "
+        "written beside the adapter as base.gguf)",
+    )
+    p.add_argument(
+        "--target",
+        choices=["vllm"],
+        help="peft: write only what vLLM loads (one rank from its set, no modules_to_save; "
+        "what is left out is reported)",
+    )

@@ -46,6 +46,12 @@ def load_model(spec):
         import qmerge_int8
 
         return qmerge_int8.load(d).eval()
+    if fmt == "gguf":
+        return _auto(spec).from_pretrained(d, gguf_file="model.gguf", dtype=torch.float32).eval()
+    if fmt == "gguf-lora":
+        base = Path(spec["base_gguf"])
+        model = _auto(spec).from_pretrained(base.parent, gguf_file=base.name, dtype=torch.float32)
+        return apply_gguf_lora(model.eval(), d / "adapter.gguf")
     if fmt == "peft":
         from peft import PeftModel
 
@@ -53,6 +59,38 @@ def load_model(spec):
         base = _auto(spec).from_pretrained(spec["base"], dtype=torch.float32, **kwargs)
         return PeftModel.from_pretrained(base, d).eval()
     raise SystemExit(f"unknown format {fmt!r}")
+
+
+def apply_gguf_lora(model, path):
+    """Adds a llama.cpp LoRA adapter (read with the gguf package) to a transformers Llama:
+    W += B A per adapted tensor, Q/K rows back in transformers' order, token_embd in
+    llama.cpp's layout for embeddings (lora_a [vocab, r], lora_b [dim, r])."""
+    import gguf
+
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    params = dict(model.named_parameters())
+    by_gguf = {names.get_name(n, try_suffixes=(".weight", ".bias")): n for n in params}
+    parts = {}
+    for t in gguf.GGUFReader(path).tensors:
+        base, _, ab = t.name.rpartition(".")
+        data = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
+        parts.setdefault(base, {})[ab] = data.reshape([int(x) for x in reversed(t.shape)])
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+    with torch.no_grad():
+        for base, ab in parts.items():
+            hf = by_gguf[base]
+            a, b = ab["lora_a"], ab["lora_b"]
+            if hf.endswith("embed_tokens.weight"):
+                d = a @ b.T
+            else:
+                proj = hf.split(".")[-2]
+                if proj in heads:  # llama.cpp's interleaved rotary rows -> transformers'
+                    n = heads[proj]
+                    b = b.reshape(n, b.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(b.shape)
+                d = b @ a
+            params[hf].add_(d)
+    return model
 
 
 def output(spec, out):

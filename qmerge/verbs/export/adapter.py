@@ -11,6 +11,12 @@ Per module, what the selected tasks change becomes:
   anything else      norms, task heads, a layer whose only change is its bias: the whole
                      module, merged (`modules_to_save`)
 Each module's rank is its own (`rank_pattern`), with alpha = rank so the LoRA scale is 1.
+
+`runtime="vllm"` (`--target vllm`) writes only what vLLM loads: LoRA on the Linear layers,
+no `modules_to_save`, no bias, no embedding, and one rank for every module from vLLM's set
+(VLLM_RANKS: the smallest one that holds the largest module's rank, smaller factors padded with
+zeros, which changes nothing). What is left out (changed norms, biases, embeddings, heads) is
+reported with its share of the task vector's energy (squared norm), with the SVD's losses.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from torch import Tensor
 from qmerge.codecs.runtime import LowRankForm
 from qmerge.errors import ConfigError, ExportError
 from qmerge.verbs.export.job import Job
-from qmerge.verbs.export.merged import delta, residuals
+from qmerge.verbs.export.merged import delta, energy, residuals
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, dict] | None:
@@ -76,7 +84,7 @@ def _plan(job: Job, shapes: dict[str, tuple[int, ...]]):
             for alias, first in t.tied.items():
                 if first == t.names[weight]:
                     lora[alias.rpartition(".")[0]] = (f[0], f[1], False)
-    return lora, save, infos
+    return lora, save, infos, changed
 
 
 def _fill(job: Job, peft_model, lora: dict, save: set[str], lora_biases: set[str]) -> None:
@@ -109,8 +117,9 @@ def write(job: Job, out: Path) -> dict:
         raise ConfigError(f"peft adapters are stored in fp32, bf16 or fp16, not {job.dtype}")
     model = job.target.build(torch.float32)
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    lora, save, infos = _plan(job, shapes)
+    lora, save, infos, changed = _plan(job, shapes)
     lora_biases = {m for m in lora if f"{m}.bias" in shapes}
+    vllm = _for_vllm(job, lora, save, infos, changed, lora_biases) if job.runtime else None
     if not lora:
         raise ExportError(
             f"{job.sel.describe} changes no Linear or Embedding weight; there is "
@@ -143,6 +152,8 @@ def write(job: Job, out: Path) -> dict:
         # the base's embedding stays the base's: saving it into the adapter would copy it
         peft_model.save_pretrained(out, save_embedding_layers=False)
     converted = [i for i in infos.values() if not i["exact"]]
+    if vllm is not None:
+        return dict(vllm, svd_tensors=len(converted), target_modules=len(lora))
     return {
         "target_modules": len(lora),
         "modules_to_save": sorted(save),
@@ -150,4 +161,60 @@ def write(job: Job, out: Path) -> dict:
         "svd_tensors": len(converted),
         "energy_kept_min": min((i["energy"] for i in converted), default=None),
         "exact": not converted and job.dtype == torch.float32,
+    }
+
+
+def _for_vllm(job: Job, lora: dict, save: set, infos: dict, changed: list, biases: set) -> dict:
+    """Cuts the plan down to what vLLM loads (in place) and pads every module to one rank of
+    VLLM_RANKS; returns what the report says of it."""
+    if job.runtime != "vllm":
+        raise ConfigError(f"unknown peft target {job.runtime!r} (the one known: vllm)")
+    t = job.target
+    kept = {m for m, (_, _, emb) in lora.items() if not emb and f"{m}.weight" in t.sources}
+    kept = {m for m in kept if t.sources[f"{m}.weight"] in t.linears}
+    for m in set(lora) - kept:
+        del lora[m]
+    if not lora:
+        raise ExportError(f"{job.sel.describe} changes no Linear layer; vLLM has nothing to load")
+    save.clear()
+    biases.clear()
+    carried = {t.sources[f"{m}.weight"] for m in lora}
+    left = [s for s in changed if s not in carried]
+    shape = {s: tuple(job.checkpoint.shape(s)) for s in changed if s not in job.head}
+    total = lost = 0.0
+    for s in changed:
+        e = energy(job.pack, job.sel, s, shape[s]) if s in shape else 0.0
+        if s in job.head:
+            e = float(job.head[s].double().pow(2).sum())
+        total += e
+        if s in left:
+            lost += e
+        elif not infos.get(s, {"exact": True})["exact"]:
+            lost += e * (1 - infos[s]["energy"])
+    top = max(a.shape[0] for _, a, _ in lora.values())
+    r = next((r for r in VLLM_RANKS if r >= top), None)
+    if r is None:
+        raise ExportError(
+            f"a module needs rank {top}, above vLLM's largest ({VLLM_RANKS[-1]}); "
+            f"export from a pack of lower rank, or pass a smaller --rank"
+        )
+    for m, (b, a, emb) in lora.items():
+        pad = r - a.shape[0]
+        lora[m] = (
+            torch.nn.functional.pad(b, (0, pad)),
+            torch.nn.functional.pad(a, (0, 0, 0, pad)),
+            emb,
+        )
+    return {
+        "target": "vllm",
+        "rank": r,
+        "modules_to_save": [],
+        "left_out": sorted(t.names[s] for s in left),
+        "energy_left_out": lost / total if total else 0.0,
+        "energy_kept_min": min(
+            (i["energy"] for i in infos.values() if not i["exact"]), default=None
+        ),
+        "exact": not left
+        and all(i["exact"] for i in infos.values())
+        and job.dtype == torch.float32,
     }

@@ -24,7 +24,7 @@ from qmerge.errors import ConfigError
 from qmerge.format.atomic import install_dir, temp_sibling
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.registry import Registry
-from qmerge.verbs.export import adapter, hf, int8, to_onnx
+from qmerge.verbs.export import adapter, gguf, hf, int8, to_onnx
 from qmerge.verbs.export.check import eos_ids, probe, verify
 from qmerge.verbs.export.job import Job
 from qmerge.verbs.export.selection import head, select
@@ -38,13 +38,22 @@ FORMATS.register(
 )
 FORMATS.register("int8", int8.write, "int8 per-channel weights + a small standalone loader")
 FORMATS.register("onnx", to_onnx.write, "the merged model for onnxruntime", "onnx.ai")
+FORMATS.register(
+    "gguf", gguf.write, "the merged causal LM as one GGUF file for llama.cpp", "ggml.ai"
+)
+FORMATS.register(
+    "gguf-lora",
+    gguf.write_lora,
+    "the task as a llama.cpp LoRA adapter (GGUF) over the base GGUF",
+    "github.com/ggml-org/llama.cpp",
+)
 REPORT = "qmerge-export.json"
 PathLike = str | os.PathLike
 
 
 def _dtype(name: str, base: Checkpoint, fmt: str) -> torch.dtype:
     if name == "auto":
-        if fmt in ("onnx", "int8", "peft"):
+        if fmt in ("onnx", "int8", "peft", "gguf", "gguf-lora"):
             return torch.float32
         floats = [base.dtype(n) for n in base.names if base.dtype(n).is_floating_point]
         return max(set(floats), key=floats.count) if floats else torch.float32
@@ -75,6 +84,9 @@ def export(
     dtype: str = "auto",
     rank: int = 16,
     max_shard_bytes: int = 2 << 30,
+    gguf_type: str = "f16",
+    gguf_base: PathLike | None = None,
+    target: str | None = None,
     texts: list[str] | None = None,
     check_inputs: int = 8,
     new_tokens: int = 16,
@@ -86,20 +98,19 @@ def export(
     """Exports and checks; returns the report (also written to `out/qmerge-export.json`).
 
     Args:
-        fmt: 'hf', 'peft', 'int8' or 'onnx'.
+        fmt: 'hf', 'peft', 'int8', 'onnx', 'gguf' or 'gguf-lora'.
         task / coeffs / shared: what to bake in (exactly one).
         dtype: of the written floating-point tensors ('auto': the base's; fp32 for onnx).
-        rank: peft only: the rank of a truncated SVD of a residual that is not low-rank.
+        rank: peft, gguf-lora: the rank of a truncated SVD of a residual that is not low-rank.
+        gguf_type / gguf_base: the GGUF matrices' type; the base GGUF (gguf.py).
+        target: peft: 'vllm' writes only what vLLM loads (adapter.py)
         texts: inputs of the check (default: built-in texts through the base's tokenizer).
         check_inputs, new_tokens: how many inputs, and greedy tokens per causal-LM prompt.
         tolerance: an exact export (fp32, nothing lossy) passes at max_rel <= tolerance.
         min_agreement: a lossy export passes at top-1 / next-token agreement >= this.
     """
     write = FORMATS.lookup(fmt)
-    if rank < 1:
-        raise ConfigError(f"rank must be >= 1, got {rank}")
-    if check_inputs < 1:
-        raise ConfigError(f"check_inputs must be >= 1, got {check_inputs}")
+    _check_options(fmt, target, gguf_base, rank, check_inputs)
     base_dir, out_dir = Path(base), Path(out)
     if out_dir.exists() and not overwrite:
         raise ConfigError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -108,16 +119,18 @@ def export(
     hd, labels = head(pk, sel)
     ckpt = Checkpoint(base_dir)
     dt = _dtype(dtype, ckpt, fmt)
-    target = resolve(base_dir, pk, hd, labels, dt)
     job = Job(
         base_dir,
         pk,
         sel,
-        target,
+        resolve(base_dir, pk, hd, labels, dt),
         hd,
         dt,
         rank=rank,
         max_shard_bytes=max_shard_bytes,
+        gguf_type=gguf_type,
+        gguf_base=Path(gguf_base).resolve() if gguf_base is not None else None,
+        runtime=target,
         progress=progress,
         _ckpt=ckpt,
     )
@@ -141,6 +154,21 @@ def export(
     return report
 
 
+def _check_options(
+    fmt: str, target: str | None, gguf_base: PathLike | None, rank: int, check_inputs: int
+) -> None:
+    if target is not None and fmt != "peft":
+        raise ConfigError(f"target {target!r} is an option of the peft format, not {fmt}")
+    if gguf_base is not None and fmt != "gguf-lora":
+        raise ConfigError("gguf_base (--gguf-base) is an option of the gguf-lora format")
+    if gguf_base is not None and not Path(gguf_base).is_file():
+        raise ConfigError(f"--gguf-base {gguf_base}: no such file")
+    if rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {rank}")
+    if check_inputs < 1:
+        raise ConfigError(f"check_inputs must be >= 1, got {check_inputs}")
+
+
 def _check(
     job: Job,
     fmt: str,
@@ -161,6 +189,7 @@ def _check(
     spec = {
         "format": fmt,
         "dir": str(staged),
+        "base_gguf": str(job.gguf_base or staged / gguf.BASE),
         "kind": target.kind,
         "auto": target.auto,
         "base": str(job.base.resolve()),
@@ -168,6 +197,7 @@ def _check(
         "num_labels": target.config.get("num_labels") if target.kind == "classifier" else None,
     }
     pr = probe(job.base, target.config, texts, check_inputs)
+    spec["texts"] = pr.texts
     tokens = new_tokens if target.kind == "causal-lm" else 0
     return verify(model, job.sel, spec, pr, tokens, exact, tolerance, min_agreement)
 

@@ -18,6 +18,7 @@ An exact export (fp32, no lossy conversion) passes when max_rel <= tolerance; a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qmerge.errors import ExportError
+from qmerge.errors import ConfigError, ExportError
 from qmerge.verbs.export.selection import Selection
 
 CHILD = Path(__file__).with_name("_child.py")
+CHILD_LLAMA = Path(__file__).with_name("_child_llama.py")
 TEXTS = [
     "The weather today is",
     "My favourite thing about the city is",
@@ -50,6 +52,7 @@ TEXTS = [
 class Probe:
     seqs: list[Tensor]  # token ids [L] per input (causal LM: the prompt)
     source: str
+    texts: list[str] | None = None  # the texts behind `seqs` (None: random ids)
 
 
 def probe(base: Path, config: dict, texts: list[str] | None, count: int) -> Probe:
@@ -64,11 +67,13 @@ def probe(base: Path, config: dict, texts: list[str] | None, count: int) -> Prob
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(base)
-        seqs = [torch.tensor(tok(t, truncation=True, max_length=128)["input_ids"]) for t in chosen]
-        seqs = [s for s in seqs if s.numel()]
-        what = f"{len(seqs)} {'given' if texts else 'built-in'} texts"
-        if seqs:
-            return Probe(seqs, what)
+        pairs = [
+            (t, torch.tensor(tok(t, truncation=True, max_length=128)["input_ids"])) for t in chosen
+        ]
+        pairs = [(t, s) for t, s in pairs if s.numel()]
+        what = f"{len(pairs)} {'given' if texts else 'built-in'} texts"
+        if pairs:
+            return Probe([s for _, s in pairs], what, [t for t, _ in pairs])
     g = torch.Generator().manual_seed(0)
     vocab = int(config.get("vocab_size", 100))
     seqs = [
@@ -120,6 +125,29 @@ def reference(
     return res
 
 
+def llama_python() -> str | None:
+    """The Python that runs llama.cpp for the GGUF checks: $QMERGE_LLAMA_PYTHON (an
+    environment with llama-cpp-python, e.g. the bench's), else this one when `llama_cpp`
+    imports here, else None."""
+    env = os.environ.get("QMERGE_LLAMA_PYTHON")
+    if env:
+        if not Path(env).is_file():
+            raise ConfigError(f"QMERGE_LLAMA_PYTHON={env}: no such interpreter")
+        return env
+    return sys.executable if importlib.util.find_spec("llama_cpp") else None
+
+
+def runtime(fmt: str) -> tuple[str, Path, str]:
+    """(interpreter, child script, the runtime's name) that checks format `fmt`. A GGUF file
+    is run by llama.cpp where it is installed, else read by transformers' GGUF loader."""
+    if fmt.startswith("gguf"):
+        py = llama_python()
+        if py is not None:
+            return py, CHILD_LLAMA, "llama.cpp"
+        return sys.executable, CHILD, "transformers GGUF loader (llama.cpp not installed)"
+    return sys.executable, CHILD, fmt
+
+
 def run_child(spec: dict, ref: dict[str, Tensor], count: int) -> dict[str, Tensor]:
     from safetensors.torch import load_file, save_file
 
@@ -137,8 +165,9 @@ def run_child(spec: dict, ref: dict[str, Tensor], count: int) -> dict[str, Tenso
         )
         (t / "spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        py, child, _ = runtime(spec["format"])
         proc = subprocess.run(
-            [sys.executable, str(CHILD), str(t / "spec.json")],
+            [py, str(child), str(t / "spec.json")],
             cwd=t,
             env=env,
             capture_output=True,
@@ -219,6 +248,10 @@ def verify(
     got = run_child(spec, ref, len(pr.seqs))
     rep = compare(spec["kind"], ref, got, len(pr.seqs))
     rep.update(source=pr.source, exact=exact, fresh_process_without_qmerge=True)
+    rep["runtime"] = runtime(spec["format"])[2]
+    if "tokenizer_identical" in got:
+        same, n = got["tokenizer_identical"].tolist()
+        rep["tokenizer_identical"] = f"{same}/{n}"
     if exact:
         rep["criterion"] = f"max_rel <= {tolerance:g}"
         ok = rep["max_rel"] <= tolerance

@@ -27,6 +27,9 @@ class Job:
     dtype: torch.dtype  # of the written floating-point tensors
     rank: int = 16  # peft: rank of a truncated SVD of a non-low-rank residual
     max_shard_bytes: int = 2 << 30  # hf: shard above this
+    gguf_type: str = "f16"  # gguf, gguf-lora: the type of the matrices written
+    gguf_base: Path | None = None  # gguf-lora: the base GGUF the adapter is checked over
+    runtime: str | None = None  # peft: "vllm" writes only what vLLM loads
     progress: Callable[[Iterable], Iterable] = iter
     _ckpt: Checkpoint | None = field(default=None, repr=False)
 

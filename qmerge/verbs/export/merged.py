@@ -53,3 +53,10 @@ def merged(pack: Pack, base: Checkpoint, sel: Selection, name: str) -> Tensor:
         return w.clone()
     d = delta(pack, sel, name, tuple(w.shape))
     return w.float() if d is None else d.add_(w.float())
+
+
+def energy(pack: Pack, sel: Selection, name: str, shape: tuple[int, ...]) -> float:
+    """Squared Frobenius norm of the selection's delta of `name` (what an export that leaves
+    the tensor out loses of the task vector)."""
+    d = delta(pack, sel, name, shape)
+    return 0.0 if d is None else float(d.double().pow(2).sum())

@@ -1,0 +1,81 @@
+"""Several qmerge tasks answered by ONE llama.cpp process: the base GGUF loaded once, each
+task's GGUF LoRA (qmerge export --format gguf-lora) loaded beside it, and every request run
+with its own adapter scales (llama_set_adapters_lora), a mixture as two scales at once.
+
+Runs in the llama.cpp environment (no torch, no qmerge), called by bench/export_gguf.py:
+
+    python bench/llama_tasks.py SPEC.json OUT.json
+
+SPEC: {"base": GGUF, "adapters": {task: GGUF}, "requests": [{"ids": [...], "scales":
+{task: s}, "new_tokens": n}], "eos": [...], "threads": 2}. OUT: per request the greedy tokens,
+and the decode speed of the whole run (tokens/s) and of the bare base on the same prompts.
+"""
+
+import ctypes
+import json
+import sys
+import time
+
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama
+
+
+def main():
+    spec = json.loads(open(sys.argv[1]).read())
+    llm = Llama(
+        model_path=spec["base"], n_ctx=256, logits_all=True, verbose=False,
+        n_threads=spec.get("threads", 2), seed=0,
+    )  # fmt: skip
+    names = list(spec["adapters"])
+    handles = []
+    for t in names:
+        h = llama_cpp.llama_adapter_lora_init(llm.model, spec["adapters"][t].encode())
+        if not h:
+            raise SystemExit(f"llama.cpp could not load the adapter of {t}")
+        handles.append(h)
+    arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+    eos = set(spec["eos"])
+
+    def use(scales):
+        s = (ctypes.c_float * len(names))(*[float(scales.get(t, 0.0)) for t in names])
+        if llama_cpp.llama_set_adapters_lora(llm.ctx, arr, len(names), s):
+            raise SystemExit("llama_set_adapters_lora failed")
+
+    def greedy(ids, n):
+        llm.reset()
+        llm.eval(ids)
+        new = []
+        for _ in range(n):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            new.append(nxt)
+            if nxt in eos:
+                break
+            llm.eval([nxt])
+        return new
+
+    out, tokens, t0 = [], 0, time.perf_counter()
+    for r in spec["requests"]:
+        use(r["scales"])
+        got = greedy(r["ids"], r["new_tokens"])
+        tokens += len(got)
+        out.append(got)
+    adapted = time.perf_counter() - t0
+    use({})
+    t0, base_tokens = time.perf_counter(), 0
+    for r in spec["requests"]:
+        base_tokens += len(greedy(r["ids"], r["new_tokens"]))
+    bare = time.perf_counter() - t0
+    json.dump(
+        {
+            "greedy": out,
+            "tokens_per_s": tokens / adapted,
+            "base_tokens_per_s": base_tokens / bare,
+            "adapters": names,
+        },
+        open(sys.argv[2], "w"),
+    )
+
+
+if __name__ == "__main__":
+    main()
