@@ -19,6 +19,10 @@ Needs the bench extras of bench/routing.py (models and task data) and the export
    bench/quality/finetune_lm.py `finetune_answers`, in a 3-task sign pack) on 200 held-out
    test prompts.
 
+3. The llama.cpp and vLLM hand-offs (bench/export_gguf.py; `--only gguf` runs this track
+   alone and replaces its section of the results): gguf at f16 / q8_0 / q4_0, gguf-lora of
+   two tasks and both served by one llama.cpp process, peft --target vllm.
+
 Each row is one `qmerge.export` call: the artifact is loaded by its own runtime in a fresh
 process where qmerge cannot be imported and compared with `qmerge.load(base, pack)`.
 """
@@ -180,7 +184,9 @@ def mib(b) -> str:
     return f"{b / 2**20:.1f}" if b else "-"
 
 
-def report(rows: list, two: dict, argv: str) -> str:
+def report(rows: list, two: dict | None, argv: str) -> str:
+    gguf_section = "\n" + export_gguf.section(rows, two, argv) if two is not None else ""
+    rows = [r for r in rows if not r["format"].startswith("gguf") and "vllm" not in r["label"]]
     lines = [
         "# Export: every format on real models, checked against the routed model",
         "",
@@ -337,7 +343,7 @@ def report(rows: list, two: dict, argv: str) -> str:
                 f"1-bit residual is full-rank noise around its signal, so a LoRA of it "
                 f"is lossy; export a low-rank pack for an exact adapter."
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + gguf_section
 
 
 def main() -> None:
@@ -356,7 +362,11 @@ def main() -> None:
         two = smollm(rows)
     if a.only == "gguf":
         two = gguf(rows)
-        print("\n".join(export_gguf.notes(rows, two)))
+        # this track alone: its section of the results replaces the previous one
+        text = RESULTS.read_text().split(f"\n{export_gguf.HEADER}\n")[0]
+        sec = export_gguf.section(rows, two, ".venv/bin/python -m bench.export --only gguf")
+        RESULTS.write_text(text.rstrip("\n") + "\n\n" + sec)
+        print(sec)
     (OUT / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
     if a.only is None:
         RESULTS.write_text(report(rows, two, ".venv/bin/python -m bench.export"))

@@ -15,10 +15,14 @@ import ctypes
 import json
 import sys
 import time
+from pathlib import Path
 
 import llama_cpp
-import numpy as np
 from llama_cpp import Llama
+
+# the export check's greedy decoding (a standalone script; this one runs without qmerge too)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "qmerge" / "verbs" / "export"))
+from _child_llama import greedy  # noqa: E402
 
 
 def main():
@@ -42,29 +46,17 @@ def main():
         if llama_cpp.llama_set_adapters_lora(llm.ctx, arr, len(names), s):
             raise SystemExit("llama_set_adapters_lora failed")
 
-    def greedy(ids, n):
-        llm.reset()
-        llm.eval(ids)
-        new = []
-        for _ in range(n):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            new.append(nxt)
-            if nxt in eos:
-                break
-            llm.eval([nxt])
-        return new
-
     out, tokens, t0 = [], 0, time.perf_counter()
     for r in spec["requests"]:
         use(r["scales"])
-        got = greedy(r["ids"], r["new_tokens"])
+        got = greedy(llm, r["ids"], r["new_tokens"], eos).tolist()
         tokens += len(got)
         out.append(got)
     adapted = time.perf_counter() - t0
     use({})
     t0, base_tokens = time.perf_counter(), 0
     for r in spec["requests"]:
-        base_tokens += len(greedy(r["ids"], r["new_tokens"]))
+        base_tokens += len(greedy(llm, r["ids"], r["new_tokens"], eos))
     bare = time.perf_counter() - t0
     json.dump(
         {

@@ -11,24 +11,13 @@ the prompt). This file imports only torch,
 transformers, safetensors and the format's own runtime (peft, onnxruntime, the int8 loader).
 """
 
-import importlib.abc
 import json
 import sys
 from pathlib import Path
 
-
-class _NoQmerge(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "qmerge" or name.startswith("qmerge."):
-            raise ImportError(f"{name} is blocked: an export must run without qmerge")
-        return None
-
-
-sys.meta_path.insert(0, _NoQmerge())
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import _isolate  # noqa: F401  (first: blocks qmerge, drops this directory from sys.path)
+import torch
+from safetensors.torch import load_file, save_file
 
 
 def _auto(spec):

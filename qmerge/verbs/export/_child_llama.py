@@ -9,25 +9,14 @@ qmerge, and writes its outputs for `check.py`, in the same form as `_child.py`:
 inputs]. Needs only numpy, safetensors and llama_cpp (an environment without torch works).
 """
 
-import importlib.abc
 import json
 import sys
 from pathlib import Path
 
-
-class _NoQmerge(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "qmerge" or name.startswith("qmerge."):
-            raise ImportError(f"{name} is blocked: an export must run without qmerge")
-        return None
-
-
-sys.meta_path.insert(0, _NoQmerge())
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import numpy as np  # noqa: E402
-from llama_cpp import Llama  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
+import _isolate  # noqa: F401  (first: blocks qmerge, drops this directory from sys.path)
+import numpy as np
+from llama_cpp import Llama
+from safetensors.numpy import load_file, save_file
 
 
 def load(spec, n_ctx):
