@@ -210,7 +210,7 @@ def test_refusals_write_nothing(lm, cls, tmp_path):
         (dict(pack=sign, base=base), ConfigError, "exactly one of"),
         (dict(pack=sign, base=base, shared=True), ConfigError, "no shared delta"),
         (dict(pack=sign, base=base, task="t0", fmt="onnx", dtype="bf16"), ConfigError, "fp32"),
-        (dict(pack=sign, base=base, task="t0", fmt="gguf"), ConfigError, "unknown export format"),
+        (dict(pack=sign, base=base, task="t0", fmt="tflite"), ConfigError, "unknown export format"),
         (dict(pack=clow, base=cbase, coeffs="c0:0.5+c1:0.5"), ConfigError, "different shapes"),
         (dict(pack=clow, base=cbase, task="base"), ConfigError, "bare base has none"),
     ]
