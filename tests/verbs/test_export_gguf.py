@@ -133,27 +133,53 @@ def test_gguf_round_trip(llm, gtype, bound):
     assert fields["tokenizer.ggml.eos_token_id"] == tok["model"]["vocab"]["</s>"]
 
 
-def test_gguf_lora_tied_leaves_the_embedding_out_and_says_how_much(llm):
+def test_gguf_lora_tied_carries_the_embedding_over_an_untied_base(llm):
     root, base, _, lowrank, *_ = llm
     r = qmerge.export(lowrank, base, root / "lora", fmt="gguf-lora", task="t1", gguf_type="f32")
     w = r["written"]
-    assert r["check"]["passed"] and not w["exact"] and w["ranks"] == {4: 21}
-    # llama.cpp applies a token_embd LoRA to the tied output layer with the embedding's
-    # layout and aborts; the embedding and the changed norms stay out, reported
-    assert "model.embed_tokens.weight" in w["left_out"]
-    assert any("norm" in n for n in w["left_out"])
-    pk = open_pack(lowrank, base=base)
-    sel, ckpt = select(pk, task="t1"), Checkpoint(base)
+    assert r["check"]["passed"] and w["ranks"] == {4: 22}
+    # base.gguf gets its own output layer, so the embedding's factors go on both sides
+    _, base_tensors = _reader(root / "lora" / "base.gguf")
+    assert "output.weight" in base_tensors and w["base_written"]["untied_output"]
+    fields, tensors = _reader(root / "lora" / "adapter.gguf")
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["adapter.lora.alpha"] == 0.0
+    assert {"token_embd.weight.lora_a", "output.weight.lora_a"} <= set(tensors)
+    # llama.cpp skips adapter norms: the changed norms are left out, and say how much
+    assert w["left_out"] and all("norm" in n for n in w["left_out"]) and not w["exact"]
+    _share_is(w, lowrank, base, "t1")
+
+
+def test_gguf_lora_over_a_tied_base_leaves_the_embedding_out(llm):
+    # llama.cpp would apply a token_embd adapter to the output tensor it shares, with the
+    # embedding's layout, and abort: over a tied base GGUF the embedding stays out
+    root, base, sign, lowrank, *_ = llm
+    qmerge.export(sign, base, root / "tiedbase", fmt="gguf", task="t0", gguf_type="f32")
+    r = qmerge.export(
+        lowrank,
+        base,
+        root / "lora-tied",
+        fmt="gguf-lora",
+        task="t1",
+        gguf_type="f32",
+        gguf_base=root / "tiedbase" / "model.gguf",
+        min_agreement=0.5,
+    )
+    w = r["written"]
+    assert "model.embed_tokens.weight" in w["left_out"] and w["base_written"] is None
+    _, tensors = _reader(root / "lora-tied" / "adapter.gguf")
+    assert not {"token_embd.weight.lora_a", "output.weight.lora_a"} & set(tensors)
+    _share_is(w, lowrank, base, "t1")
+
+
+def _share_is(w: dict, pack, base, task: str) -> None:
+    pk = open_pack(pack, base=base)
+    sel, ckpt = select(pk, task=task), Checkpoint(base)
     e = {
         n: float((merged(pk, ckpt, sel, n) - ckpt.get(n)).double().pow(2).sum()) for n in ckpt.names
     }
     share = sum(e[n] for n in w["left_out"]) / sum(e.values())
     assert w["energy_left_out"] == pytest.approx(share, rel=1e-6)
-    fields, tensors = _reader(root / "lora" / "adapter.gguf")
-    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
-    assert fields["adapter.lora.alpha"] == 0.0
-    assert "blk.0.attn_q.weight.lora_a" in tensors and "token_embd.weight.lora_a" not in tensors
-    assert (root / "lora" / "base.gguf").exists()
 
 
 def test_gguf_lora_untied_is_exact_and_reuses_a_base(llm):

@@ -6,10 +6,13 @@ gguf       the task or mixture merged into the base, one `model.gguf`: hyperpara
 gguf-lora  the task's residuals as llama.cpp's LoRA adapter `adapter.gguf`
            (general.type = adapter), which llama.cpp applies over the base GGUF per request
            with its own scale. A low-rank residual goes in exactly; a 1-bit or dense one as a
-           truncated SVD at `rank` (the energy kept is reported). What llama.cpp's LoRA cannot
-           carry (changed norms; an embedding whose output layer is tied to it) is left out,
-           with its share of the task vector's energy reported. Without `gguf_base`, the base
-           itself is written beside the adapter as `base.gguf` at the same type.
+           truncated SVD at `rank` (the energy kept is reported). Without `gguf_base`, the base
+           is written beside the adapter as `base.gguf` at the same type, its tied output
+           layer as a tensor of its own (`output.weight`) so that the adapter changes the
+           embedding on both sides, as the routed model does. What llama.cpp's LoRA cannot
+           carry is left out, with its share of the task vector's energy reported: changed
+           norms (llama.cpp skips adapter norms), and the embedding when a given `gguf_base`
+           shares one tensor between embedding and output.
 
 The model streams: memory holds one tensor (and its encoded bytes), written as it is computed.
 The adapter holds its factors (rank x the layer's sides) until they are written.
@@ -67,11 +70,18 @@ def _stream(w, path: Path, items: list, make: Callable[[tuple], np.ndarray], pro
         w.close()
 
 
-def write_model(job: Job, path: Path, tensor: Callable[[str], Tensor], name: str) -> dict:
-    """A complete GGUF model of the target (merged weights from `tensor(pack name)`)."""
+def write_model(
+    job: Job, path: Path, tensor: Callable[[str], Tensor], name: str, untie: bool = False
+) -> dict:
+    """A complete GGUF model of the target (merged weights from `tensor(pack name)`). With
+    `untie`, a tied output layer is written as its own `output.weight` (a copy of the
+    embedding), so that an adapter can change the embedding on both sides."""
     g, a = gguf(), _arch(job)
+    pairs = sorted(job.target.names.items(), key=lambda kv: kv[1])
+    if untie:
+        pairs += [(job.target.sources[first], alias) for alias, first in job.target.tied.items()]
     items = []
-    for src, dst in sorted(job.target.names.items(), key=lambda kv: kv[1]):
+    for src, dst in pairs:
         shape = tuple(job.checkpoint.shape(src))
         if not job.checkpoint.dtype(src).is_floating_point:
             continue  # integer buffers (none in a Llama) have no place in llama.cpp
@@ -92,7 +102,8 @@ def write_model(job: Job, path: Path, tensor: Callable[[str], Tensor], name: str
     kinds: dict[str, int] = {}
     for _, _, q, *_ in items:
         kinds[q.name] = kinds.get(q.name, 0) + 1
-    return {"file": path.name, "tensors": len(items), "types": kinds, "tokenizer": vocab}
+    info = {"file": path.name, "tensors": len(items), "types": kinds, "tokenizer": vocab}
+    return info | ({"untied_output": True} if untie and job.target.tied else {})
 
 
 def write(job: Job, out: Path) -> dict:
@@ -106,7 +117,21 @@ def _energy(job: Job, name: str) -> float:
     return energy(job.pack, job.sel, name, tuple(job.checkpoint.shape(name)))
 
 
-def _lora_plan(job: Job):
+def _base_has_output(job: Job, a: Arch) -> bool:
+    """Whether the base GGUF the adapter runs over has its own output layer: then an adapter
+    changes a tied embedding on both sides (token_embd, output); else llama.cpp would apply a
+    token_embd adapter to the shared output tensor with the embedding's layout and abort."""
+    if not job.target.tied:
+        return True
+    if job.gguf_base is None:
+        return True  # base.gguf is written untied
+    names = {t.name for t in gguf().GGUFReader(job.gguf_base).tensors}
+    if "token_embd.weight" not in names:
+        raise ConfigError(f"--gguf-base {job.gguf_base}: has no token_embd.weight; not a model")
+    return "output.weight" in names
+
+
+def _lora_plan(job: Job, untied: bool):
     """(linears and embeddings the adapter carries, tensors left out) of the selection."""
     t = job.target
     tied = set(t.tied.values())
@@ -114,41 +139,49 @@ def _lora_plan(job: Job):
     changed += [s for s in job.pack.shared_entries() if s in t.names and s not in changed]
     carried, left = [], []
     for s in changed:
-        embedding_tied = s in t.embeddings and t.names[s] in tied
-        (carried if (s in t.linears or s in t.embeddings) and not embedding_tied else left).append(
-            s
-        )
+        ok = s in t.linears or (s in t.embeddings and (untied or t.names[s] not in tied))
+        (carried if ok else left).append(s)
     return carried, left
+
+
+def _pairs(job: Job, a: Arch, s: str, b: Tensor, am: Tensor) -> list[tuple[str, Tensor, Tensor]]:
+    """(GGUF name, lora_a, lora_b) of pack tensor `s` with delta b @ am, in llama.cpp's
+    layouts: a Linear's A [r, in] and B [out, r] (Q/K rows reordered); token_embd's
+    A [vocab, r] and B [dim, r] (llm_build_inp_embd); a tied output layer as a Linear."""
+    t = job.target
+    dst = t.names[s]
+    if s not in t.embeddings:
+        return [(a.rename(dst), am, a.reorder_rows(dst, b))]
+    out = [(a.rename(dst), b, am.T)]
+    for alias, first in t.tied.items():
+        if first == dst:
+            out.append((a.rename(alias), am, b))
+    return out
 
 
 def write_lora(job: Job, out: Path) -> dict:
     g, a = gguf(), _arch(job)
     if job.gguf_type not in LORA_TYPES:
         raise ConfigError(f"a GGUF LoRA is stored in {', '.join(LORA_TYPES)}, not {job.gguf_type}")
-    carried, left = _lora_plan(job)
+    untied = _base_has_output(job, a)
+    carried, left = _lora_plan(job, untied)
     if not carried:
         raise ExportError(f"{job.sel.describe} changes no matrix llama.cpp's LoRA can carry")
     qtype = storage(job.gguf_type, "lora", (1, 1))
     items, ranks, energy_all, energy_lost, svd = [], [], 0.0, 0.0, []
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in job.progress(carried):
-        shape = tuple(job.checkpoint.shape(s))
-        b, am, info = factors(job, s, shape)
+        b, am, info = factors(job, s, tuple(job.checkpoint.shape(s)))
         ranks.append(int(am.shape[0]))
         e = _energy(job, s)
         energy_all += e
         if not info["exact"]:
             svd.append(info["energy"])
             energy_lost += e * (1 - info["energy"])
-        dst = job.target.names[s]
-        name = a.rename(dst)
-        if s in job.target.embeddings:  # llama.cpp's layout for token_embd (llm_build_inp_embd)
-            la, lb = b, am.T
-        else:
-            la, lb = am, a.reorder_rows(dst, b)
-        pairs[name] = (encode(la, qtype), encode(lb, qtype))
-        items.append((f"{name}.lora_a", tuple(la.shape), qtype, name, 0))
-        items.append((f"{name}.lora_b", tuple(lb.shape), qtype, name, 1))
+        for name, la, lb in _pairs(job, a, s, b, am):
+            pairs[name] = (encode(la, qtype), encode(lb, qtype))
+            items.append((f"{name}.lora_a", tuple(la.shape), qtype, name, 0))
+            items.append((f"{name}.lora_b", tuple(lb.shape), qtype, name, 1))
     left_energy = sum(_energy(job, s) for s in left)
     energy_all += left_energy
     w = g.GGUFWriter(None, a.name)
@@ -160,12 +193,14 @@ def write_lora(job: Job, out: Path) -> dict:
     _stream(w, out / ADAPTER, items, lambda it: pairs[it[3]][it[4]], iter)
     base = None
     if job.gguf_base is None:
-        base = write_model(job, out / BASE, lambda s: job.checkpoint.get(s).float(), job.base.name)
+        base = write_model(
+            job, out / BASE, lambda s: job.checkpoint.get(s).float(), job.base.name, untie=True
+        )
     lost = (energy_lost + left_energy) / energy_all if energy_all else 0.0
     return {
         "file": ADAPTER,
         "gguf_type": job.gguf_type,
-        "lora_tensors": len(carried),
+        "lora_tensors": len(pairs),
         "ranks": dict(sorted(Counter(ranks).items())),
         "left_out": [job.target.names[s] for s in left],
         "energy_left_out": lost,
