@@ -1,7 +1,8 @@
 """The llama.cpp and vLLM hand-offs of bench/export.py, on SmolLM2-135M tasks:
 
-- `gguf` of the fortunes task of the 5-task sign pack at f16, q8_0 and q4_0, each checked in
-  llama.cpp on 48 held-out fortune openings (16 greedy tokens each);
+- `gguf` of the fortunes task of the 5-task sign pack at f16, q8_0 (output layer f16), pure
+  q8_0 and q4_0 (output layer q8_0), each checked in llama.cpp on 48 held-out fortune
+  openings (16 greedy tokens each);
 - `gguf-lora` of the two real fine-tunes of the low-rank pack (rank 16), checked in llama.cpp
   over the base GGUF (written by the first export, reused by the second);
 - both adapters served by ONE llama.cpp process with per-request adapter scales
@@ -78,7 +79,9 @@ def routed_answers(base: Path, pack: Path, requests: list[dict], eos: list[int])
     return out, tokens / (time.perf_counter() - t0)
 
 
-def one_process(base: Path, lr: Path, exports: dict[str, Path], prompts: list[str]) -> dict:
+def one_process(
+    base: Path, lr: Path, exports: dict[str, Path], prompts: list[str], models: dict[str, str]
+) -> dict:
     """Both tasks' adapters (and their mixture) served by one llama.cpp process."""
     from transformers import AutoTokenizer
 
@@ -94,6 +97,7 @@ def one_process(base: Path, lr: Path, exports: dict[str, Path], prompts: list[st
         "adapters": {t: str(exports[t] / "adapter.gguf") for t in TASKS},
         "requests": requests,
         "eos": eos,
+        "models": models,
     }
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "spec.json").write_text(json.dumps(spec))
@@ -124,6 +128,7 @@ def one_process(base: Path, lr: Path, exports: dict[str, Path], prompts: list[st
         "token_agreement": agree / total if total else 1.0,
         "llama_tps": got["tokens_per_s"],
         "llama_base_tps": got["base_tokens_per_s"],
+        "merged_tps": got["merged_tokens_per_s"],
         "routed_tps": routed_tps,
     }
 
@@ -131,25 +136,26 @@ def one_process(base: Path, lr: Path, exports: dict[str, Path], prompts: list[st
 def track(rows: list, run, base: Path, pack: Path, lr: Path, held: list[str]) -> dict:
     """Adds the GGUF and vLLM rows to `rows` (bench/export.py's `run`); returns the
     one-process result."""
-    from bench.routing_llm import PROMPTS
-
     llama_python()
     free = dict(texts=held, check_inputs=len(held), new_tokens=16)
-    for gt in ("f16", "q8_0", "q4_0"):
+    models = {}
+    # q8_0 keeps the output layer (the tied embedding) in f16 by default; the pure q8_0 file
+    # (every matrix q8_0, llama.cpp's converter's --outtype q8_0) is measured beside it
+    for gt in ("f16", "q8_0", "q8_0:output=q8_0", "q4_0"):
         # q4_0 is reported, not held to the 0.9 default: 4 bits per weight (32-blocks, no
         # importance matrix) on a 135M model is a lossy deployment choice users make knowingly
         floor = {"min_agreement": 0.5} if gt == "q4_0" else {}
-        run(rows, "SmolLM2", pack, base, "gguf", f"fortunes-{gt}", task="fortunes",
-            gguf_type=gt, **free, **floor)  # fmt: skip
-    run(rows, "SmolLM2", pack, base, "gguf", "fortunes-q8_0-prompts", task="fortunes",
-        gguf_type="q8_0", texts=PROMPTS, check_inputs=len(PROMPTS), new_tokens=16)  # fmt: skip
+        label = "fortunes-" + gt.replace(":output=", "-output-")
+        r = run(rows, "SmolLM2", pack, base, "gguf", label, task="fortunes", gguf_type=gt,
+                **free, **floor)  # fmt: skip
+        models[gt] = str(Path(r["out"]) / "model.gguf")
     few = dict(texts=held[:16], check_inputs=16, new_tokens=16)
     exports = {}
     for t in TASKS:
         kw = {"gguf_base": exports["fortunes"] / "base.gguf"} if exports else {}
         r = run(rows, "SmolLM2", lr, base, "gguf-lora", t, task=t, gguf_type="f16", **few, **kw)
         exports[t] = Path(r["out"])
-    two = one_process(base, lr, exports, held[:24])
+    two = one_process(base, lr, exports, held[:24], models)
     for t in TASKS:
         run(rows, "SmolLM2", lr, base, "peft", f"{t}-vllm", task=t, target="vllm", **few)
     run(rows, "SmolLM2", pack, base, "peft", "fortunes-vllm-svd16", task="fortunes",
@@ -179,7 +185,9 @@ def section(rows: list, two: dict, argv: str) -> str:
     ]
     for r in mine:
         c, w = r["check"], r["written"]
-        kind = w.get("gguf_type") or f"rank {w.get('rank')}"
+        kind = f"rank {w.get('rank')}"
+        if w.get("gguf_type"):
+            kind = w["gguf_type"] + (f", output {w['output_type']}" if "output_type" in w else "")
         left = w.get("energy_left_out")
         lines.append(
             f"| {r['format']}{' --target vllm' if w.get('target') else ''} | {kind} | "
@@ -222,6 +230,9 @@ def notes(rows: list, two: dict) -> list[str]:
         f"greedy answers identical to the routed low-rank model {two['identical']}, "
         f"{two['token_agreement']:.2%} of tokens. Decode: llama.cpp with adapters "
         f"{two['llama_tps']:.1f} tokens/s, llama.cpp bare base {two['llama_base_tps']:.1f}, "
-        f"qmerge's routed model (transformers generate, batch 1) {two['routed_tps']:.1f}."
+        f"qmerge's routed model (transformers generate, batch 1) {two['routed_tps']:.1f}; "
+        f"merged GGUF exports of fortunes: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in two["merged_tps"].items())
+        + " (tokens/s, prompt processing included, 2 threads)."
     )
     return out

@@ -7,8 +7,9 @@ Runs in the llama.cpp environment (no torch, no qmerge), called by bench/export_
     python bench/llama_tasks.py SPEC.json OUT.json
 
 SPEC: {"base": GGUF, "adapters": {task: GGUF}, "requests": [{"ids": [...], "scales":
-{task: s}, "new_tokens": n}], "eos": [...], "threads": 2}. OUT: per request the greedy tokens,
-and the decode speed of the whole run (tokens/s) and of the bare base on the same prompts.
+{task: s}, "new_tokens": n}], "eos": [...], "threads": 2, "models": {label: GGUF}}. OUT: per
+request the greedy tokens, and the decode speed (tokens/s, prompt included) of the whole run,
+of the bare base, and of each merged GGUF in "models", on the same prompts.
 """
 
 import ctypes
@@ -58,11 +59,21 @@ def main():
     for r in spec["requests"]:
         base_tokens += len(greedy(llm, r["ids"], r["new_tokens"], eos))
     bare = time.perf_counter() - t0
+    merged = {}
+    for label, path in spec.get("models", {}).items():  # merged GGUF exports, same prompts
+        m = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False,
+                  n_threads=spec.get("threads", 2), seed=0)  # fmt: skip
+        t0, n = time.perf_counter(), 0
+        for r in spec["requests"]:
+            n += len(greedy(m, r["ids"], r["new_tokens"], eos))
+        merged[label] = n / (time.perf_counter() - t0)
+        del m
     json.dump(
         {
             "greedy": out,
             "tokens_per_s": tokens / adapted,
             "base_tokens_per_s": base_tokens / bare,
+            "merged_tokens_per_s": merged,
             "adapters": names,
         },
         open(sys.argv[2], "w"),

@@ -157,10 +157,12 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     """The options of the llama.cpp and vLLM hand-offs."""
     p.add_argument(
         "--gguf-type",
-        choices=TYPES,
         default="f16",
-        help="gguf: type of the weight matrices (norms stay f32; at q4_0 the token "
-        "embedding is q8_0); gguf-lora: f32, f16 or bf16 (default: %(default)s)",
+        metavar="TYPE[:output=TYPE]",
+        help=f"gguf: type of the weight matrices ({', '.join(TYPES)}); the output layer and "
+        "a tied embedding stay a step above a quantized type (f16 for q8_0, q8_0 below) "
+        "unless :output= names theirs; norms f32. gguf-lora: f32, f16 or bf16 "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--gguf-base",

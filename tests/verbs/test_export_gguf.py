@@ -92,7 +92,16 @@ def _values(t) -> torch.Tensor:
     return torch.from_numpy(data.copy()).float().reshape([int(x) for x in reversed(t.shape)])
 
 
-@pytest.mark.parametrize("gtype, bound", [("f32", 0.0), ("q8_0", 1 / 127), ("q4_0", 1 / 7)])
+@pytest.mark.parametrize(
+    "gtype, bound",
+    [
+        ("f32", 0.0),
+        ("q8_0", 1 / 127),
+        ("q8_0:output=q8_0", 1 / 127),
+        ("q4_1", 1 / 15),
+        ("q4_0", 1 / 7),
+    ],
+)
 def test_gguf_round_trip(llm, gtype, bound):
     root, base, sign, *_ = llm
     r = qmerge.export(
@@ -108,7 +117,12 @@ def test_gguf_round_trip(llm, gtype, bound):
     assert fields["llama.attention.head_count_kv"] == cfg["num_key_value_heads"]
     assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
     # every merged tensor is there, renamed, Q/K rows in llama.cpp's order, within the
-    # quantization's error (q8_0: half a step of max/127 per block of 32; q4_0: of max/7)
+    # quantization's error (q8_0: half a step of max/127 per block of 32; q4_0: of max/7;
+    # q4_1: of (max - min)/15), in the type asked (the tied embedding a step above)
+    want_types = {"q8_0": ("Q8_0", "F16"), "q4_1": ("Q4_1", "Q8_0"), "q4_0": ("Q4_0", "Q8_0")}
+    mat, emb = want_types.get(gtype, (gtype.upper(), gtype.upper()))
+    if gtype == "q8_0:output=q8_0":
+        mat, emb = "Q8_0", "Q8_0"
     pk = open_pack(sign, base=base)
     sel, ckpt, a = select(pk, task="t0"), Checkpoint(base), arch(cfg)
     for name in ckpt.names:
@@ -118,6 +132,8 @@ def test_gguf_round_trip(llm, gtype, bound):
         assert got.shape == want.shape, name
         if want.dim() == 1:
             assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        else:
+            assert t.tensor_type.name == (emb if "embed" in name else mat), name
         err = float((got - want).abs().max())
         if gtype == "f32":
             assert err == 0.0, name
@@ -225,6 +241,8 @@ def test_refusals(llm, tmp_path):
         (dict(fmt="gguf", gguf_base=tmp_path / "x.gguf"), "gguf-lora"),
         (dict(fmt="gguf-lora", gguf_base=tmp_path / "x.gguf"), "no such file"),
         (dict(fmt="gguf", gguf_type="q2_k"), "gguf type must be one of"),
+        (dict(fmt="gguf", gguf_type="q8_0:embed=f16"), "the one option is"),
+        (dict(fmt="gguf", gguf_type="q8_0:output=q3"), "gguf type must be one of"),
         (dict(fmt="gguf-lora", gguf_type="q8_0"), "not q8_0"),
     ]
     for kw, msg in bad:
@@ -259,6 +277,7 @@ def test_cli_gguf(llm, capsys):
         main([*argv, str(root / "cli"), "--format", "gguf", "--gguf-type", "q8_0", "--json"]) == 0
     )
     out = json.loads(capsys.readouterr().out)
-    assert out["format"] == "gguf" and out["written"]["types"]["Q8_0"] == 22
+    # 21 Linear weights in q8_0, the tied embedding (the output layer) in f16
+    assert out["format"] == "gguf" and out["written"]["types"] == {"Q8_0": 21, "F16": 1, "F32": 7}
     assert main([*argv, str(root / "cli2"), "--format", "hf", "--target", "vllm"]) == 1
     assert "option of the peft format" in capsys.readouterr().err

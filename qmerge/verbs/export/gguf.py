@@ -2,7 +2,9 @@
 
 gguf       the task or mixture merged into the base, one `model.gguf`: hyperparameters,
            tokenizer (gguf_vocab.py) and tensors renamed to llama.cpp's layout
-           (gguf_arch.py), matrices in `--gguf-type` (f32, f16, bf16, q8_0, q4_0), vectors F32.
+           (gguf_arch.py), matrices in `--gguf-type` (f32, f16, bf16, q8_0, q5_0, q4_1,
+           q4_0; the output layer a step above a quantized type unless `:output=` says),
+           vectors F32.
 gguf-lora  the task's residuals as llama.cpp's LoRA adapter `adapter.gguf`
            (general.type = adapter), which llama.cpp applies over the base GGUF per request
            with its own scale. A low-rank residual goes in exactly; a 1-bit or dense one as a
@@ -31,7 +33,7 @@ from torch import Tensor
 from qmerge.errors import ConfigError, ExportError
 from qmerge.verbs.export import gguf_vocab
 from qmerge.verbs.export.adapter import factors
-from qmerge.verbs.export.gguf_arch import Arch, arch, encode, file_type, gguf, storage
+from qmerge.verbs.export.gguf_arch import Arch, arch, encode, file_type, gguf, types
 from qmerge.verbs.export.job import Job
 from qmerge.verbs.export.merged import energy, residuals
 
@@ -76,7 +78,7 @@ def write_model(
     """A complete GGUF model of the target (merged weights from `tensor(pack name)`). With
     `untie`, a tied output layer is written as its own `output.weight` (a copy of the
     embedding), so that an adapter can change the embedding on both sides."""
-    g, a = gguf(), _arch(job)
+    g, a, ty = gguf(), _arch(job), types(job.gguf_type)
     pairs = sorted(job.target.names.items(), key=lambda kv: kv[1])
     if untie:
         pairs += [(job.target.sources[first], alias) for alias, first in job.target.tied.items()]
@@ -85,12 +87,12 @@ def write_model(
         shape = tuple(job.checkpoint.shape(src))
         if not job.checkpoint.dtype(src).is_floating_point:
             continue  # integer buffers (none in a Llama) have no place in llama.cpp
-        items.append((a.rename(dst), shape, storage(job.gguf_type, dst, shape), src, dst))
+        items.append((a.rename(dst), shape, ty.of(dst, shape), src, dst))
     w = g.GGUFWriter(None, a.name)
     w.add_type("model")
     w.add_name(name)
     a.metadata(w)
-    w.add_file_type(file_type(job.gguf_type))
+    w.add_file_type(file_type(ty.matrices))
     w.add_quantization_version(g.GGML_QUANT_VERSION)
     vocab = gguf_vocab.add(w, job.base, int(job.target.config["vocab_size"]))
 
@@ -108,8 +110,9 @@ def write_model(
 
 def write(job: Job, out: Path) -> dict:
     info = write_model(job, out / MODEL, job.tensor, f"{job.base.name} {job.sel.describe}")
-    info["gguf_type"] = job.gguf_type
-    info["exact"] = job.gguf_type == "f32"
+    ty = types(job.gguf_type)
+    info["gguf_type"], info["output_type"] = ty.matrices, ty.output
+    info["exact"] = ty.matrices == ty.output == "f32"
     return info
 
 
@@ -161,13 +164,14 @@ def _pairs(job: Job, a: Arch, s: str, b: Tensor, am: Tensor) -> list[tuple[str, 
 
 def write_lora(job: Job, out: Path) -> dict:
     g, a = gguf(), _arch(job)
-    if job.gguf_type not in LORA_TYPES:
-        raise ConfigError(f"a GGUF LoRA is stored in {', '.join(LORA_TYPES)}, not {job.gguf_type}")
+    ty = types(job.gguf_type)
+    if ty.matrices not in LORA_TYPES:
+        raise ConfigError(f"a GGUF LoRA is stored in {', '.join(LORA_TYPES)}, not {ty.matrices}")
     untied = _base_has_output(job, a)
     carried, left = _lora_plan(job, untied)
     if not carried:
         raise ExportError(f"{job.sel.describe} changes no matrix llama.cpp's LoRA can carry")
-    qtype = storage(job.gguf_type, "lora", (1, 1))
+    qtype = ty.of("lora", (1, 1))
     items, ranks, energy_all, energy_lost, svd = [], [], 0.0, 0.0, []
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in job.progress(carried):
@@ -208,5 +212,5 @@ def write_lora(job: Job, out: Path) -> dict:
         "energy_kept_min": min(svd, default=None),
         "base_gguf": str(job.gguf_base) if job.gguf_base else BASE,
         "base_written": base,
-        "exact": not left and not svd and job.gguf_type == "f32",
+        "exact": not left and not svd and ty.matrices == "f32",
     }

@@ -24,9 +24,9 @@ from qmerge.errors import ConfigError, ExportError
 
 # transformers model_type -> llama.cpp architecture (same tensors, same graph)
 ARCHS = {"llama": "llama", "mistral": "llama"}
-# --gguf-type: the type of the 2-D weight matrices; vectors (norms, biases) are always F32,
-# as llama.cpp's own converter stores them
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# --gguf-type: the type of the 2-D weight matrices (Types below)
+TYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_1", "q4_0")
+OUTPUT_AUTO = {"q8_0": "f16", "q5_0": "q8_0", "q4_1": "q8_0", "q4_0": "q8_0"}
 
 
 def gguf():
@@ -121,36 +121,49 @@ def arch(config: dict) -> Arch:
     )
 
 
-def storage(gguf_type: str, hf_name: str, shape: tuple[int, ...]):
-    """The GGMLQuantizationType a tensor is stored in. Matrices take `gguf_type`; a matrix
-    whose rows do not split into 32-wide blocks falls back to F16 (llama.cpp's converter does
-    the same); at q4_0 the token embedding (the tied output layer too) stays Q8_0, where
-    4 bits cost the most accuracy for the fewest bytes saved, as llama.cpp's quantizer keeps it."""
-    q = gguf().GGMLQuantizationType
-    if len(shape) < 2:
-        return q.F32
-    want = {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}
-    if gguf_type not in want:
-        raise ConfigError(f"gguf type must be one of {', '.join(TYPES)}, got {gguf_type!r}")
-    t = want[gguf_type]
-    if t == q.Q4_0 and ("embed_tokens" in hf_name or "lm_head" in hf_name):
-        t = q.Q8_0
-    if t in (q.Q8_0, q.Q4_0) and shape[-1] % 32:
-        return q.F16
-    return t
+@dataclass(frozen=True)
+class Types:
+    """What `--gguf-type MATRICES[:output=TYPE]` stores: the weight matrices in `matrices`,
+    the output layer (and the token embedding, which a tied model shares with it) in
+    `output`, vectors (norms, biases) in F32 as llama.cpp's converter does. By default the
+    output layer stays a step above a quantized type (OUTPUT_AUTO), as llama.cpp's own
+    quantizer keeps it: it is the largest single matrix of a small LM and its error goes
+    straight into the logits."""
+
+    matrices: str
+    output: str
+
+    def of(self, hf_name: str, shape: tuple[int, ...]):
+        """The GGMLQuantizationType of a tensor. A quantized matrix whose rows do not split
+        into 32-wide blocks falls back to F16, as llama.cpp's converter does."""
+        q = gguf().GGMLQuantizationType
+        if len(shape) < 2:
+            return q.F32
+        out = "embed_tokens" in hf_name or "lm_head" in hf_name
+        t = getattr(q, (self.output if out else self.matrices).upper())
+        if t not in (q.F32, q.F16, q.BF16) and shape[-1] % 32:
+            return q.F16
+        return t
+
+
+def types(spec: str) -> Types:
+    """Parses `--gguf-type`: 'q8_0', or 'q8_0:output=q8_0' to choose the output layer's."""
+    matrices, _, rest = spec.partition(":")
+    output = OUTPUT_AUTO.get(matrices, matrices)
+    if rest:
+        key, _, value = rest.partition("=")
+        if key != "output" or not value:
+            raise ConfigError(f"gguf type {spec!r}: the one option is ':output=TYPE'")
+        output = value
+    for t in (matrices, output):
+        if t not in TYPES:
+            raise ConfigError(f"gguf type must be one of {', '.join(TYPES)}, got {t!r}")
+    return Types(matrices, output)
 
 
 def file_type(gguf_type: str) -> int:
     f = gguf().LlamaFileType
-    return int(
-        {
-            "f32": f.ALL_F32,
-            "f16": f.MOSTLY_F16,
-            "bf16": f.MOSTLY_BF16,
-            "q8_0": f.MOSTLY_Q8_0,
-            "q4_0": f.MOSTLY_Q4_0,
-        }[gguf_type]
-    )
+    return int(getattr(f, "ALL_F32" if gguf_type == "f32" else f"MOSTLY_{gguf_type.upper()}"))
 
 
 def encode(t: Tensor, qtype) -> np.ndarray:
