@@ -367,7 +367,7 @@ def main() -> None:
         sec = export_gguf.section(rows, two, ".venv/bin/python -m bench.export --only gguf")
         RESULTS.write_text(text.rstrip("\n") + "\n\n" + sec)
         print(sec)
-    (OUT / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+    (OUT / "rows.json").write_text(json.dumps({"rows": rows, "two": two}, indent=1, default=str))
     if a.only is None:
         RESULTS.write_text(report(rows, two, ".venv/bin/python -m bench.export"))
         print(RESULTS.read_text())

@@ -7,9 +7,11 @@ Runs in the llama.cpp environment (no torch, no qmerge), called by bench/export_
     python bench/llama_tasks.py SPEC.json OUT.json
 
 SPEC: {"base": GGUF, "adapters": {task: GGUF}, "requests": [{"ids": [...], "scales":
-{task: s}, "new_tokens": n}], "eos": [...], "threads": 2, "models": {label: GGUF}}. OUT: per
-request the greedy tokens, and the decode speed (tokens/s, prompt included) of the whole run,
-of the bare base, and of each merged GGUF in "models", on the same prompts.
+{task: s}, "new_tokens": n, "ref": [the routed model's greedy tokens]}], "eos": [...],
+"threads": 2, "models": {label: GGUF}}. OUT: per request the greedy tokens and, along "ref",
+whether each next token is predicted (teacher-forced, as the export checks measure); the decode
+speed (tokens/s, prompt included) of the whole run, of the bare base, and of each merged GGUF
+in "models", on the same prompts.
 """
 
 import ctypes
@@ -23,7 +25,7 @@ from llama_cpp import Llama
 
 # the export check's greedy decoding (a standalone script; this one runs without qmerge too)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "qmerge" / "verbs" / "export"))
-from _child_llama import greedy  # noqa: E402
+from _child_llama import greedy, logits  # noqa: E402
 
 
 def main():
@@ -54,6 +56,14 @@ def main():
         tokens += len(got)
         out.append(got)
     adapted = time.perf_counter() - t0
+    # teacher-forced, as the export checks measure: along the routed model's continuation
+    # ("ref"), does llama.cpp with this request's adapter scales predict each next token?
+    forced = []
+    for r in spec["requests"]:
+        use(r["scales"])
+        ref, p = r.get("ref", []), len(r["ids"])
+        pred = logits(llm, r["ids"] + ref)[p - 1 : p - 1 + len(ref)].argmax(-1).tolist()
+        forced.append([int(a == b) for a, b in zip(pred, ref, strict=True)])
     use({})
     t0, base_tokens = time.perf_counter(), 0
     for r in spec["requests"]:
@@ -71,6 +81,7 @@ def main():
     json.dump(
         {
             "greedy": out,
+            "forced": forced,
             "tokens_per_s": tokens / adapted,
             "base_tokens_per_s": base_tokens / bare,
             "merged_tokens_per_s": merged,

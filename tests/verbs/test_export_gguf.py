@@ -214,6 +214,17 @@ def test_gguf_lora_untied_is_exact_and_reuses_a_base(llm):
         gguf_base=root / "u0" / "base.gguf",
     )
     assert r["check"]["max_rel"] <= 1e-3 and not (root / "u1" / "base.gguf").exists()
+    # a base GGUF of another model is refused, naming the first tensor that differs
+    with pytest.raises(ConfigError, match="not a GGUF of this base"):
+        qmerge.export(
+            llm[3],
+            llm[1],
+            root / "wrong",
+            fmt="gguf-lora",
+            task="t0",
+            gguf_base=root / "u0" / "base.gguf",
+        )
+    assert not (root / "wrong").exists()
 
 
 def test_peft_for_vllm(llm):

@@ -62,10 +62,10 @@ def _stream(w, path: Path, items: list, make: Callable[[tuple], np.ndarray], pro
     """Declares every tensor, writes the header, then each tensor's bytes as it is made."""
     for name, shape, qtype, *_ in items:
         w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
-    w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
     try:
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
         for item in progress(items):
             w.write_tensor_data(make(item))
     finally:
@@ -128,9 +128,22 @@ def _base_has_output(job: Job, a: Arch) -> bool:
         return True
     if job.gguf_base is None:
         return True  # base.gguf is written untied
-    names = {t.name for t in gguf().GGUFReader(job.gguf_base).tensors}
-    if "token_embd.weight" not in names:
-        raise ConfigError(f"--gguf-base {job.gguf_base}: has no token_embd.weight; not a model")
+    try:
+        shapes = {
+            t.name: tuple(int(x) for x in reversed(t.shape))
+            for t in gguf().GGUFReader(job.gguf_base).tensors
+        }
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--gguf-base {job.gguf_base}: not a readable GGUF file ({e})") from None
+    for src, dst in job.target.names.items():
+        want = tuple(job.checkpoint.shape(src))
+        if shapes.get(a.rename(dst)) != want:
+            raise ConfigError(
+                f"--gguf-base {job.gguf_base}: '{a.rename(dst)}' is "
+                f"{list(shapes.get(a.rename(dst), ())) or 'missing'}, this base's '{dst}' is "
+                f"{list(want)}; not a GGUF of this base"
+            )
+    names = set(shapes)
     return "output.weight" in names
 
 
