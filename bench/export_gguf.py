@@ -305,6 +305,37 @@ def notes(rows: list, two: dict) -> list[str]:
             f"{q8['check']['flip_margin_max']:.3f} apart), as for int8 and bf16 "
             f"above on the same free-text prompts."
         )
+    vllm = [r for r in rows if r["written"].get("target") == "vllm" and "svd" not in r["label"]]
+    lora = [r for r in rows if r["format"] == "gguf-lora"]
+    if vllm and lora:
+        least = min(r["written"]["energy_left_out"] for r in vllm)
+        v_agree = ", ".join(f"{r['check']['agreement']:.1%}" for r in vllm)
+        l_agree = ", ".join(f"{r['check']['agreement']:.1%}" for r in lora)
+        out.append(
+            f"- What the vLLM adapter leaves out: these real fine-tunes moved the (tied) "
+            f"embedding most; it holds {least:.0%} or more of their task vectors' energy. The "
+            f"vLLM adapter carries only the Linear layers (vLLM's LoRA on embeddings was tied "
+            f"to its extra-vocabulary option, dropped in late 2025, and no vLLM runs here to "
+            f"show a release that takes it), so PEFT reloading it agrees on "
+            f"{v_agree}, where the llama.cpp adapters, which carry the embedding on both "
+            f"sides, agree on {l_agree}. Such tasks are better served by qmerge or llama.cpp. "
+            f"The vLLM adapters are checked by PEFT, not by vLLM (no vLLM build runs here)."
+        )
+    if lora and lora[0]["written"].get("base_written"):
+        b = lora[0]["written"]["base_written"]
+        out.append(
+            f"- The first gguf-lora export's directory holds base.gguf too ({b['tensors']} "
+            f"tensors, its output layer untied so that adapters can change it); the second "
+            f"reuses it (--gguf-base) and is the adapter alone: "
+            f"{lora[-1]['sizes']['export_bytes'] / 2**20:.1f} MiB."
+        )
+    q4 = next((r for r in rows if r["label"] == "fortunes-q4_0"), None)
+    if q4:
+        out.append(
+            f"- q4_0 (4 bits per weight in blocks of 32, no importance matrix; output layer "
+            f"q8_0) keeps {q4['check']['agreement']:.1%} on these near-tie free-text prompts: "
+            f"reported, with no target; a 135M model has little redundancy to lose."
+        )
     kinds = "; ".join(
         f"{k}: {v['agree'] / v['tokens']:.2%} of {v['tokens']} tokens, greedy answers "
         f"identical {v['identical']}/{v['requests']}"
