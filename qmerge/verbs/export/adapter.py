@@ -58,6 +58,24 @@ def factors(job: Job, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor
     return u[:, :r] * root, root[:, None] * vh[:r], {"exact": False, "energy": energy}
 
 
+def energy_left_out(job: Job, changed: list[str], left: list[str], infos: dict) -> float:
+    """The share of the selection's task vector (squared norm over the `changed` tensors) an
+    adapter does not carry: the tensors in `left` whole, and what a truncated SVD dropped of
+    the others (`infos[name]["energy"]`: the share it kept)."""
+    total = lost = 0.0
+    for s in changed:
+        if s in job.head:
+            e = float(job.head[s].double().pow(2).sum())
+        else:
+            e = energy(job.pack, job.sel, s, tuple(job.checkpoint.shape(s)))
+        total += e
+        if s in left:
+            lost += e
+        elif not infos.get(s, {"exact": True})["exact"]:
+            lost += e * (1 - infos[s]["energy"])
+    return lost / total if total else 0.0
+
+
 def _plan(job: Job, shapes: dict[str, tuple[int, ...]]):
     """(LoRA factors per module path: (B, A, is_embedding), modules saved whole, per-weight
     SVD info) for every module the selection changes."""
@@ -180,17 +198,6 @@ def _for_vllm(job: Job, lora: dict, save: set, infos: dict, changed: list, biase
     biases.clear()
     carried = {t.sources[f"{m}.weight"] for m in lora}
     left = [s for s in changed if s not in carried]
-    shape = {s: tuple(job.checkpoint.shape(s)) for s in changed if s not in job.head}
-    total = lost = 0.0
-    for s in changed:
-        e = energy(job.pack, job.sel, s, shape[s]) if s in shape else 0.0
-        if s in job.head:
-            e = float(job.head[s].double().pow(2).sum())
-        total += e
-        if s in left:
-            lost += e
-        elif not infos.get(s, {"exact": True})["exact"]:
-            lost += e * (1 - infos[s]["energy"])
     top = max(a.shape[0] for _, a, _ in lora.values())
     r = next((r for r in VLLM_RANKS if r >= top), None)
     if r is None:
@@ -210,7 +217,7 @@ def _for_vllm(job: Job, lora: dict, save: set, infos: dict, changed: list, biase
         "rank": r,
         "modules_to_save": [],
         "left_out": sorted(t.names[s] for s in left),
-        "energy_left_out": lost / total if total else 0.0,
+        "energy_left_out": energy_left_out(job, changed, left, infos),
         "energy_kept_min": min(
             (i["energy"] for i in infos.values() if not i["exact"]), default=None
         ),

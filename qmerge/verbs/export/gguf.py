@@ -32,10 +32,10 @@ from torch import Tensor
 
 from qmerge.errors import ConfigError, ExportError
 from qmerge.verbs.export import gguf_vocab
-from qmerge.verbs.export.adapter import factors
+from qmerge.verbs.export.adapter import energy_left_out, factors
 from qmerge.verbs.export.gguf_arch import Arch, arch, encode, file_type, gguf, types
 from qmerge.verbs.export.job import Job
-from qmerge.verbs.export.merged import energy, residuals
+from qmerge.verbs.export.merged import residuals
 
 MODEL = "model.gguf"
 ADAPTER = "adapter.gguf"
@@ -116,10 +116,6 @@ def write(job: Job, out: Path) -> dict:
     return info
 
 
-def _energy(job: Job, name: str) -> float:
-    return energy(job.pack, job.sel, name, tuple(job.checkpoint.shape(name)))
-
-
 def _base_has_output(job: Job, a: Arch) -> bool:
     """Whether the base GGUF the adapter runs over has its own output layer: then an adapter
     changes a tied embedding on both sides (token_embd, output); else llama.cpp would apply a
@@ -185,22 +181,15 @@ def write_lora(job: Job, out: Path) -> dict:
     if not carried:
         raise ExportError(f"{job.sel.describe} changes no matrix llama.cpp's LoRA can carry")
     qtype = ty.of("lora", (1, 1))
-    items, ranks, energy_all, energy_lost, svd = [], [], 0.0, 0.0, []
+    items, ranks, infos = [], [], {}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in job.progress(carried):
-        b, am, info = factors(job, s, tuple(job.checkpoint.shape(s)))
+        b, am, infos[s] = factors(job, s, tuple(job.checkpoint.shape(s)))
         ranks.append(int(am.shape[0]))
-        e = _energy(job, s)
-        energy_all += e
-        if not info["exact"]:
-            svd.append(info["energy"])
-            energy_lost += e * (1 - info["energy"])
         for name, la, lb in _pairs(job, a, s, b, am):
             pairs[name] = (encode(la, qtype), encode(lb, qtype))
             items.append((f"{name}.lora_a", tuple(la.shape), qtype, name, 0))
             items.append((f"{name}.lora_b", tuple(lb.shape), qtype, name, 1))
-    left_energy = sum(_energy(job, s) for s in left)
-    energy_all += left_energy
     w = g.GGUFWriter(None, a.name)
     w.add_type("adapter")
     w.add_string(g.Keys.Adapter.TYPE, "lora")
@@ -213,14 +202,14 @@ def write_lora(job: Job, out: Path) -> dict:
         base = write_model(
             job, out / BASE, lambda s: job.checkpoint.get(s).float(), job.base.name, untie=True
         )
-    lost = (energy_lost + left_energy) / energy_all if energy_all else 0.0
+    svd = [i["energy"] for i in infos.values() if not i["exact"]]
     return {
         "file": ADAPTER,
         "gguf_type": job.gguf_type,
         "lora_tensors": len(pairs),
         "ranks": dict(sorted(Counter(ranks).items())),
         "left_out": [job.target.names[s] for s in left],
-        "energy_left_out": lost,
+        "energy_left_out": energy_left_out(job, carried + left, left, infos),
         "svd_tensors": len(svd),
         "energy_kept_min": min(svd, default=None),
         "base_gguf": str(job.gguf_base) if job.gguf_base else BASE,
