@@ -114,12 +114,18 @@ def minilm(rows: list) -> None:
     run(rows, "MiniLM", lr, base, "peft", MINILM_TASK, task=MINILM_TASK, **check)
 
 
-def smollm(rows: list) -> dict:
+def smollm_packs() -> tuple[Path, dict[str, Path], Path]:
+    """(base, fine-tunes, the 5-task sign pack) of the SmolLM2 track, built once."""
     base = smollm2_base()
     fts = routing_llm.smollm_tasks()
     pack = CACHE / "pack-smollm2-5"
     if not (pack / "manifest.json").exists():
         qmerge.compress(base, fts, pack, overwrite=True)
+    return base, fts, pack
+
+
+def smollm(rows: list) -> dict:
+    base, fts, pack = smollm_packs()
     prompts = dict(texts=routing_llm.PROMPTS, check_inputs=len(routing_llm.PROMPTS), new_tokens=16)
     run(rows, "SmolLM2", pack, base, "hf", LM_TASK, task=LM_TASK, **prompts)
     run(rows, "SmolLM2", pack, base, "hf", "mixture", coeffs="fortunes:0.5+glosses:0.5", **prompts)
@@ -169,11 +175,7 @@ def held_openings() -> list[str]:
 
 def gguf(rows: list) -> dict:
     """The llama.cpp and vLLM rows (bench/export_gguf.py)."""
-    base = smollm2_base()
-    fts = routing_llm.smollm_tasks()
-    pack = CACHE / "pack-smollm2-5"
-    if not (pack / "manifest.json").exists():
-        qmerge.compress(base, fts, pack, overwrite=True)
+    base, fts, pack = smollm_packs()
     lr = lowrank_pack(
         "pack-smollm2-lowrank", base, {"fortunes": fts["fortunes"], "glosses": fts["glosses"]}
     )
