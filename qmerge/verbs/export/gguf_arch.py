@@ -14,6 +14,7 @@ weight's output rows).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,13 +49,15 @@ class Arch:
     blocks: int
     config: dict
 
+    @functools.cached_property
+    def _names(self):
+        """llama.cpp's name map for this architecture (built once: ~7 ms for 30 blocks)."""
+        g = gguf()
+        return g.get_tensor_name_map(g.MODEL_ARCH[self.name.upper()], self.blocks)
+
     def rename(self, hf_name: str) -> str:
         """The GGUF name of state-dict tensor `hf_name`."""
-        g = gguf()
-        arch = g.MODEL_ARCH[self.name.upper()]
-        got = g.get_tensor_name_map(arch, self.blocks).get_name(
-            hf_name, try_suffixes=(".weight", ".bias")
-        )
+        got = self._names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if got is None:
             raise ExportError(f"'{hf_name}' has no name in llama.cpp's {self.name} layout")
         return got
