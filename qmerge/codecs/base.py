@@ -16,7 +16,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -72,11 +72,17 @@ class Residual:
         is_zero: the residual stores nothing and reads back as zero (skip).
         needs_shared: reading it needs the pack's shared delta, passed as the part `unified`
             (a mask over it, EMR); such a residual never encodes a shared delta itself.
+        threads_matter: `from_dense` may give other bytes at another intra-op thread count
+            (BLAS splits its sums by thread: the SVDs of low rank). A codec that keeps this
+            False sums in fp64 or elementwise only; tests/verbs/test_executor.py holds it to
+            that at 1 and 2 threads. A distributed compress runs such tensors with the
+            coordinator's thread count (verbs/compress_units.py).
     """
 
     codec: ClassVar[str]
     is_zero: ClassVar[bool] = False
     needs_shared: ClassVar[bool] = False
+    threads_matter: ClassVar[bool] = False
     shape: tuple[int, ...]
 
     @classmethod
@@ -88,7 +94,19 @@ class Residual:
     @classmethod
     def plan(cls, cfg: Any, deltas: Iterable[tuple[str, Tensor]]) -> dict[str, dict[str, Any]]:
         """tensor name -> keyword arguments of `from_dense` (e.g. the rank a budget gives it);
-        `None` as a name's value means the tensor gets nothing (stored as skip)."""
+        `None` as a name's value means the tensor gets nothing (stored as skip). Runs
+        `plan_item` on each delta as it comes (one alive at a time), then `plan_from`."""
+        return cls.plan_from(cfg, [(n, cls.plan_item(cfg, d)) for n, d in deltas])
+
+    @classmethod
+    def plan_item(cls, cfg: Any, delta: Tensor) -> Any:
+        """What `plan_from` needs of one tensor (small, plain data: a distributed compress
+        computes it in the worker that reads the tensor and sends it to the coordinator)."""
+        raise NotImplementedError
+
+    @classmethod
+    def plan_from(cls, cfg: Any, items: Sequence[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The plan (as `plan`) from every tensor's `plan_item`, in the order given."""
         raise NotImplementedError
 
     def runtime_form(self) -> Form | None:

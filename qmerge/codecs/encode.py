@@ -8,12 +8,29 @@ from typing import Any
 from torch import Tensor
 
 from qmerge.codecs.auto import AutoConfig, choose
-from qmerge.codecs.base import CodecChoice, Residual, codec, config_dict, sq_sum, sqnr_db
+from qmerge.codecs.base import (
+    CODECS,
+    CodecChoice,
+    Residual,
+    codec,
+    config_dict,
+    parse_spec,
+    sq_sum,
+    sqnr_db,
+)
 from qmerge.codecs.skip import SkipConfig, SkipResidual
 
 
 def amax(delta: Tensor) -> float:
     return max(float(delta.max()), -float(delta.min())) if delta.numel() else 0.0
+
+
+def threads_matter(choice: CodecChoice) -> bool:
+    """Whether encoding under `choice` may give other bytes at another intra-op thread count
+    (`Residual.threads_matter`; for `auto`, that of any of its candidates)."""
+    if choice.name == "auto":
+        return any(threads_matter(parse_spec(c)) for c in choice.config.candidates)
+    return choice.name in CODECS and codec(choice.name).residual.threads_matter
 
 
 def encode(

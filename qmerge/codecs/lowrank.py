@@ -11,7 +11,7 @@ Stored parts: `U` [out, r] and `V` [r, in] in the factor dtype; with int8 factor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,6 +134,8 @@ def _quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     "Efficient Residual Encoding; Halko et al. 2011",
 )
 class LowRankResidual(Residual):
+    threads_matter = True  # its SVDs (LAPACK, BLAS) sum in an order set by the thread count
+
     def __init__(
         self,
         U: Tensor,
@@ -225,20 +227,21 @@ class LowRankResidual(Residual):
         return cfg.budget_bits is not None
 
     @classmethod
-    def plan(
-        cls, cfg: LowRankConfig, deltas: Iterable[tuple[str, Tensor]]
+    def plan_item(cls, cfg: LowRankConfig, delta: Tensor) -> tuple[Tensor, int, int]:
+        """(spectrum, bytes per unit of rank, parameters) of one tensor."""
+        return spectrum(delta, cfg), cfg.bytes_per_rank(*as_matrix(delta).shape), delta.numel()
+
+    @classmethod
+    def plan_from(
+        cls, cfg: LowRankConfig, items: Sequence[tuple[str, tuple[Tensor, int, int]]]
     ) -> dict[str, dict[str, Any]]:
-        """Ranks from one byte budget over every tensor given: first their spectra, then
-        `allocate_ranks`; a tensor given rank 0 stores nothing (None)."""
-        names, spectra, costs, params = [], [], [], 0
-        for n, d in deltas:
-            names.append(n)
-            spectra.append(spectrum(d, cfg))
-            costs.append(cfg.bytes_per_rank(*as_matrix(d).shape))
-            params += d.numel()
-            del d  # one delta alive at a time
+        """Ranks from one byte budget over every tensor given (`allocate_ranks` over their
+        spectra); a tensor given rank 0 stores nothing (None)."""
+        spectra = [s for _, (s, _, _) in items]
+        costs = [c for _, (_, c, _) in items]
+        params = sum(p for _, (_, _, p) in items)
         ranks = allocate_ranks(spectra, costs, cfg.budget_bits / 8 * params)
-        return {n: {"rank": r} if r else None for n, r in zip(names, ranks, strict=True)}
+        return {n: {"rank": r} if r else None for (n, _), r in zip(items, ranks, strict=True)}
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """(U [out, r], V [r, in]) dequantized to `dtype`."""

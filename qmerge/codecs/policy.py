@@ -135,6 +135,7 @@ class Policy:
         parsed: dict[str, CodecChoice] = {}  # spec text -> its parsed choice
         _parse(self.codec, parsed, "policy codec")
         _parse(self.vectors, parsed, "policy vectors")
+        _parse("dense", parsed, "policy norms")  # the norms' default (_spec_text)
         _spec_map("types", self.types, parsed, MODULE_TYPES)
         _spec_map("patterns", self.patterns, parsed)
         if not (type(self.skip_below) in (int, float) and self.skip_below >= 0):

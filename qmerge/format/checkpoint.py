@@ -145,6 +145,11 @@ class Checkpoint:
         src, name = self._where[name], self._stored.get(name, name)
         return src.dtype(name) if isinstance(src, SafetensorsFile) else src[name].dtype
 
+    def file_of(self, name: str) -> Path | None:
+        """The safetensors file (shard) that holds a tensor; None for a .bin checkpoint."""
+        src = self._where[name]
+        return src.path if isinstance(src, SafetensorsFile) else None
+
     def items(self) -> Iterator[tuple[str, Tensor]]:
         for name in self.names:
             yield name, self.get(name)

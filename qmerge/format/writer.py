@@ -15,8 +15,12 @@ the new manifest is in place.
 Fragments: the files of one transaction may be written by other processes (workers of a
 distributed compress). `write_task_file(w.staging, task, tensors)` runs anywhere that sees
 `w.staging` and returns a `Fragment` (plain data: the file, its size and sha256); the
-coordinator `adopt_task(fragment, entry)` checks the file against it and records it. Only the
-coordinator's commit writes the manifest.
+coordinator `adopt_task(fragment, entry)` checks the file against it and records it. Workers
+that each encode a group of tensors for every task write their pieces with `write_fragment`
+into a scratch directory (`w.fragments()`, inside the staging area, removed when the block
+ends); the coordinator reads them back with `open_fragment`, which checks each against what
+its worker reported, and puts the task whole. Only the coordinator's commit writes the
+manifest.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +40,11 @@ from torch import Tensor
 from qmerge.errors import ChecksumError, PackError
 from qmerge.format import manifest as mf
 from qmerge.format.atomic import atomic_file, atomic_write_bytes, staged_dir
-from qmerge.format.safetensors_io import sha256_file, write_safetensors
+from qmerge.format.safetensors_io import SafetensorsFile, sha256_file, write_safetensors
 from qmerge.version import GENERATOR
 
 LOCK = ".lock"
+FRAGMENTS = ".fragments"
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,38 @@ def write_task_file(
     return _write(staging, mf.task_file(task), tensors, meta)
 
 
+def write_fragment(
+    directory: str | os.PathLike,
+    rel: str,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Fragment:
+    """Writes a piece of a pack file (some tensors of one task, or of the shared delta) as
+    `rel` under a `PackWriter.fragments()` directory, atomically; safe in any process. Writing
+    it again (a retried worker) replaces it with the same bytes."""
+    return _write(Path(directory), rel, tensors, {"qmerge.format": "fragment", **(metadata or {})})
+
+
+def check_fragment(directory: str | os.PathLike, fragment: Fragment) -> Path:
+    """The fragment's file, after checking it is the one its writer reported (size, sha256)."""
+    p = Path(directory) / fragment.rel
+    try:
+        size = p.stat().st_size
+    except OSError:
+        raise ChecksumError(f"{p}: the fragment's file is missing") from None
+    if size != fragment.bytes or sha256_file(p) != fragment.sha256:
+        raise ChecksumError(
+            f"{p}: differs from the fragment that reported it "
+            f"({fragment.bytes} bytes, sha256 {fragment.sha256[:16]}...)"
+        )
+    return p
+
+
+def open_fragment(directory: str | os.PathLike, fragment: Fragment) -> SafetensorsFile:
+    """A checked fragment, memory-mapped (its tensors are views of the file's pages)."""
+    return SafetensorsFile(check_fragment(directory, fragment), error=ChecksumError)
+
+
 class PackWriter:
     """One transaction on one pack (see the module docstring). Use `create` or `edit`."""
 
@@ -165,6 +204,18 @@ class PackWriter:
                 raise
             for p in w._dropped:
                 p.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def fragments(self) -> Iterator[Path]:
+        """A scratch directory inside the staging area for the fragments of one distributed
+        step (`write_fragment`). It is removed when the block ends, whatever happens, so the
+        committed pack never holds it and a failed edit leaves nothing in the live pack."""
+        d = self.staging / f"{FRAGMENTS}-{secrets.token_hex(6)}"
+        d.mkdir()
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
     # --- tasks ---------------------------------------------------------------------------
 
@@ -257,16 +308,7 @@ class PackWriter:
     # --- commit --------------------------------------------------------------------------
 
     def _check(self, fragment: Fragment) -> None:
-        p = self.staging / fragment.rel
-        try:
-            size = p.stat().st_size
-        except OSError:
-            raise ChecksumError(f"{p}: the fragment's file is missing") from None
-        if size != fragment.bytes or sha256_file(p) != fragment.sha256:
-            raise ChecksumError(
-                f"{p}: differs from the fragment that reported it "
-                f"({fragment.bytes} bytes, sha256 {fragment.sha256[:16]}...)"
-            )
+        check_fragment(self.staging, fragment)
 
     def _commit(self) -> None:
         atomic_write_bytes(self.staging / mf.NAME, mf.dumps(mf.validate(self.manifest)))

@@ -20,6 +20,7 @@ from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.fingerprint import checkpoint_fingerprint
 from qmerge.format.pack import Pack
 from qmerge.format.writer import PackWriter
+from qmerge.verbs.executor import Inline, resolve
 from qmerge.verbs.progress import bar
 from qmerge.verbs.tensors import (
     Options,
@@ -100,8 +101,16 @@ def _fingerprint(base: Checkpoint, opts: Options) -> dict:
     return checkpoint_fingerprint(base, lambda it: bar(it, opts.progress, "fingerprint base"))
 
 
-def _put_task(w: PackWriter, name: str, base: Checkpoint, ft: Checkpoint, opts: Options) -> None:
-    parts, table = encode_task(name, base, ft, opts)
+def _put_task(
+    w: PackWriter,
+    name: str,
+    base: Checkpoint,
+    ft: Checkpoint,
+    opts: Options,
+    encoded: tuple[dict, dict] | None = None,
+) -> None:
+    """Encodes a task (or takes what units encoded) and writes it whole through the writer."""
+    parts, table = encoded if encoded is not None else encode_task(name, base, ft, opts)
     if opts.distill_steps:
         _distill(name, base, ft, parts, table, opts)
     head_parts, head_table = encode_heads(base, ft, opts)
@@ -113,7 +122,24 @@ def _put_task(w: PackWriter, name: str, base: Checkpoint, ft: Checkpoint, opts: 
         entry["labels"] = names
     w.put_task(name, parts, entry)
     del parts
-    release_freed_memory()
+    release_freed_memory(now=True)
+
+
+def _put_tasks(
+    w: PackWriter, base: Checkpoint, fts: dict[str, Checkpoint], opts: Options, run: Inline | None
+) -> None:
+    """Every task into the pack: one after another here, or encoded by units on `run` (the
+    bytes are the same; see compress_units.py) and then written whole, in the same order."""
+    if run is None:
+        for name, ft in fts.items():
+            _put_task(w, name, base, ft, opts)
+        return
+    from qmerge.verbs import compress_units
+
+    with w.fragments() as scratch:
+        encoded = compress_units.encode_all(run, base, fts, opts, scratch)
+        for name, ft in fts.items():
+            _put_task(w, name, base, ft, opts, encoded.pop(name))
 
 
 def compress(
@@ -123,6 +149,7 @@ def compress(
     *,
     opts: Options | None = None,
     overwrite: bool = False,
+    executor: str | Inline | None = None,
 ) -> Pack:
     """Compresses fine-tunes of `base` into a new pack at `out`.
 
@@ -132,6 +159,9 @@ def compress(
         out: the pack directory to create. An existing pack is replaced only with
             `overwrite=True`, atomically: until the new pack is complete the old one stays.
         opts: codec policy and input handling (`Options`).
+        executor: "local" (default: this process, one task at a time), "ray" (units of
+            tensors on a local Ray; `executor.Ray(address=...)` joins a cluster), or an
+            executor object. The pack's bytes are the same whichever runs.
 
     Returns:
         The new pack, opened.
@@ -144,17 +174,23 @@ def compress(
         )
     base_ckpt, fts = _open_inputs(base, tasks, opts)
     opts = _calibrated(base, tasks, opts)
+    run = resolve(executor)
     with PackWriter.create(out, _fingerprint(base_ckpt, opts), overwrite=overwrite) as w:
-        for name, ft in fts.items():
-            _put_task(w, name, base_ckpt, ft, opts)
+        _put_tasks(w, base_ckpt, fts, opts, run)
     return Pack.open(out)
 
 
 def add_task(
-    pack: PathLike, base: PathLike, tasks: Mapping[str, PathLike], *, opts: Options | None = None
+    pack: PathLike,
+    base: PathLike,
+    tasks: Mapping[str, PathLike],
+    *,
+    opts: Options | None = None,
+    executor: str | Inline | None = None,
 ) -> Pack:
     """Adds tasks to an existing pack without rewriting the others. The base must be the
-    pack's (checked by fingerprint); a task name already in the pack is refused."""
+    pack's (checked by fingerprint); a task name already in the pack is refused. `executor`
+    as in `compress`."""
     opts = opts or Options()
     path = Path(pack)
     Pack.open(path)  # a clear error if it is not a pack
@@ -165,8 +201,7 @@ def add_task(
         Pack(path, w.manifest).check_base(fp, f"{path}: cannot add to this pack")
         if clash := sorted(set(tasks) & set(w.manifest["tasks"])):
             raise PackError(f"{path}: already has task {clash[0]!r}; remove-task it first")
-        for name, ft in fts.items():
-            _put_task(w, name, base_ckpt, ft, opts)
+        _put_tasks(w, base_ckpt, fts, opts, resolve(executor))
     return Pack.open(path)
 
 

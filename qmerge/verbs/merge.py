@@ -38,6 +38,8 @@ from qmerge.format.pack import Pack, part_key
 from qmerge.format.writer import PackWriter
 from qmerge.merge.base import Merged, MethodChoice, TensorCtx, layer_index
 from qmerge.merge.spec import parse
+from qmerge.verbs import executor as executors
+from qmerge.verbs.executor import Inline
 from qmerge.verbs.packs import residual
 
 PathLike = str | os.PathLike
@@ -87,23 +89,36 @@ def _sum_from_bits(
     ).reshape(shape)
 
 
+def _contexts(src: Pack) -> dict[str, Any]:
+    """What every tensor's merge context shares: the model's depth and the tasks."""
+    depths = [d for n in src.base_fingerprint["tensors"] if (d := layer_index(n)) is not None]
+    return {"n_layers": max(depths) + 1 if depths else 1, "tasks": tuple(src.tasks)}
+
+
+def _merged_tensor(
+    src: Pack, choice: MethodChoice, n: str, ctx: dict[str, Any]
+) -> tuple[Tensor, Merged]:
+    """The tasks' deltas of tensor `n` [T, *shape] and the method's result over them."""
+    seed = int(getattr(choice.config, "seed", 0))
+    tctx = TensorCtx(n, layer_index(n), ctx["n_layers"], ctx["tasks"], seed)
+    deltas, res = _deltas(src, n)
+    linear = choice.method.linear
+    fast = _sum_from_bits(res, linear(choice.config), _shape(src, n)) if linear else None
+    return deltas, Merged(fast) if fast is not None else choice.run(deltas, tctx)
+
+
+def _names(src: Pack) -> list[str]:
+    return sorted({n for t in src.tasks for n in src.entries(t)})
+
+
 def _merged(
     src: Pack, choice: MethodChoice, progress: Callable[[Iterable], Iterable]
 ) -> Iterator[tuple[str, Tensor, Merged]]:
     """(tensor name, the tasks' deltas [T, *shape], the method's result) for every tensor some
     task of `src` has, one at a time."""
-    names = sorted({n for t in src.tasks for n in src.entries(t)})
-    depths = [d for n in src.base_fingerprint["tensors"] if (d := layer_index(n)) is not None]
-    n_layers = max(depths) + 1 if depths else 1
-    tasks = tuple(src.tasks)
-    seed = int(getattr(choice.config, "seed", 0))
-    linear = choice.method.linear
-    for n in progress(names):
-        ctx = TensorCtx(n, layer_index(n), n_layers, tasks, seed)
-        deltas, res = _deltas(src, n)
-        fast = _sum_from_bits(res, linear(choice.config), _shape(src, n)) if linear else None
-        result = Merged(fast) if fast is not None else choice.run(deltas, ctx)
-        del res
+    ctx = _contexts(src)
+    for n in progress(_names(src)):
+        deltas, result = _merged_tensor(src, choice, n, ctx)
         yield n, deltas, result
 
 
@@ -215,6 +230,7 @@ def merge_pack(
     exclusive: Policy | None = None,
     overwrite: bool = False,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    executor: str | Inline | None = None,
 ) -> Pack:
     """Merges the tasks of `pack` with `method` into a new pack at `out`.
 
@@ -227,6 +243,8 @@ def merge_pack(
         shared_codec: codec spec of the shared delta (default "dense:dtype=bf16").
         exclusive: codec policy of the per-task exclusive parts (default: 1-bit signs for
             matrices, dense for vectors).
+        executor: "local" (default: this process), "ray" (groups of tensors on a local Ray),
+            or an executor object (verbs/executor.py); the pack's bytes are the same.
     """
     src = _source(pack)
     choice = parse(method, config)
@@ -234,6 +252,30 @@ def merge_pack(
     policy = exclusive or Policy()
     out = Path(out)
     _check_out(src, out, overwrite)
+    run = executors.resolve(executor)
+    if run is None:
+        acc = _merge_here(src, choice, shared_choice, policy, progress)
+        with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
+            _put(w, src, acc, choice, config, shared_codec, shared_choice, policy)
+        return Pack.open(out)
+    from qmerge.verbs import merge_units
+
+    with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
+        with w.fragments() as scratch:
+            acc = merge_units.merged(
+                run, src, _names(src), choice, shared_choice, policy, scratch, progress, _Out
+            )
+            _put(w, src, acc, choice, config, shared_codec, shared_choice, policy)
+    return Pack.open(out)
+
+
+def _merge_here(
+    src: Pack,
+    choice: MethodChoice,
+    shared_choice: CodecChoice,
+    policy: Policy,
+    progress: Callable[[Iterable], Iterable],
+) -> _Out:
     acc = _Out(tuple(src.tasks))
     for n, deltas, result in _merged(src, choice, progress):
         _encode_tensor(
@@ -247,38 +289,46 @@ def merge_pack(
             policy,
         )
         del deltas, result
+    return acc
+
+
+def _put(
+    w: PackWriter,
+    src: Pack,
+    acc: _Out,
+    choice: MethodChoice,
+    config: Any,
+    shared_codec: str | CodecChoice,
+    shared_choice: CodecChoice,
+    policy: Policy,
+) -> None:
+    """The merged tasks and the shared delta into the new pack's transaction."""
     name = choice.method.name
     has_exclusive = any(
         not codec(e["codec"]).residual.needs_shared
         for table in acc.tables.values()
         for e in table.values()
     )
-    with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
-        for t in acc.tasks:
-            info = src.manifest["tasks"][t]
-            parts = dict(acc.parts.pop(t, {}))
-            parts.update({part_key(h, "head"): v.contiguous() for h, v in src.heads(t).items()})
-            task_entry = {"source": info.get("source", ""), "tensors": acc.tables.get(t, {})}
-            task_entry.update({k: info[k] for k in ("heads", "labels") if k in info})
-            w.put_task(t, parts, task_entry, {"qmerge.merge": name})
-        w.set_shared(
-            acc.shared_parts,
-            {
-                "method": name,
-                "config": config_dict(choice.config),
-                "source": str(src.path),
-                "source_manifest_sha256": hashlib.sha256(
-                    (src.path / mf.NAME).read_bytes()
-                ).hexdigest(),
-                "shared_codec": shared_codec
-                if isinstance(shared_codec, str)
-                else str(shared_choice),
-                "exclusive_policy": config_dict(policy) if has_exclusive else None,
-                "tensors": acc.shared_table,
-            },
-            {"qmerge.merge": name},
-        )
-    return Pack.open(out)
+    for t in acc.tasks:
+        info = src.manifest["tasks"][t]
+        parts = dict(acc.parts.pop(t, {}))
+        parts.update({part_key(h, "head"): v.contiguous() for h, v in src.heads(t).items()})
+        task_entry = {"source": info.get("source", ""), "tensors": acc.tables.get(t, {})}
+        task_entry.update({k: info[k] for k in ("heads", "labels") if k in info})
+        w.put_task(t, parts, task_entry, {"qmerge.merge": name})
+    w.set_shared(
+        acc.shared_parts,
+        {
+            "method": name,
+            "config": config_dict(choice.config),
+            "source": str(src.path),
+            "source_manifest_sha256": hashlib.sha256((src.path / mf.NAME).read_bytes()).hexdigest(),
+            "shared_codec": shared_codec if isinstance(shared_codec, str) else str(shared_choice),
+            "exclusive_policy": config_dict(policy) if has_exclusive else None,
+            "tensors": acc.shared_table,
+        },
+        {"qmerge.merge": name},
+    )
 
 
 def shared_deltas(

@@ -1,0 +1,227 @@
+"""`compress` and `add_task` on an executor (verbs/executor.py): the units of work, what a
+worker does with one, and how the coordinator gets each task's tensors back.
+
+A unit is a group of base tensors (never across the base's shard files, about `UNIT_BYTES` of
+the base each) for every task, so a worker reads the base's part once and each fine-tune's
+matching part once. It encodes them exactly as the one-process path does (`encode_tensor`),
+writes one fragment per task into the transaction's scratch directory and returns only the
+fragments' sizes and hashes and the codec entries. A byte budget (`lowrank:budget_bits`) spans
+a task's tensors: a first pass of units returns each tensor's `plan_item` (its spectrum), the
+coordinator runs `plan_from` over them in the one-process order, and the second pass encodes.
+The coordinator checks every fragment, maps them back into one table of parts per task and
+hands that to the pack writer, so the task file has the bytes the one-process path writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qmerge.codecs import codec
+from qmerge.codecs.encode import threads_matter
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.format.writer import Fragment, open_fragment, write_fragment
+from qmerge.verbs.executor import Inline, failpoint
+from qmerge.verbs.progress import bar
+from qmerge.verbs.tensors import (
+    Options,
+    delta,
+    encode_tensor,
+    plan,
+    plan_groups,
+    release_freed_memory,
+    specs,
+)
+
+UNIT_BYTES = 48 << 20  # of the base per unit: enough units to keep workers busy and balanced
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Some tensors of the base, for every task (plain data: it travels to a worker)."""
+
+    index: int
+    base: str
+    tasks: tuple[tuple[str, str], ...]  # (task, fine-tune path)
+    names: tuple[str, ...]
+    opts: Options  # without calibration inputs: `calib` holds this unit's rows
+    calib: Mapping[str, Mapping[str, Tensor]]  # task -> tensor -> calibration rows
+    planned: Mapping[str, Mapping[str, dict | None]]  # task -> tensor -> budget keywords
+    scratch: str
+    items_only: bool = False  # the planning pass: return plan items, encode nothing
+    nbytes: int = 0  # of the base (the largest units are sent first)
+    threads: int = 1  # intra-op threads (the planner's where a codec's bytes depend on it)
+
+
+def partition(base: Checkpoint, names: list[str], target: int | None = None) -> list[list[str]]:
+    """Groups of `names` (sorted) that stay within one shard file, cut at `target` bytes
+    (default `UNIT_BYTES`)."""
+    target = UNIT_BYTES if target is None else target
+    by_file: dict[object, list[str]] = {}
+    for n in sorted(names):
+        by_file.setdefault(base.file_of(n), []).append(n)
+    groups: list[list[str]] = []
+    for members in by_file.values():
+        group: list[str] = []
+        size = 0
+        for n in members:
+            nbytes = _nbytes(base, n)
+            if group and size + nbytes > target:
+                groups.append(group)
+                group, size = [], 0
+            group.append(n)
+            size += nbytes
+        groups.append(group)
+    return [g for g in groups if g]
+
+
+def _nbytes(ckpt: Checkpoint, n: str) -> int:
+    count = 1
+    for d in ckpt.shape(n):
+        count *= d
+    return count * ckpt.dtype(n).itemsize
+
+
+def run(unit: Unit) -> dict:
+    """A worker's part: encode (or, with `items_only`, plan) the unit's tensors of every task."""
+    base = Checkpoint(unit.base)
+    fts = {t: Checkpoint(p) for t, p in unit.tasks}
+    rows = {t: plan(base, ft, unit.opts) for t, ft in fts.items()}
+    if unit.items_only:
+        return _items(unit, base, fts, rows)
+    parts: dict[str, dict[str, Tensor]] = {t: {} for t in fts}
+    tables: dict[str, dict[str, dict]] = {t: {} for t in fts}
+    for n in unit.names:
+        for t, ft in fts.items():
+            if n not in rows[t]:
+                continue
+            spec = specs(t, base, unit.opts, [n])[n]
+            stored, tables[t][n] = encode_tensor(
+                n,
+                base,
+                ft,
+                spec,
+                rows[t][n],
+                unit.opts.policy.skip_below,
+                unit.calib.get(t, {}).get(n),
+                unit.planned.get(t),
+            )
+            parts[t].update(stored)
+            del stored
+        release_freed_memory()
+    fragments: dict[str, Fragment] = {}
+    for t in fts:
+        fragments[t] = write_fragment(unit.scratch, f"{t}/{unit.index:06d}.safetensors", parts[t])
+        failpoint(unit.index)  # (a test's worker dies here, one task written)
+    return {"fragments": fragments, "tables": tables}
+
+
+def _items(unit: Unit, base: Checkpoint, fts: dict[str, Checkpoint], rows) -> dict:
+    out: dict[str, dict[str, object]] = {t: {} for t in fts}
+    for t, ft in fts.items():
+        spec = specs(t, base, unit.opts, [n for n in unit.names if n in rows[t]])
+        for choice, names in plan_groups(spec).items():
+            residual = codec(choice.name).residual
+            for n in names:
+                out[t][n] = residual.plan_item(choice.config, delta(base, ft, n, rows[t][n]))
+                release_freed_memory()
+    return {"items": out}
+
+
+def _bar(label: str, show: bool, units: list[Unit]):
+    return lambda it: bar(it, show, label, total=len(units), unit="unit")
+
+
+def _budget_plans(
+    executor: Inline, template: Unit, groups: list[list[str]], base: Checkpoint, fts, show: bool
+) -> dict[str, dict[str, dict | None]]:
+    """Pass 1 for codecs whose config spans tensors: every tensor's plan item from the
+    workers, then each task's plan over them in the one-process order."""
+    planned: dict[str, dict[str, dict | None]] = {t: {} for t in fts}
+    need = {
+        t: plan_groups(specs(t, base, template.opts, plan(base, ft, template.opts)))
+        for t, ft in fts.items()
+    }
+    wanted = {n for g in need.values() for names in g.values() for n in names}
+    if not wanted:
+        return planned
+    threads = torch.get_num_threads()  # spectra are SVDs: their bytes depend on it
+    units = [
+        dataclasses.replace(
+            template,
+            index=i,
+            names=tuple(n for n in g if n in wanted),
+            items_only=True,
+            threads=threads,
+        )
+        for i, g in enumerate(groups)
+        if any(n in wanted for n in g)
+    ]
+    results = executor.map(run, units, Path(template.scratch), _bar("plan budgets", show, units))
+    items: dict[str, dict[str, object]] = {t: {} for t in fts}
+    for r in results:
+        for t, got in r["items"].items():
+            items[t].update(got)
+    for t, groups_of_t in need.items():
+        for choice, names in groups_of_t.items():
+            residual = codec(choice.name).residual
+            planned[t].update(residual.plan_from(choice.config, [(n, items[t][n]) for n in names]))
+    return planned
+
+
+def _threads(names: list[str], base: Checkpoint, fts, opts: Options) -> int:
+    """1, or this process's intra-op thread count if some tensor's codec depends on it."""
+    choices = {c for t in fts for _, c in specs(t, base, opts, names).values()}
+    return torch.get_num_threads() if any(threads_matter(c) for c in choices) else 1
+
+
+def encode_all(
+    executor: Inline, base: Checkpoint, fts: Mapping[str, Checkpoint], opts: Options, scratch: Path
+) -> dict[str, tuple[dict[str, Tensor], dict[str, dict]]]:
+    """Every task's (parts, codec table), as `encode_task` gives them, from units run on
+    `executor`; the parts are views of the checked fragment files under `scratch`."""
+    names = sorted({n for ft in fts.values() for n in plan(base, ft, opts)})
+    groups = partition(base, names)
+    calib_of = {t: opts.calib_inputs.get(t, opts.calib or {}) for t in fts}
+    light = dataclasses.replace(opts, calib=None, calib_inputs={}, calib_texts=None, progress=False)
+    template = Unit(
+        0,
+        str(base.path),
+        tuple((t, str(ft.path)) for t, ft in fts.items()),
+        (),
+        light,
+        {},
+        {},
+        str(scratch),
+    )
+    planned = _budget_plans(executor, template, groups, base, fts, opts.progress)
+    units = [
+        dataclasses.replace(
+            template,
+            index=i,
+            names=tuple(g),
+            calib={t: {n: c[n] for n in g if n in c} for t, c in calib_of.items()},
+            planned={t: {n: p[n] for n in g if n in p} for t, p in planned.items()},
+            nbytes=sum(_nbytes(base, n) for n in g),
+            threads=_threads(g, base, fts, opts),
+        )
+        for i, g in enumerate(groups)
+    ]
+    order = sorted(units, key=lambda u: -u.nbytes)  # largest first: the last to finish is small
+    done = executor.map(run, order, scratch, _bar("compress", opts.progress, order))
+    results = sorted(zip((u.index for u in order), done, strict=True))
+    out: dict[str, tuple[dict[str, Tensor], dict[str, dict]]] = {}
+    for t in fts:
+        parts: dict[str, Tensor] = {}
+        table: dict[str, dict] = {}
+        for _, r in results:
+            f = open_fragment(scratch, r["fragments"][t])
+            parts.update({k: f.get(k) for k in f.keys()})
+            table.update(r["tables"][t])
+        out[t] = (parts, dict(sorted(table.items())))
+    return out
