@@ -22,6 +22,7 @@ newer format) is reported as one line on stderr with exit status 1, and changes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -63,8 +64,12 @@ def _fail(verb: str, message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Ray's driver prints its workers' failures ("(raylet) A worker died ...") on stdout; with
+    # --json, stdout holds only the answer, so during the work it goes to stderr.
+    shield = getattr(args, "json", False) and getattr(args, "executor", "local") == "ray"
     try:
-        result = args.handler(args)
+        with contextlib.redirect_stdout(sys.stderr) if shield else contextlib.nullcontext():
+            result = args.handler(args)
     except QmergeError as e:
         return _fail(args.verb, str(e))
     except OSError as e:  # disk full, a path under a file, a directory where a file goes, ...

@@ -60,3 +60,33 @@ def policy(path: str | None, codec: str) -> Policy:
 
 def fmt_db(db: float | None) -> str:
     return "exact" if db is None else f"{db:.1f} dB"
+
+
+def add_executor(p: argparse.ArgumentParser) -> None:
+    """--executor, --ray-address, --workers: where a compress, add-task or merge runs."""
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: groups of tensors as Ray tasks, on a local "
+        "Ray or the cluster at --ray-address (same bytes; needs ray, see README)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster ('auto': the one `ray start` runs here) instead of "
+        "starting a local Ray",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="units in flight at once with --executor ray (default: the cluster's CPUs)",
+    )
+
+
+def executor(args: argparse.Namespace):
+    """The executor the flags ask for (None: local), with its report for --json."""
+    from qmerge.verbs.executor import resolve
+
+    return resolve(args.executor, args.ray_address, args.workers)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from qmerge.cli.common import add_output, policy, progress
+from qmerge.cli.common import add_executor, add_output, executor, policy, progress
 from qmerge.codecs.base import key_values
 from qmerge.merge import METHODS
 from qmerge.merge.base import choose
@@ -31,6 +31,7 @@ def _methods_help() -> str:
 def merge(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     choice = choose(args.method, key_values(args.option, "--option"))
+    run = executor(args)
     merge_pack(
         args.pack,
         args.out,
@@ -38,10 +39,12 @@ def merge(args: argparse.Namespace) -> dict:
         shared_codec=args.shared_codec,
         exclusive=policy(args.exclusive_policy, args.exclusive_codec),
         overwrite=args.overwrite,
-        progress=progress(args, f"merge ({args.method})"),
+        progress=progress(args, f"merge ({args.method})", "tensor" if run is None else "unit"),
+        executor=run,
     )
     result = inspect(args.out, worst=3)
     result["seconds"] = time.perf_counter() - t0
+    result["executor"] = run.report.as_dict() if run is not None else {"executor": "local"}
     if not args.json:
         m = result["merge"]
         print(
@@ -101,5 +104,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="JSON codec policy of the exclusive parts (as compress --policy)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at --out")
+    add_executor(p)
     add_output(p)
     p.set_defaults(handler=merge)

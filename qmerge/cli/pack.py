@@ -6,7 +6,17 @@ import argparse
 import time
 from pathlib import Path
 
-from qmerge.cli.common import add_output, fmt_db, name_path, named, policy, positive_int, progress
+from qmerge.cli.common import (
+    add_executor,
+    add_output,
+    executor,
+    fmt_db,
+    name_path,
+    named,
+    policy,
+    positive_int,
+    progress,
+)
 from qmerge.codecs import CODECS
 from qmerge.errors import ConfigError
 from qmerge.format.safetensors_io import SafetensorsFile
@@ -114,6 +124,7 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         help="keep fine-tune tensors matching GLOB that the base lacks (a task head, "
         "e.g. 'classifier.*') per task, as they are (repeatable)",
     )
+    add_executor(p)
     add_output(p)
 
 
@@ -172,31 +183,39 @@ def print_inspect(r: dict) -> None:
             print(f"    worst: {w['tensor']} ({w['codec']}) {fmt_db(w['sqnr_db'])}")
 
 
-def _written(args: argparse.Namespace, pack: Path, t0: float) -> dict:
+def _written(args: argparse.Namespace, pack: Path, t0: float, run=None) -> dict:
     result = inspect(pack, worst=3)
     result["seconds"] = time.perf_counter() - t0
+    result["executor"] = run.report.as_dict() if run is not None else {"executor": "local"}
     if not args.json:
         print_inspect(result)
-        print(f"{args.verb}: done in {result['seconds']:.1f} s")
+        how = ""
+        if run is not None:
+            r = run.report
+            how = f" ({r.units} units on {r.workers} Ray workers, {r.retries} retried)"
+        print(f"{args.verb}: done in {result['seconds']:.1f} s{how}")
     return result
 
 
 def cmd_compress(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
+    run = executor(args)
     compress(
         args.base,
         named(args.tasks, "--task"),
         args.out,
         opts=_options(args),
         overwrite=args.overwrite,
+        executor=run,
     )
-    return _written(args, args.out, t0)
+    return _written(args, args.out, t0, run)
 
 
 def cmd_add_task(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
-    add_task(args.pack, args.base, named(args.tasks, "--task"), opts=_options(args))
-    return _written(args, args.pack, t0)
+    run = executor(args)
+    add_task(args.pack, args.base, named(args.tasks, "--task"), opts=_options(args), executor=run)
+    return _written(args, args.pack, t0, run)
 
 
 def cmd_remove_task(args: argparse.Namespace) -> dict:

@@ -50,19 +50,32 @@ def check_choice(cls_name: str, field: str, value: object, choices: tuple) -> No
 _CHUNK = 1 << 20  # elements per block of the fp64 reductions below
 
 
+def exact_sum(t: Tensor) -> float:
+    """The sum of a tensor's values rounded once (math.fsum), so it does not depend on how
+    many threads summed it (a distributed compress must write the same bytes and figures)."""
+    return math.fsum(t.reshape(-1).double().tolist())
+
+
+_ROW = 4096  # width of the rows a block is summed in: below torch's parallel grain size
+
+
 def sq_sum(t: Tensor, minus: Tensor | None = None) -> float:
     """sum((t - minus)^2) accumulated in fp64, a block of rows at a time, so a large tensor
-    never gets a full-size fp64 temporary (a 113 MB embedding would need 226 MB per copy)."""
+    never gets a full-size fp64 temporary (a 113 MB embedding would need 226 MB per copy).
+    Each block is summed in rows of `_ROW` values (one thread each, a fixed order) and the row
+    sums with `exact_sum`: the result does not depend on the intra-op thread count."""
     a = as_matrix(t)
     b = None if minus is None else as_matrix(minus)
     step = max(1, _CHUNK // max(a.shape[1], 1))
-    total = 0.0
+    total: list[float] = []
     for i in range(0, a.shape[0], step):
         block = a[i : i + step].double()
         if b is not None:
             block -= b[i : i + step]
-        total += float(block.pow_(2).sum())
-    return total
+        flat = block.pow_(2).reshape(-1)
+        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % _ROW))
+        total.append(exact_sum(flat.view(-1, _ROW).sum(1)))
+    return math.fsum(total)
 
 
 class Residual:

@@ -28,6 +28,7 @@ from qmerge.codecs.base import (
     Residual,
     as_matrix,
     check_choice,
+    exact_sum,
     expect_part,
     register,
     sq_sum,
@@ -148,7 +149,7 @@ class SignResidual(Residual):
             sums[a : a + step] = _group_abs_sums(block, groups)
         counts = _group_counts(cols, groups)
         if cfg.granularity == "tensor":
-            scales = (sums.sum() / (out * cols)).reshape(1, 1)
+            scales = torch.tensor([[exact_sum(sums) / (out * cols)]], dtype=torch.float64)
         else:
             scales = sums / counts
         calibrated = False
