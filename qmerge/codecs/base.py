@@ -56,26 +56,43 @@ def exact_sum(t: Tensor) -> float:
     return math.fsum(t.reshape(-1).double().tolist())
 
 
-_ROW = 4096  # width of the rows a block is summed in: below torch's parallel grain size
+_RUN = 4096  # the most values of a row summed as one run: below torch's parallel grain size
 
 
-def sq_sum(t: Tensor, minus: Tensor | None = None) -> float:
-    """sum((t - minus)^2) accumulated in fp64, a block of rows at a time, so a large tensor
-    never gets a full-size fp64 temporary (a 113 MB embedding would need 226 MB per copy).
-    Each block is summed in rows of `_ROW` values (one thread each, a fixed order) and the row
-    sums with `exact_sum`: the result does not depend on the intra-op thread count."""
+def sq_chunks(t: Tensor, minus: Tensor | None = None) -> Tensor:
+    """fp64 sums of (t - minus)^2 over runs of each row of the matrix form (a row of `cols`
+    values is cut into runs of at most `_RUN`; the last one is padded with zeros), row-major.
+    A run is summed by one thread in a fixed order, and which runs exist depends only on the
+    row, so the sums are the same at any thread count and for any slice of rows (a Ray unit
+    that encodes some rows of an embedding). Blockwise over rows: no full fp64 temporary.
+    The result is allocated first: small tensors left between the blocks' freed buffers pin
+    them in glibc's heap (+196 MB over SmolLM2's embedding, measured)."""
     a = as_matrix(t)
     b = None if minus is None else as_matrix(minus)
-    step = max(1, _CHUNK // max(a.shape[1], 1))
-    total: list[float] = []
-    for i in range(0, a.shape[0], step):
+    rows, cols = a.shape
+    width = min(cols, _RUN) or 1
+    runs = -(-cols // width)
+    out = torch.empty(rows * runs, dtype=torch.float64)
+    step = max(1, _CHUNK // max(cols, 1))
+    for i in range(0, rows, step):
         block = a[i : i + step].double()
         if b is not None:
             block -= b[i : i + step]
-        flat = block.pow_(2).reshape(-1)
-        flat = torch.nn.functional.pad(flat, (0, -flat.numel() % _ROW))
-        total.append(exact_sum(flat.view(-1, _ROW).sum(1)))
-    return math.fsum(total)
+        block = block.pow_(2)
+        if runs * width != cols:
+            block = torch.nn.functional.pad(block, (0, runs * width - cols))
+        n = block.shape[0] * runs
+        torch.sum(
+            block.reshape(-1, runs, width), -1, out=out[i * runs : i * runs + n].view(-1, runs)
+        )
+        del block
+    return out
+
+
+def sq_sum(t: Tensor, minus: Tensor | None = None) -> float:
+    """sum((t - minus)^2), from `sq_chunks` rounded once: the same at any thread count (a
+    local and a Ray compress write the same SQNR in the manifest)."""
+    return exact_sum(sq_chunks(t, minus))
 
 
 class Residual:
@@ -155,8 +172,19 @@ class Residual:
         return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     def error_energy(self, delta: Tensor) -> float:
-        """sum((delta - dequantize())^2) in fp64."""
-        return sq_sum(delta, self.dequantize(torch.float32))
+        """sum((delta - dequantize())^2) in fp64 (`error_chunks` rounded once)."""
+        return exact_sum(self.error_chunks(delta))
+
+    def error_chunks(self, delta: Tensor) -> Tensor:
+        """The error's `sq_chunks` (what slices of rows add up exactly)."""
+        return sq_chunks(delta, self.dequantize(torch.float32))
+
+    @classmethod
+    def rows_independent(cls, cfg: Any) -> bool:
+        """Whether each row of the matrix form is encoded from that row alone, every part
+        having the rows as its first dimension: then slices of rows encoded apart and
+        concatenated are the same bytes as the whole (a Ray unit can take some rows)."""
+        return False
 
 
 def sqnr_db(signal_energy: float, error_energy: float) -> float | None:

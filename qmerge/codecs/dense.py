@@ -51,5 +51,9 @@ class DenseResidual(Residual):
     def parts(self) -> dict[str, Tensor]:
         return {"delta": self.delta}
 
+    @classmethod
+    def rows_independent(cls, cfg: DenseConfig) -> bool:
+        return True
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.delta.to(dtype)

@@ -63,10 +63,37 @@ def entry(
     info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The table entry of `res` encoding `delta`: bytes of what is `stored`, SQNR, info."""
+    signal, error = sq_sum(delta), res.error_energy(delta)
+    return entry_of(
+        res.codec,
+        cfg,
+        kind,
+        shape,
+        dtype,
+        delta.numel(),
+        stored,
+        signal,
+        error,
+        res.info() | (info or {}),
+    )
+
+
+def entry_of(
+    codec_name: str,
+    cfg: Any,
+    kind: str,
+    shape: list[int],
+    dtype: str,
+    numel: int,
+    stored: dict[str, Tensor],
+    signal: float,
+    error: float,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """The table entry from its figures (`entry`, or the slices of a tensor put together)."""
     nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-    numel = delta.numel()
     return {
-        "codec": res.codec,
+        "codec": codec_name,
         "config": config_dict(cfg),
         "module_type": kind,
         "shape": list(shape),
@@ -74,6 +101,6 @@ def entry(
         "params": numel,
         "bytes": nbytes,
         "bits_per_param": nbytes * 8 / numel if numel else 0.0,
-        "sqnr_db": sqnr_db(sq_sum(delta), res.error_energy(delta)),
-        "info": res.info() | (info or {}),
+        "sqnr_db": sqnr_db(signal, error),
+        "info": info,
     }

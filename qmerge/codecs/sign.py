@@ -31,7 +31,7 @@ from qmerge.codecs.base import (
     exact_sum,
     expect_part,
     register,
-    sq_sum,
+    sq_chunks,
 )
 from qmerge.codecs.runtime import SignForm
 from qmerge.errors import ConfigError
@@ -208,12 +208,22 @@ class SignResidual(Residual):
         out = self.signs.shape[0]
         return self._rows(0, out).to(dtype).reshape(self.shape)
 
-    def error_energy(self, delta: Tensor) -> float:
+    def error_chunks(self, delta: Tensor) -> Tensor:
         m = as_matrix(delta.float())
         out, cols = m.shape
         step = max(1, _CHUNK // max(cols, 1))
-        total = 0.0
-        for a in range(0, out, step):
+        if out == 0:
+            return sq_chunks(m)
+        first = sq_chunks(m[:step], self._rows(0, min(out, step)))
+        per_row = first.numel() // min(out, step)
+        chunks = torch.empty(out * per_row, dtype=torch.float64)  # first: see sq_chunks
+        chunks[: first.numel()] = first
+        del first
+        for a in range(step, out, step):
             b = min(out, a + step)
-            total += sq_sum(m[a:b], self._rows(a, b))
-        return total
+            chunks[a * per_row : b * per_row] = sq_chunks(m[a:b], self._rows(a, b))
+        return chunks
+
+    @classmethod
+    def rows_independent(cls, cfg: SignConfig) -> bool:
+        return cfg.granularity != "tensor" and not cfg.calibrate

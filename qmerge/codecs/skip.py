@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qmerge.codecs.base import Residual, register, sq_sum
+from qmerge.codecs.base import Residual, register, sq_chunks
 
 
 @dataclass(frozen=True)
@@ -50,5 +50,9 @@ class SkipResidual(Residual):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.zeros(self.shape, dtype=dtype)
 
-    def error_energy(self, delta: Tensor) -> float:
-        return sq_sum(delta)
+    def error_chunks(self, delta: Tensor) -> Tensor:
+        return sq_chunks(delta)
+
+    @classmethod
+    def rows_independent(cls, cfg: SkipConfig) -> bool:
+        return True

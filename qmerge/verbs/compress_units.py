@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmerge.codecs import codec
+from qmerge.codecs import CODECS, codec
 from qmerge.codecs.encode import threads_matter
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.writer import Fragment, open_fragment, write_fragment
@@ -31,7 +31,9 @@ from qmerge.verbs.progress import bar
 from qmerge.verbs.tensors import (
     Options,
     delta,
+    encode_rows,
     encode_tensor,
+    join_rows,
     plan,
     plan_groups,
     release_freed_memory,
@@ -56,28 +58,38 @@ class Unit:
     items_only: bool = False  # the planning pass: return plan items, encode nothing
     nbytes: int = 0  # of the base (the largest units are sent first)
     threads: int = 1  # intra-op threads (the planner's where a codec's bytes depend on it)
+    rows: tuple[int, int] | None = None  # a slice of rows of the one tensor in `names`
 
 
-def partition(base: Checkpoint, names: list[str], target: int | None = None) -> list[list[str]]:
+def partition(
+    base: Checkpoint, names: list[str], target: int | None = None, splittable=lambda n: False
+) -> list[tuple[list[str], tuple[int, int] | None]]:
     """Groups of `names` (sorted) that stay within one shard file, cut at `target` bytes
-    (default `UNIT_BYTES`)."""
+    (default `UNIT_BYTES`); a tensor larger than that for which `splittable(name)` holds (a
+    large embedding under a row-wise codec) becomes slices of rows, one unit each."""
     target = UNIT_BYTES if target is None else target
     by_file: dict[object, list[str]] = {}
     for n in sorted(names):
         by_file.setdefault(base.file_of(n), []).append(n)
-    groups: list[list[str]] = []
+    groups: list[tuple[list[str], tuple[int, int] | None]] = []
     for members in by_file.values():
         group: list[str] = []
         size = 0
         for n in members:
             nbytes = _nbytes(base, n)
+            if nbytes > target and len(base.shape(n)) >= 2 and splittable(n):
+                rows = base.shape(n)[0]
+                step = max(1, rows * target // nbytes)
+                groups += [([n], (a, min(rows, a + step))) for a in range(0, rows, step)]
+                continue
             if group and size + nbytes > target:
-                groups.append(group)
+                groups.append((group, None))
                 group, size = [], 0
             group.append(n)
             size += nbytes
-        groups.append(group)
-    return [g for g in groups if g]
+        if group:
+            groups.append((group, None))
+    return groups
 
 
 def _nbytes(ckpt: Checkpoint, n: str) -> int:
@@ -96,21 +108,26 @@ def run(unit: Unit) -> dict:
         return _items(unit, base, fts, rows)
     parts: dict[str, dict[str, Tensor]] = {t: {} for t in fts}
     tables: dict[str, dict[str, dict]] = {t: {} for t in fts}
+    slices: dict[str, dict[str, tuple[int, dict]]] = {t: {} for t in fts}
     for n in unit.names:
         for t, ft in fts.items():
             if n not in rows[t]:
                 continue
             spec = specs(t, base, unit.opts, [n])[n]
-            stored, tables[t][n] = encode_tensor(
-                n,
-                base,
-                ft,
-                spec,
-                rows[t][n],
-                unit.opts.policy.skip_below,
-                unit.calib.get(t, {}).get(n),
-                unit.planned.get(t),
-            )
+            if unit.rows is not None:
+                stored, figures = encode_rows(n, base, ft, spec, unit.rows)
+                slices[t][n] = (unit.rows[0], figures)
+            else:
+                stored, tables[t][n] = encode_tensor(
+                    n,
+                    base,
+                    ft,
+                    spec,
+                    rows[t][n],
+                    unit.opts.policy.skip_below,
+                    unit.calib.get(t, {}).get(n),
+                    unit.planned.get(t),
+                )
             parts[t].update(stored)
             del stored
         release_freed_memory()
@@ -118,7 +135,26 @@ def run(unit: Unit) -> dict:
     for t in fts:
         fragments[t] = write_fragment(unit.scratch, f"{t}/{unit.index:06d}.safetensors", parts[t])
         failpoint(unit.index)  # (a test's worker dies here, one task written)
-    return {"fragments": fragments, "tables": tables}
+    return {"fragments": fragments, "tables": tables, "slices": slices}
+
+
+def _splittable(base: Checkpoint, fts: Mapping[str, Checkpoint], opts: Options):
+    """Whether a tensor may be cut into slices of rows: every task encodes it whole with a
+    row-wise codec (`Residual.rows_independent`), without grown rows, calibration or a plan."""
+    extra = {t: plan(base, ft, opts) for t, ft in fts.items()}
+
+    def ok(n: str) -> bool:
+        for t in fts:
+            if extra[t].get(n, 0) or n in opts.calib_inputs.get(t, opts.calib or {}):
+                return False
+            _, choice = specs(t, base, opts, [n])[n]
+            if choice.name not in CODECS or not codec(choice.name).residual.rows_independent(
+                choice.config
+            ):
+                return False
+        return True
+
+    return ok
 
 
 def _items(unit: Unit, base: Checkpoint, fts: dict[str, Checkpoint], rows) -> dict:
@@ -186,7 +222,7 @@ def encode_all(
     """Every task's (parts, codec table), as `encode_task` gives them, from units run on
     `executor`; the parts are views of the checked fragment files under `scratch`."""
     names = sorted({n for ft in fts.values() for n in plan(base, ft, opts)})
-    groups = partition(base, names)
+    groups = partition(base, names, splittable=_splittable(base, fts, opts))
     calib_of = {t: opts.calib_inputs.get(t, opts.calib or {}) for t in fts}
     light = dataclasses.replace(opts, calib=None, calib_inputs={}, calib_texts=None, progress=False)
     template = Unit(
@@ -199,7 +235,8 @@ def encode_all(
         {},
         str(scratch),
     )
-    planned = _budget_plans(executor, template, groups, base, fts, opts.progress)
+    whole = [g for g, r in groups if r is None]  # (a planned tensor is never cut)
+    planned = _budget_plans(executor, template, whole, base, fts, opts.progress)
     units = [
         dataclasses.replace(
             template,
@@ -207,21 +244,42 @@ def encode_all(
             names=tuple(g),
             calib={t: {n: c[n] for n in g if n in c} for t, c in calib_of.items()},
             planned={t: {n: p[n] for n in g if n in p} for t, p in planned.items()},
-            nbytes=sum(_nbytes(base, n) for n in g),
+            nbytes=_unit_bytes(base, g, r),
+            rows=r,
             threads=_threads(g, base, fts, opts),
         )
-        for i, g in enumerate(groups)
+        for i, (g, r) in enumerate(groups)
     ]
     order = sorted(units, key=lambda u: -u.nbytes)  # largest first: the last to finish is small
     done = executor.map(run, order, scratch, _bar("compress", opts.progress, order))
     results = sorted(zip((u.index for u in order), done, strict=True))
-    out: dict[str, tuple[dict[str, Tensor], dict[str, dict]]] = {}
-    for t in fts:
-        parts: dict[str, Tensor] = {}
-        table: dict[str, dict] = {}
-        for _, r in results:
-            f = open_fragment(scratch, r["fragments"][t])
-            parts.update({k: f.get(k) for k in f.keys()})
+    return {t: _gather(t, base, ft, opts, results, scratch) for t, ft in fts.items()}
+
+
+def _unit_bytes(base: Checkpoint, names: list[str], rows: tuple[int, int] | None) -> int:
+    if rows is None:
+        return sum(_nbytes(base, n) for n in names)
+    return _nbytes(base, names[0]) * (rows[1] - rows[0]) // base.shape(names[0])[0]
+
+
+def _gather(
+    t: str, base: Checkpoint, ft: Checkpoint, opts: Options, results: list, scratch: Path
+) -> tuple[dict[str, Tensor], dict[str, dict]]:
+    """One task's parts (views of its checked fragments) and codec table, slices joined."""
+    parts: dict[str, Tensor] = {}
+    table: dict[str, dict] = {}
+    pieces: dict[str, list] = {}
+    for _, r in results:
+        f = open_fragment(scratch, r["fragments"][t])
+        views = {k: f.get(k) for k in f.keys()}
+        if r["slices"][t]:
+            [(n, (start, figures))] = r["slices"][t].items()
+            pieces.setdefault(n, []).append((start, views, figures))
+        else:
+            parts.update(views)
             table.update(r["tables"][t])
-        out[t] = (parts, dict(sorted(table.items())))
-    return out
+    for n, got in pieces.items():
+        spec = specs(t, base, opts, [n])[n]
+        stored, table[n] = join_rows(n, base, ft, spec, got, opts.policy.skip_below)
+        parts.update(stored)
+    return parts, dict(sorted(table.items()))

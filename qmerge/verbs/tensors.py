@@ -8,6 +8,7 @@ tensor. `plan` checks every tensor name and shape against the base before anythi
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import json
 import math
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor
 
 from qmerge.codecs import CODECS, codec
-from qmerge.codecs.base import CodecChoice
-from qmerge.codecs.encode import encode
+from qmerge.codecs.base import CodecChoice, exact_sum, sq_chunks
+from qmerge.codecs.encode import amax, encode, entry_of
 from qmerge.codecs.encode import entry as table_entry
 from qmerge.codecs.policy import Policy
 from qmerge.codecs.skip import SkipConfig, SkipResidual
@@ -128,33 +129,32 @@ def plan(base: Checkpoint, ft: Checkpoint, opts: Options) -> dict[str, int]:
     return extra_rows
 
 
-def _libc_trim():
+def _glibc_trim():
+    """glibc's malloc_trim, or None where it is missing (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        import ctypes
-
         return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
+    except (OSError, AttributeError):
         return None
 
 
-_TRIM = _libc_trim() if sys.platform.startswith("linux") else None
-
-
-_TRIM_EVERY = 16
+_TRIM = _glibc_trim()
+TRIM_EVERY = 8
 _calls = [0]
 
 
 def release_freed_memory(now: bool = False) -> None:
-    """Hands freed heap pages back to the OS: every `_TRIM_EVERY`-th call (one per encoded
+    """Hands freed heap pages back to the OS: at every `TRIM_EVERY`-th call (one per encoded
     tensor), or `now`. glibc keeps the blocks of freed tensors (once its dynamic mmap
     threshold has grown) and fragments between the parts a task keeps, so without this the
     process's memory creeps up by several tensors over a model; measured on 12 tensors of
-    4 MiB: +100 MiB for 24 MiB of live output, +24 MiB with it. Not after every tensor: pages
-    handed back are faulted in again, zero-filled, by the next tensor's buffers; trimming
-    every tensor made compressing 4 SmolLM2-135M fine-tunes take 12.3 s (peak RssAnon 340 MB),
-    every 16th 7.2 s (353 MB), never 4.0 s (775 MB)."""
+    4 MiB: +100 MiB for 24 MiB of live output, +24 MiB with it. Not after every tensor: the
+    pages handed back are faulted in again, zero-filled, by the next tensor's buffers.
+    Compressing 4 SmolLM2-135M fine-tunes took 11.9 s trimming after every tensor, 8.1 s
+    after every 8th (peak RssAnon 346 and 347 MB); never trimming: 4.0 s and 775 MB."""
     _calls[0] += 1
-    if _TRIM is not None and (now or _calls[0] % _TRIM_EVERY == 0):
+    if _TRIM is not None and (now or _calls[0] % TRIM_EVERY == 0):
         _TRIM(0)
 
 
@@ -170,23 +170,74 @@ def _all_finite(d: Tensor) -> bool:
     )
 
 
-def delta(base: Checkpoint, ft: Checkpoint, name: str, extra: int) -> Tensor:
-    """The fp32 delta of one tensor (checked finite), as the encoder sees it."""
-    f = ft.get(name)
+def delta(
+    base: Checkpoint, ft: Checkpoint, name: str, extra: int, rows: tuple[int, int] | None = None
+) -> Tensor:
+    """The fp32 delta of one tensor (checked finite), as the encoder sees it; with `rows`
+    (a, b), only those rows (of a tensor the fine-tune does not grow)."""
+    f, b = ft.get(name), base.get(name)
     if extra:
         f = f[: f.shape[0] - extra]
+    first = 0
+    if rows is not None:
+        first = rows[0]
+        f, b = f[rows[0] : rows[1]], b[rows[0] : rows[1]]
     d = f.to(torch.float32, copy=True)  # our own copy: never write into the mapped file
-    d.sub_(base.get(name))
+    d.sub_(b)
     if not _all_finite(d):
         i = int((~torch.isfinite(d)).reshape(-1).nonzero()[0])
         idx = list(torch.unravel_index(torch.tensor(i), d.shape)) if d.dim() else []
         where = [int(k) for k in idx]
-        fv, bv = float(f.reshape(-1)[i]), float(base.get(name).reshape(-1)[i])
+        if where:
+            where[0] += first
+        fv, bv = float(f.reshape(-1)[i]), float(b.reshape(-1)[i])
         raise CheckpointError(
             f"{ft.path}: tensor '{name}': the delta is not finite at index "
             f"{where} (fine-tune {fv}, base {bv}); nothing was written"
         )
     return d
+
+
+def encode_rows(
+    n: str, base: Checkpoint, ft: Checkpoint, spec: tuple[str, CodecChoice], rows: tuple[int, int]
+) -> tuple[dict[str, Tensor], dict]:
+    """Rows [a, b) of one tensor through a codec whose rows are independent
+    (`Residual.rows_independent`): (their stored parts, the figures `join_rows` needs)."""
+    d = delta(base, ft, n, 0, rows)
+    _, (name, cfg) = spec
+    res = codec(name).residual.from_dense(d, cfg)
+    stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
+    figures = {
+        "amax": amax(d),
+        "signal": sq_chunks(d),
+        "error": res.error_chunks(d),
+        "info": res.info(),
+        "params": d.numel(),
+    }
+    return stored, figures
+
+
+def join_rows(
+    n: str,
+    base: Checkpoint,
+    ft: Checkpoint,
+    spec: tuple[str, CodecChoice],
+    pieces: list[tuple[int, dict[str, Tensor], dict]],
+    skip_below: float,
+) -> tuple[dict[str, Tensor], dict]:
+    """The slices of one tensor (row start, stored parts, figures) put together: the stored
+    parts and the entry that `encode_tensor` gives for the whole tensor, to the byte."""
+    pieces = sorted(pieces, key=lambda p: p[0])
+    kind, (name, cfg) = spec
+    signal = exact_sum(torch.cat([f["signal"] for _, _, f in pieces]))
+    numel = sum(f["params"] for _, _, f in pieces)
+    shape, dtype = list(base.shape(n)), dtype_name(ft.dtype(n))
+    if max(f["amax"] for _, _, f in pieces) <= skip_below:  # as `encode` decides, whole
+        return {}, entry_of("skip", SkipConfig(), kind, shape, dtype, numel, {}, signal, signal, {})
+    stored = {k: torch.cat([p[k] for _, p, _ in pieces]) for k in pieces[0][1]}
+    error = exact_sum(torch.cat([f["error"] for _, _, f in pieces]))
+    info = pieces[0][2]["info"]
+    return stored, entry_of(name, cfg, kind, shape, dtype, numel, stored, signal, error, info)
 
 
 def labels(ft: Checkpoint) -> list[str] | None:

@@ -76,6 +76,40 @@ def test_ray_writes_the_bytes_of_one_process_for_every_codec(models, small_units
     assert run.report.units >= 4 and run.report.retries == 0 and run.report.workers == 2
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [
+        qmerge.Policy(),
+        qmerge.Policy(codec="sign:granularity=group,group_size=8"),
+        qmerge.Policy(codec="dense:dtype=fp32", skip_below=0.02),
+    ],
+    ids=["sign", "sign-group", "dense-skip"],
+)
+def test_large_tensors_cut_into_row_slices_give_the_same_bytes(models, small_units, policy):
+    """The embedding and the MLP matrices are larger than a unit: under a row-wise codec they
+    are encoded as slices of rows on different workers. The fine-tunes leave the first 32
+    embedding rows alone (a slice of zeros in a tensor that is not) and, with skip_below, the
+    whole up_proj below the threshold: skipping is decided for the tensor, not the slice."""
+    b = base_tensors()
+    for i in range(3):
+        ft = finetune_of(b, i)
+        ft["model.embed_tokens.weight"][:32] = b["model.embed_tokens.weight"][:32]
+        up = "model.layers.0.mlp.up_proj.weight"
+        ft[up] = b[up] + 0.01 * (ft[up] - b[up])
+        save(ft, models / f"ft{i}")
+    base = qmerge.format.checkpoint.Checkpoint(models / "base")
+    fts = {f"ft{i}": qmerge.format.checkpoint.Checkpoint(models / f"ft{i}") for i in range(3)}
+    opts = qmerge.Options(policy=policy, progress=False)
+    groups = compress_units.partition(
+        base, base.names, splittable=compress_units._splittable(base, fts, opts)
+    )
+    sliced = [g[0] for g, rows in groups if rows is not None]
+    assert sliced.count("model.embed_tokens.weight") >= 2, groups
+    one = tree_bytes(_compress(models, "local", policy, None))
+    assert tree_bytes(_compress(models, "ray", policy, "ray")) == one
+    assert tree_bytes(_compress(models, "inline", policy, Inline())) == one
+
+
 def test_calibrated_signs_resized_vocab_heads_and_exclude(models, small_units):
     g = torch.Generator().manual_seed(3)
     calib = {n: torch.randn(12, s[-1], generator=g) for n, s in SHAPES.items() if len(s) == 2}
