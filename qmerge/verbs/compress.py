@@ -172,9 +172,11 @@ def compress(
         raise PackError(
             f"{out}: a pack already exists; pass --overwrite to replace it, or use add-task"
         )
+    run = resolve(executor)
+    if run is not None:
+        run.start()
     base_ckpt, fts = _open_inputs(base, tasks, opts)
     opts = _calibrated(base, tasks, opts)
-    run = resolve(executor)
     with PackWriter.create(out, _fingerprint(base_ckpt, opts), overwrite=overwrite) as w:
         _put_tasks(w, base_ckpt, fts, opts, run)
     return Pack.open(out)
@@ -194,6 +196,9 @@ def add_task(
     opts = opts or Options()
     path = Path(pack)
     Pack.open(path)  # a clear error if it is not a pack
+    run = resolve(executor)
+    if run is not None:
+        run.start()
     base_ckpt, fts = _open_inputs(base, tasks, opts)
     opts = _calibrated(base, tasks, opts)
     fp = _fingerprint(base_ckpt, opts)
@@ -201,7 +206,7 @@ def add_task(
         Pack(path, w.manifest).check_base(fp, f"{path}: cannot add to this pack")
         if clash := sorted(set(tasks) & set(w.manifest["tasks"])):
             raise PackError(f"{path}: already has task {clash[0]!r}; remove-task it first")
-        _put_tasks(w, base_ckpt, fts, opts, resolve(executor))
+        _put_tasks(w, base_ckpt, fts, opts, run)
     return Pack.open(path)
 
 

@@ -41,6 +41,8 @@ from qmerge.verbs.tensors import (
 )
 
 UNIT_BYTES = 48 << 20  # of the base per unit: enough units to keep workers busy and balanced
+SLICE_BYTES = 16 << 20  # of the base per slice of a cut tensor: a slice holds ~2.5x its delta
+TRIM_NOW = True  # after every tensor (all tasks): a worker stays near one tensor
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def partition(
             nbytes = _nbytes(base, n)
             if nbytes > target and len(base.shape(n)) >= 2 and splittable(n):
                 rows = base.shape(n)[0]
-                step = max(1, rows * target // nbytes)
+                step = max(1, rows * min(target, SLICE_BYTES) // nbytes)
                 groups += [([n], (a, min(rows, a + step))) for a in range(0, rows, step)]
                 continue
             if group and size + nbytes > target:
@@ -130,7 +132,7 @@ def run(unit: Unit) -> dict:
                 )
             parts[t].update(stored)
             del stored
-        release_freed_memory()
+        release_freed_memory(now=TRIM_NOW)
     fragments: dict[str, Fragment] = {}
     for t in fts:
         fragments[t] = write_fragment(unit.scratch, f"{t}/{unit.index:06d}.safetensors", parts[t])

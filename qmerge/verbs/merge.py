@@ -253,6 +253,8 @@ def merge_pack(
     out = Path(out)
     _check_out(src, out, overwrite)
     run = executors.resolve(executor)
+    if run is not None:
+        run.start()
     if run is None:
         acc = _merge_here(src, choice, shared_choice, policy, progress)
         with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:

@@ -190,25 +190,40 @@ def test_a_failing_unit_raises_its_own_error_and_leaves_the_old_pack(models, sma
     assert not [p for p in pack.iterdir() if p.name.startswith(".fragments")]
 
 
-def test_a_killed_coordinator_leaves_the_old_pack(models, small_units):
-    pack = _compress(models, "ray", qmerge.Policy(), None)
-    before = tree_bytes(pack)
+def _killed(models: Path, call: str) -> subprocess.CompletedProcess:
+    """`call` (qmerge.compress or add_task on Ray) in a child whose coordinator dies after
+    the workers wrote their fragments, before the commit."""
     script = f"""
 import os, qmerge
 from qmerge.verbs import compress_units
 compress_units.UNIT_BYTES = 2048
 def die(*a, **k):
-    os._exit(9)  # killed after the workers wrote their fragments, before the commit
+    os._exit(9)
 compress_units.open_fragment = die
 tasks = {{f"ft{{i}}": {str(models)!r} + f"/ft{{i}}" for i in range(3)}}
-qmerge.compress({str(models / "base")!r}, tasks, {str(pack)!r}, overwrite=True,
-                opts=qmerge.Options(progress=False), executor="ray")
+base = {str(models / "base")!r}
+{call}
 """
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=240)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=240)
+
+
+def test_a_killed_coordinator_leaves_the_old_pack(models, small_units):
+    pack = _compress(models, "ray", qmerge.Policy(), None)
+    before = tree_bytes(pack)
+    opts = "opts=qmerge.Options(progress=False), executor='ray'"
+    r = _killed(models, f"qmerge.compress(base, tasks, {str(pack)!r}, overwrite=True, {opts})")
     assert r.returncode == 9, r.stderr.decode()[-2000:]
     assert tree_bytes(pack) == before
-    assert qmerge.open_pack(pack).tasks == ["ft0", "ft1", "ft2"]
+    r = _killed(models, f"qmerge.add_task({str(pack)!r}, base, {{'more': tasks['ft0']}}, {opts})")
+    assert r.returncode == 9, r.stderr.decode()[-2000:]
+    report = qmerge.verify(pack)  # the pack is whole; the dead writer's scratch is reported
+    assert report["tasks"] == ["ft0", "ft1", "ft2"] and not report["stray_files"]
+    left = {Path(p) for p in report["leftover_dirs"]}  # the killed compress's staged copy too
+    inside = [p for p in left if p.parent == pack]
+    assert len(inside) == 1 and inside[0].name.startswith(".fragments-"), left
+    assert all(p.name.startswith(".ray.") for p in left - set(inside)), left
+    assert {k: v for k, v in tree_bytes(pack).items() if not k.startswith(".fragments")} == before
 
 
 @pytest.mark.parametrize(
