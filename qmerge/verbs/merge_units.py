@@ -37,8 +37,7 @@ class Unit:
     shared_codec: CodecChoice
     policy: Policy
     scratch: str
-    threads: int = 1
-    nbytes: int = 0
+    threads: int = 1  # the coordinator's: merge methods' sums and SVDs depend on it
 
 
 def run(unit: Unit) -> dict:
