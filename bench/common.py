@@ -1,5 +1,5 @@
 """What the benchmarks share: the model cache, the real bases that ship in packages, synthetic
-fine-tunes, and sampling a child process's memory."""
+fine-tunes, sampling a child process's memory, and the head of a results file."""
 
 from __future__ import annotations
 
@@ -113,3 +113,22 @@ def run_sampled(argv: list[str]) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(argv)} failed: {err}")
     return {"peak_rss_anon": peak[0], "wall_s": wall, "stdout": out}
+
+
+def results_log(title: str, command: str, facts: str) -> tuple[list[str], object]:
+    """(the lines of a results file, a `log(text="")` that prints and keeps one), with the
+    title, the command that writes the file and a line of machine facts already logged."""
+    import os
+    import platform
+
+    lines: list[str] = []
+    log = lambda s="": (print(s, flush=True), lines.append(s))  # noqa: E731
+    log(f"# {title}")
+    log()
+    log(f"Command: {command}")
+    log()
+    log(
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "
+        f"{facts}; date {time.strftime('%Y-%m-%d')}"
+    )
+    return lines, log

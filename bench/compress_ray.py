@@ -21,16 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import torch
-
-from bench.common import CACHE, QMERGE, perturbed, rss_anon, smollm2_base
+from bench.common import CACHE, QMERGE, perturbed, results_log, rss_anon, smollm2_base
 
 ROOT = Path(__file__).resolve().parent
 RAY = [str(Path(QMERGE[0]).parent / "ray")]
@@ -149,15 +146,10 @@ def _kill_a_busy_worker(proc: subprocess.Popen) -> list[int]:
 def main() -> None:
     base = smollm2_base()
     fts = [perturbed(base, f"smollm2-ft{i}", i) for i in range(4)]
-    lines: list[str] = []
-    log = lambda s="": (print(s, flush=True), lines.append(s))  # noqa: E731
-    log("# Distributed compress (`qmerge compress --executor ray`)")
-    log()
-    log("Command: `.venv/bin/python -m bench.compress_ray` (see its docstring)")
-    log()
-    log(
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "
-        f"ray 2.60.0; {time.strftime('%Y-%m-%d')}"
+    lines, log = results_log(
+        "Distributed compress (`qmerge compress --executor ray`)",
+        "`.venv/bin/python -m bench.compress_ray` (see its docstring)",
+        "ray 2.60.0",
     )
     size = (base / "model.safetensors").stat().st_size
     log(f"- SmolLM2-135M fp32 ({size / 1e6:.0f} MB per checkpoint), 4 fine-tunes, sign codec")

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -40,7 +37,7 @@ import torch
 import qmerge
 from bench import routing_llm
 from bench._timing import best_of, copy_bandwidth, paired
-from bench.common import CACHE, minilm_base
+from bench.common import CACHE, minilm_base, results_log
 from bench.quality import finetune
 from qmerge.verbs.demo import data as task_data
 
@@ -320,15 +317,10 @@ def main() -> None:
     task_data.ensure_data()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    lines: list[str] = []
-    log = lambda s="": (print(s, flush=True), lines.append(s))  # noqa: E731
-    log("# Routed inference (`qmerge.load`): mixed-task batches, generation, memory, routers")
-    log()
-    log("Command: `.venv/bin/python -m bench.routing` (needs the extras in its docstring)")
-    log()
-    log(
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; "
-        f"kernels: {qmerge.ops.backend()}; date {time.strftime('%Y-%m-%d')}"
+    lines, log = results_log(
+        "Routed inference (`qmerge.load`): mixed-task batches, generation, memory, routers",
+        "`.venv/bin/python -m bench.routing` (needs the extras in its docstring)",
+        f"kernels: {qmerge.ops.backend()}",
     )
     log()
     log("## all-MiniLM-L6-v2, 5 fine-tuned classification tasks, sign codec")
