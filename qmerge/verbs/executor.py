@@ -50,10 +50,13 @@ class Report:
         return asdict(self)
 
 
+_in_worker = [False]  # set by `_call` in a Ray worker: the failpoint never kills a coordinator
+
+
 def failpoint(index: int) -> None:
     """Dies here if FAILPOINT names this unit and its marker is not there yet (see above)."""
     spec = os.environ.get(FAILPOINT)
-    if not spec:
+    if not spec or not _in_worker[0]:
         return
     which, _, marker = spec.partition(":")
     if which.isdigit() and int(which) == index and marker:
@@ -64,8 +67,9 @@ def failpoint(index: int) -> None:
         os._exit(17)
 
 
-def _call(fn: Callable[[Any], Any], unit: Any, attempts: str) -> Any:
-    """Runs one unit (in a worker) at its thread count, leaving a mark per attempt."""
+def _call(fn: Callable[[Any], Any], unit: Any, attempts: str, remote: bool = False) -> Any:
+    """Runs one unit at its thread count, leaving a mark per attempt (`remote`: in a worker)."""
+    _in_worker[0] = remote
     torch.set_num_threads(getattr(unit, "threads", 1))
     mark = Path(attempts) / f"{getattr(unit, 'index', 0)}-{os.getpid()}-{secrets.token_hex(4)}"
     mark.touch()
@@ -188,7 +192,7 @@ class Ray(Inline):
                 while todo and len(running) < window:
                     i, u = todo.pop()
                     cpus = min(getattr(u, "threads", 1), widest)  # schedulable on some node
-                    ref = remote.options(num_cpus=cpus, **opts).remote(fn, u, attempts)
+                    ref = remote.options(num_cpus=cpus, **opts).remote(fn, u, attempts, True)
                     running[ref] = i
                 [ref], _ = ray.wait(list(running), num_returns=1)
                 i = running.pop(ref)

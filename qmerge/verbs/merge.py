@@ -253,14 +253,14 @@ def merge_pack(
     out = Path(out)
     _check_out(src, out, overwrite)
     run = executors.resolve(executor)
-    if run is not None:
-        run.start()
     if run is None:
         acc = _merge_here(src, choice, shared_choice, policy, progress)
         with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
             _put(w, src, acc, choice, config, shared_codec, shared_choice, policy)
         return Pack.open(out)
     from qmerge.verbs import merge_units
+
+    run.start()
 
     with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
         with w.fragments() as scratch:

@@ -5,6 +5,7 @@ is retried and changes nothing; a failing or killed coordinator leaves the old p
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -279,3 +280,16 @@ def test_the_figures_in_the_manifest_do_not_depend_on_threads():
         torch.set_num_threads(before)
     assert sums[0] == sums[1]
     assert abs(sums[0][0] - float((t.double() ** 2).sum())) < 1e-9 * sums[0][0]
+
+
+def test_the_cli_reports_the_units_and_refuses_ray_flags_without_ray(models, capsys):
+    from qmerge.cli import main
+
+    argv = ["compress", "--base", str(models / "base"), "--out", str(models / "cli")]
+    argv += [a for i in range(3) for a in ("--task", f"ft{i}={models / f'ft{i}'}")]
+    assert main([*argv, "--executor", "ray", "--json", "--workers", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
+    assert report["executor"]["executor"] == "ray" and report["executor"]["units"] >= 1
+    assert report["executor"]["workers"] == 2
+    assert main([*argv, "--overwrite", "--workers", "2"]) == 1
+    assert "--executor ray" in capsys.readouterr().err
