@@ -293,3 +293,27 @@ def test_the_cli_reports_the_units_and_refuses_ray_flags_without_ray(models, cap
     assert report["executor"]["workers"] == 2
     assert main([*argv, "--overwrite", "--workers", "2"]) == 1
     assert "--executor ray" in capsys.readouterr().err
+
+
+def test_calibration_texts_and_distillation_on_ray_match_one_process(tmp_path, small_units):
+    """Layer inputs from texts are computed by the coordinator and shipped to each unit with
+    its tensors; the scale distillation runs in the coordinator on what the units encoded."""
+    pytest.importorskip("transformers")
+    import random
+
+    from tests.nn import tiny
+
+    base, fts = tiny.bert(tmp_path, labels=(3,))
+    tiny.save_tokenizer(base, 80, {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3})
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(tiny.WORDS) for _ in range(5)) for _ in range(8)]
+    opts = qmerge.Options(
+        policy=qmerge.Policy(codec="sign:calibrate=true,scale_dtype=fp32"),
+        calib_texts={"*": texts},
+        distill_steps=3,
+        heads=("classifier.*",),
+        progress=False,
+    )
+    qmerge.compress(base, fts, tmp_path / "local", opts=opts)
+    qmerge.compress(base, fts, tmp_path / "ray", opts=opts, executor="ray")
+    assert tree_bytes(tmp_path / "ray") == tree_bytes(tmp_path / "local")
