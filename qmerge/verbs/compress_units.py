@@ -42,7 +42,6 @@ from qmerge.verbs.tensors import (
 
 UNIT_BYTES = 48 << 20  # of the base per unit: enough units to keep workers busy and balanced
 SLICE_BYTES = 16 << 20  # of the base per slice of a cut tensor: a slice holds ~2.5x its delta
-TRIM_NOW = True  # after every tensor (all tasks): a worker stays near one tensor
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ def run(unit: Unit) -> dict:
                 )
             parts[t].update(stored)
             del stored
-        release_freed_memory(now=TRIM_NOW)
+        release_freed_memory(now=True)  # after each tensor: a worker stays near one tensor
     fragments: dict[str, Fragment] = {}
     for t in fts:
         fragments[t] = write_fragment(unit.scratch, f"{t}/{unit.index:06d}.safetensors", parts[t])
