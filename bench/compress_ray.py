@@ -10,6 +10,8 @@ tensor, bench/common.py), sign codec (the default); each process's RssAnon is sa
 /proc every 10 ms:
 
 1. `--executor local`: the one-process path (torch's intra-op threads on both cores).
+1b. The Ray path's units run one after another in one process (`executor.Inline()`, the
+   API only): what the units' order of work gives without a second worker.
 2. `--executor ray` joining a Ray that `ray start --head --num-cpus 2` runs (the cluster case:
    Ray is up before the job), 2 workers of one thread each.
 3. `--executor ray` starting its own local Ray (what one machine gets with nothing running).
@@ -43,7 +45,7 @@ def _cmdline(pid: int) -> str:
 def _kind(cmd: str) -> str | None:
     if "default_worker.py" in cmd or cmd.startswith("ray::"):
         return "worker"
-    if "qmerge" in cmd and "compress" in cmd:
+    if "qmerge" in cmd and ("compress" in cmd or "Inline" in cmd):
         return "coordinator"
     if "raylet" in cmd or "gcs_server" in cmd or "ray/" in cmd or "ray." in cmd:
         return "ray"
@@ -100,9 +102,24 @@ def _sha(pack: Path) -> str:
     return h.hexdigest()
 
 
+INLINE = """
+import json, sys, time
+import qmerge
+from qmerge.verbs.executor import Inline
+t0 = time.perf_counter()
+base, out, *fts = sys.argv[1:]
+run = Inline()
+qmerge.compress(base, {f"ft{i}": f for i, f in enumerate(fts)}, out, overwrite=True,
+                opts=qmerge.Options(progress=False), executor=run)
+print(json.dumps({"seconds": time.perf_counter() - t0, "executor": run.report.as_dict()}))
+"""
+
+
 def _compress(base: Path, fts: list[Path], out: Path, extra: list[str], kill: bool = False):
     argv = [*QMERGE, "compress", "--base", str(base), "--out", str(out), "--overwrite"]
     argv += ["--json", *[a for i, f in enumerate(fts) for a in ("--task", f"ft{i}={f}")], *extra]
+    if extra == ["inline"]:  # the units one after another in one process (the API only)
+        argv = [QMERGE[0], "-c", INLINE, str(base), str(out), *map(str, fts)]
     killed = []
     with Sampler() as s:
         t0 = time.perf_counter()
@@ -155,6 +172,7 @@ def main() -> None:
     log(f"- SmolLM2-135M fp32 ({size / 1e6:.0f} MB per checkpoint), 4 fine-tunes, sign codec")
     log()
     runs = {"local": _compress(base, fts, CACHE / "pack-ray-local", [])}
+    runs["units in one process"] = _compress(base, fts, CACHE / "pack-ray-inline", ["inline"])
     subprocess.run([*RAY, "stop", "--force"], capture_output=True)
     subprocess.run(
         [*RAY, "start", "--head", "--num-cpus", "2", "--include-dashboard", "false"],
@@ -204,7 +222,7 @@ def _write(runs: dict, log, size: int) -> None:
     )
     log(
         f"- no worker's peak RssAnon above local's: largest worker "
-        f"{max(r['worker'] for n, r in runs.items() if n != 'local') / 1e6:.0f} MB vs local "
+        f"{max(r['worker'] for r in runs.values()) / 1e6:.0f} MB vs local "
         f"{local['coordinator'] / 1e6:.0f} MB"
     )
     log(
@@ -218,7 +236,7 @@ def _write(runs: dict, log, size: int) -> None:
     _projection(joined, size, log)
 
 
-def _mb(nbytes: int, ex: dict) -> str:
+def _mb(nbytes: int, ex: dict) -> str:  # (the figures of Ray's processes, for Ray's runs)
     return f"{nbytes / 1e6:.0f}" if ex.get("executor") == "ray" else "-"
 
 

@@ -122,7 +122,7 @@ def _put_task(
         entry["labels"] = names
     w.put_task(name, parts, entry)
     del parts
-    release_freed_memory(now=True)
+    release_freed_memory()
 
 
 def _put_tasks(

@@ -131,7 +131,7 @@ def run(unit: Unit) -> dict:
                 )
             parts[t].update(stored)
             del stored
-        release_freed_memory(now=True)  # after each tensor: a worker stays near one tensor
+            release_freed_memory()  # as the one-process path: after each task's tensor
     fragments: dict[str, Fragment] = {}
     for t in fts:
         fragments[t] = write_fragment(unit.scratch, f"{t}/{unit.index:06d}.safetensors", parts[t])

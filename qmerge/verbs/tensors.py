@@ -140,21 +140,20 @@ def _glibc_trim():
 
 
 _TRIM = _glibc_trim()
-TRIM_EVERY = 8
-_calls = [0]
 
 
-def release_freed_memory(now: bool = False) -> None:
-    """Hands freed heap pages back to the OS: at every `TRIM_EVERY`-th call (one per encoded
-    tensor), or `now`. glibc keeps the blocks of freed tensors (once its dynamic mmap
-    threshold has grown) and fragments between the parts a task keeps, so without this the
-    process's memory creeps up by several tensors over a model; measured on 12 tensors of
-    4 MiB: +100 MiB for 24 MiB of live output, +24 MiB with it. Not after every tensor: the
-    pages handed back are faulted in again, zero-filled, by the next tensor's buffers.
-    Compressing 4 SmolLM2-135M fine-tunes took 11.9 s trimming after every tensor, 8.1 s
-    after every 8th (peak RssAnon 346 and 347 MB); never trimming: 4.0 s and 775 MB."""
-    _calls[0] += 1
-    if _TRIM is not None and (now or _calls[0] % TRIM_EVERY == 0):
+def release_freed_memory() -> None:
+    """Hands freed heap pages back to the OS (after each encoded tensor). glibc keeps the
+    blocks of freed tensors (once its dynamic mmap threshold has grown) and fragments between
+    the parts a task keeps, so without this the process's memory creeps up by several tensors
+    over a model; measured on 12 tensors of 4 MiB: +100 MiB for 24 MiB of live output, +24
+    MiB with it. It costs time: the pages handed back are faulted in again, zero-filled, by
+    the next tensor's buffers. Compressing 4 SmolLM2-135M fine-tunes took 11.9 s trimming
+    after every tensor, 8.1 s after every 8th at the same peak (347 MB), 4.0 s never (775 MB);
+    but trimming less often let the heap keep several freed tensors between trims (88-94 MiB
+    on the 12 tensors above, against an 80 MiB bound in tests/verbs/test_compress.py), so
+    every tensor it is."""
+    if _TRIM is not None:
         _TRIM(0)
 
 
