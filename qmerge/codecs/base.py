@@ -59,6 +59,12 @@ def exact_sum(t: Tensor) -> float:
 _RUN = 4096  # the most values of a row summed as one run: below torch's parallel grain size
 
 
+def runs_per_row(cols: int) -> tuple[int, int]:
+    """(run width, runs per row) of `sq_chunks` for rows of `cols` values."""
+    width = min(cols, _RUN) or 1
+    return width, -(-cols // width)
+
+
 def sq_chunks(t: Tensor, minus: Tensor | None = None) -> Tensor:
     """fp64 sums of (t - minus)^2 over runs of each row of the matrix form (a row of `cols`
     values is cut into runs of at most `_RUN`; the last one is padded with zeros), row-major.
@@ -70,8 +76,7 @@ def sq_chunks(t: Tensor, minus: Tensor | None = None) -> Tensor:
     a = as_matrix(t)
     b = None if minus is None else as_matrix(minus)
     rows, cols = a.shape
-    width = min(cols, _RUN) or 1
-    runs = -(-cols // width)
+    width, runs = runs_per_row(cols)
     out = torch.empty(rows * runs, dtype=torch.float64)
     step = max(1, _CHUNK // max(cols, 1))
     for i in range(0, rows, step):

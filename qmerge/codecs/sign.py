@@ -31,6 +31,7 @@ from qmerge.codecs.base import (
     exact_sum,
     expect_part,
     register,
+    runs_per_row,
     sq_chunks,
 )
 from qmerge.codecs.runtime import SignForm
@@ -212,14 +213,9 @@ class SignResidual(Residual):
         m = as_matrix(delta.float())
         out, cols = m.shape
         step = max(1, _CHUNK // max(cols, 1))
-        if out == 0:
-            return sq_chunks(m)
-        first = sq_chunks(m[:step], self._rows(0, min(out, step)))
-        per_row = first.numel() // min(out, step)
+        per_row = runs_per_row(cols)[1]
         chunks = torch.empty(out * per_row, dtype=torch.float64)  # first: see sq_chunks
-        chunks[: first.numel()] = first
-        del first
-        for a in range(step, out, step):
+        for a in range(0, out, step):
             b = min(out, a + step)
             chunks[a * per_row : b * per_row] = sq_chunks(m[a:b], self._rows(a, b))
         return chunks

@@ -139,10 +139,11 @@ def run(unit: Unit) -> dict:
     return {"fragments": fragments, "tables": tables, "slices": slices}
 
 
-def _splittable(base: Checkpoint, fts: Mapping[str, Checkpoint], opts: Options):
+def _splittable(base: Checkpoint, extra: Mapping[str, dict[str, int]], opts: Options):
     """Whether a tensor may be cut into slices of rows: every task encodes it whole with a
-    row-wise codec (`Residual.rows_independent`), without grown rows, calibration or a plan."""
-    extra = {t: plan(base, ft, opts) for t, ft in fts.items()}
+    row-wise codec (`Residual.rows_independent`), without grown rows, calibration or a plan.
+    `extra`: each task's `plan` (tensor -> grown rows)."""
+    fts = list(extra)
 
     def ok(n: str) -> bool:
         for t in fts:
@@ -175,15 +176,13 @@ def _bar(label: str, show: bool, units: list[Unit]):
 
 
 def _budget_plans(
-    executor: Inline, template: Unit, groups: list[list[str]], base: Checkpoint, fts, show: bool
+    executor: Inline, template: Unit, groups: list[list[str]], base: Checkpoint, extra, show: bool
 ) -> dict[str, dict[str, dict | None]]:
     """Pass 1 for codecs whose config spans tensors: every tensor's plan item from the
-    workers, then each task's plan over them in the one-process order."""
-    planned: dict[str, dict[str, dict | None]] = {t: {} for t in fts}
-    need = {
-        t: plan_groups(specs(t, base, template.opts, plan(base, ft, template.opts)))
-        for t, ft in fts.items()
-    }
+    workers, then each task's plan over them in the one-process order. `extra`: each task's
+    `plan` (tensor -> grown rows)."""
+    planned: dict[str, dict[str, dict | None]] = {t: {} for t in extra}
+    need = {t: plan_groups(specs(t, base, template.opts, rows)) for t, rows in extra.items()}
     wanted = {n for g in need.values() for names in g.values() for n in names}
     if not wanted:
         return planned
@@ -200,7 +199,7 @@ def _budget_plans(
         if any(n in wanted for n in g)
     ]
     results = executor.map(run, units, Path(template.scratch), _bar("plan budgets", show, units))
-    items: dict[str, dict[str, object]] = {t: {} for t in fts}
+    items: dict[str, dict[str, object]] = {t: {} for t in extra}
     for r in results:
         for t, got in r["items"].items():
             items[t].update(got)
@@ -222,8 +221,9 @@ def encode_all(
 ) -> dict[str, tuple[dict[str, Tensor], dict[str, dict]]]:
     """Every task's (parts, codec table), as `encode_task` gives them, from units run on
     `executor`; the parts are views of the checked fragment files under `scratch`."""
-    names = sorted({n for ft in fts.values() for n in plan(base, ft, opts)})
-    groups = partition(base, names, splittable=_splittable(base, fts, opts))
+    extra = {t: plan(base, ft, opts) for t, ft in fts.items()}  # checked once, here
+    names = sorted({n for rows in extra.values() for n in rows})
+    groups = partition(base, names, splittable=_splittable(base, extra, opts))
     calib_of = {t: opts.calib_inputs.get(t, opts.calib or {}) for t in fts}
     light = dataclasses.replace(opts, calib=None, calib_inputs={}, calib_texts=None, progress=False)
     template = Unit(
@@ -237,7 +237,7 @@ def encode_all(
         str(scratch),
     )
     whole = [g for g, r in groups if r is None]  # (a planned tensor is never cut)
-    planned = _budget_plans(executor, template, whole, base, fts, opts.progress)
+    planned = _budget_plans(executor, template, whole, base, extra, opts.progress)
     units = [
         dataclasses.replace(
             template,

@@ -265,7 +265,7 @@ def merge_pack(
     with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
         with w.fragments() as scratch:
             acc = merge_units.merged(
-                run, src, _names(src), choice, shared_choice, policy, scratch, progress, _Out
+                run, src, _names(src), choice, shared_choice, policy, scratch, progress
             )
             _put(w, src, acc, choice, config, shared_codec, shared_choice, policy)
     return Pack.open(out)

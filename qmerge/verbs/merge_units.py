@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -76,7 +75,6 @@ def merged(
     policy: Policy,
     scratch: Path,
     progress: Callable,
-    out_factory: Callable[[tuple[str, ...]], Any],
 ):
     """The `_Out` of the whole merge, from units on `executor`; its parts are views of the
     checked fragments under `scratch`."""
@@ -94,7 +92,9 @@ def merged(
     template = Unit(0, str(src.path), (), choice, shared_codec, policy, str(scratch), threads)
     units = [replace(template, index=i, names=tuple(g)) for i, g in enumerate(groups)]
     results = executor.map(run, units, scratch, progress)
-    acc = out_factory(tuple(src.tasks))
+    from qmerge.verbs import merge
+
+    acc = merge._Out(tuple(src.tasks))
     for r in results:
         acc.shared_table.update(r["shared"])
         for key, frag in r["fragments"].items():

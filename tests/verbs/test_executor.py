@@ -22,6 +22,7 @@ from qmerge.errors import CheckpointError
 from qmerge.merge import METHODS
 from qmerge.verbs import compress_units, merge_units
 from qmerge.verbs.executor import FAILPOINT, Inline, Ray
+from qmerge.verbs.tensors import plan
 from tests.models import SHAPES, base_tensors, finetune_of, save, tree_bytes
 
 ray = pytest.importorskip("ray")
@@ -101,8 +102,9 @@ def test_large_tensors_cut_into_row_slices_give_the_same_bytes(models, small_uni
     base = qmerge.format.checkpoint.Checkpoint(models / "base")
     fts = {f"ft{i}": qmerge.format.checkpoint.Checkpoint(models / f"ft{i}") for i in range(3)}
     opts = qmerge.Options(policy=policy, progress=False)
+    extra = {t: plan(base, ft, opts) for t, ft in fts.items()}
     groups = compress_units.partition(
-        base, base.names, splittable=compress_units._splittable(base, fts, opts)
+        base, base.names, splittable=compress_units._splittable(base, extra, opts)
     )
     sliced = [g[0] for g, rows in groups if rows is not None]
     assert sliced.count("model.embed_tokens.weight") >= 2, groups
