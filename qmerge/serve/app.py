@@ -96,9 +96,11 @@ def create_app(
     metrics: Metrics | None = None,
     scheduler: Scheduler | None = None,
     scheduler_thread: bool = True,
+    name: str | None = None,
 ) -> FastAPI:
     """The API over `engine`. With scheduler_thread=False the caller runs
-    `app.state.scheduler.run()` itself (in the thread that loaded the model: server.py)."""
+    `app.state.scheduler.run()` itself (in the thread that loaded the model: server.py).
+    `name`: the pack's public name, under which a model 'name/task' is the task 'task'."""
     limits = limits or Limits()
     metrics = metrics or Metrics()
     sched = scheduler or Scheduler(
@@ -127,7 +129,7 @@ def create_app(
         "OpenAI-compatible completions where `model` names the task.",
     )
     app.state.engine, app.state.scheduler, app.state.metrics = engine, sched, metrics
-    app.state.qmerge = AppState(engine, sched, metrics, limits)
+    app.state.qmerge = AppState(engine, sched, metrics, limits, name)
     _handlers(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
     app.include_router(routes_generate.router)

@@ -50,6 +50,14 @@ class AppState:
     sched: Scheduler
     metrics: Metrics
     limits: Limits
+    name: str | None = None  # the pack's public name: a model 'name/task' means 'task'
+
+    def local(self, model: str) -> str:
+        """`model` without the pack's name ('code/fix' -> 'fix' when this pack is 'code'); one
+        application serving several packs (serve/ray.py) names tasks so."""
+        if self.name and model.startswith(self.name + "/"):
+            return model[len(self.name) + 1 :]
+        return model
 
     def submit(self, jobs: list[Job]) -> None:
         for i, j in enumerate(jobs):
@@ -97,7 +105,7 @@ class AppState:
             def emit(ev: tuple, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, ev))
 
-            job = Job(kind, model, emit, deadline, text=text, sampling=sampling or Sampling())
+            job = Job(kind, self.local(model), emit, deadline, text=text, sampling=sampling or Sampling())
             if kind == "generate":
                 job.prompt = self.prompt(text, sampling)
             jobs.append(job)
@@ -194,7 +202,7 @@ class AppState:
         return out
 
     def record(self, endpoint: str, model: str, status: int, t0: float) -> None:
-        self.metrics.request(endpoint, model, status, time.monotonic() - t0)
+        self.metrics.request(endpoint, self.local(model), status, time.monotonic() - t0)
 
 
 async def disconnected(request: Request) -> None:
