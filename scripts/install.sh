@@ -23,8 +23,9 @@ pip install "peft==0.21.2" "onnx==1.23.2" "onnxscript==0.7.2" "onnxruntime==1.31
 # llama.cpp itself (llama-cpp-python, built from source: minutes) is not installed here:
 # `pip install 'qmerge[llama]'`, or bench/export_gguf.py builds it into its own venv.
 pip install "gguf==0.19.0"
-# Distributed compress / add-task / merge (--executor ray) and their tests: a local Ray.
-pip install "ray==2.60.0"
+# Distributed compress / add-task / merge (--executor ray), `serve --ray` (Ray Serve) and their
+# tests: a local Ray.
+pip install "ray[serve]==2.60.0"
 # The HTTP server (qmerge serve) and its tests: an HTTP client and the OpenAPI fuzzer.
 pip install "fastapi==0.163.2" "uvicorn==0.54.0" "httpx==0.28.1" "schemathesis==4.32.5"
 # The quality benchmark's plot (bench/quality/run.py; its smoke test runs in the suite).

@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> dict:
         max_request_bytes=args.max_request_bytes,
         max_text_chars=64 * args.max_prompt_tokens,
     )
+    if args.ray:
+        return _serve_ray(args, limits)
+    _no_ray_flags(args)
     serve(
         args.pack,
         args.base,
@@ -47,6 +50,58 @@ def run(args: argparse.Namespace) -> dict:
         log_level=args.log_level,
     )
     return {"served": str(args.pack)}
+
+
+RAY_FLAGS = {
+    "address": "--address",
+    "replicas": "--replicas",
+    "min_replicas": "--min-replicas",
+    "max_replicas": "--max-replicas",
+    "max_packs": "--max-packs",
+    "packs": "--pack",
+    "name": "--name",
+}
+
+
+def _no_ray_flags(args: argparse.Namespace) -> None:
+    for dest, flag in RAY_FLAGS.items():
+        if getattr(args, dest) is not None:
+            raise ConfigError(f"{flag} needs --ray")
+
+
+def _pack_spec(text: str):
+    from qmerge.serve.ray_replica import PackSpec
+
+    name, eq, dirs = text.partition("=")
+    pack, comma, base = dirs.partition(",")
+    if not (eq and comma and name and pack and base):
+        raise ConfigError(f"--pack {text!r}: write NAME=PACK_DIR,BASE_DIR")
+    return PackSpec(name, pack, base)
+
+
+def _serve_ray(args: argparse.Namespace, limits) -> dict:
+    try:
+        from qmerge.serve.ray import PackSpec, RayOptions, serve
+    except ImportError as e:
+        raise ConfigError(
+            f"qmerge serve --ray needs Ray Serve ({e}); pip install 'ray[serve]==2.60.0'"
+        ) from None
+    name = args.name or args.pack.resolve().name
+    packs = [PackSpec(name, str(args.pack), str(args.base))]
+    packs += [_pack_spec(t) for t in args.packs or []]
+    options = RayOptions(
+        replicas=args.replicas or 1,
+        min_replicas=args.min_replicas if args.min_replicas is not None else 1,
+        max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests,
+        threads=args.threads,
+        max_packs=args.max_packs or 2,
+        limits=limits,
+        dtype=args.dtype,
+        mode=args.mode,
+    )
+    serve(packs, options, address=args.address, host=args.host, port=args.port)
+    return {"served": [p.name for p in packs]}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,7 +170,43 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=list(FLOAT_DTYPES),
         help="load the base in this dtype (default: as stored)",
     )
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads (default: torch's; with --ray: per replica, default 1)",
+    )
+    ray = p.add_argument_group(
+        "Ray Serve",
+        "--ray serves through Ray Serve: several replicas (each qmerge's engine with every "
+        "task of its packs) and several packs in one application, on one machine (a local Ray "
+        "is started) or a cluster (--address auto, after `ray start`).",
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve")
+    ray.add_argument("--address", help="a running Ray cluster ('auto': the one on this node)")
+    ray.add_argument("--replicas", type=positive_int, help="model replicas (default: 1)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default: 1)")
+    ray.add_argument(
+        "--max-replicas", type=positive_int, help="autoscaling: most replicas (turns it on)"
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=16.0,
+        help="autoscaling: requests in flight per replica (default: %(default)s)",
+    )
+    ray.add_argument(
+        "--pack",
+        dest="packs",
+        action="append",
+        metavar="NAME=PACK_DIR,BASE_DIR",
+        help="one more pack (any base), its tasks named NAME/task; repeatable",
+    )
+    ray.add_argument("--name", help="the first pack's name (default: its directory's name)")
+    ray.add_argument(
+        "--max-packs",
+        type=positive_int,
+        help="packs one replica holds besides the first, least recently used evicted (default: 2)",
+    )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )

@@ -183,7 +183,9 @@ class IngressBase:
             except Exception as e:
                 if not _is_dead_replica(e):
                     raise
-                log.warning("a replica died answering %s %s (try %d)", call.method, call.path, attempt)
+                log.warning(
+                    "a replica died answering %s %s (try %d)", call.method, call.path, attempt
+                )
                 if attempt == 0:
                     self.retried += 1
         self.failed += 1

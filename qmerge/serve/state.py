@@ -105,7 +105,9 @@ class AppState:
             def emit(ev: tuple, i: int = i) -> None:
                 loop.call_soon_threadsafe(events.put_nowait, (i, ev))
 
-            job = Job(kind, self.local(model), emit, deadline, text=text, sampling=sampling or Sampling())
+            job = Job(
+                kind, self.local(model), emit, deadline, text=text, sampling=sampling or Sampling()
+            )
             if kind == "generate":
                 job.prompt = self.prompt(text, sampling)
             jobs.append(job)

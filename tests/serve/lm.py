@@ -15,6 +15,26 @@ PROMPTS = [
     "is",
 ]
 
+# Requests every server refuses with a 4xx and words of its message (limits: max_tokens=24).
+BAD_REQUESTS = [
+    ({"model": "nope", "prompt": "the cat"}, 404, "does not exist"),
+    ({"model": "t0:0.5+zz:0.5", "prompt": "the cat"}, 404, "'zz' does not exist"),
+    ({"model": "t0:x+t1:0.5", "prompt": "the cat"}, 400, "is not a number"),
+    ({"model": "auto", "prompt": "the cat"}, 400, "has none"),
+    ({"model": "t0", "prompt": "the cat", "max_tokens": 1000}, 400, "at most 24"),
+    ({"model": "t0", "prompt": "the cat", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "t0", "prompt": "the cat", "stop": [""]}, 400, "non-empty"),
+    ({"model": "t0", "prompt": "the cat", "temperature": -1}, 400, "temperature"),
+    ({"model": "t0", "prompt": ""}, 400, "empty"),
+    ({"model": "t0", "prompt": []}, 400, "at least one"),
+    ({"model": "t0"}, 400, "prompt"),
+    ({"prompt": "the cat"}, 400, "model"),
+    # issue 30: hostile values are client errors, refused before any work
+    ({"model": "t0:1e39", "prompt": "the cat"}, 400, "at most 1000"),
+    ({"model": "t0:1e308+t0:1e308", "prompt": "the cat"}, 400, "at most 1000"),
+    ({"model": "t0", "prompt": "cat " * 40_000}, 400, "characters"),
+]
+
 
 def complete(client, model: str, prompt, n: int = 12, **kw):
     return client.post(

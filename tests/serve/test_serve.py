@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 import qmerge  # noqa: E402
 from qmerge.serve import Limits, Server  # noqa: E402
-from tests.serve.lm import PROMPTS, complete  # noqa: E402
+from tests.serve.lm import BAD_REQUESTS, PROMPTS, complete  # noqa: E402
 
 
 def test_concurrent_mixed_tasks_equal_offline_greedy(server, offline):
@@ -133,27 +133,7 @@ def test_stop_strings_sampling_and_prompt_lists(server):
         assert a == b  # a seed makes sampling reproducible
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "words"),
-    [
-        ({"model": "nope", "prompt": "the cat"}, 404, "does not exist"),
-        ({"model": "t0:0.5+zz:0.5", "prompt": "the cat"}, 404, "'zz' does not exist"),
-        ({"model": "t0:x+t1:0.5", "prompt": "the cat"}, 400, "is not a number"),
-        ({"model": "auto", "prompt": "the cat"}, 400, "has none"),
-        ({"model": "t0", "prompt": "the cat", "max_tokens": 1000}, 400, "at most 24"),
-        ({"model": "t0", "prompt": "the cat", "max_tokens": 0}, 400, "max_tokens"),
-        ({"model": "t0", "prompt": "the cat", "stop": [""]}, 400, "non-empty"),
-        ({"model": "t0", "prompt": "the cat", "temperature": -1}, 400, "temperature"),
-        ({"model": "t0", "prompt": ""}, 400, "empty"),
-        ({"model": "t0", "prompt": []}, 400, "at least one"),
-        ({"model": "t0"}, 400, "prompt"),
-        ({"prompt": "the cat"}, 400, "model"),
-        # issue 30: hostile values are client errors, refused before any work
-        ({"model": "t0:1e39", "prompt": "the cat"}, 400, "at most 1000"),
-        ({"model": "t0:1e308+t0:1e308", "prompt": "the cat"}, 400, "at most 1000"),
-        ({"model": "t0", "prompt": "cat " * 40_000}, 400, "characters"),
-    ],
-)
+@pytest.mark.parametrize(("body", "status", "words"), BAD_REQUESTS)
 def test_bad_requests_get_4xx_with_a_message(server, body, status, words):
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
