@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from qmerge.cli.common import positive_int
@@ -89,12 +90,15 @@ def _serve_ray(args: argparse.Namespace, limits) -> dict:
     name = args.name or args.pack.resolve().name
     packs = [PackSpec(name, str(args.pack), str(args.base))]
     packs += [_pack_spec(t) for t in args.packs or []]
+    replicas = args.replicas or 1
+    # torch threads per replica: a local Ray's cores shared among the replicas; 1 on a cluster
+    threads = args.threads or (1 if args.address else max(1, (os.cpu_count() or 1) // replicas))
     options = RayOptions(
-        replicas=args.replicas or 1,
+        replicas=replicas,
         min_replicas=args.min_replicas if args.min_replicas is not None else 1,
         max_replicas=args.max_replicas,
         target_ongoing_requests=args.target_ongoing_requests,
-        threads=args.threads,
+        threads=threads,
         max_packs=args.max_packs or 2,
         limits=limits,
         dtype=args.dtype,
@@ -173,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threads",
         type=positive_int,
-        help="torch CPU threads (default: torch's; with --ray: per replica, default 1)",
+        help="torch CPU threads (default: torch's; with --ray: per replica, default: this "
+        "machine's cores / --replicas, 1 with --address)",
     )
     ray = p.add_argument_group(
         "Ray Serve",

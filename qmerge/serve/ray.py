@@ -21,9 +21,12 @@ tasks from sharing a batch; each replica's own scheduler forms the batches.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from qmerge.errors import ConfigError
@@ -193,6 +196,8 @@ class RayServer:
         import ray
         from ray import serve
 
+        if not ray.is_initialized():
+            return
         try:
             serve.delete(APP)
             serve.shutdown()
@@ -219,12 +224,24 @@ def serve(
 ) -> None:
     """Serves until interrupted (the CLI verb's `--ray`)."""
     server = RayServer(packs, options, address=address, host=host, port=port)
-    server.start()
-    print(f"qmerge: serving {', '.join(p.name for p in packs)} on Ray Serve at {server.url}")
     try:
+        server.start()
+        names = ", ".join(p.name for p in packs)
+        print(f"qmerge: serving {names} on Ray Serve at {server.url}", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        print("qmerge: shutting down the application", file=sys.stderr, flush=True)
     finally:
-        server.stop()
+        # a second Ctrl-C while Ray shuts down must not leave the application running
+        with _sigint_ignored():
+            server.stop()
+
+
+@contextmanager
+def _sigint_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

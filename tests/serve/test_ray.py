@@ -9,9 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -222,3 +226,63 @@ def test_a_replica_killed_under_load_is_restarted(app, offline):
     for p, r in zip(PROMPTS, after, strict=True):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == offline("t1", p, 6)
+
+
+def _cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qmerge", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+def test_cli_refuses_bad_ray_flags_before_starting_ray(lm, tmp_path):
+    _, base, pack, _ = lm
+    r = _cli(str(pack), "--base", str(base), "--replicas", "2")
+    assert r.returncode == 1 and "--replicas needs --ray" in r.stderr
+    r = _cli(str(pack), "--base", str(base), "--ray", "--pack", "code=only-a-dir")
+    assert r.returncode == 1 and "NAME=PACK_DIR,BASE_DIR" in r.stderr
+    r = _cli(str(pack), "--base", str(base), "--ray", "--pack", f"x={tmp_path / 'no'},{base}")
+    assert r.returncode == 1 and "pack 'x'" in r.stderr and "is not a directory" in r.stderr
+    r = _cli(str(pack), "--base", str(base), "--ray", "--min-replicas", "3", "--max-replicas", "2")
+    assert r.returncode == 1 and "--max-replicas" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_serve_ray_on_one_machine(lm):
+    """`qmerge serve --ray PACK --base DIR` starts a local Ray, answers, and stops on Ctrl-C."""
+    _, base, pack, _ = lm
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmerge", "serve", "--ray", str(pack), "--base", str(base)]
+        + ["--port", str(port), "--max-tokens", "24"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert complete(c, "pack/t0", PROMPTS[0], 4).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=90)[0]
+    assert "serving pack on Ray Serve" in out and "shutting down" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
