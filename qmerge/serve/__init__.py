@@ -8,8 +8,10 @@
     sequence.py   one generation: sampling, stop strings, released text
     metrics.py    Prometheus counters and histograms
     server.py     `serve` (the CLI verb) and `Server` (a background thread, for tests)
+    asgi.py       calling the app in process (a Ray Serve replica answers with it)
+    ray.py        `serve --ray`: the app on Ray Serve (ray_ingress.py, ray_replica.py)
 
-Needs fastapi and uvicorn; nothing else in qmerge imports this package.
+Needs fastapi and uvicorn (ray.py: ray[serve]); nothing else in qmerge imports this package.
 """
 
 from qmerge.serve.app import Limits, create_app

@@ -18,6 +18,7 @@ tasks, queue depths, metrics labelled by replica and pack) and the tasks of ever
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -165,24 +166,17 @@ class IngressBase:
         return handle.forward.remote(call)
 
     async def forward(self, call: Call, pack: str | None):
-        from starlette.responses import Response, StreamingResponse
-
         for attempt in (0, 1):
             gen = self._send(call, pack)
             try:
-                head: Head = await gen.__anext__()
-                if dict(head.headers).get("content-type", "").startswith("text/event-stream"):
-                    return StreamingResponse(
-                        self._relay(gen),
-                        status_code=head.status,
-                        headers=_keep(head.headers),
-                        media_type="text/event-stream",
-                    )
-                body = b"".join([chunk async for chunk in gen])
-                return Response(body, status_code=head.status, headers=_keep(head.headers))
+                return await self._answer(gen)
+            except asyncio.CancelledError:  # the client went away
+                gen.cancel()
+                raise
             except Exception as e:
-                if not _is_dead_replica(e):
-                    raise
+                if not _is_dead_replica(e):  # a bug: answered like app.py's handler does
+                    log.exception("%s %s failed", call.method, call.path)
+                    return _error(500, f"internal error: {type(e).__name__}")
                 log.warning(
                     "a replica died answering %s %s (try %d)", call.method, call.path, attempt
                 )
@@ -191,16 +185,37 @@ class IngressBase:
         self.failed += 1
         return _error(503, "the replica answering this request died; it is being restarted, retry")
 
+    async def _answer(self, gen):
+        """The response of one try: relayed as it comes for a stream, else once complete."""
+        from starlette.responses import Response, StreamingResponse
+
+        head: Head = await gen.__anext__()
+        if dict(head.headers).get("content-type", "").startswith("text/event-stream"):
+            return StreamingResponse(
+                self._relay(gen),
+                status_code=head.status,
+                headers=_keep(head.headers),
+                media_type="text/event-stream",
+            )
+        body = b"".join([chunk async for chunk in gen])
+        return Response(body, status_code=head.status, headers=_keep(head.headers))
+
     async def _relay(self, gen) -> AsyncIterator[bytes]:
+        ended = False
         try:
             async for chunk in gen:
                 yield chunk
+            ended = True
         except Exception as e:
             if not _is_dead_replica(e):
                 raise
+            ended = True
             self.failed += 1
             err = P.error(503, "the replica answering this stream died; retry")
             yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+        finally:
+            if not ended:  # the client went away: the replica's app cancels its jobs
+                gen.cancel()
 
     async def _reports(self) -> list[dict]:
         reports = await self.registry().snapshot.remote()
@@ -243,8 +258,9 @@ class IngressBase:
             gen = self._send(Call("GET", "/v1/models"), None if i == 0 else pack)
             head = await gen.__anext__()
             body = json.loads(b"".join([c async for c in gen]))
-            if head.status != 200:
-                return JSONResponse(body, status_code=head.status)
+            if head.status != 200:  # a pack that cannot be loaded: the others are listed
+                log.warning("GET /v1/models: pack %r answered %d", pack, head.status)
+                continue
             for card in body["data"]:
                 card["id"] = card["id"] if i == 0 else f"{pack}/{card['id']}"
                 card["pack"] = pack

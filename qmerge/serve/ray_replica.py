@@ -16,6 +16,7 @@ those reports.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from qmerge.dtypes import FLOAT_DTYPES
+from qmerge.serve import protocol as P
 from qmerge.serve.app import create_app
 from qmerge.serve.asgi import Call, Head, call_app
 from qmerge.serve.engine import Engine
@@ -143,7 +145,13 @@ class ReplicaBase:
         from ray import serve
 
         name = serve.get_multiplexed_model_id()
-        local = self.default if not name else await self.pack(name)  # type: ignore[attr-defined]
+        try:
+            local = self.default if not name else await self.pack(name)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - answered, and the next request tries again
+            log.exception("pack %r could not be loaded", name)
+            yield Head(503, (("content-type", "application/json"), ("retry-after", "5")))
+            yield json.dumps(P.error(503, f"pack {name!r} could not be loaded: {e}")).encode()
+            return
         async for item in call_app(local.app, call):
             yield item
 

@@ -42,7 +42,12 @@ def app(lm, tmp_path_factory):
     cbase, cfts = tiny.bert(croot)
     tiny.save_tokenizer(cbase, 80, BERT_SPECIALS)
     cpack = tiny.compress(cbase, cfts, croot / "pack", "sign", heads=("classifier.*",))
-    packs = [PackSpec("lm", str(live), str(base)), PackSpec("cls", str(cpack), str(cbase))]
+    broken = tmp_path_factory.mktemp("ray-broken")  # a directory, but no pack
+    packs = [
+        PackSpec("lm", str(live), str(base)),
+        PackSpec("cls", str(cpack), str(cbase)),
+        PackSpec("broken", str(broken), str(base)),
+    ]
     options = RayOptions(replicas=2, threads=1, limits=LIMITS)
     with RayServer(packs, options, num_cpus=2) as s:
         yield s, live, cbase, cpack
@@ -159,6 +164,10 @@ def test_malformed_bodies_and_limits_through_ray(app):
         assert c.get("/v1/nothing").status_code == 404
         r = complete(c, "nopack/t0", PROMPTS[0])  # not a pack: a task name of the default pack
         assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+        r = complete(c, "broken/t0", PROMPTS[0])
+        assert (
+            r.status_code == 503 and "'broken' could not be loaded" in r.json()["error"]["message"]
+        )
         assert complete(c, "t0", PROMPTS[0], 4).status_code == 200  # still serving
 
 
