@@ -108,6 +108,41 @@ def _serve_ray(args: argparse.Namespace, limits) -> dict:
     return {"served": [p.name for p in packs]}
 
 
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group(
+        "Ray Serve",
+        "--ray serves through Ray Serve: several replicas (each qmerge's engine with every "
+        "task of its packs) and several packs in one application, on one machine (a local Ray "
+        "is started) or a cluster (--address auto, after `ray start`).",
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve")
+    ray.add_argument("--address", help="a running Ray cluster ('auto': the one on this node)")
+    ray.add_argument("--replicas", type=positive_int, help="model replicas (default: 1)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default: 1)")
+    ray.add_argument(
+        "--max-replicas", type=positive_int, help="autoscaling: most replicas (turns it on)"
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=16.0,
+        help="autoscaling: requests in flight per replica (default: %(default)s)",
+    )
+    ray.add_argument(
+        "--pack",
+        dest="packs",
+        action="append",
+        metavar="NAME=PACK_DIR,BASE_DIR",
+        help="one more pack (any base), its tasks named NAME/task; repeatable",
+    )
+    ray.add_argument("--name", help="the first pack's name (default: its directory's name)")
+    ray.add_argument(
+        "--max-packs",
+        type=positive_int,
+        help="packs one replica holds besides the first, least recently used evicted (default: 2)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -180,38 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default: torch's; with --ray: per replica, default: this "
         "machine's cores / --replicas, 1 with --address)",
     )
-    ray = p.add_argument_group(
-        "Ray Serve",
-        "--ray serves through Ray Serve: several replicas (each qmerge's engine with every "
-        "task of its packs) and several packs in one application, on one machine (a local Ray "
-        "is started) or a cluster (--address auto, after `ray start`).",
-    )
-    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve")
-    ray.add_argument("--address", help="a running Ray cluster ('auto': the one on this node)")
-    ray.add_argument("--replicas", type=positive_int, help="model replicas (default: 1)")
-    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (default: 1)")
-    ray.add_argument(
-        "--max-replicas", type=positive_int, help="autoscaling: most replicas (turns it on)"
-    )
-    ray.add_argument(
-        "--target-ongoing-requests",
-        type=float,
-        default=16.0,
-        help="autoscaling: requests in flight per replica (default: %(default)s)",
-    )
-    ray.add_argument(
-        "--pack",
-        dest="packs",
-        action="append",
-        metavar="NAME=PACK_DIR,BASE_DIR",
-        help="one more pack (any base), its tasks named NAME/task; repeatable",
-    )
-    ray.add_argument("--name", help="the first pack's name (default: its directory's name)")
-    ray.add_argument(
-        "--max-packs",
-        type=positive_int,
-        help="packs one replica holds besides the first, least recently used evicted (default: 2)",
-    )
+    _add_ray_args(p)
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )

@@ -36,6 +36,11 @@ from qmerge.serve.state import Limits
 
 __all__ = ["PackSpec", "RayOptions", "RayServer", "build", "serve"]
 APP = "qmerge"
+# A local Ray started here runs Serve's control loop at 2 Hz and exports its routers' metrics
+# once a second (defaults: 10 Hz and 10 Hz): the same cores run the model, and at the defaults
+# an idle application took 13% of a core (bench/results/serve-ray-notes.md). A cluster joined
+# with `address` keeps its own settings; any variable already set wins.
+QUIET = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,9 @@ class RayServer:
         _check_packs(self.packs)
         self.options.check()
         if not ray.is_initialized():
+            if not self.address:
+                for k, v in QUIET.items():  # the Ray processes inherit them
+                    os.environ.setdefault(k, v)
             kw: dict = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
             ray.init(
                 namespace="qmerge",
