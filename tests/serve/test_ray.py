@@ -272,23 +272,21 @@ def test_cli_serve_ray_on_one_machine(lm):
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
-    url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
-        with httpx.Client(base_url=url, timeout=60) as c:
+        while not any("serving pack on Ray Serve" in x for x in lines):  # start() returned
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.3)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             assert complete(c, "pack/t0", PROMPTS[0], 4).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=90)[0]
-    assert "serving pack on Ray Serve" in out and "shutting down" in out
+        proc.wait(timeout=90)
+        reader.join(timeout=10)
+    assert any("shutting down" in x for x in lines), "".join(lines)
 
 
 def _free_port() -> int:
