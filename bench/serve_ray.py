@@ -233,8 +233,9 @@ def capacity(log, pack: Path, base: Path, one: dict, rss_one: float, tokens: int
     rps, tps = one["rps"], one["tps"]
     log(
         f"- one replica of 2 cores answered {rps:.2f} req/s ({tps:.0f} tokens/s) of {tokens}-token "
-        f"completions over {len(tasks)} mixed tasks; the task count does not change this while "
-        f"tasks share batches (bench/results/serve.md)."
+        f"completions over {len(tasks)} mixed tasks. More tasks in a batch cost more per "
+        f"decoding step (each task present adds a pass over the base in `sign_linear`: "
+        f"bench/results/serve-notes.md), so size with the task mix expected."
     )
     log(f"- replicas for a load of L req/s: ⌈L / {rps:.2f}⌉ (2 cores each), e.g.")
     for load_rps in (10, 50, 200):
