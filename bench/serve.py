@@ -66,6 +66,19 @@ PROMPTS = [
 ]
 
 
+def requests(tasks: list[str], n: int, tokens: int) -> list[dict]:
+    """n greedy completion requests, tasks round-robin over the prompts."""
+    return [
+        {
+            "model": tasks[i % len(tasks)],
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": tokens,
+            "temperature": 0,
+        }
+        for i in range(n)
+    ]
+
+
 def summary(name: str, res: list, wall: float, expected: list[str], rss: str) -> dict:
     ok = [r for r in res if r[0] == 200]
     lat = sorted(r[1] for r in ok)
@@ -129,15 +142,7 @@ def main() -> None:
     fts = smollm_tasks()
     pack = CACHE / "pack-smollm2-5"
     tasks = list(qmerge.open_pack(pack).tasks)
-    reqs = [
-        {
-            "model": tasks[i % len(tasks)],
-            "prompt": PROMPTS[i % len(PROMPTS)],
-            "max_tokens": args.tokens,
-            "temperature": 0,
-        }
-        for i in range(args.requests)
-    ]
+    reqs = requests(tasks, args.requests, args.tokens)
     lines: list[str] = []
 
     def log(s: str = "") -> None:

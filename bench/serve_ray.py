@@ -31,7 +31,7 @@ import torch
 import qmerge
 from bench._server import free_port, load, status_kb
 from bench.common import CACHE, QMERGE, minilm_base, results_log, smollm2_base
-from bench.serve import PROMPTS, offline, summary
+from bench.serve import PROMPTS, offline, requests, summary
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "serve-ray.md"
@@ -262,15 +262,7 @@ def main() -> None:
 
     cpack, cbase = minilm_pack()[0], minilm_base()
     tasks = list(qmerge.open_pack(pack).tasks)
-    reqs = [
-        {
-            "model": tasks[i % len(tasks)],
-            "prompt": PROMPTS[i % len(PROMPTS)],
-            "max_tokens": args.tokens,
-            "temperature": 0,
-        }
-        for i in range(args.requests)
-    ]
+    reqs = requests(tasks, args.requests, args.tokens)
     cmd = (
         f"`.venv/bin/python -m bench.serve_ray --requests {args.requests} --clients "
         f"{args.clients} --tokens {args.tokens}`"
