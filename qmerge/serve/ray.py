@@ -208,7 +208,8 @@ class RayServer:
             return
         try:
             serve.delete(APP)
-            serve.shutdown()
+            if self._own_ray:  # on a cluster joined, other applications keep their Serve
+                serve.shutdown()
         finally:
             if self._actor is not None:
                 ray.kill(self._actor)
