@@ -107,6 +107,10 @@ class Local:
     def metrics(self) -> str:
         return self.app.state.metrics.render()
 
+    def alive(self) -> bool:
+        """False once stopped (an evicted pack's thread has ended)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self.app.state.scheduler.stop()
         self._thread.join(timeout=30)
@@ -158,7 +162,7 @@ class ReplicaBase:
     def report(self) -> dict:
         held = {self.default.spec.name: self.default}
         for name, local in list(self.extra.items()):
-            if local._thread.is_alive():  # an evicted pack's thread has ended
+            if local.alive():
                 held[name] = local
             else:
                 self.extra.pop(name, None)

@@ -73,4 +73,4 @@ def test_a_pack_in_a_replica_answers_in_process_and_stops_when_evicted(lm):
     info = local.info()
     assert info["status"] == "ok" and info["tasks"] == ["t0", "t1", "t2"]
     local.__del__()  # what Ray Serve's multiplexer calls when it evicts the pack
-    assert not local._thread.is_alive() and local.info()["status"] == "down"
+    assert not local.alive() and local.info()["status"] == "down"
