@@ -95,7 +95,15 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         type=name_path,
         required=True,
         metavar="NAME=DIR",
-        help="a fine-tune of the base (repeat for more)",
+        help="a fine-tune of the base, or a PEFT LoRA adapter of it (a directory with "
+        "adapter_config.json; repeat for more)",
+    )
+    p.add_argument(
+        "--adapter-as",
+        choices=("lora", "policy"),
+        default="lora",
+        help="how a LoRA adapter's modules are stored: lora (its own factors, exactly; "
+        "default) or policy (its product encoded with --codec/--policy like a fine-tune)",
     )
     p.add_argument("--codec", default="sign", help=CODEC_HELP)
     p.add_argument(
@@ -156,6 +164,7 @@ def _options(args: argparse.Namespace) -> Options:
         distill_steps=args.distill_steps,
         distill_lr=args.distill_lr,
         allow_resized_vocab=args.allow_resized_vocab,
+        adapter_as=args.adapter_as,
         exclude=tuple(args.exclude),
         heads=tuple(args.head),
         progress=not (args.quiet or args.json),

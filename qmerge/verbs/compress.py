@@ -16,10 +16,13 @@ from pathlib import Path
 
 from qmerge.errors import ConfigError, PackError
 from qmerge.format import manifest as mf
+from qmerge.format.adapter import is_adapter
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.fingerprint import checkpoint_fingerprint
 from qmerge.format.pack import Pack
 from qmerge.format.writer import PackWriter
+from qmerge.verbs.adapter_task import AdapterTask, encode_adapter, open_adapter
+from qmerge.verbs.adapter_task import summary as adapter_summary
 from qmerge.verbs.executor import Inline, resolve
 from qmerge.verbs.progress import bar
 from qmerge.verbs.tensors import (
@@ -37,17 +40,24 @@ __all__ = ["Options", "add_task", "compress", "remove_task"]
 
 def _open_inputs(
     base: PathLike, tasks: Mapping[str, PathLike], opts: Options
-) -> tuple[Checkpoint, dict[str, Checkpoint]]:
-    """Opens and checks every input before any work, so a bad one costs nothing."""
+) -> tuple[Checkpoint, dict[str, Checkpoint | AdapterTask]]:
+    """Opens and checks every input before any work, so a bad one costs nothing. A task
+    directory with adapter_config.json is a PEFT LoRA adapter (verbs/adapter_task.py)."""
     if not tasks:
         raise PackError("no tasks given: pass at least one NAME=DIR")
     for name in tasks:
         mf.check_new_task_name(name)
     _check_distill(tasks, opts)
     base_ckpt = Checkpoint(base)
-    fts = {name: Checkpoint(path) for name, path in tasks.items()}
-    for ft in fts.values():
-        plan(base_ckpt, ft, opts)
+    fts: dict[str, Checkpoint | AdapterTask] = {}
+    for name, path in tasks.items():
+        if is_adapter(path):
+            if opts.calib_texts or opts.calib:
+                raise ConfigError(f"task {name!r} is a LoRA adapter: it takes no calibration")
+            fts[name] = open_adapter(path, base_ckpt, opts)
+        else:
+            fts[name] = ft = Checkpoint(path)
+            plan(base_ckpt, ft, opts)
     return base_ckpt, fts
 
 
@@ -105,17 +115,22 @@ def _put_task(
     w: PackWriter,
     name: str,
     base: Checkpoint,
-    ft: Checkpoint,
+    ft: Checkpoint | AdapterTask,
     opts: Options,
     encoded: tuple[dict, dict] | None = None,
 ) -> None:
     """Encodes a task (or takes what units encoded) and writes it whole through the writer."""
-    parts, table = encoded if encoded is not None else encode_task(name, base, ft, opts)
-    if opts.distill_steps:
-        _distill(name, base, ft, parts, table, opts)
-    head_parts, head_table = encode_heads(base, ft, opts)
+    extra: dict = {}
+    if isinstance(ft, AdapterTask):
+        parts, table, head_parts, head_table = encode_adapter(name, base, ft, opts)
+        extra["adapter"] = adapter_summary(ft)
+    else:
+        parts, table = encoded if encoded is not None else encode_task(name, base, ft, opts)
+        if opts.distill_steps:
+            _distill(name, base, ft, parts, table, opts)
+        head_parts, head_table = encode_heads(base, ft, opts)
     parts.update(head_parts)
-    entry: dict = {"source": str(ft.path), "tensors": table}
+    entry: dict = {"source": str(ft.path), "tensors": table} | extra
     if head_table:
         entry["heads"] = head_table
     if (names := labels(ft)) is not None:
@@ -126,7 +141,11 @@ def _put_task(
 
 
 def _put_tasks(
-    w: PackWriter, base: Checkpoint, fts: dict[str, Checkpoint], opts: Options, run: Inline | None
+    w: PackWriter,
+    base: Checkpoint,
+    fts: dict[str, Checkpoint | AdapterTask],
+    opts: Options,
+    run: Inline | None,
 ) -> None:
     """Every task into the pack: one after another here, or encoded by units on `run` (the
     bytes are the same; see compress_units.py) and then written whole, in the same order."""
@@ -136,10 +155,11 @@ def _put_tasks(
         return
     from qmerge.verbs import compress_units
 
+    full = {n: ft for n, ft in fts.items() if isinstance(ft, Checkpoint)}  # adapters: here
     with w.fragments() as scratch:
-        encoded = compress_units.encode_all(run, base, fts, opts, scratch)
+        encoded = compress_units.encode_all(run, base, full, opts, scratch) if full else {}
         for name, ft in fts.items():
-            _put_task(w, name, base, ft, opts, encoded.pop(name))
+            _put_task(w, name, base, ft, opts, encoded.pop(name, None))
 
 
 def compress(

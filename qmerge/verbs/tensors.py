@@ -54,6 +54,9 @@ class Options:
         allow_resized_vocab: a fine-tune whose tensor has more rows than the base's (a grown
             vocabulary) stores the shared rows' delta with its codec and the new rows dense,
             as they are in the fine-tune. Without it, that is an error.
+        adapter_as: how a PEFT LoRA adapter's adapted modules are stored: "lora" (the
+            adapter's own factors as `lowrank`, exactly; no dense delta is built) or "policy"
+            (the product encoded under `policy` like a fine-tune's delta).
         exclude: fnmatch globs of tensor names to leave out (e.g. a task head "classifier.*").
         heads: fnmatch globs of fine-tune tensors the base does not have (a task head such as
             "classifier.*"): stored as they are, per task, and put back on load.
@@ -69,6 +72,7 @@ class Options:
     distill_steps: int = 0
     distill_lr: float = 1e-2
     allow_resized_vocab: bool = False
+    adapter_as: str = "lora"
     exclude: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
     progress: bool = True
@@ -76,8 +80,13 @@ class Options:
     calib_inputs: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict, repr=False)
 
 
+def excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    """Whether a tensor name matches one of the --exclude globs."""
+    return any(fnmatch.fnmatchcase(name, g) for g in exclude)
+
+
 def _names(ckpt: Checkpoint, exclude: tuple[str, ...]) -> set[str]:
-    return {n for n in ckpt.names if not any(fnmatch.fnmatchcase(n, g) for g in exclude)}
+    return {n for n in ckpt.names if not excluded(n, exclude)}
 
 
 def heads(base: Checkpoint, ft: Checkpoint, opts: Options) -> list[str]:
