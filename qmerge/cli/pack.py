@@ -111,6 +111,12 @@ def _input_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="JSON policy: codec per module type / tensor pattern / task (README)",
     )
+    p.add_argument(
+        "--lossless",
+        action="store_true",
+        help="every tensor (matrices, biases, norms) as an fp32 delta, checked to give back "
+        "each fine-tune bit for bit: the input for merges",
+    )
     _calibration_options(p)
     p.add_argument(
         "--allow-resized-vocab",
@@ -155,8 +161,11 @@ def _options(args: argparse.Namespace) -> Options:
     if args.calib:
         f = SafetensorsFile(args.calib, error=ConfigError)
         calib = {k: f.get(k).float() for k in f.keys()}
+    if args.lossless and (args.policy or args.codec != "sign"):
+        raise ConfigError("--lossless sets every tensor's codec: give no --codec or --policy")
     return Options(
         policy=policy(args.policy, args.codec),
+        lossless=args.lossless,
         calib=calib,
         calib_texts=_calib_texts(args.calib_texts),
         calib_rows=args.calib_rows,

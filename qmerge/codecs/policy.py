@@ -36,6 +36,7 @@ from qmerge.codecs.auto import AutoConfig
 from qmerge.codecs.base import CodecChoice, parse_spec
 from qmerge.errors import ConfigError
 
+LOSSLESS = "dense:dtype=fp32"
 MODULE_TYPES = ("attention", "mlp", "embedding", "norm", "other")
 _RULES = (
     ("norm", re.compile(r"(^|[._])(\w*norm\w*|ln(_?\w+)?)(\.|$)", re.I)),
@@ -148,6 +149,12 @@ class Policy:
             _spec_map(f"tasks[{task!r}].types", over.get("types", {}), parsed, MODULE_TYPES)
             _spec_map(f"tasks[{task!r}].patterns", over.get("patterns", {}), parsed)
         object.__setattr__(self, "_parsed", parsed)  # not a field: config_dict stays JSON
+
+    @classmethod
+    def lossless(cls) -> Policy:
+        """Every tensor kind (matrices, biases, norms) as an fp32 dense delta: the pack gives
+        back every fine-tune bit for bit (checked per tensor by `Options(lossless=True)`)."""
+        return cls(codec=LOSSLESS, vectors=LOSSLESS, types={"norm": LOSSLESS})
 
     def choice(self, spec: str) -> CodecChoice:
         """The parsed form of one of this policy's specs."""

@@ -116,7 +116,7 @@ def run(unit: Unit) -> dict:
                 continue
             spec = specs(t, base, unit.opts, [n])[n]
             if unit.rows is not None:
-                stored, figures = encode_rows(n, base, ft, spec, unit.rows)
+                stored, figures = encode_rows(n, base, ft, spec, unit.rows, unit.opts.lossless)
                 slices[t][n] = (unit.rows[0], figures)
             else:
                 stored, tables[t][n] = encode_tensor(
@@ -128,6 +128,7 @@ def run(unit: Unit) -> dict:
                     unit.opts.policy.skip_below,
                     unit.calib.get(t, {}).get(n),
                     unit.planned.get(t),
+                    unit.opts.lossless,
                 )
             parts[t].update(stored)
             del stored

@@ -25,7 +25,7 @@ from qmerge.codecs.encode import amax, encode, entry_of
 from qmerge.codecs.encode import entry as table_entry
 from qmerge.codecs.policy import Policy
 from qmerge.codecs.skip import SkipConfig, SkipResidual
-from qmerge.errors import CheckpointError
+from qmerge.errors import CheckpointError, ConfigError
 from qmerge.format.checkpoint import Checkpoint
 from qmerge.format.pack import part_key
 from qmerge.format.safetensors_io import dtype_name
@@ -54,6 +54,9 @@ class Options:
         allow_resized_vocab: a fine-tune whose tensor has more rows than the base's (a grown
             vocabulary) stores the shared rows' delta with its codec and the new rows dense,
             as they are in the fine-tune. Without it, that is an error.
+        lossless: store every tensor as an fp32 dense delta (`Policy.lossless()`, which
+            replaces `policy`) and check per tensor that base + delta gives back the
+            fine-tune's values bit for bit (CheckpointError naming the tensor otherwise).
         adapter_as: how a PEFT LoRA adapter's adapted modules are stored: "lora" (the
             adapter's own factors as `lowrank`, exactly; no dense delta is built) or "policy"
             (the product encoded under `policy` like a fine-tune's delta).
@@ -72,12 +75,19 @@ class Options:
     distill_steps: int = 0
     distill_lr: float = 1e-2
     allow_resized_vocab: bool = False
+    lossless: bool = False
     adapter_as: str = "lora"
     exclude: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
     progress: bool = True
     # layer inputs per task, computed from calib_texts by compress / add_task
     calib_inputs: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.lossless:
+            if self.policy != Policy() and self.policy != Policy.lossless():
+                raise ConfigError("lossless stores every tensor as fp32 deltas: give no policy")
+            self.policy = Policy.lossless()
 
 
 def excluded(name: str, exclude: tuple[str, ...]) -> bool:
@@ -206,14 +216,40 @@ def delta(
     return d
 
 
+def check_exact(
+    n: str, base: Checkpoint, ft: Checkpoint, extra: int, d: Tensor, rows: tuple | None = None
+) -> None:
+    """Raises unless base + d, rounded to the fine-tune's dtype, is the fine-tune's tensor."""
+    f, b = ft.get(n), base.get(n)
+    if extra:
+        f = f[: f.shape[0] - extra]
+    if rows is not None:
+        f, b = f[rows[0] : rows[1]], b[rows[0] : rows[1]]
+    back = (b.to(torch.float32) + d.reshape(b.shape)).to(f.dtype)
+    if not torch.equal(back, f):
+        i = int((back != f).reshape(-1).nonzero()[0])
+        raise CheckpointError(
+            f"{ft.path}: tensor '{n}': base + its fp32 delta does not give back the fine-tune "
+            f"at flat index {i} ({float(back.reshape(-1)[i])} vs {float(f.reshape(-1)[i])}): "
+            "the difference is not representable in fp32; nothing was written"
+        )
+
+
 def encode_rows(
-    n: str, base: Checkpoint, ft: Checkpoint, spec: tuple[str, CodecChoice], rows: tuple[int, int]
+    n: str,
+    base: Checkpoint,
+    ft: Checkpoint,
+    spec: tuple[str, CodecChoice],
+    rows: tuple[int, int],
+    exact: bool = False,
 ) -> tuple[dict[str, Tensor], dict]:
     """Rows [a, b) of one tensor through a codec whose rows are independent
     (`Residual.rows_independent`): (their stored parts, the figures `join_rows` needs)."""
     d = delta(base, ft, n, 0, rows)
     _, (name, cfg) = spec
     res = codec(name).residual.from_dense(d, cfg)
+    if exact:
+        check_exact(n, base, ft, 0, res.dequantize(torch.float32), rows)
     stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
     figures = {
         "amax": amax(d),
@@ -292,9 +328,11 @@ def encode_tensor(
     skip_below: float,
     calib: Tensor | None = None,
     planned: Mapping[str, dict | None] | None = None,
+    exact: bool = False,
 ) -> tuple[dict[str, Tensor], dict]:
     """One tensor of one fine-tune: (its stored parts keyed 'name:part', its codec entry).
-    `planned` holds the per-tensor keywords of a cross-tensor plan (`plan_groups`)."""
+    `planned` holds the per-tensor keywords of a cross-tensor plan (`plan_groups`); `exact`
+    checks that base + the stored delta gives back the fine-tune's values bit for bit."""
     d = delta(base, ft, n, extra)
     kind, choice = spec
     planned = planned or {}
@@ -302,6 +340,8 @@ def encode_tensor(
         res, cfg, info_extra = SkipResidual(tuple(d.shape)), SkipConfig(), {}
     else:
         res, cfg, info_extra = encode(d, choice, calib, skip_below, **(planned.get(n) or {}))
+    if exact:
+        check_exact(n, base, ft, extra, res.dequantize(torch.float32))
     stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
     if extra:
         f = ft.get(n)
@@ -332,7 +372,15 @@ def encode_task(
     calib = opts.calib_inputs.get(task, opts.calib or {})
     for n in bar(sorted(extra_rows), opts.progress, f"{task}: compress", len(extra_rows)):
         stored, table[n] = encode_tensor(
-            n, base, ft, spec[n], extra_rows[n], opts.policy.skip_below, calib.get(n), planned
+            n,
+            base,
+            ft,
+            spec[n],
+            extra_rows[n],
+            opts.policy.skip_below,
+            calib.get(n),
+            planned,
+            opts.lossless,
         )
         parts.update(stored)
         del stored
