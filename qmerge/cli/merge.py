@@ -41,6 +41,7 @@ def merge(args: argparse.Namespace) -> dict:
         overwrite=args.overwrite,
         progress=progress(args, f"merge ({args.method})", "tensor" if run is None else "unit"),
         executor=run,
+        base=args.base,
     )
     result = inspect(args.out, worst=3)
     result["seconds"] = time.perf_counter() - t0
@@ -88,6 +89,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a method option (repeatable), e.g. --option density=0.2",
     )
     p.add_argument("--out", required=True, type=Path, help="the merged pack to write")
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="the pack's base checkpoint, for methods that read the base's weights (slerp)",
+    )
     p.add_argument(
         "--shared-codec",
         default=DEFAULT_SHARED_CODEC,

@@ -6,12 +6,29 @@ dare             random drop + rescale, then TA or TIES     (Yu et al. 2024)
 lines            any static merge scaled with layer depth   (Wang et al. 2025)
 emr              unified vector + per-task masks, rescalers (Huang et al. 2024)
 twin             static merge + compressed per-task rest    (Lu et al. 2024)
+gta              per-task weights, sparsify, consensus      (mergekit's family)
+breadcrumbs      drop outliers and small entries (+ _ties)  (Davari & Belilovsky 2024)
+della            MAGPRUNE, elect sign (della_linear: sum)   (Deep et al. 2024)
+model_stock      average pulled back by the tasks' angle    (Jang et al. 2024)
+slerp            spherical interpolation of two endpoints   (Shoemake 1985)
 
 Each method gives a shared delta and, where it has them, per-task exclusive parts;
 Algorithms only: building a merged pack from them is the verb `qmerge.verbs.merge`.
 """
 
-from qmerge.merge import dare, emr, lines, task_arithmetic, ties, twin  # noqa: F401  (registers)
+from qmerge.merge import (  # noqa: F401  (registers)
+    breadcrumbs,
+    dare,
+    della,
+    emr,
+    gta,
+    lines,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+    twin,
+)
 from qmerge.merge.base import METHODS, Merged, MethodChoice, TensorCtx, make_config, method
 from qmerge.merge.spec import parse
 

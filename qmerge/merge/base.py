@@ -40,6 +40,7 @@ class TensorCtx:
     n_layers: int
     tasks: tuple[str, ...]
     seed: int = 0
+    base: Tensor | None = None  # the base tensor, fp32, for methods that need it (SLERP)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Method:
         of another method (LiNeS, Twin).
     linear: for a method whose shared delta is `linear(cfg) · Σ_t τ_t`, that scale: the merge
         then sums 1-bit residuals straight from their packed bits.
+    needs_base: it reads the base's weights too (`TensorCtx.base`; the merge needs --base).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Method:
     summary: str
     static: bool = True
     linear: Callable[[Any], float] | None = None
+    needs_base: bool = False
 
 
 METHODS: Registry[Method] = Registry("merge method")
@@ -77,11 +80,13 @@ def register(
     *,
     static: bool = True,
     linear: Callable[[Any], float] | None = None,
+    needs_base: bool = False,
 ):
     """Function decorator: registers `fn(deltas, cfg, ctx) -> Merged` as method `name`."""
 
     def deco(fn):
-        METHODS.register(name, Method(name, config, fn, summary, static, linear), summary, paper)
+        m = Method(name, config, fn, summary, static, linear, needs_base)
+        METHODS.register(name, m, summary, paper)
         return fn
 
     return deco

@@ -34,6 +34,8 @@ from qmerge.codecs.policy import Policy, module_type, resolve
 from qmerge.codecs.runtime import SignForm
 from qmerge.errors import ConfigError, PackError
 from qmerge.format import manifest as mf
+from qmerge.format.checkpoint import Checkpoint
+from qmerge.format.fingerprint import checkpoint_fingerprint
 from qmerge.format.pack import Pack, part_key
 from qmerge.format.writer import PackWriter
 from qmerge.merge.base import Merged, MethodChoice, TensorCtx, layer_index
@@ -89,10 +91,25 @@ def _sum_from_bits(
     ).reshape(shape)
 
 
-def _contexts(src: Pack) -> dict[str, Any]:
-    """What every tensor's merge context shares: the model's depth and the tasks."""
+def _contexts(src: Pack, base: str | None = None) -> dict[str, Any]:
+    """What every tensor's merge context shares: the model's depth, the tasks, and the base
+    checkpoint (for a method that reads the base's weights)."""
     depths = [d for n in src.base_fingerprint["tensors"] if (d := layer_index(n)) is not None]
-    return {"n_layers": max(depths) + 1 if depths else 1, "tasks": tuple(src.tasks)}
+    ckpt = Checkpoint(base).align_to(src.base_fingerprint["tensors"]) if base else None
+    return {"n_layers": max(depths) + 1 if depths else 1, "tasks": tuple(src.tasks), "base": ckpt}
+
+
+def _check_base(src: Pack, choice: MethodChoice, base: PathLike | None) -> str | None:
+    """The base path for a method that needs it, checked to be the pack's base."""
+    if not choice.method.needs_base:
+        return None
+    if base is None:
+        raise ConfigError(
+            f"merge method {choice.method.name!r} reads the base's weights: give --base"
+        )
+    ckpt = Checkpoint(base)
+    src.check_base(checkpoint_fingerprint(ckpt), f"{src.path}: cannot merge over {base}")
+    return str(base)
 
 
 def _merged_tensor(
@@ -100,7 +117,8 @@ def _merged_tensor(
 ) -> tuple[Tensor, Merged]:
     """The tasks' deltas of tensor `n` [T, *shape] and the method's result over them."""
     seed = int(getattr(choice.config, "seed", 0))
-    tctx = TensorCtx(n, layer_index(n), ctx["n_layers"], ctx["tasks"], seed)
+    w0 = ctx["base"].get(n).to(torch.float32) if ctx.get("base") is not None else None
+    tctx = TensorCtx(n, layer_index(n), ctx["n_layers"], ctx["tasks"], seed, w0)
     deltas, res = _deltas(src, n)
     linear = choice.method.linear
     fast = _sum_from_bits(res, linear(choice.config), _shape(src, n)) if linear else None
@@ -112,11 +130,14 @@ def _names(src: Pack) -> list[str]:
 
 
 def _merged(
-    src: Pack, choice: MethodChoice, progress: Callable[[Iterable], Iterable]
+    src: Pack,
+    choice: MethodChoice,
+    progress: Callable[[Iterable], Iterable],
+    base: str | None = None,
 ) -> Iterator[tuple[str, Tensor, Merged]]:
     """(tensor name, the tasks' deltas [T, *shape], the method's result) for every tensor some
     task of `src` has, one at a time."""
-    ctx = _contexts(src)
+    ctx = _contexts(src, base)
     for n in progress(_names(src)):
         deltas, result = _merged_tensor(src, choice, n, ctx)
         yield n, deltas, result
@@ -231,6 +252,7 @@ def merge_pack(
     overwrite: bool = False,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     executor: str | Inline | None = None,
+    base: PathLike | None = None,
 ) -> Pack:
     """Merges the tasks of `pack` with `method` into a new pack at `out`.
 
@@ -245,16 +267,19 @@ def merge_pack(
             matrices, dense for vectors).
         executor: "local" (default: this process), "ray" (groups of tensors on a local Ray),
             or an executor object (verbs/executor.py); the pack's bytes are the same.
+        base: the pack's base checkpoint, for a method that reads the base's weights (SLERP);
+            checked against the pack's fingerprint.
     """
     src = _source(pack)
     choice = parse(method, config)
+    base_path = _check_base(src, choice, base)
     shared_choice = resolve(shared_codec)
     policy = exclusive or Policy()
     out = Path(out)
     _check_out(src, out, overwrite)
     run = executors.resolve(executor)
     if run is None:
-        acc = _merge_here(src, choice, shared_choice, policy, progress)
+        acc = _merge_here(src, choice, shared_choice, policy, progress, base_path)
         with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
             _put(w, src, acc, choice, config, shared_codec, shared_choice, policy)
         return Pack.open(out)
@@ -265,7 +290,7 @@ def merge_pack(
     with PackWriter.create(out, src.base_fingerprint, overwrite=overwrite) as w:
         with w.fragments() as scratch:
             acc = merge_units.merged(
-                run, src, _names(src), choice, shared_choice, policy, scratch, progress
+                run, src, _names(src), choice, shared_choice, policy, scratch, progress, base_path
             )
             _put(w, src, acc, choice, config, shared_codec, shared_choice, policy)
     return Pack.open(out)
@@ -277,9 +302,10 @@ def _merge_here(
     shared_choice: CodecChoice,
     policy: Policy,
     progress: Callable[[Iterable], Iterable],
+    base: str | None = None,
 ) -> _Out:
     acc = _Out(tuple(src.tasks))
-    for n, deltas, result in _merged(src, choice, progress):
+    for n, deltas, result in _merged(src, choice, progress, base):
         _encode_tensor(
             acc,
             n,
@@ -334,7 +360,7 @@ def _put(
 
 
 def shared_deltas(
-    pack: PathLike, method: str | MethodChoice, config: Any = None
+    pack: PathLike, method: str | MethodChoice, config: Any = None, base: PathLike | None = None
 ) -> Iterator[tuple[str, Tensor]]:
     """The shared delta of `method` over the tasks of `pack`, per tensor, dense fp32 and not
     encoded (what `merge_pack` would store before its shared codec): for tuning a merge's
@@ -343,6 +369,6 @@ def shared_deltas(
     if not src.tasks:
         raise PackError(f"{src.path}: has no tasks to merge")
     choice = parse(method, config)
-    for n, _, result in _merged(src, choice, lambda it: it):
+    for n, _, result in _merged(src, choice, lambda it: it, _check_base(src, choice, base)):
         if result.shared is not None:
             yield n, result.shared

@@ -37,6 +37,7 @@ class Unit:
     policy: Policy
     scratch: str
     threads: int = 1  # the coordinator's: merge methods' sums and SVDs depend on it
+    base: str | None = None  # the base checkpoint, for a method that reads it
 
 
 def run(unit: Unit) -> dict:
@@ -45,7 +46,7 @@ def run(unit: Unit) -> dict:
 
     src = Pack.open(unit.pack)
     acc = merge._Out(tuple(src.tasks))
-    ctx = merge._contexts(src)
+    ctx = merge._contexts(src, unit.base)
     for n in unit.names:
         deltas, result = merge._merged_tensor(src, unit.choice, n, ctx)
         merge._encode_tensor(
@@ -75,6 +76,7 @@ def merged(
     policy: Policy,
     scratch: Path,
     progress: Callable,
+    base: str | None = None,
 ):
     """The `_Out` of the whole merge, from units on `executor`; its parts are views of the
     checked fragments under `scratch`."""
@@ -89,7 +91,7 @@ def merged(
         groups[-1].append(n)
         size += nbytes
     threads = torch.get_num_threads()  # methods' sums and SVDs: their bytes depend on it
-    template = Unit(0, str(src.path), (), choice, shared_codec, policy, str(scratch), threads)
+    template = Unit(0, str(src.path), (), choice, shared_codec, policy, str(scratch), threads, base)
     units = [replace(template, index=i, names=tuple(g)) for i, g in enumerate(groups)]
     results = executor.map(run, units, scratch, progress)
     from qmerge.verbs import merge

@@ -74,6 +74,10 @@ def _expected(base, fts, method: str, opts: dict, task: str | None):
         ("lines", {"beta": 0.8}, None),
         ("emr", {}, "t1"),
         ("twin", {"shared": "ties"}, "t2"),
+        ("gta", {"sparsify": "magnitude", "consensus": "sum", "weights": "1/2/0.5"}, None),
+        ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}, None),
+        ("della", {"density": 0.6, "epsilon": 0.2, "seed": 2}, None),
+        ("model_stock", {"filter_wise": True}, None),
     ],
 )
 def test_merged_pack_routes_to_the_methods_weights(lm, method, opts, task):
@@ -284,3 +288,22 @@ def test_cli_merge(lm, tmp_path):
         text=True,
     )
     assert r.returncode == 1 and "density" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_slerp_needs_the_packs_base_and_interpolates_two_tasks(lm, tmp_path):
+    root, base, fts, _ = lm
+    two = {t: fts[t] for t in ("t0", "t1")}
+    pack = tiny.compress(base, two, tmp_path / "two", tiny.EXACT)
+    with pytest.raises(ConfigError, match="give --base"):
+        qmerge.merge_pack(pack, tmp_path / "s", "slerp:t=0.3")
+    other = tiny.perturbed(_model(base), 9)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(qmerge.errors.BaseMismatchError):
+        qmerge.merge_pack(pack, tmp_path / "s", "slerp:t=0.3", base=tmp_path / "other")
+    out = qmerge.merge_pack(pack, tmp_path / "s", "slerp:t=0.3", shared_codec=FP32, base=base)
+    from qmerge.merge.slerp import slerp
+
+    b, a0, a1 = (_model(p).state_dict() for p in (base, fts["t0"], fts["t1"]))
+    name = "model.layers.1.mlp.down_proj.weight"
+    got = shared_residual(out, name).dequantize(torch.float32)
+    torch.testing.assert_close(b[name] + got, slerp(0.3, a0[name], a1[name]), rtol=0, atol=1e-6)
