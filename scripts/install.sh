@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip -q --disable-pip-version-check "$@"; }
 pip install --upgrade pip "setuptools>=77" wheel
 # A plain `torch` requirement would pull a multi-GB CUDA build: pin the CPU wheel.
-pip install torch==2.13.0 "numpy>=1.24" "tqdm>=4.60" "pytest>=7" "hypothesis>=6" "safetensors>=0.4" ninja
+pip install torch==2.13.0 "numpy>=1.24" "tqdm>=4.60" "pyyaml>=6" "pytest>=7" "hypothesis>=6" "safetensors>=0.4" ninja
 # Linters that scripts/test.sh runs (pinned: a new release may flag or format differently).
 pip install "ruff==0.17.6" "clang-format==23.1.5"
 # Routed inference patches transformers models; the tests also load a bitsandbytes-quantized

@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 from qmerge.cli.common import add_executor, add_output, executor, policy, progress
-from qmerge.codecs.base import key_values
+from qmerge.codecs.base import config_dict, key_values
+from qmerge.errors import ConfigError
 from qmerge.merge import METHODS
 from qmerge.merge.base import choose
+from qmerge.verbs import recipe
 from qmerge.verbs.merge import DEFAULT_SHARED_CODEC, merge_pack
-from qmerge.verbs.packs import inspect
+from qmerge.verbs.merge_direct import merge_to_model
+from qmerge.verbs.packs import inspect, open_pack
 
 
 def _methods_help() -> str:
@@ -28,9 +31,98 @@ def _methods_help() -> str:
     return "methods and their --option keys:\n" + "\n".join(lines)
 
 
+def _recipe(args: argparse.Namespace, t0: float) -> dict:
+    """merge --config RECIPE.yml: a mergekit recipe, to a model directory (or a pack)."""
+    if args.pack is not None or args.method is not None or args.option:
+        raise ConfigError(
+            "--config takes the method and models from the recipe: give no PACK, "
+            "--method or --option"
+        )
+    if args.to_mergekit:
+        raise ConfigError("--config already is a mergekit recipe")
+    if args.out is None:
+        raise ConfigError("give --out (the merged model directory to write)")
+    r = recipe.read(args.config)
+    if args.as_pack:
+        report = _recipe_pack(args, r)
+    else:
+        report = merge_to_model(
+            r.base,
+            r.models,
+            r.choice,
+            args.out,
+            dtype=r.out_dtype,
+            overwrite=args.overwrite,
+            progress=progress(args, f"merge ({r.mergekit_method})", "tensor"),
+        )
+    report |= {
+        "recipe": str(args.config),
+        "mergekit_method": r.mergekit_method,
+        "method": r.choice.method.name,
+        "config": config_dict(r.choice.config),
+        "tasks": {t: str(p) for t, p in r.models.items()},
+        "out": str(args.out),
+        "seconds": time.perf_counter() - t0,
+    }
+    if not args.json:
+        kind = "pack" if args.as_pack else "model directory"
+        print(
+            f"merged {len(r.models)} model(s) over {r.base} with {r.mergekit_method} "
+            f"(qmerge {r.choice.method.name}) into the {kind} {args.out} "
+            f"in {report['seconds']:.1f} s"
+        )
+    return report
+
+
+def _recipe_pack(args: argparse.Namespace, r: recipe.Recipe) -> dict:
+    """The recipe's models compressed losslessly into a scratch pack, then merged into a pack."""
+    import shutil
+    import tempfile
+
+    from qmerge.verbs.compress import Options, compress
+
+    scratch = Path(tempfile.mkdtemp(prefix=".qmerge-recipe-", dir=Path(args.out).parent))
+    try:
+        opts = Options(lossless=True, progress=not args.json)
+        compress(r.base, r.models, scratch / "exact", opts=opts)
+        merge_pack(
+            scratch / "exact",
+            args.out,
+            r.choice,
+            shared_codec="dense:dtype=fp32",
+            overwrite=args.overwrite,
+            base=r.base,
+            progress=progress(args, f"merge ({r.mergekit_method})", "tensor"),
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"pack": inspect(args.out, worst=0)}
+
+
+def _to_mergekit(args: argparse.Namespace, choice) -> dict:
+    if args.base is None:
+        raise ConfigError("--to-mergekit writes the base's path into the recipe: give --base")
+    pk = open_pack(args.pack)
+    models = {t: pk.manifest["tasks"][t].get("source", "") for t in pk.tasks}
+    obj = recipe.to_mergekit(choice, args.base, models)
+    recipe.write_yaml(obj, args.to_mergekit)
+    if not args.json:
+        print(f"wrote the mergekit recipe {args.to_mergekit} ({obj['merge_method']})")
+    return {"mergekit_recipe": str(args.to_mergekit), "recipe": obj}
+
+
 def merge(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
+    if args.config is not None:
+        return _recipe(args, t0)
+    if args.pack is None or args.method is None:
+        raise ConfigError("give a PACK and --method, or --config RECIPE.yml")
     choice = choose(args.method, key_values(args.option, "--option"))
+    written = _to_mergekit(args, choice) if args.to_mergekit else {}
+    if args.out is None:
+        if not written:
+            raise ConfigError("give --out (the merged pack to write)")
+        return written
     run = executor(args)
     merge_pack(
         args.pack,
@@ -46,6 +138,7 @@ def merge(args: argparse.Namespace) -> dict:
     result = inspect(args.out, worst=3)
     result["seconds"] = time.perf_counter() - t0
     result["executor"] = run.report.as_dict() if run is not None else {"executor": "local"}
+    result |= written
     if not args.json:
         m = result["merge"]
         print(
@@ -73,10 +166,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=_methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("pack", type=Path, help="the pack whose tasks are merged")
+    p.add_argument("pack", type=Path, nargs="?", help="the pack whose tasks are merged")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="RECIPE.yml",
+        help="a mergekit recipe (merge_method, base_model, models, parameters, dtype): its "
+        "fine-tunes merged straight into the model directory --out (no pack; see README)",
+    )
+    p.add_argument(
+        "--as-pack",
+        action="store_true",
+        help="with --config: compress the recipe's models losslessly and write a merged pack",
+    )
+    p.add_argument(
+        "--to-mergekit",
+        type=Path,
+        metavar="RECIPE.yml",
+        help="write this merge (PACK, --method, --option, --base) as a mergekit recipe",
+    )
     p.add_argument(
         "--method",
-        required=True,
         choices=METHODS.names(),
         metavar="METHOD",
         help=f"one of {', '.join(METHODS.names())} (below)",
@@ -88,7 +198,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a method option (repeatable), e.g. --option density=0.2",
     )
-    p.add_argument("--out", required=True, type=Path, help="the merged pack to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="the merged pack to write (with --config: the merged model directory)",
+    )
     p.add_argument(
         "--base",
         type=Path,

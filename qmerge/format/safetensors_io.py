@@ -22,7 +22,7 @@ import json
 import math
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -171,35 +171,66 @@ def _raw(t: Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def write_safetensors(
-    f: BinaryIO, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
-) -> tuple[int, str]:
-    """Writes `tensors` to the open file `f`; returns (bytes written, sha256 hex)."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+def _order(specs: Sequence[tuple[str, torch.dtype, Sequence[int]]]) -> list[int]:
+    """Where each tensor goes: larger elements first, then by name (8-byte alignment)."""
+    return sorted(range(len(specs)), key=lambda i: (-specs[i][1].itemsize, specs[i][0]))
+
+
+def header_bytes(
+    specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[bytes, list[str]]:
+    """The length prefix and JSON header of a file holding tensors (name, dtype, shape), and
+    the order their bytes must follow."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
+    order = _order(specs)
+    for i in order:
+        name, dt, shape = specs[i]
+        size = math.prod(shape) * dt.itemsize
         header[name] = {
-            "dtype": dtype_name(t.dtype),
-            "shape": list(t.shape),
+            "dtype": dtype_name(dt),
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    h = hashlib.sha256()
-    total = 0
-    for chunk in (len(raw).to_bytes(8, "little"), raw):
-        f.write(chunk)
-        h.update(chunk)
-        total += len(chunk)
+    return len(raw).to_bytes(8, "little") + raw, [specs[i][0] for i in order]
+
+
+def write_header(
+    f: BinaryIO,
+    specs: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+    metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Starts a safetensors file whose tensors are written next, one at a time, in the
+    returned order (`write_tensor`): a file streamed without holding its tensors."""
+    head, order = header_bytes(specs, metadata)
+    f.write(head)
+    return order
+
+
+def write_tensor(f: BinaryIO, t: Tensor) -> memoryview:
+    """Appends one tensor's bytes (after `write_header`); returns them."""
+    data = _raw(t)
+    f.write(data)
+    return data
+
+
+def write_safetensors(
+    f: BinaryIO, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """Writes `tensors` to the open file `f`; returns (bytes written, sha256 hex)."""
+    specs = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    head, order = header_bytes(specs, metadata)
+    f.write(head)
+    h = hashlib.sha256(head)
+    total = len(head)
     for name in order:
-        data = _raw(tensors[name])
-        f.write(data)
+        data = write_tensor(f, tensors[name])
         h.update(data)
         total += len(data)
     return total, h.hexdigest()
