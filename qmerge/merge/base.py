@@ -41,6 +41,7 @@ class TensorCtx:
     tasks: tuple[str, ...]
     seed: int = 0
     base: Tensor | None = None  # the base tensor, fp32, for methods that need it (SLERP)
+    scratch: bool = False  # the method may overwrite `deltas` (the caller does not reuse them)
 
 
 @dataclass

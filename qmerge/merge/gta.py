@@ -154,25 +154,36 @@ def sparsified(d: Tensor, cfg: GtaConfig, k: float, ctx: TensorCtx, t: int) -> T
 
 
 def gta_merge(deltas: Tensor, cfg: GtaConfig, ctx: TensorCtx) -> Tensor:
-    """The shared delta of the module docstring's formula."""
+    """The shared delta of the module docstring's formula. Memory: one stack of the tasks'
+    sparsified vectors (`deltas` itself when `ctx.scratch`) and a few single tensors; the sums
+    over tasks run in task order, as mergekit's do."""
     T = deltas.shape[0]
-    w = torch.tensor(per_task(cfg.weights, T, 1.0, "weights"), dtype=deltas.dtype)
+    ws = per_task(cfg.weights, T, 1.0, "weights")
     ks = per_task(cfg.densities, T, cfg.density, "densities")
-    d = torch.stack([sparsified(deltas[t], cfg, ks[t], ctx, t) for t in range(T)])
-    w = w.reshape(-1, *([1] * (d.dim() - 1)))
-    d.mul_(w)
+    d = deltas if ctx.scratch else torch.empty_like(deltas)
+    for t in range(T):
+        s = sparsified(deltas[t], cfg, ks[t], ctx, t)
+        if s.data_ptr() != d[t].data_ptr():
+            d[t].copy_(s)
+        del s
+        if ws[t] != 1:
+            d[t].mul_(ws[t])
     if cfg.consensus == "sum":
-        elected = (d.sum(0) >= 0).to(d.dtype) * 2 - 1
-        mask = (d.sign() == elected).to(d.dtype)
-        mixed, divisor = (d * mask).sum(0), (w * mask).sum(0)
+        positive = d.sum(0) >= 0  # the elected sign: + where the sum is >= 0
+        mixed, divisor = torch.zeros_like(d[0]), torch.zeros_like(d[0])
+        for t in range(T):
+            agree = torch.where(positive, d[t] > 0, d[t] < 0)  # a zero entry never agrees
+            mixed.add_(torch.where(agree, d[t], 0.0))
+            divisor.add_(agree.to(d.dtype).mul_(ws[t]))
         divisor[divisor == 0] = 1
     else:
         mixed = d.sum(0)
-        divisor = w.sum(0) + cfg.base_weight
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+        divisor = torch.tensor(ws, dtype=d.dtype).sum() + cfg.base_weight
+        if abs(float(divisor)) < 1e-8:
+            divisor = torch.ones((), dtype=d.dtype)
     if cfg.normalize:
-        mixed = mixed / divisor
-    return mixed * cfg.scale if cfg.scale != 1 else mixed
+        mixed.div_(divisor)
+    return mixed.mul_(cfg.scale) if cfg.scale != 1 else mixed
 
 
 @register(

@@ -58,7 +58,7 @@ def _merged_tensor(
     for i, ft in enumerate(fts.values()):
         deltas[i].copy_(ft.get(n))
         deltas[i].sub_(w0)
-    ctx = TensorCtx(n, layer_index(n), n_layers, tuple(fts), 0, w0)
+    ctx = TensorCtx(n, layer_index(n), n_layers, tuple(fts), 0, w0, scratch=True)
     shared = choice.run(deltas, ctx).shared
     del deltas
     return w0 if shared is None else w0.add_(shared)
@@ -94,8 +94,6 @@ def merge_to_model(
     for ft in fts.values():
         if any(plan(b, ft, Options(progress=False)).values()):
             raise ConfigError(f"{ft.path}: grows a tensor of the base; not supported here")
-    depths = [d for n in b.names if (d := layer_index(n)) is not None]
-    n_layers = max(depths) + 1 if depths else 1
     specs = [
         (n, dtype if dtype is not None and b.dtype(n).is_floating_point else b.dtype(n), b.shape(n))
         for n in b.names
@@ -106,32 +104,45 @@ def merge_to_model(
         if len(shards) == 1
         else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     )
-    bar = iter(progress(range(len(specs))))
     with staged_dir(out) as stage:
-        weight_map = {}
-        for fname, idx in zip(files, shards, strict=True):
-            part = [specs[i] for i in idx]
-            dtypes = {n: dt for n, dt, _ in part}
-            with open(stage / fname, "wb") as f:
-                for n in write_header(f, part, {"format": "pt"}):
-                    dt = dtypes[n]
-                    if dt.is_floating_point:
-                        w = _merged_tensor(n, b, fts, choice, n_layers)
-                    else:
-                        w = b.get(n)
-                    write_tensor(f, w.to(dt))
-                    weight_map[n] = fname
-                    next(bar, None)
-        if len(files) > 1:
-            total = sum(math.prod(s) * dt.itemsize for _, dt, s in specs)
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            (stage / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write(stage, b, fts, choice, specs, files, shards, progress)
         _config(b.path, stage, dtype)
-        copied = copy_side_files(b.path, stage)
+        copied = copy_side_files(b.path, stage) if b.path.is_dir() else []
     return {"tensors": len(specs), "shards": files, "dtype": str(dtype or "base"), "copied": copied}
+
+
+def _write(
+    stage: Path,
+    b: Checkpoint,
+    fts: dict[str, Checkpoint],
+    choice: MethodChoice,
+    specs: list[tuple[str, torch.dtype, tuple]],
+    files: list[str],
+    shards: list[list[int]],
+    progress: Callable[[Iterable], Iterable],
+) -> None:
+    """Every shard, streamed: its header, then each tensor as it is merged."""
+    depths = [d for n in b.names if (d := layer_index(n)) is not None]
+    n_layers = max(depths) + 1 if depths else 1
+    bar = iter(progress(range(len(specs))))
+    weight_map = {}
+    for fname, idx in zip(files, shards, strict=True):
+        part = [specs[i] for i in idx]
+        dtypes = {n: dt for n, dt, _ in part}
+        with open(stage / fname, "wb") as f:
+            for n in write_header(f, part, {"format": "pt"}):
+                dt = dtypes[n]
+                if dt.is_floating_point:
+                    w = _merged_tensor(n, b, fts, choice, n_layers)
+                else:
+                    w = b.get(n)
+                write_tensor(f, w.to(dt))
+                weight_map[n] = fname
+                next(bar, None)
+    if len(files) > 1:
+        total = sum(math.prod(s) * dt.itemsize for _, dt, s in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (stage / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _config(base: Path, out: Path, dtype: torch.dtype | None) -> None:

@@ -218,3 +218,18 @@ def test_cli_takes_adapters_beside_fine_tunes(lm, tmp_path, capsys):
     pk = qmerge.open_pack(tmp_path / "p")
     assert {e["codec"] for e in pk.entries("a").values()} == {"lowrank"}
     assert "sign" in {e["codec"] for e in pk.entries("f").values()}
+
+
+def test_add_task_takes_an_adapter_and_the_cli_refuses_lossless_with_a_codec(lm, tmp_path):
+    from qmerge.cli import main
+
+    root, base, adapters, _ = lm
+    pack = qmerge.compress(
+        base, {"a": adapters["r4"]}, tmp_path / "p", opts=qmerge.Options(progress=False)
+    )
+    qmerge.add_task(pack.path, base, {"b": adapters["r2emb"]}, opts=qmerge.Options(progress=False))
+    assert qmerge.open_pack(tmp_path / "p").tasks == ["a", "b"]
+    argv = ["compress", "--base", base, "--task", f"a={adapters['r4']}", "--lossless"]
+    argv += ["--codec", "sign:granularity=tensor", "--out", tmp_path / "q"]
+    assert main([str(a) for a in argv]) == 1
+    assert not (tmp_path / "q").exists()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+import qmerge
 from qmerge.cli import main
 from qmerge.errors import ConfigError
 from qmerge.format.checkpoint import Checkpoint
@@ -180,3 +181,21 @@ def test_cli_config_and_to_mergekit_round_trip(lm, tmp_path, capsys):
     argv = ["merge", "--config", path, "--out", tmp_path / "p", "--as-pack", "--json"]
     assert main([str(a) for a in argv]) == 0
     assert json.loads(capsys.readouterr().out)["pack"]["merge"]["method"] == "gta"
+
+
+def test_the_direct_merge_shards_and_casts_like_a_transformers_checkpoint(lm, tmp_path):
+    root, base, fts = lm
+    r = recipe.read(_write(tmp_path / "r.yml", _ties(base, fts, out_dtype="bfloat16")))
+    assert r.out_dtype == torch.bfloat16
+    merge_to_model(r.base, r.models, r.choice, tmp_path / "one", dtype=r.out_dtype)
+    many = merge_to_model(
+        r.base, r.models, r.choice, tmp_path / "many", dtype=r.out_dtype, max_shard_bytes=8192
+    )
+    assert len(many["shards"]) > 1 and (tmp_path / "many" / "model.safetensors.index.json").exists()
+    a, b = Checkpoint(tmp_path / "one"), Checkpoint(tmp_path / "many")
+    assert a.names == b.names and all(torch.equal(a.get(n), b.get(n)) for n in a.names)
+    assert {a.dtype(n) for n in a.names} == {torch.bfloat16}
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "many")
+    assert model.config.dtype == torch.bfloat16
+    with pytest.raises(qmerge.errors.PackError, match="not empty"):
+        merge_to_model(r.base, r.models, r.choice, tmp_path / "one")
