@@ -9,6 +9,7 @@ twin             static merge + compressed per-task rest    (Lu et al. 2024)
 gta              per-task weights, sparsify, consensus      (mergekit's family)
 breadcrumbs      drop outliers and small entries (+ _ties)  (Davari & Belilovsky 2024)
 della            MAGPRUNE, elect sign (della_linear: sum)   (Deep et al. 2024)
+linear           weighted average of models (model soup)    (Wortsman et al. 2022)
 model_stock      average pulled back by the tasks' angle    (Jang et al. 2024)
 slerp            spherical interpolation of two endpoints   (Shoemake 1985)
 
@@ -22,6 +23,7 @@ from qmerge.merge import (  # noqa: F401  (registers)
     della,
     emr,
     gta,
+    linear,
     lines,
     model_stock,
     slerp,

@@ -8,8 +8,10 @@ the paper cited in its module) and a function over one base tensor at a time:
 `shared` is the delta every task gets (it goes into the backbone: W = W0 + shared + excl_t);
 `exclusive` is, per task, the rest of its delta (a dense tensor that the pack then encodes
 with the exclusive codec, an already encoded Residual, or None for nothing), or None when the
-method has no per-task part (a static merge). Working a tensor at a time keeps the memory of
-a merge at T copies of one tensor, never a model per task.
+method has no per-task part (a static merge); `weight`, optionally, the merged weight
+W0 + shared as a method that mixes full weights computed it (as mergekit does). Working a
+tensor at a time keeps the memory of a merge at T copies of one tensor, never a model per
+task.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class TensorCtx:
 class Merged:
     shared: Tensor | None
     exclusive: list[Tensor | Residual | None] | None = None
+    # a method that mixes full weights (with `TensorCtx.base`) may give the merged weight
+    # itself too: the direct merge writes it as it is, rather than W0 + shared
+    weight: Tensor | None = None
 
 
 @dataclass(frozen=True)

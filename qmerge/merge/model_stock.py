@@ -6,7 +6,9 @@ cosine of the T task vectors:
     t = T cos θ / (1 + (T − 1) cos θ),   shared = t · mean_t τ_t
 
 (norm products below 1e-6 count as 1e-6 and cosines are clamped to [−1, 1], as mergekit
-computes them). It needs two tasks or more."""
+computes them). It needs two tasks or more. Given the base (`TensorCtx.base`, as the direct
+merge gives it), it also gives the merged weight mixed from full weights, t·mean(W_t) +
+(1 − t)·W0, which is how mergekit rounds it."""
 
 from __future__ import annotations
 
@@ -61,4 +63,12 @@ def model_stock(deltas: Tensor, cfg: ModelStockConfig, ctx: TensorCtx) -> Merged
         raise ConfigError("model_stock needs at least two tasks (the angle between them)")
     t = stock_ratio(deltas, cfg.filter_wise)
     mean = deltas.mean(0)
-    return Merged((t * _rows(mean[None], cfg.filter_wise)[0]).reshape(mean.shape))
+    shared = (t * _rows(mean[None], cfg.filter_wise)[0]).reshape(mean.shape)
+    if ctx.base is None:
+        return Merged(shared)
+    # with the base at hand, the merged weight as mergekit mixes it: t·mean(W) + (1 − t)·W0
+    w0 = ctx.base.float()
+    avg = sum(w0 + deltas[i] for i in range(deltas.shape[0])) / deltas.shape[0]
+    rows = _rows(torch.stack([avg, w0]), cfg.filter_wise)
+    w = (t * rows[0] + (1 - t) * rows[1]).reshape(mean.shape)
+    return Merged(shared, weight=w)

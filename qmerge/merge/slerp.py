@@ -74,4 +74,5 @@ def slerp_merge(deltas: Tensor, cfg: SlerpConfig, ctx: TensorCtx) -> Merged:
     w0 = ctx.base.float()
     v0 = w0 if deltas.shape[0] == 1 else w0 + deltas[0]
     v1 = w0 + deltas[-1]
-    return Merged(slerp(cfg.t, v0, v1) - w0)
+    w = slerp(cfg.t, v0, v1)
+    return Merged(w - w0, weight=w)

@@ -59,9 +59,11 @@ def _merged_tensor(
         deltas[i].copy_(ft.get(n))
         deltas[i].sub_(w0)
     ctx = TensorCtx(n, layer_index(n), n_layers, tuple(fts), 0, w0, scratch=True)
-    shared = choice.run(deltas, ctx).shared
+    merged = choice.run(deltas, ctx)
     del deltas
-    return w0 if shared is None else w0.add_(shared)
+    if merged.weight is not None:  # mixed from full weights: as the method rounded it
+        return merged.weight
+    return w0 if merged.shared is None else w0.add_(merged.shared)
 
 
 def merge_to_model(

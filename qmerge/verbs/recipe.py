@@ -6,7 +6,7 @@ Read: `merge_method`, `base_model`, `models[].model` with `.parameters` (`weight
 `int8_mask`, `t`, `filter_wise`), `dtype`, `out_dtype`, and `tokenizer_source` where it is the
 base (a no-op). Each mergekit method maps onto a registered qmerge method with mergekit's
 conventions (merge/gta.py): task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-breadcrumbs_ties, della, della_linear and linear onto `gta`; model_stock and slerp onto their
+breadcrumbs_ties, della and della_linear onto `gta`; linear, model_stock and slerp onto their
 own. What qmerge cannot do is refused naming the key: `slices`, layer ranges, gradients or
 filters over a parameter, another tokenizer, other methods.
 
@@ -36,9 +36,8 @@ GTA = {
     "breadcrumbs_ties": ("outliers", "sum", False, False),
     "della": ("magprune", "sum", True, True),
     "della_linear": ("magprune", "none", False, True),
-    "linear": ("none", "none", True, False),
 }
-METHODS = (*GTA, "model_stock", "slerp")
+METHODS = (*GTA, "linear", "model_stock", "slerp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
 _TOP |= {"tokenizer_source", "name"}
@@ -175,7 +174,7 @@ def _one(path: Path, key: str, values: list[float]) -> float:
     return values[0]
 
 
-def _gta(path: Path, method: str, tasks: list[dict], g: dict, base_weight: float) -> dict:
+def _gta(path: Path, method: str, tasks: list[dict], g: dict) -> dict:
     sparsify, consensus, normalize, rescale = GTA[method]
     cfg: dict[str, Any] = {"sparsify": sparsify, "consensus": consensus}
     cfg["weights"] = "/".join(repr(float(p.get("weight", 1.0))) for p in tasks)
@@ -187,7 +186,6 @@ def _gta(path: Path, method: str, tasks: list[dict], g: dict, base_weight: float
     cfg["normalize"] = bool(g.get("normalize", normalize))
     cfg["rescale"] = bool(g.get("rescale", rescale))
     cfg["scale"] = float(g.get("lambda", 1.0))
-    cfg["base_weight"] = base_weight
     return cfg
 
 
@@ -218,15 +216,17 @@ def read(path: str | Path) -> Recipe:
             raise _fail(path, "models", "slerp takes two models, one of them the base_model")
         cfg: dict[str, Any] = {"t": float(_scalar(path, "parameters.t", g.get("t", 0.5)))}
         name = "slerp"
+    elif method == "linear":
+        cfg = {
+            "weights": "/".join(repr(float(p.get("weight", 1.0))) for _, p in tasks),
+            "base_weight": base_weight,
+            "normalize": bool(g.get("normalize", True)),
+        }
+        name = "linear"
     elif method == "model_stock":
         cfg, name = {"filter_wise": bool(g.get("filter_wise", False))}, "model_stock"
     else:
-        cfg, name = (
-            _gta(
-                path, method, [p for _, p in tasks], g, base_weight if method == "linear" else 0.0
-            ),
-            "gta",
-        )
+        cfg, name = _gta(path, method, [p for _, p in tasks], g), "gta"
     names = _task_names([p for p, _ in tasks])
     dtype = raw.get("out_dtype") or raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
@@ -248,7 +248,7 @@ def read(path: str | Path) -> Recipe:
 
 def _gta_name(cfg: Any) -> str:
     for name, (sparsify, consensus, _, _) in GTA.items():
-        if (sparsify, consensus) == (cfg.sparsify, cfg.consensus) and name != "linear":
+        if (sparsify, consensus) == (cfg.sparsify, cfg.consensus):
             return name
     raise AssertionError(cfg)
 
@@ -278,6 +278,13 @@ def _mergekit_method(choice: MethodChoice, n: int) -> tuple[str, list[dict], dic
             per.append(p)
         glob = {"normalize": g.normalize, "rescale": g.rescale, "lambda": g.scale}
         return _gta_name(g), per, glob
+    if name == "linear":
+        from qmerge.merge.gta import per_task as weights_of
+
+        per = [{"weight": w} for w in weights_of(cfg.weights, n, 1.0, "weights")]
+        if cfg.base_weight:
+            raise ConfigError("linear with base_weight: list the base among the recipe's models")
+        return "linear", per, {"normalize": cfg.normalize}
     if name == "model_stock":
         return "model_stock", [{}] * n, {"filter_wise": cfg.filter_wise}
     if name == "slerp":

@@ -48,6 +48,26 @@ def test_gta_linear_average_counts_the_base_weight():
     # mergekit's linear over base (weight 1) and a, b (weights 1, 2): (a + 2 b) / 4
     out = run("gta", D[:2], weights="1/2", normalize=True, base_weight=1.0)
     torch.testing.assert_close(out, (D[0] + 2 * D[1]) / 4)
+    # the linear method: the same average, and with the base the full weights mixed
+    torch.testing.assert_close(run("linear", D[:2], weights="1/2", base_weight=1.0), out)
+    w0 = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    full = METHODS["linear"].fn(
+        D[:2],
+        make_config("linear", {"weights": "1/2", "base_weight": 1.0}),
+        TensorCtx("w", None, 1, ("a", "b"), 0, w0),
+    )
+    want = (1 * w0 + 1 * (w0 + D[0]) + 2 * (w0 + D[1])) / 4
+    torch.testing.assert_close(full.weight, want)
+    torch.testing.assert_close(full.shared, want - w0)
+    # not normalized: the weighted sum of whole models, which needs the base
+    summed = METHODS["linear"].fn(
+        D[:2],
+        make_config("linear", {"normalize": False}),
+        TensorCtx("w", None, 1, ("a", "b"), 0, w0),
+    )
+    torch.testing.assert_close(summed.weight, (w0 + D[0]) + (w0 + D[1]))
+    with pytest.raises(ConfigError, match="needs the base"):
+        run("linear", D[:2], normalize=False)
     with pytest.raises(ConfigError, match="gives 3 values for 2 tasks"):
         run("gta", D[:2], weights="1/2/3")
 
