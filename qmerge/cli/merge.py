@@ -33,15 +33,14 @@ def _methods_help() -> str:
 
 def _recipe(args: argparse.Namespace, t0: float) -> dict:
     """merge --config RECIPE.yml: a mergekit recipe, to a model directory (or a pack)."""
-    if args.pack is not None or args.method is not None or args.option:
-        raise ConfigError(
-            "--config takes the method and models from the recipe: give no PACK, "
-            "--method or --option"
-        )
+    if args.method is not None or args.option:
+        raise ConfigError("--config takes the method from the recipe: give no --method or --option")
     if args.to_mergekit:
         raise ConfigError("--config already is a mergekit recipe")
     if args.out is None:
         raise ConfigError("give --out (the merged model directory to write)")
+    if args.pack is not None:
+        return _recipe_over_pack(args, t0)
     r = recipe.read(args.config)
     if args.as_pack:
         report = _recipe_pack(args, r)
@@ -97,6 +96,27 @@ def _recipe_pack(args: argparse.Namespace, r: recipe.Recipe) -> dict:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"pack": inspect(args.out, worst=0)}
+
+
+def _recipe_over_pack(args: argparse.Namespace, t0: float) -> dict:
+    """PACK --config RECIPE.yml: the recipe's models are the pack's tasks; a merged pack."""
+    pk = open_pack(args.pack)
+    r = recipe.read(args.config, {t: pk.manifest["tasks"][t].get("source", t) for t in pk.tasks})
+    base = args.base or (r.base if r.raw.get("base_model") else None)
+    merge_pack(
+        args.pack,
+        args.out,
+        r.choice,
+        shared_codec=args.shared_codec,
+        overwrite=args.overwrite,
+        base=base if r.choice.method.needs_base else None,
+        progress=progress(args, f"merge ({r.mergekit_method})", "tensor"),
+    )
+    result = inspect(args.out, worst=0) | {"mergekit_method": r.mergekit_method}
+    result["seconds"] = time.perf_counter() - t0
+    if not args.json:
+        print(f"merged the tasks of {args.pack} with {r.mergekit_method} into {args.out}")
+    return result
 
 
 def _to_mergekit(args: argparse.Namespace, choice) -> dict:

@@ -62,13 +62,17 @@ def model_stock(deltas: Tensor, cfg: ModelStockConfig, ctx: TensorCtx) -> Merged
     if deltas.shape[0] < 2:
         raise ConfigError("model_stock needs at least two tasks (the angle between them)")
     t = stock_ratio(deltas, cfg.filter_wise)
-    mean = deltas.mean(0)
-    shared = (t * _rows(mean[None], cfg.filter_wise)[0]).reshape(mean.shape)
+    T = deltas.shape[0]
     if ctx.base is None:
-        return Merged(shared)
-    # with the base at hand, the merged weight as mergekit mixes it: t·mean(W) + (1 − t)·W0
+        mean = deltas.mean(0)
+        return Merged((t * _rows(mean[None], cfg.filter_wise)[0]).reshape(mean.shape))
+    # with the base at hand, the merged weight as mergekit mixes it, t·mean(W) + (1 − t)·W0,
+    # summing the full weights in task order; one task's weight at a time
     w0 = ctx.base.float()
-    avg = sum(w0 + deltas[i] for i in range(deltas.shape[0])) / deltas.shape[0]
-    rows = _rows(torch.stack([avg, w0]), cfg.filter_wise)
-    w = (t * rows[0] + (1 - t) * rows[1]).reshape(mean.shape)
-    return Merged(shared, weight=w)
+    acc = w0 + deltas[0]
+    for i in range(1, T):
+        acc.add_(w0 + deltas[i])
+    acc.div_(T)
+    avg, base = _rows(acc[None], cfg.filter_wise)[0], _rows(w0[None], cfg.filter_wise)[0]
+    avg.mul_(t).add_((1 - t) * base)  # avg is a view of acc: acc becomes the merged weight
+    return Merged(acc - w0, weight=acc)

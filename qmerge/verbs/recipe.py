@@ -59,7 +59,7 @@ class Recipe:
     path: Path
     mergekit_method: str
     choice: MethodChoice
-    base: Path
+    base: Path | None  # None: a recipe over a pack that names no base_model
     models: dict[str, Path]
     out_dtype: torch.dtype | None
     raw: dict = field(repr=False, default_factory=dict)
@@ -77,7 +77,14 @@ def _scalar(path: Path, where: str, v: Any) -> float | bool:
     raise _fail(path, where, f"must be a number, got {v!r}")
 
 
-def _model_path(path: Path, where: str, m: Any) -> Path:
+def _model_path(path: Path, where: str, m: Any, pack: dict[str, Path] | None = None) -> Path:
+    """A recipe's model as a local path; with `pack` (task -> source), a task name or a task's
+    source path names that task (its source path is returned)."""
+    if pack is not None and isinstance(m, str):
+        for task, src in pack.items():
+            if m == task or Path(m).expanduser().resolve() == src.resolve():
+                return src
+        raise _fail(path, where, f"{m!r} is no task of the pack ({', '.join(pack)})")
     if isinstance(m, dict) and isinstance(m.get("model"), str):
         m = m["model"]  # {model: {model: path}}: mergekit's long form, without a LoRA
     if not isinstance(m, str) or not m:
@@ -135,7 +142,7 @@ def _check_keys(path: Path, raw: dict) -> None:
         raise _fail(path, "tokenizer_source", f"{tok!r}: only the base's tokenizer is kept")
 
 
-def _models(path: Path, raw: dict) -> list[tuple[Path, dict]]:
+def _models(path: Path, raw: dict, pack: dict[str, Path] | None) -> list[tuple[Path, dict]]:
     models = raw.get("models")
     if not isinstance(models, list) or not models:
         raise _fail(path, "models", "must be a non-empty list")
@@ -153,7 +160,7 @@ def _models(path: Path, raw: dict) -> list[tuple[Path, dict]]:
             if k not in _MODEL_PARAMS:
                 raise _fail(path, f"{where}.parameters.{k}", "unknown model parameter")
             _scalar(path, f"{where}.parameters.{k}", v)
-        out.append((_model_path(path, f"{where}.model", m["model"]), params))
+        out.append((_model_path(path, f"{where}.model", m["model"], pack), params))
     return out
 
 
@@ -189,15 +196,18 @@ def _gta(path: Path, method: str, tasks: list[dict], g: dict) -> dict:
     return cfg
 
 
-def read(path: str | Path) -> Recipe:
-    """Reads and checks a mergekit recipe (every model path must exist locally)."""
+def read(path: str | Path, pack: dict[str, str | Path] | None = None) -> Recipe:
+    """Reads and checks a mergekit recipe (every model path must exist locally). With `pack`
+    (a pack's task -> source checkpoint), the models name the pack's tasks (by name or
+    source path), every task once; they come back in the pack's order, under its names."""
     path = Path(path)
     raw = load_yaml(path)
     _check_keys(path, raw)
     method = raw.get("merge_method")
     if method not in METHODS:
         raise _fail(path, "merge_method", f"{method!r}; qmerge runs {', '.join(METHODS)}")
-    models = _models(path, raw)
+    tasks_of = {t: Path(p) for t, p in pack.items()} if pack is not None else None
+    models = _models(path, raw, tasks_of)
     g = _global(path, raw)
     base = _model_path(path, "base_model", raw["base_model"]) if raw.get("base_model") else None
     same = [
@@ -205,12 +215,15 @@ def read(path: str | Path) -> Recipe:
     ]
     base_weight = sum(float(models[i][1].get("weight", 1.0)) for i in same)
     tasks = [m for i, m in enumerate(models) if i not in same]
-    if base is None:
+    if base is None and tasks_of is None:  # (over a pack, the pack's base is the base)
         if method not in ("linear",):
             raise _fail(path, "base_model", f"{method} needs a base model")
         base, base_weight, tasks = models[0][0], float(models[0][1].get("weight", 1.0)), models[1:]
     if not tasks:
         raise _fail(path, "models", "names no model besides the base")
+    names = _task_names([p for p, _ in tasks])
+    if tasks_of is not None:
+        tasks, names = _pack_order(path, tasks, tasks_of)
     if method == "slerp":
         if len(tasks) != 1 or not same:
             raise _fail(path, "models", "slerp takes two models, one of them the base_model")
@@ -227,7 +240,6 @@ def read(path: str | Path) -> Recipe:
         cfg, name = {"filter_wise": bool(g.get("filter_wise", False))}, "model_stock"
     else:
         cfg, name = _gta(path, method, [p for _, p in tasks], g), "gta"
-    names = _task_names([p for p, _ in tasks])
     dtype = raw.get("out_dtype") or raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise _fail(
@@ -244,6 +256,19 @@ def read(path: str | Path) -> Recipe:
         DTYPES[dtype] if dtype else None,
         raw,
     )
+
+
+def _pack_order(
+    path: Path, tasks: list[tuple[Path, dict]], pack: dict[str, Path]
+) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """The recipe's models in the pack's task order, with the pack's task names."""
+    by_src = {src: task for task, src in pack.items()}
+    named = {by_src[p]: (p, q) for p, q in tasks}
+    if len(named) != len(tasks) or set(named) != set(pack):
+        missing = sorted(set(pack) - set(named))
+        what = f"leaves out task {missing[0]!r}" if missing else "names a task twice"
+        raise _fail(path, "models", f"{what}; a merge over a pack takes each of its tasks once")
+    return [named[t] for t in pack], list(pack)
 
 
 def _gta_name(cfg: Any) -> str:

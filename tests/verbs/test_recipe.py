@@ -199,3 +199,25 @@ def test_the_direct_merge_shards_and_casts_like_a_transformers_checkpoint(lm, tm
     assert model.config.dtype == torch.bfloat16
     with pytest.raises(qmerge.errors.PackError, match="not empty"):
         merge_to_model(r.base, r.models, r.choice, tmp_path / "one")
+
+
+def test_a_recipe_over_a_pack_names_its_tasks(lm, tmp_path, capsys):
+    root, base, fts = lm
+    pack = tiny.compress(base, fts, tmp_path / "exact", tiny.EXACT)
+    obj = {
+        "merge_method": "ties",
+        "models": [  # by name and by source path, in another order than the pack's
+            {"model": "t2", "parameters": {"weight": 2.0, "density": 0.3}},
+            {"model": str(fts["t0"]), "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "t1", "parameters": {"weight": 0.5, "density": 0.7}},
+        ],
+    }
+    path = _write(tmp_path / "r.yml", obj)
+    argv = ["merge", pack, "--config", path, "--out", tmp_path / "m", "--json"]
+    assert main([str(a) for a in argv]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = out["merge"]["config"]
+    assert cfg["weights"] == "1.0/0.5/2.0" and cfg["densities"] == "0.5/0.7/0.3"  # pack order
+    obj["models"] = obj["models"][:2]
+    with pytest.raises(ConfigError, match="leaves out task 't1'"):
+        recipe.read(_write(tmp_path / "r2.yml", obj), {t: fts[t] for t in sorted(fts)})
