@@ -109,7 +109,7 @@ def _recipe_over_pack(args: argparse.Namespace, t0: float) -> dict:
         r.choice,
         shared_codec=args.shared_codec,
         overwrite=args.overwrite,
-        base=base if r.choice.method.needs_base else None,
+        base=base,
         progress=progress(args, f"merge ({r.mergekit_method})", "tensor"),
     )
     result = inspect(args.out, worst=0) | {"mergekit_method": r.mergekit_method}
@@ -226,7 +226,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base",
         type=Path,
-        help="the pack's base checkpoint, for methods that read the base's weights (slerp)",
+        help="the pack's base checkpoint, for methods that read the base's weights (slerp, "
+        "linear without normalize); checked against the pack",
     )
     p.add_argument(
         "--shared-codec",

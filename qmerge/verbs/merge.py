@@ -100,8 +100,9 @@ def _contexts(src: Pack, base: str | None = None) -> dict[str, Any]:
 
 
 def _check_base(src: Pack, choice: MethodChoice, base: PathLike | None) -> str | None:
-    """The base path for a method that needs it, checked to be the pack's base."""
-    if not choice.method.needs_base:
+    """The base path, checked to be the pack's base: required by a method that needs it,
+    and given to any method when it is given (linear without normalize reads it)."""
+    if base is None and not choice.method.needs_base:
         return None
     if base is None:
         raise ConfigError(
