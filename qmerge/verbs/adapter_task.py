@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qmerge.codecs.base import exact_sum
+from qmerge.codecs.base import CodecChoice, exact_sum
 from qmerge.codecs.encode import encode, entry_of
 from qmerge.codecs.encode import entry as table_entry
 from qmerge.codecs.lowrank import LowRankConfig, LowRankResidual
@@ -130,7 +130,9 @@ def open_adapter(path: str | Path, base: Checkpoint, opts: Options) -> AdapterTa
     return AdapterTask(adapter, modules, saved)
 
 
-def _exact(n: str, module: str, task: AdapterTask, base: Checkpoint) -> tuple[dict, dict]:
+def _exact(
+    n: str, module: str, kind: str, task: AdapterTask, base: Checkpoint
+) -> tuple[dict, dict]:
     """The module's product as `lowrank` factors, as the adapter holds them."""
     lr = task.adapter.low_rank(module, base.shape(n))
     shape = tuple(base.shape(n))
@@ -142,20 +144,24 @@ def _exact(n: str, module: str, task: AdapterTask, base: Checkpoint) -> tuple[di
     info = res.info() | {"lora": {"kind": lr.kind, "scaling": lr.scaling}}
     dt = dtype_name(base.dtype(n))
     numel = shape[0] * shape[1]
-    return stored, entry_of("lowrank", cfg, "", list(shape), dt, numel, stored, signal, 0.0, info)
+    return stored, entry_of("lowrank", cfg, kind, list(shape), dt, numel, stored, signal, 0.0, info)
 
 
 def _from_product(
-    name: str, n: str, module: str, task: AdapterTask, base: Checkpoint, opts: Options
+    n: str,
+    module: str,
+    spec: tuple[str, CodecChoice],
+    task: AdapterTask,
+    base: Checkpoint,
+    skip_below: float,
 ) -> tuple[dict, dict]:
     """The module's product built dense and encoded under the policy (adapter_as="policy")."""
     lr = task.adapter.low_rank(module, base.shape(n))
     d = (lr.U.float() @ lr.V.float()).reshape(base.shape(n))
-    _, choice = opts.policy.spec_for(name, n, d.dim())
-    res, cfg, extra = encode(d, choice, None, opts.policy.skip_below)
+    res, cfg, extra = encode(d, spec[1], None, skip_below)
     stored = {part_key(n, k): v.contiguous() for k, v in res.parts().items()}
     dt = dtype_name(base.dtype(n))
-    return stored, table_entry(res, cfg, "", list(base.shape(n)), dt, d, stored, extra)
+    return stored, table_entry(res, cfg, spec[0], list(base.shape(n)), dt, d, stored, extra)
 
 
 def encode_adapter(
@@ -164,14 +170,13 @@ def encode_adapter(
     """(stored parts, codec table, head parts, head table) of an adapter task."""
     parts: dict[str, Tensor] = {}
     table: dict[str, dict] = {}
-    kinds = specs(name, base, opts, list(task.modules))
+    spec = specs(name, base, opts, list(task.modules))
     for n in bar(sorted(task.modules), opts.progress, f"{name}: adapter", len(task.modules)):
         m = task.modules[n]
         if opts.adapter_as == "lora":
-            stored, table[n] = _exact(n, m, task, base)
+            stored, table[n] = _exact(n, m, spec[n][0], task, base)
         else:
-            stored, table[n] = _from_product(name, n, m, task, base, opts)
-        table[n]["module_type"] = kinds[n][0]
+            stored, table[n] = _from_product(n, m, spec[n], task, base, opts.policy.skip_below)
         parts.update(stored)
     head = set(heads(base, task.saved, opts))
     whole = [
