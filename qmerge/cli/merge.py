@@ -80,6 +80,7 @@ def _recipe_pack(args: argparse.Namespace, r: recipe.Recipe) -> dict:
 
     from qmerge.verbs.compress import Options, compress
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".qmerge-recipe-", dir=Path(args.out).parent))
     try:
         opts = Options(lossless=True, progress=not args.json)
