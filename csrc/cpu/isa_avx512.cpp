@@ -18,6 +18,7 @@
 #define QMERGE_ISA_PLAIN_ROWS 8
 #define QMERGE_ISA_ROUTED_ROWS 4
 #define QMERGE_ISA_MAX_ROWS 4
+#define QMERGE_ISA_LUT512 1  // sign_lut with vpermw (AVX512BW)
 #include "simd/avx512.h"
 #include "kernels/table.h"
 

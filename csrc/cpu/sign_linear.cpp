@@ -4,7 +4,10 @@
 //   fused        one pass over the base weight and the task bits for up to 8 rows at a time
 //                (kernels/gemv.h): decoding and small mixed batches; nothing is materialized;
 //   materialized a task with many rows gets its weight rebuilt once (dequant_add_sign) and a
-//                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs.
+//                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs;
+//   lut          one base GEMM over every row, whatever its task, plus each task's sign term for
+//                its rows by table lookup (sign_lut.h): mixed batches of many rows and tasks.
+// sign_path.h chooses by a cost model; QMERGE_SIGN_PATH=fused|materialized|lut forces one.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,15 +17,13 @@
 #include "dequant_add_sign.h"
 #include "isa.h"
 #include "routing.h"
+#include "sign_lut.h"
+#include "sign_path.h"
 
 namespace qmerge::cpu {
 namespace {
 
 constexpr const char* kOp = "sign_linear";
-// A task with at least this many rows is materialized (one dequant pass + GEMM) instead of
-// fused. Fused rows cost one weight pass per 8 rows; a dequant pass costs about three
-// (read base, write and re-read the merged weight): bench/results/kernels-cpu.md.
-constexpr int64_t kMaterializeRows = 24;
 // Mixtures: the fused path while it needs at most this many passes over the weight.
 constexpr size_t kMaxFusedMixtureChunks = 4;
 
@@ -166,6 +167,17 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
 
+  const SignPath path = choose_sign_path(x, s, r, packed.size(0));
+  if (path == SignPath::lut) {
+    const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
+    at::Tensor y32 = at::linear(x, base_w, b).to(at::kFloat);
+    add_sign_terms_lut(x, packed, s, r, y32);
+    return y32.to(x.scalar_type());
+  }
+  const int64_t materialize_rows = path == SignPath::materialized ? 1
+                                   : path == SignPath::fused      ? rows + 1
+                                                                  : kMaterializeRows;
+  // (SignPath::per_task: fused below kMaterializeRows rows of a task, materialized from it.)
   std::vector<int64_t> fused;
   if (r.max_terms <= 1) {
     // Group rows by task (slot 0 = no task) and materialize the tasks with many rows.
@@ -176,7 +188,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
     std::vector<Segment> segments;
     for (int64_t slot = 0; slot < int64_t(by_task.size()); ++slot) {
       const auto& group = by_task[slot];
-      if (int64_t(group.size()) < kMaterializeRows) {
+      if (int64_t(group.size()) < materialize_rows) {
         fused.insert(fused.end(), group.begin(), group.end());
         continue;
       }
@@ -186,7 +198,9 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
     std::sort(fused.begin(), fused.end());
   } else {
     for (int64_t n = 0; n < rows; ++n) fused.push_back(n);
-    if (r.max_terms > kMaxChunk || make_chunks(r, fused).size() > kMaxFusedMixtureChunks) {
+    // Forced `fused` still materializes rows of more than kMaxChunk terms.
+    if (r.max_terms > kMaxChunk || path == SignPath::materialized ||
+        (path != SignPath::fused && make_chunks(r, fused).size() > kMaxFusedMixtureChunks)) {
       return mixture_materialized(x, base_w, s, packed.size(0), r, bias);
     }
   }

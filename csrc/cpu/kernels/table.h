@@ -5,6 +5,7 @@
 #ifndef QMERGE_ISA_BF16DOT
 #include "kernels/dequant.h"
 #include "kernels/pack.h"
+#include "kernels/sign_lut.h"
 #endif
 
 namespace qmerge::cpu::QMERGE_ISA {
@@ -19,8 +20,8 @@ inline void gemv_bf16_or_base(const GemvArgs& a, int64_t i0, int64_t i1) {
 const KernelTable& table() {
   const KernelTable& b = avx512::table();
   static const KernelTable t{
-      QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, b.routed_rows, true, b.pack, b.unpack,
-      b.dequant,       &gemv_bf16_or_base};
+      QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, b.routed_rows, true,       b.pack,      b.unpack,
+      b.dequant,       &gemv_bf16_or_base,    b.lut_vector,  b.sign_lut, b.lut_tables};
   return t;
 }
 #else
@@ -47,10 +48,24 @@ inline void gemv_any(const GemvArgs& a, int64_t i0, int64_t i1) {
 
 #undef QM_BY_DTYPE
 
+#ifdef QMERGE_ISA_LUT512
+constexpr bool kLutVector = true;
+#else
+constexpr bool kLutVector = false;
+#endif
+
 const KernelTable& table() {
-  static const KernelTable t{
-      QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, QMERGE_ISA_ROUTED_ROWS, false,
-      &pack_any,       &unpack_any,           &dequant_any,           &gemv_any};
+  static const KernelTable t{QMERGE_ISA_NAME,
+                             QMERGE_ISA_PLAIN_ROWS,
+                             QMERGE_ISA_ROUTED_ROWS,
+                             false,
+                             &pack_any,
+                             &unpack_any,
+                             &dequant_any,
+                             &gemv_any,
+                             kLutVector,
+                             &sign_lut,
+                             &lut_tables};
   return t;
 }
 #endif

@@ -1,0 +1,35 @@
+// The lookup-table path of sign_linear for mixed batches: the base GEMM runs once over every
+// row (sign_linear.cpp) and this adds each task's sign term for its rows.
+#pragma once
+
+#include <torch/types.h>
+
+#include "kernels.h"
+#include "routing.h"
+
+namespace qmerge::cpu {
+
+// The path serves one scale per output row (per-row or per-tensor scales, G = 1).
+inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
+
+// y32 [N, out] += sum over each row's terms (t, c) of c * scale_t[i] * (sign_t[i] . x[n]).
+//
+// Precision: x is quantized per row to int8, q = round(x / d) with d = max|x[n]| / 127; the
+// tables (int16) and sums (int32) are exact integers, so the only rounding is |x - d q| <= d/2
+// per column. The term's error is then at most c * scale * d/2 per column and about
+// c * scale * d * sqrt(in / 12) over a row (independent roundings). For bf16 and fp16 activations
+// that stays within the project's tolerance (shared/STYLE.md rule 16: <= 2x eager torch, whose
+// merged bf16 weight rounds each entry by up to 2^-9 of |w|) while scale is under about a quarter
+// of the weights' magnitude, which holds for fine-tuning deltas by a wide margin (BitDelta's
+// scales are a few percent of |w|). fp32 activations never take this path unless forced
+// (QMERGE_SIGN_PATH=lut): at fp32 eager torch is exact to ~1e-7.
+void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
+                        const Routes& r, at::Tensor& y32);
+
+// The bits of `packed` [T, out, nb] re-laid for the kernel ([T, tiles, nb, 32], see LutArgs),
+// made once per tensor and kept while the tensor lives and is not written to (keyed by its
+// storage, shape and version counter): one more bit per sign, held only for the weights that
+// mixed batches have used.
+at::Tensor lut_layout(const at::Tensor& packed);
+
+}  // namespace qmerge::cpu

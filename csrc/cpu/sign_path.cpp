@@ -1,0 +1,107 @@
+#include "sign_path.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <set>
+#include <string>
+
+#include "isa.h"
+#include "sign_lut.h"
+
+namespace qmerge::cpu {
+namespace {
+
+double threads() { return double(std::max(1, at::get_num_threads())); }
+
+double gemm_cost(int64_t rows, int64_t out, int64_t in, int64_t weight_bytes) {
+  const SignCosts& c = sign_costs();
+  return std::max(weight_bytes * c.byte_s, rows * out * in * c.gemm_mac_s / threads());
+}
+
+double fused_pass(int64_t rows, const SignSet& s, int64_t in, int64_t weight_bytes) {
+  const SignCosts& c = sign_costs();
+  const double bytes = weight_bytes + double(rows) * s.out * s.nb;
+  return std::max(bytes * c.byte_s, rows * s.out * in * c.fused_mac_s / threads());
+}
+
+}  // namespace
+
+const SignCosts& sign_costs() {
+  // AMD EPYC (Zen 4) VM, 2 cores, bf16 4096x4096: bench/results/kernels-cpu.md, mixed table.
+  static const SignCosts c{
+      1.0 / 18e9,   // ~18 GB/s reading weights
+      1.0 / 62e9,   // the bf16 GEMM at 32+ rows: ~62 GMAC/s per core
+      1.0 / 9e9,    // fused passes of 4 rows with their sign terms
+      1.0 / 250e9,  // lookup kernel: ~250 G sign-MAC/s per core
+      4e-9,         // quantizing a column and writing its share of the tables
+  };
+  return c;
+}
+
+double per_task_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weight_bytes) {
+  const int64_t rows = r.rows(), out = s.out;
+  if (r.max_terms > 1) {  // mixtures: fused passes of one row each
+    return double(rows) * fused_pass(1, s, in, weight_bytes);
+  }
+  std::vector<int64_t> per_slot;
+  std::vector<int64_t> count(1, 0);
+  for (int64_t n = 0; n < rows; ++n) {
+    const int64_t slot = r.terms(n) ? r.task[r.offset[n]] + 1 : 0;
+    if (slot >= int64_t(count.size())) count.resize(slot + 1, 0);
+    ++count[slot];
+  }
+  double cost = 0.0;
+  int64_t fused = 0;
+  for (size_t slot = 0; slot < count.size(); ++slot) {
+    if (count[slot] == 0) continue;
+    if (count[slot] < kMaterializeRows) {
+      fused += count[slot];
+      continue;
+    }
+    cost += gemm_cost(count[slot], out, in, weight_bytes);
+    if (slot > 0) cost += 3.0 * weight_bytes * sign_costs().byte_s;  // rebuild the weight
+  }
+  const int64_t passes = (fused + 3) / 4;
+  return cost + double(passes) * fused_pass(std::min<int64_t>(fused, 4), s, in, weight_bytes);
+}
+
+double lut_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weight_bytes) {
+  const SignCosts& c = sign_costs();
+  std::set<int32_t> present(r.task.begin(), r.task.end());
+  int64_t used = 0;
+  for (int64_t n = 0; n < r.rows(); ++n) used += r.terms(n) > 0;
+  const double pairs = double(r.task.size());
+  return gemm_cost(r.rows(), s.out, in, weight_bytes) +
+         pairs * s.out * in * c.lut_mac_s / threads() +
+         double(present.size()) * s.out * s.nb * c.byte_s +
+         double(used) * in * c.table_col_s / threads();
+}
+
+SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r, int64_t tasks) {
+  (void)tasks;
+  const char* env = std::getenv("QMERGE_SIGN_PATH");
+  const std::string forced = env ? env : "";
+  if (forced == "lut") {
+    TORCH_CHECK_VALUE(lut_supported(s),
+                      "qmerge.sign_linear: QMERGE_SIGN_PATH=lut needs one scale "
+                      "per output row, but these scales have ",
+                      s.groups, " groups per row");
+    return SignPath::lut;
+  }
+  if (forced == "fused") return SignPath::fused;
+  if (forced == "materialized") return SignPath::materialized;
+  TORCH_CHECK_VALUE(forced.empty() || forced == "auto", "qmerge: QMERGE_SIGN_PATH='", forced,
+                    "' is not a path: expected auto, fused, materialized or lut");
+  if (!kernels().lut_vector || !lut_supported(s) || x.scalar_type() != at::kBFloat16 ||
+      r.task.empty()) {
+    return SignPath::per_task;
+  }
+  const int64_t in = x.size(1), weight_bytes = s.out * in * int64_t(x.element_size());
+  return lut_cost(s, r, in, weight_bytes) < per_task_cost(s, r, in, weight_bytes)
+             ? SignPath::lut
+             : SignPath::per_task;
+}
+
+}  // namespace qmerge::cpu
