@@ -7,7 +7,9 @@ Measured in one run: copy bandwidth (a 256 MiB tensor copy) and the base-only GE
 F.linear, and qmerge's own kernel with no task), then for each shape in bf16:
 dequant_add_sign (1 and 4 tasks) in GB/s and as a fraction of copy bandwidth, next to the naive
 torch shift-unpack and a torch lookup-table version; sign_linear N=1 vs base-only; N=8 rows with
-8 distinct tasks vs the torch per-request materialize-then-linear loop; lowrank_linear rank 16.
+8 distinct tasks vs the torch per-request materialize-then-linear loop; lowrank_linear rank 16;
+and the mixed-batch table (bench/kernels_mixed.py): N in {16, 32, 64} rows over T in
+{1, 4, 8, 16} tasks, against the base-only GEMM of the same N and the op's earlier path.
 
 Every timed call starts from a cold cache (a 64 MiB buffer is rewritten before it), as in
 decoding a model larger than the last-level cache; --warm skips that. Times are medians; the
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import qmerge
+from bench import kernels_mixed
 from bench._timing import copy_bandwidth, timeit, timeit_alternating
 from qmerge import ops
 
@@ -279,9 +282,11 @@ def main() -> int:
         rows.append(bench_shape(out, inn, bw, cold, print))
     tab = table(rows, bw)
     print("\n".join(tab))
+    print("mixed batches:")
+    mixed = kernels_mixed.bench_mixed(cold, print, args.quick)
     if args.quick:
         return 0
-    ver = verdicts(rows)
+    ver = verdicts(rows) + kernels_mixed.verdicts(mixed)
     print("\n".join(ver))
     cmd = "-m bench.kernels" + (" --warm" if args.warm else "")
     text = [
@@ -293,7 +298,7 @@ def main() -> int:
         *desc,
         f"- copy bandwidth (256 MiB torch copy, read + write): **{bw:.1f} GB/s**",
         "",
-        "## Targets (issue 2, 4096x4096 bf16)",
+        "## Targets (issues 2 and 29, 4096x4096 bf16)",
         "",
         "| target | measured | |",
         "|---|---|---|",
@@ -302,6 +307,18 @@ def main() -> int:
         "## All shapes (bf16)",
         "",
         *tab,
+        "",
+        "## Mixed batches (bf16): sign_linear over N rows of T tasks, as a multiple of the base "
+        "GEMM",
+        "",
+        "`auto` is the op's own choice; `lut` and `per_task` are forced with QMERGE_SIGN_PATH "
+        "(`per_task` is what the op did before the lookup-table path). Calls timed in turns.",
+        "",
+        *kernels_mixed.table(mixed),
+        "",
+        "Cost-model constants measured here (csrc/cpu/sign_path.cpp, SignCosts):",
+        "",
+        *kernels_mixed.fit_constants(mixed),
         "",
     ]
     notes = args.out.with_name("kernels-cpu-notes.md")

@@ -102,31 +102,35 @@ struct UnpackArgs {  // dst[r, c] = bit ? +1 : -1
 // delta): for each (row, task) pair p, the exact integer dot product
 //   acc[p, i] = sum_col sign_t[i, col] * q[row_p, col]
 // of the task's signs with the row's int8-quantized activations q (|q| <= 127). Per row, each
-// group of 4 columns has a table of the 16 signed sums +-q0 +-q1 +-q2 +-q3, indexed by the 4
-// sign bits of that group (a nibble of the packed row), held as int16 (|entry| <= 508) and
-// stored twice over (32 entries: vpermw reads 5 index bits). Lookups accumulate in int16 for
-// at most kLutFlushBytes bytes of bits (64 groups: 64 * 508 = 32512 < 2^15) and are then added
-// into int32: the result is exact, the same at every instruction set.
+// group of 5 columns has a table of the 32 signed sums +-q0 +-q1 +-q2 +-q3 +-q4, indexed by the
+// 5 sign bits of that group (bit j: column 5g + j), held as int16 (|entry| <= 635): one vpermw
+// reads it. The bits are re-laid 3 groups (15 columns) per 16-bit word. Lookups accumulate in
+// int16 for at most kLutFlushWords words (48 groups: 48 * 635 = 30480 < 2^15) and are then
+// added into int32: the result is exact, the same at every instruction set.
 constexpr int kLutTile = 32;        // outputs per tile of the re-laid bits
-constexpr int kLutFlushBytes = 32;  // bytes of bits (8 columns each) per int16 run
+constexpr int kLutFlushWords = 16;  // words of bits (15 columns each) per int16 run
 constexpr int kLutMaxRows = 4;      // pairs of one task sharing a pass over its bits
 struct LutArgs {
-  const uint8_t* idx = nullptr;        // [T, tiles, nb, kLutTile]: byte b of output tile*32 + o
-  int64_t nb = 0, tiles = 0;           // bytes per packed row; ceil(out / kLutTile)
-  const int16_t* tables = nullptr;     // [rows, 2 * nb, 32] per quantized x row
+  const uint16_t* idx = nullptr;       // [T, tiles, nw, kLutTile]: word w of output tile*32 + o,
+                                       // bits 5j..5j+4 = the signs of group 3w + j
+  int64_t nw = 0, tiles = 0;           // ceil(in / 15); ceil(out / kLutTile)
+  const int16_t* tables = nullptr;     // [rows, 3 * nw, 32] per quantized x row
   const int32_t* pair_task = nullptr;  // [P] task of pair p; pairs of one task are adjacent
   const int32_t* pair_row = nullptr;   // [P] table row of pair p
   int64_t pairs = 0;
   int32_t* acc = nullptr;  // [P, tiles * kLutTile] int32, overwritten
 };
 // Per x row n: d[n] = max|x[n]| / 127, q = round(x[n] / d[n]) (|q| <= 127, 0 past `in`), and
-// its tables [2 * nb, 32] at tables + n * 2 * nb * 32 (entry e of group g: the sum over
-// j < 4 of (bit j of e ? q[4g + j] : -q[4g + j]), e taken mod 16).
+// its tables [3 * nw, 32] at tables + n * 3 * nw * 32 (entry e of group g: the sum over j < 5
+// of (bit j of e ? q[5g + j] : -q[5g + j])).
 struct LutTableArgs {
-  const float* x = nullptr;  // [rows, in] fp32
-  int64_t in = 0, nb = 0;
+  const float* x = nullptr;      // [*, ldx] fp32 rows, or
+  const uint16_t* xb = nullptr;  // [*, ldx] bf16 rows (read as they are: no conversion pass)
+  int64_t ldx = 0;
+  const int64_t* rows = nullptr;  // table row n is x row rows[n]
+  int64_t in = 0, nw = 0;
   int16_t* tables = nullptr;
-  float* d = nullptr;  // [rows]
+  float* d = nullptr;  // [table rows]
 };
 
 // Every kernel works on a row range so the caller can split rows across threads.

@@ -170,9 +170,9 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   const SignPath path = choose_sign_path(x, s, r, packed.size(0));
   if (path == SignPath::lut) {
     const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
-    at::Tensor y32 = at::linear(x, base_w, b).to(at::kFloat);
-    add_sign_terms_lut(x, packed, s, r, y32);
-    return y32.to(x.scalar_type());
+    at::Tensor yl = at::linear(x, base_w, b).contiguous();
+    add_sign_terms_lut(x, packed, s, r, yl);
+    return yl;
   }
   const int64_t materialize_rows = path == SignPath::materialized ? 1
                                    : path == SignPath::fused      ? rows + 1

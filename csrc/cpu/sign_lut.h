@@ -12,7 +12,8 @@ namespace qmerge::cpu {
 // The path serves one scale per output row (per-row or per-tensor scales, G = 1).
 inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 
-// y32 [N, out] += sum over each row's terms (t, c) of c * scale_t[i] * (sign_t[i] . x[n]).
+// y [N, out] (x's dtype, contiguous, holding x W^T + bias) += the sum over each row's terms
+// (t, c) of c * scale_t[i] * (sign_t[i] . x[n]), summed in fp32 and rounded once into y.
 //
 // Precision: x is quantized per row to int8, q = round(x / d) with d = max|x[n]| / 127; the
 // tables (int16) and sums (int32) are exact integers, so the only rounding is |x - d q| <= d/2
@@ -24,11 +25,12 @@ inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 // scales are a few percent of |w|). fp32 activations never take this path unless forced
 // (QMERGE_SIGN_PATH=lut): at fp32 eager torch is exact to ~1e-7.
 void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
-                        const Routes& r, at::Tensor& y32);
+                        const Routes& r, at::Tensor& y);
 
-// The bits of `packed` [T, out, nb] re-laid for the kernel ([T, tiles, nb, 32], see LutArgs),
+// The bits of `packed` [T, out, nb] re-laid for the kernel ([T, tiles, nw, 32] 15-bit words as
+// int16, see LutArgs),
 // made once per tensor and kept while the tensor lives and is not written to (keyed by its
-// storage, shape and version counter): one more bit per sign, held only for the weights that
+// storage, shape and version counter): 16/15 more bits per sign, held only for the weights that
 // mixed batches have used.
 at::Tensor lut_layout(const at::Tensor& packed);
 

@@ -90,10 +90,11 @@ SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r
                       s.groups, " groups per row");
     return SignPath::lut;
   }
+  if (forced == "per_task") return SignPath::per_task;
   if (forced == "fused") return SignPath::fused;
   if (forced == "materialized") return SignPath::materialized;
   TORCH_CHECK_VALUE(forced.empty() || forced == "auto", "qmerge: QMERGE_SIGN_PATH='", forced,
-                    "' is not a path: expected auto, fused, materialized or lut");
+                    "' is not a path: expected auto, per_task, fused, materialized or lut");
   if (!kernels().lut_vector || !lut_supported(s) || x.scalar_type() != at::kBFloat16 ||
       r.task.empty()) {
     return SignPath::per_task;

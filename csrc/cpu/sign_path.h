@@ -1,5 +1,6 @@
 // Which execution of sign_linear a call gets (sign_linear.cpp): a cost model over the rows per
-// task, the tasks present and the shape, or QMERGE_SIGN_PATH to force one.
+// task, the tasks present and the shape, or QMERGE_SIGN_PATH to force one (auto, per_task,
+// fused, materialized, lut).
 #pragma once
 
 #include <torch/types.h>
