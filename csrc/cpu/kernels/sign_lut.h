@@ -175,24 +175,26 @@ inline void sign_lut_block(const LutArgs& a, int64_t p0, int64_t tile, int64_t n
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < A; ++t) s[r][t] = _mm512_setzero_si512();
     for (int64_t w = w0; w < w1; ++w) {
-      __m512i i0[A], i1[A], i2[A];
       for (int64_t t = 0; t < next_tiles; ++t) {
         __builtin_prefetch(next + (t * a.nw + w) * kLutTile, 0, 3);
       }
-      for (int t = 0; t < A; ++t) {
-        i0[t] = _mm512_loadu_si512(idx + (t * a.nw + w) * kLutTile);
-        i1[t] = _mm512_srli_epi16(i0[t], 5);
-        i2[t] = _mm512_srli_epi16(i0[t], 10);
-      }
-      for (int r = 0; r < R; ++r) {
-        const int16_t* tw = tab[r] + 3 * w * 32;
-        const __m512i t0 = _mm512_loadu_si512(tw);
-        const __m512i t1 = _mm512_loadu_si512(tw + 32);
-        const __m512i t2 = _mm512_loadu_si512(tw + 64);
+      __m512i word[A];
+      for (int t = 0; t < A; ++t) word[t] = _mm512_loadu_si512(idx + (t * a.nw + w) * kLutTile);
+      // One group at a time: 16 accumulators + 4 words + 4 indices + a table fit the 32
+      // registers (all three groups' indices at once spilled to the stack).
+      for (int j = 0; j < 3; ++j) {
+        __m512i ix[A];
         for (int t = 0; t < A; ++t) {
-          s[r][t] = _mm512_add_epi16(s[r][t], _mm512_permutexvar_epi16(i0[t], t0));
-          s[r][t] = _mm512_add_epi16(s[r][t], _mm512_permutexvar_epi16(i1[t], t1));
-          s[r][t] = _mm512_add_epi16(s[r][t], _mm512_permutexvar_epi16(i2[t], t2));
+          ix[t] = j == 0 ? word[t] : _mm512_srli_epi16(word[t], unsigned(5 * j));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m512i tj = _mm512_loadu_si512(tab[r] + (3 * w + j) * 32);
+          for (int t = 0; t < A; ++t) {
+            s[r][t] = _mm512_add_epi16(s[r][t], _mm512_permutexvar_epi16(ix[t], tj));
+            // Keeps each sum in its register here: otherwise GCC reassociates the integer
+            // adds, computes every lookup of a word first and spills them to the stack.
+            __asm__("" : "+v"(s[r][t]));
+          }
         }
       }
     }
