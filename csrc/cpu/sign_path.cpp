@@ -31,10 +31,10 @@ double fused_pass(int64_t rows, const SignSet& s, int64_t in, int64_t weight_byt
 const SignCosts& sign_costs() {
   // AMD EPYC (Zen 4) VM, 2 cores, bf16 4096x4096: bench/results/kernels-cpu.md, mixed table.
   static const SignCosts c{
-      1.0 / 18e9,   // ~18 GB/s reading weights
-      1.0 / 62e9,   // the bf16 GEMM at 32+ rows: ~62 GMAC/s per core
-      1.0 / 9e9,    // fused passes of 4 rows with their sign terms
-      1.0 / 250e9,  // lookup kernel: ~250 G sign-MAC/s per core
+      1.0 / 25e9,   // ~25 GB/s reading weights (the GEMV kernels read at about that)
+      1.0 / 80e9,   // the bf16 GEMM at 32+ rows: ~80 GMAC/s per core
+      1.0 / 30e9,   // the per-task path's passes at 8+ tasks: ~30 GMAC/s per core
+      1.0 / 240e9,  // lookup kernel with its tables: ~240 G sign-MAC/s per core
       4e-9,         // quantizing a column and writing its share of the tables
   };
   return c;
