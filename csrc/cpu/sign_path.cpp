@@ -17,7 +17,7 @@ double threads() { return double(std::max(1, at::get_num_threads())); }
 
 double gemm_cost(int64_t rows, int64_t out, int64_t in, int64_t weight_bytes) {
   const SignCosts& c = sign_costs();
-  return std::max(weight_bytes * c.byte_s, rows * out * in * c.gemm_mac_s / threads());
+  return std::max(weight_bytes * c.gemm_byte_s, rows * out * in * c.gemm_mac_s / threads());
 }
 
 double fused_pass(int64_t rows, const SignSet& s, int64_t in, int64_t weight_bytes) {
@@ -32,6 +32,7 @@ const SignCosts& sign_costs() {
   // AMD EPYC (Zen 4) VM, 2 cores, bf16 4096x4096: bench/results/kernels-cpu.md, mixed table.
   static const SignCosts c{
       1.0 / 25e9,   // ~25 GB/s reading weights (the GEMV kernels read at about that)
+      1.0 / 13e9,   // F.linear bf16 at 8-16 rows: ~13 GB/s of weights
       1.0 / 80e9,   // the bf16 GEMM at 32+ rows: ~80 GMAC/s per core
       1.0 / 30e9,   // the per-task path's passes at 8+ tasks: ~30 GMAC/s per core
       1.0 / 240e9,  // lookup kernel with its tables: ~240 G sign-MAC/s per core

@@ -25,7 +25,8 @@ enum class SignPath {
 // Modelled seconds of each path on one core; memory bandwidth is shared, compute divides by
 // the threads. Constants: `bench/kernels.py --mixed` fits them (bench/results/kernels-cpu.md).
 struct SignCosts {
-  double byte_s;       // per byte streamed from memory (weights, bits), all cores together
+  double byte_s;       // per byte streamed by qmerge's kernels (weights, bits), all cores
+  double gemm_byte_s;  // per weight byte of torch's GEMM at few rows (it streams slower)
   double gemm_mac_s;   // per multiply-add of the base GEMM, one core
   double fused_mac_s;  // per multiply-add (row x weight) of a fused pass, one core
   double lut_mac_s;    // per sign multiply-add (pair x weight) of the lookup kernel, one core

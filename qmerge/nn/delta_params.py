@@ -7,7 +7,10 @@ it is. The parameters of such modules are vectors: merging them is cheap.
 
 `nn.LayerNorm` and `nn.RMSNorm` over the last dimension take a faster way for mixed batches:
 normalize every row once without the affine part, then apply each row's own weight (and bias),
-gathered per sequence.
+gathered per sequence. So do other modules whose only residual is a `weight` vector that scales
+the output (Llama's, Qwen's, SmolLM's own RMSNorm classes): a probe on first use checks that the
+output is the weight times the output at weight 1 (Gemma's `1 + weight` fails it and keeps the
+grouped way).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class DeltaParams(nn.Module):
             return functional_call(self.base, self._params(uniform), (x, *args), kwargs)
         if self._affine_norm() and not args and not kwargs:
             return self._norm_rows(x, route)
+        if not args and not kwargs and self._weight_scaled(x):
+            return self._scaled_rows(x, route)
         flat = x.reshape(-1, x.shape[-1]) if route.per_token else x
         ids, coeffs = rows.for_rows(route, flat.reshape(flat.shape[0], -1))
         c = rows.dense(ids, coeffs, len(route.tasks))
@@ -66,6 +71,34 @@ class DeltaParams(nn.Module):
             and len(m.normalized_shape) == 1
             and m.weight is not None
         )
+
+    def _weight_scaled(self, x: Tensor) -> bool:
+        """Whether base(x) == weight * base(x; weight=1) for a weight vector over the last
+        dimension, probed once on a small random input (exact in fp32 up to rounding)."""
+        if getattr(self, "_scaled", None) is None:
+            self._scaled = False
+            w = getattr(self.base, "weight", None)
+            if set(self.deltas) == {"weight"} and w is not None and w.dim() == 1:
+                g = torch.Generator().manual_seed(0)
+                probe = torch.randn(3, w.shape[0], generator=g).to(w.dtype)
+                u = torch.rand(w.shape[0], generator=g).to(w.dtype) + 0.5
+                try:
+                    a = functional_call(self.base, {"weight": u}, (probe,))
+                    b = functional_call(self.base, {"weight": torch.ones_like(w)}, (probe,))
+                    self._scaled = a.shape == probe.shape and bool(
+                        torch.allclose(a.float(), (b * u).float(), rtol=1e-2, atol=1e-5)
+                    )
+                except Exception:  # a module that rejects the probe keeps the grouped way
+                    self._scaled = False
+        return self._scaled and x.shape[-1] == self.base.weight.shape[0]
+
+    def _scaled_rows(self, x: Tensor, route) -> Tensor:
+        m = self.base
+        c, per = rows.per_sequence(route, x)
+        y = functional_call(m, {"weight": torch.ones_like(m.weight)}, (x,))
+        v = m.weight.expand(c.shape[0], -1)
+        v = v + (c.to(m.weight.device, torch.float32) @ self.deltas["weight"].float()).to(v.dtype)
+        return (y.reshape(c.shape[0], per, -1) * v[:, None, :]).reshape(x.shape)
 
     def _norm_rows(self, x: Tensor, route) -> Tensor:
         m = self.base
