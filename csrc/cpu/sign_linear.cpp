@@ -7,7 +7,8 @@
 //                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs;
 //   lut          one base GEMM over every row, whatever its task, plus each task's sign term for
 //                its rows by table lookup (sign_lut.h): mixed batches of many rows and tasks.
-// sign_path.h chooses by a cost model; QMERGE_SIGN_PATH=fused|materialized|lut forces one.
+// sign_path.h chooses by a cost model; QMERGE_SIGN_PATH=per_task|fused|materialized|lut forces
+// one (per_task: fused below kMaterializeRows rows of a task, materialized from it).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -167,7 +168,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
 
-  const SignPath path = choose_sign_path(x, s, r, packed.size(0));
+  const SignPath path = choose_sign_path(x, s, r);
   if (path == SignPath::lut) {
     const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
     at::Tensor yl = at::linear(x, base_w, b).contiguous();

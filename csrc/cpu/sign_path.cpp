@@ -80,8 +80,7 @@ double lut_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weight_by
          double(used) * in * c.table_col_s / threads();
 }
 
-SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r, int64_t tasks) {
-  (void)tasks;
+SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r) {
   const char* env = std::getenv("QMERGE_SIGN_PATH");
   const std::string forced = env ? env : "";
   if (forced == "lut") {

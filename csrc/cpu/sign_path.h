@@ -36,7 +36,7 @@ const SignCosts& sign_costs();
 
 // The path for this call. Raises if QMERGE_SIGN_PATH is set to an unknown value or to `lut`
 // for a weight the lut path does not serve (per-group scales).
-SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r, int64_t tasks);
+SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r);
 
 // The model's estimates (seconds), exposed for the benchmark's table.
 double per_task_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weight_bytes);
