@@ -80,8 +80,8 @@ class DeltaParams(nn.Module):
             w = getattr(self.base, "weight", None)
             if set(self.deltas) == {"weight"} and w is not None and w.dim() == 1:
                 g = torch.Generator().manual_seed(0)
-                probe = torch.randn(3, w.shape[0], generator=g).to(w.dtype)
-                u = torch.rand(w.shape[0], generator=g).to(w.dtype) + 0.5
+                probe = torch.randn(3, w.shape[0], generator=g).to(w.device, w.dtype)
+                u = (torch.rand(w.shape[0], generator=g) + 0.5).to(w.device, w.dtype)
                 try:
                     a = functional_call(self.base, {"weight": u}, (probe,))
                     b = functional_call(self.base, {"weight": torch.ones_like(w)}, (probe,))
