@@ -10,6 +10,8 @@ from qmerge import ops
 from tests.ops.helpers import assert_within_eager, make_signs, route_coeffs, sign_eager
 
 LOW = [torch.bfloat16, torch.float16]
+# The paths are the native CPU op's: without the extension the op is the reference.
+NATIVE = pytest.mark.skipif(not ops.native_available(), reason="needs the compiled extension")
 
 SHAPES = [  # (rows N, out, in, tasks T): odd in_features, partial tiles of 32 outputs
     (1, 16, 24, 1),
@@ -63,6 +65,7 @@ def test_mixtures_and_bias_on_each_path(monkeypatch, isa, path, shape):
     assert_within_eager(y, exact, eager, path)
 
 
+@NATIVE
 def test_lut_is_the_same_at_every_instruction_set(monkeypatch):
     """The lookups sum exact integers: every ISA gives the same bits."""
     base = torch.randn(70, 203).bfloat16()
@@ -79,6 +82,7 @@ def test_lut_is_the_same_at_every_instruction_set(monkeypatch):
     assert all(torch.equal(outs[0], y) for y in outs[1:])
 
 
+@NATIVE
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_lut_error_within_its_quantization_bound(monkeypatch, dtype):
     """Forced at any dtype, the sign term's error is at most c * scale * d/2 per column
@@ -123,6 +127,7 @@ def test_fp32_lut_only_when_forced_and_auto_stays_exact(monkeypatch):
     assert_within_eager(y, exact, eager, "auto fp32")
 
 
+@NATIVE
 def test_bad_path_values_are_refused(monkeypatch):
     base = torch.randn(8, 16).bfloat16()
     packed, scales = make_signs(2, 8, 16)
