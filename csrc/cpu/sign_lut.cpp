@@ -3,8 +3,6 @@
 
 #include <c10/core/Storage.h>
 
-#include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -173,12 +171,12 @@ void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const Sig
     for (int64_t p = 0; p < a.pairs; ++p) {
       const float f = pair_coeff[p] * d[pair_row[p]];
       const int32_t* ap = a.acc + p * a.tiles * kLutTile;
-      float* dp = delta + pair_row[p] * w - i0;
+      float* dp = delta + pair_row[p] * w;             // column i0 + k at dp[k]
       const float* sc = s.scale_row(pair_task[p], 0);  // G = 1: one scale per row, or per tensor
       if (s.scale_rows == 1) {
-        for (int64_t i = i0; i < i1; ++i) dp[i] += f * sc[0] * float(ap[i]);
+        for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[0] * float(ap[i]);
       } else {
-        for (int64_t i = i0; i < i1; ++i) dp[i] += f * sc[i] * float(ap[i]);
+        for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[i] * float(ap[i]);
       }
     }
     for (int64_t n = 0; n < rows; ++n) add_row_any(y, used[n], i0, delta + n * w, w);

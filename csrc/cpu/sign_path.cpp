@@ -46,7 +46,6 @@ double per_task_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weig
   if (r.max_terms > 1) {  // mixtures: fused passes of one row each
     return double(rows) * fused_pass(1, s, in, weight_bytes);
   }
-  std::vector<int64_t> per_slot;
   std::vector<int64_t> count(1, 0);
   for (int64_t n = 0; n < rows; ++n) {
     const int64_t slot = r.terms(n) ? r.task[r.offset[n]] + 1 : 0;
