@@ -318,7 +318,7 @@ def main() -> int:
         "",
         "Cost-model constants measured here (csrc/cpu/sign_path.cpp, SignCosts):",
         "",
-        *kernels_mixed.fit_constants(mixed),
+        *kernels_mixed.fit_constants(mixed, rows[0]["base8"]["own"]),
         "",
     ]
     notes = args.out.with_name("kernels-cpu-notes.md")

@@ -70,8 +70,10 @@ def bench_mixed(cold: bool, log: Callable[[str], None], quick: bool = False) -> 
     return out_rows
 
 
-def fit_constants(rows: list[dict]) -> list[str]:
-    """SignCosts from the 4096x4096 rows (one core's rates; torch's threads share the work)."""
+def fit_constants(rows: list[dict], gemv8_s: float) -> list[str]:
+    """SignCosts from the 4096x4096 rows (one core's rates; torch's threads share the work);
+    gemv8_s: qmerge's base-only GEMV of 8 rows at 4096x4096 (the lookup path's base product up
+    to 8 rows)."""
     threads = torch.get_num_threads()
     big = [r for r in rows if r["shape"] == "4096x4096"]
     if not big:
@@ -89,6 +91,8 @@ def fit_constants(rows: list[dict]) -> list[str]:
         f"- lookup path over the GEMM (median, N >= 32): {lut_rate / 1e9:.0f} G sign-MAC/s "
         "per core",
         f"- per-task path at T >= 8 (fused passes, median): {fused_rate / 1e9:.1f} GMAC/s per core",
+        f"- qmerge's base-only GEMV at N=8: {8 * macs / gemv8_s / threads / 1e9:.0f} GMAC/s "
+        "per core",
     ]
 
 

@@ -15,8 +15,12 @@ namespace {
 
 double threads() { return double(std::max(1, at::get_num_threads())); }
 
+// The lookup path's base product: qmerge's GEMV up to kLutOwnGemvRows rows, else F.linear.
 double gemm_cost(int64_t rows, int64_t out, int64_t in, int64_t weight_bytes) {
   const SignCosts& c = sign_costs();
+  if (rows <= kLutOwnGemvRows) {
+    return std::max(weight_bytes * c.byte_s, rows * out * in * c.gemv_mac_s / threads());
+  }
   return std::max(weight_bytes * c.gemm_byte_s, rows * out * in * c.gemm_mac_s / threads());
 }
 
@@ -35,6 +39,7 @@ const SignCosts& sign_costs() {
       1.0 / 13e9,   // F.linear bf16 at 8-16 rows: ~13 GB/s of weights
       1.0 / 80e9,   // the bf16 GEMM at 32+ rows: ~80 GMAC/s per core
       1.0 / 30e9,   // the per-task path's passes at 8+ tasks: ~30 GMAC/s per core
+      1.0 / 42e9,   // qmerge's base-only bf16 GEMV at 8 rows: ~42 GMAC/s per core
       1.0 / 240e9,  // lookup kernel with its tables: ~240 G sign-MAC/s per core
       4e-9,         // quantizing a column and writing its share of the tables
   };

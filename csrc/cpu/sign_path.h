@@ -15,6 +15,10 @@ namespace qmerge::cpu {
 // (read base, write and re-read the merged weight): bench/results/kernels-cpu.md.
 constexpr int64_t kMaterializeRows = 24;
 
+// The lookup path's base product runs on qmerge's GEMV up to this many rows (F.linear above):
+// bf16 4096x4096, 8 rows: 1.7 ms against F.linear's 2.6 (bench/results/kernels-cpu.md).
+constexpr int64_t kLutOwnGemvRows = 8;
+
 enum class SignPath {
   per_task,      // fused passes for tasks with few rows, a rebuilt weight + GEMM for the others
   fused,         // every row in fused passes (mixtures too wide for them: materialized)
@@ -29,6 +33,7 @@ struct SignCosts {
   double gemm_byte_s;  // per weight byte of torch's GEMM at few rows (it streams slower)
   double gemm_mac_s;   // per multiply-add of the base GEMM, one core
   double fused_mac_s;  // per multiply-add (row x weight) of a fused pass, one core
+  double gemv_mac_s;   // per multiply-add of qmerge's base-only GEMV (few rows), one core
   double lut_mac_s;    // per sign multiply-add (pair x weight) of the lookup kernel, one core
   double table_col_s;  // per column of one row's quantization and tables, one core
 };
