@@ -178,10 +178,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
       add_sign_terms_lut(x, packed, s, r, y32);
       return y32.to(x.scalar_type());
     }
-    const at::Tensor b = bias ? bias->to(x.scalar_type()) : at::Tensor();
-    at::Tensor yl = at::linear(x, base_w, b).contiguous();
-    add_sign_terms_lut(x, packed, s, r, yl);
-    return yl;
+    return lut_linear(x, base_w, packed, s, r, bias);
   }
   const int64_t materialize_rows = path == SignPath::materialized ? 1
                                    : path == SignPath::fused      ? rows + 1

@@ -1,6 +1,7 @@
 // The lookup-table sign terms of mixed batches (sign_lut.h; kernel: kernels/sign_lut.h).
 #include "sign_lut.h"
 
+#include <ATen/Parallel.h>
 #include <c10/core/Storage.h>
 
 #include <cstring>
@@ -103,29 +104,38 @@ void add_row_any(const at::Tensor& y, int64_t n, int64_t i0, const float* delta,
 
 }  // namespace
 
-void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
-                        const Routes& r, at::Tensor& y) {
-  const int64_t out = s.out, nw = lut_words(s.nb);
-  // Rows with terms get tables; pairs (row, task) are ordered by task.
-  std::vector<int64_t> used;
+namespace {
+
+// One call's lookup work: the rows with terms, their tables, the (row, task) pairs ordered by
+// task, and the kernel's arguments. Buffers are the calling thread's (reused across calls).
+struct LutBatch {
+  std::vector<int64_t> used;  // table row n is x row used[n]
+  std::vector<int32_t> pair_task, pair_row;
+  std::vector<float> pair_coeff, d;
+  at::Tensor relaid;
+  LutArgs a;
+};
+
+// Fills `b` for x's rows with terms; false when no row has one.
+bool prepare(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, const Routes& r,
+             LutBatch& b) {
+  const int64_t nw = lut_words(s.nb);
   std::vector<int32_t> table_of(r.rows(), -1);
   std::vector<std::vector<std::pair<int32_t, float>>> by_task(packed.size(0));
   for (int64_t n = 0; n < r.rows(); ++n) {
     if (r.terms(n) == 0) continue;
-    table_of[n] = int32_t(used.size());
-    used.push_back(n);
+    table_of[n] = int32_t(b.used.size());
+    b.used.push_back(n);
     for (int64_t k = r.offset[n]; k < r.offset[n + 1]; ++k) {
       by_task[r.task[k]].push_back({int32_t(n), r.coeff[k]});
     }
   }
-  if (used.empty()) return;
-  std::vector<int32_t> pair_task, pair_row;
-  std::vector<float> pair_coeff;
+  if (b.used.empty()) return false;
   for (int32_t t = 0; t < int32_t(by_task.size()); ++t) {
     for (const auto& [n, c] : by_task[t]) {
-      pair_task.push_back(t);
-      pair_row.push_back(table_of[n]);
-      pair_coeff.push_back(c);
+      b.pair_task.push_back(t);
+      b.pair_row.push_back(table_of[n]);
+      b.pair_coeff.push_back(c);
     }
   }
   const KernelTable& k = kernels();
@@ -139,48 +149,103 @@ void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const Sig
     ta.x = x32.data_ptr<float>();
   }
   ta.ldx = x.size(1);
-  ta.rows = used.data();
+  ta.rows = b.used.data();
   ta.in = x.size(1);
   ta.nw = nw;
   thread_local std::vector<int16_t> tables_buf;
   thread_local std::vector<int32_t> acc_buf;
-  ta.tables = reuse(tables_buf, used.size() * 3 * nw * 32);
-  std::vector<float> d(used.size());
-  ta.d = d.data();
-  parallel_rows(int64_t(used.size()), 1, [&](int64_t n0, int64_t n1) { k.lut_tables(ta, n0, n1); });
+  ta.tables = reuse(tables_buf, b.used.size() * 3 * nw * 32);
+  b.d.resize(b.used.size());
+  ta.d = b.d.data();
+  parallel_rows(int64_t(b.used.size()), 1,
+                [&](int64_t n0, int64_t n1) { k.lut_tables(ta, n0, n1); });
 
-  const at::Tensor relaid = lut_layout(packed);
-  LutArgs a;
-  a.idx = reinterpret_cast<const uint16_t*>(relaid.data_ptr<int16_t>());
-  a.nw = nw;
-  a.tiles = relaid.size(1);
-  a.tables = ta.tables;
-  a.pair_task = pair_task.data();
-  a.pair_row = pair_row.data();
-  a.pairs = int64_t(pair_task.size());
-  a.acc = reuse(acc_buf, a.pairs * a.tiles * kLutTile);
-  const int64_t rows = int64_t(used.size());
-  parallel_rows(a.tiles, 4, [&](int64_t t0, int64_t t1) {
-    k.sign_lut(a, t0, t1);
-    // Each row's sum over its pairs of c * d * scale * acc, then added into y (threads own
-    // disjoint columns of y: no race).
-    const int64_t i0 = t0 * kLutTile, i1 = std::min(out, t1 * kLutTile), w = i1 - i0;
-    thread_local std::vector<float> delta_buf;
-    float* delta = reuse(delta_buf, size_t(rows * w));
-    std::fill(delta, delta + rows * w, 0.0f);
-    for (int64_t p = 0; p < a.pairs; ++p) {
-      const float f = pair_coeff[p] * d[pair_row[p]];
-      const int32_t* ap = a.acc + p * a.tiles * kLutTile;
-      float* dp = delta + pair_row[p] * w;             // column i0 + k at dp[k]
-      const float* sc = s.scale_row(pair_task[p], 0);  // G = 1: one scale per row, or per tensor
-      if (s.scale_rows == 1) {
-        for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[0] * float(ap[i]);
-      } else {
-        for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[i] * float(ap[i]);
-      }
+  b.relaid = lut_layout(packed);
+  b.a.idx = reinterpret_cast<const uint16_t*>(b.relaid.data_ptr<int16_t>());
+  b.a.nw = nw;
+  b.a.tiles = b.relaid.size(1);
+  b.a.tables = ta.tables;
+  b.a.pair_task = b.pair_task.data();
+  b.a.pair_row = b.pair_row.data();
+  b.a.pairs = int64_t(b.pair_task.size());
+  b.a.acc = reuse(acc_buf, b.a.pairs * b.a.tiles * kLutTile);
+  return true;
+}
+
+// y[:, tiles [t0, t1)] += each row's sum over its pairs of c * d * scale * acc (threads own
+// disjoint columns of y: no race).
+void epilogue(const LutBatch& b, const SignSet& s, int64_t t0, int64_t t1, at::Tensor& y) {
+  const int64_t rows = int64_t(b.used.size());
+  const int64_t i0 = t0 * kLutTile, i1 = std::min(s.out, t1 * kLutTile), w = i1 - i0;
+  thread_local std::vector<float> delta_buf;
+  float* delta = reuse(delta_buf, size_t(rows * w));
+  std::fill(delta, delta + rows * w, 0.0f);
+  for (int64_t p = 0; p < b.a.pairs; ++p) {
+    const float f = b.pair_coeff[p] * b.d[b.pair_row[p]];
+    const int32_t* ap = b.a.acc + p * b.a.tiles * kLutTile;
+    float* dp = delta + b.pair_row[p] * w;             // column i0 + k at dp[k]
+    const float* sc = s.scale_row(b.pair_task[p], 0);  // G = 1: one scale per row, or per tensor
+    if (s.scale_rows == 1) {
+      for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[0] * float(ap[i]);
+    } else {
+      for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[i] * float(ap[i]);
     }
-    for (int64_t n = 0; n < rows; ++n) add_row_any(y, used[n], i0, delta + n * w, w);
+  }
+  for (int64_t n = 0; n < rows; ++n) add_row_any(y, b.used[n], i0, delta + n * w, w);
+}
+
+}  // namespace
+
+void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
+                        const Routes& r, at::Tensor& y) {
+  LutBatch b;
+  if (!prepare(x, packed, s, r, b)) return;
+  const KernelTable& k = kernels();
+  parallel_rows(b.a.tiles, 4, [&](int64_t t0, int64_t t1) {
+    k.sign_lut(b.a, t0, t1);
+    epilogue(b, s, t0, t1, y);
   });
+}
+
+at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
+                      const SignSet& s, const Routes& r, const std::optional<at::Tensor>& bias) {
+  const at::Tensor bv = bias ? bias->to(x.scalar_type()) : at::Tensor();
+  LutBatch b;
+  if (!prepare(x, packed, s, r, b)) return at::linear(x, base_w, bv);
+  const KernelTable& k = kernels();
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), s.out}, x.options());
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t per = (b.a.tiles + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
+    at::AutoDispatchBelowAutograd below_autograd;  // workers do not inherit the grad mode
+    for (int64_t j = k0; j < k1; ++j) {
+      const int64_t t0 = j * per, t1 = std::min(b.a.tiles, t0 + per);
+      if (t0 >= t1) continue;
+      const int64_t o0 = t0 * kLutTile, o1 = std::min(s.out, t1 * kLutTile);
+      at::Tensor dst = y.narrow(1, o0, o1 - o0);
+      const at::Tensor w = base_w.narrow(0, o0, o1 - o0);
+      auto gemm = [&] {
+        if (bv.defined()) {
+          at::addmm_out(dst, bv.narrow(0, o0, o1 - o0), xc, w.t());
+        } else {
+          at::mm_out(dst, xc, w.t());
+        }
+      };
+      // Odd threads look up first, even threads after their GEMM: the lookups stream the
+      // bits from memory while the other core's GEMM computes, instead of every core
+      // streaming bits at once.
+      if (j % 2) {
+        k.sign_lut(b.a, t0, t1);
+        gemm();
+      } else {
+        gemm();
+        k.sign_lut(b.a, t0, t1);
+      }
+      epilogue(b, s, t0, t1, y);
+    }
+  });
+  return y;
 }
 
 }  // namespace qmerge::cpu

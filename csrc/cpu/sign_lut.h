@@ -2,6 +2,8 @@
 // row (sign_linear.cpp) and this adds each task's sign term for its rows.
 #pragma once
 
+#include <optional>
+
 #include <torch/types.h>
 
 #include "kernels.h"
@@ -26,6 +28,13 @@ inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 // (QMERGE_SIGN_PATH=lut): at fp32 eager torch is exact to ~1e-7.
 void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
                         const Routes& r, at::Tensor& y);
+
+// x W^T + bias + the rows' sign terms (as add_sign_terms_lut), for many rows: each thread
+// owns a block of output columns and runs its GEMM (single-threaded) and its lookups, odd
+// threads lookups first, so that one core's lookups stream the bits while another's GEMM
+// computes.
+at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
+                      const SignSet& s, const Routes& r, const std::optional<at::Tensor>& bias);
 
 // The bits of `packed` [T, out, nb] re-laid for the kernel ([T, tiles, nw, 32] 15-bit words as
 // int16, see LutArgs),
