@@ -4,6 +4,7 @@ every kernel is reported against, the copy bandwidth."""
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -22,22 +23,33 @@ def flush_caches(k: int = 0) -> None:
 
 
 def timeit_alternating(
-    fns: list[Callable[[], object]], cold: bool, min_reps: int = 9, budget_s: float = 4.0
+    fns: list[Callable[[], object]],
+    cold: bool,
+    min_reps: int = 9,
+    budget_s: float = 4.0,
+    shuffle: bool = False,
 ) -> list[float]:
     """Median seconds of each fn, timed in turns (one call of each per round): at least
     `min_reps` rounds, more while under `budget_s` (50 at most); with `cold`, the caches are
-    flushed before every call."""
+    flushed before every call. With `shuffle`, each round calls the fns in a new order (seeded):
+    on this VM the call right after torch's GEMM ran 15-25% slower than the same call elsewhere
+    in the round (sub-millisecond calls, cold; bench/results/kernels-cpu-notes.md), which a
+    fixed order (or a rotated one: the same neighbours) charges to one fn only."""
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
+    rng = random.Random(0)
     start = time.perf_counter()
     rounds = 0
     while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < 50):
-        for k, fn in enumerate(fns):
+        order = list(range(len(fns)))
+        if shuffle:
+            rng.shuffle(order)
+        for k in order:
             if cold:
                 flush_caches(rounds + k)
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
         rounds += 1
     return [statistics.median(t) for t in times]

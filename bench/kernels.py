@@ -312,7 +312,8 @@ def main() -> int:
         "GEMM",
         "",
         "`auto` is the op's own choice; `lut` and `per_task` are forced with QMERGE_SIGN_PATH "
-        "(`per_task` is what the op did before the lookup-table path). Calls timed in turns.",
+        "(`per_task` is what the op did before the lookup-table path). Calls timed in turns, "
+        "in a new order each round.",
         "",
         *kernels_mixed.table(mixed),
         "",

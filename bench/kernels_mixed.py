@@ -59,7 +59,9 @@ def bench_mixed(cold: bool, log: Callable[[str], None], quick: bool = False) -> 
                         )
                     )
                 big = out * inn >= 4096 * 4096
-                times = timeit_alternating(fns, cold, min_reps=7 if big else 15, budget_s=1.0)
+                times = timeit_alternating(
+                    fns, cold, min_reps=8 if big else 16, budget_s=1.0, shuffle=True
+                )
                 row = dict(shape=f"{out}x{inn}", out=out, inn=inn, n=n, t=t, gemm=times[0])
                 row.update(zip(PATHS, times[1:], strict=True))
                 out_rows.append(row)
