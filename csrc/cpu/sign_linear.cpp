@@ -169,17 +169,7 @@ at::Tensor sign_linear(const at::Tensor& x, const at::Tensor& base_w, const at::
   if (rows == 0) return y;
 
   const SignPath path = choose_sign_path(x, s, r);
-  if (path == SignPath::lut) {
-    if (rows <= kLutOwnGemvRows) {  // few rows: qmerge's GEMV streams the base faster
-      at::Tensor y32 = at::zeros({rows, out}, x.options().dtype(at::kFloat));
-      run_gemv(base_w, in, out, in, padded_rows_f32(x), /*x_exact=*/true, plain_chunks(rows),
-               nullptr, y32);
-      if (bias) y32.add_(bias->to(at::kFloat));
-      add_sign_terms_lut(x, packed, s, r, y32);
-      return y32.to(x.scalar_type());
-    }
-    return lut_linear(x, base_w, packed, s, r, bias);
-  }
+  if (path == SignPath::lut) return lut_linear(x, base_w, packed, s, r, bias);
   const int64_t materialize_rows = path == SignPath::materialized ? 1
                                    : path == SignPath::fused      ? rows + 1
                                                                   : kMaterializeRows;

@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "isa.h"
+#include "sign_path.h"
 
 namespace qmerge::cpu {
 namespace {
@@ -102,10 +103,6 @@ void add_row_any(const at::Tensor& y, int64_t n, int64_t i0, const float* delta,
   }
 }
 
-}  // namespace
-
-namespace {
-
 // One call's lookup work: the rows with terms, their tables, the (row, task) pairs ordered by
 // task, and the kernel's arguments. Buffers are the calling thread's (reused across calls).
 struct LutBatch {
@@ -194,24 +191,30 @@ void epilogue(const LutBatch& b, const SignSet& s, int64_t t0, int64_t t1, at::T
   for (int64_t n = 0; n < rows; ++n) add_row_any(y, b.used[n], i0, delta + n * w, w);
 }
 
-}  // namespace
-
-void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
-                        const Routes& r, at::Tensor& y) {
-  LutBatch b;
-  if (!prepare(x, packed, s, r, b)) return;
+// Few rows: qmerge's GEMV for the base (fp32 out), the terms added before one rounding.
+at::Tensor gemv_and_terms(const at::Tensor& x, const at::Tensor& base_w, const SignSet& s,
+                          const LutBatch& b, const std::optional<at::Tensor>& bias) {
+  const int64_t in = x.size(1);
+  at::Tensor y32 = at::zeros({x.size(0), s.out}, x.options().dtype(at::kFloat));
+  run_gemv(base_w, in, s.out, in, padded_rows_f32(x), /*x_exact=*/true, plain_chunks(x.size(0)),
+           nullptr, y32);
+  if (bias) y32.add_(bias->to(at::kFloat));
   const KernelTable& k = kernels();
   parallel_rows(b.a.tiles, 4, [&](int64_t t0, int64_t t1) {
     k.sign_lut(b.a, t0, t1);
-    epilogue(b, s, t0, t1, y);
+    epilogue(b, s, t0, t1, y32);
   });
+  return y32.to(x.scalar_type());
 }
+
+}  // namespace
 
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
                       const SignSet& s, const Routes& r, const std::optional<at::Tensor>& bias) {
   const at::Tensor bv = bias ? bias->to(x.scalar_type()) : at::Tensor();
   LutBatch b;
   if (!prepare(x, packed, s, r, b)) return at::linear(x, base_w, bv);
+  if (x.size(0) <= kLutOwnGemvRows) return gemv_and_terms(x, base_w, s, b, bias);
   const KernelTable& k = kernels();
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), s.out}, x.options());

@@ -1,5 +1,5 @@
-// The lookup-table path of sign_linear for mixed batches: the base GEMM runs once over every
-// row (sign_linear.cpp) and this adds each task's sign term for its rows.
+// The lookup-table path of sign_linear for mixed batches: one base product over every row,
+// whatever its task, plus each task's sign term for its rows by table lookup.
 #pragma once
 
 #include <optional>
@@ -14,8 +14,12 @@ namespace qmerge::cpu {
 // The path serves one scale per output row (per-row or per-tensor scales, G = 1).
 inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 
-// y [N, out] (x's dtype, contiguous, holding x W^T + bias) += the sum over each row's terms
-// (t, c) of c * scale_t[i] * (sign_t[i] . x[n]), summed in fp32 and rounded once into y.
+// y = x W^T + bias + the sum over each row's terms (t, c) of c * scale_t[i] * (sign_t[i] . x[n]),
+// the terms summed in fp32. The base product: up to kLutOwnGemvRows rows qmerge's GEMV (fp32
+// out, one rounding at the end); above, each thread owns a block of output columns and runs
+// its GEMM there (single-threaded, x's dtype out, the terms added with one more rounding) and
+// its lookups, odd threads lookups first, so that one core's lookups stream the bits while
+// another's GEMM computes.
 //
 // Precision: x is quantized per row to int8, q = round(x / d) with d = max|x[n]| / 127; the
 // tables (int16) and sums (int32) are exact integers, so the only rounding is |x - d q| <= d/2
@@ -26,21 +30,13 @@ inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 // of the weights' magnitude, which holds for fine-tuning deltas by a wide margin (BitDelta's
 // scales are a few percent of |w|). fp32 activations never take this path unless forced
 // (QMERGE_SIGN_PATH=lut): at fp32 eager torch is exact to ~1e-7.
-void add_sign_terms_lut(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
-                        const Routes& r, at::Tensor& y);
-
-// x W^T + bias + the rows' sign terms (as add_sign_terms_lut), for many rows: each thread
-// owns a block of output columns and runs its GEMM (single-threaded) and its lookups, odd
-// threads lookups first, so that one core's lookups stream the bits while another's GEMM
-// computes.
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
                       const SignSet& s, const Routes& r, const std::optional<at::Tensor>& bias);
 
 // The bits of `packed` [T, out, nb] re-laid for the kernel ([T, tiles, nw, 32] 15-bit words as
-// int16, see LutArgs),
-// made once per tensor and kept while the tensor lives and is not written to (keyed by its
-// storage, shape and version counter): 16/15 more bits per sign, held only for the weights that
-// mixed batches have used.
+// int16, see LutArgs), made once per tensor and kept while the tensor lives and is not written
+// to (keyed by its storage, shape and version counter): 16/15 more bits per sign, held only for
+// the weights that mixed batches have used.
 at::Tensor lut_layout(const at::Tensor& packed);
 
 }  // namespace qmerge::cpu
