@@ -21,18 +21,24 @@ def factors(tasks, out, inn, r, dtype):
 @pytest.mark.parametrize(
     "case", [(1, 16, 24, 1, 4), (7, 33, 65, 3, 8), (20, 12, 40, 2, 16), (40, 9, 19, 5, 3)], ids=str
 )
-@pytest.mark.parametrize("route", ["ids", "coeffs"])
+# runs / run_coeffs: rows in blocks of 5 (a prefill's sequences), which large batches compute on
+# views of each task's runs instead of gathering them.
+@pytest.mark.parametrize("route", ["ids", "coeffs", "runs", "run_coeffs"])
 def test_matches_reference(isa, dtype, case, route):
     rows, out, inn, tasks, r = case
     base = torch.randn(out, inn).to(dtype)
     U, V = factors(tasks, out, inn, r, dtype)
     x = torch.randn(rows, inn).to(dtype)
     bias = torch.randn(out)
-    kw = (
-        {"task_ids": torch.randint(-1, tasks, (rows,))}
-        if route == "ids"
-        else {"coeffs": torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3)}
-    )
+    block = torch.arange(rows) // 5
+    kw = {
+        "ids": lambda: {"task_ids": torch.randint(-1, tasks, (rows,))},
+        "coeffs": lambda: {"coeffs": torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3)},
+        "runs": lambda: {"task_ids": block % (tasks + 1) - 1},
+        "run_coeffs": lambda: {
+            "coeffs": (torch.randn(rows, tasks) * (torch.rand(rows, tasks) > 0.3))[block]
+        },
+    }[route]()
     for rank in (None, max(r - 2, 0)):
         y = ops.lowrank_linear(x, base, U, V, bias=bias, rank=rank, **kw)
         exact = ops.reference.lowrank_linear(
@@ -43,7 +49,7 @@ def test_matches_reference(isa, dtype, case, route):
         c = (
             torch.nn.functional.one_hot(kw["task_ids"].clamp(min=0), tasks).float()
             * (kw["task_ids"] >= 0)[:, None]
-            if route == "ids"
+            if "task_ids" in kw
             else kw["coeffs"]
         )
         deltas = U[:, :, :rk].float() @ V[:, :rk].float()
