@@ -11,8 +11,9 @@ pack as a PEFT adapter (`qmerge export --format peft`: the same factors), so bot
 the same deltas; their logits are compared first. Then, in rounds:
   - a prefill of 8 prompts x 64 tokens, tasks round-robin (4 tasks in the batch);
   - one decoding step of those 8 sequences over a 64-token KV cache;
-each against the bare base model's forward of the same shape, the three called in turns (this
-machine's speed drifts over minutes: a ratio of medians taken minutes apart read 0.97x).
+each against the bare base model's forward of the same shape, the three called in turns, in a
+new order each round (this machine's speed drifts over minutes: a ratio of medians taken
+minutes apart read 0.97x; and the call right after another model's forward runs slower).
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def main() -> None:
             ),
         ):
             reps = 5 if phase == "prefill" else 15
-            b0, q, p = (t * 1e3 for t in timeit_alternating(list(runs), False, reps, 0.0))
+            b0, q, p = (
+                t * 1e3 for t in timeit_alternating(list(runs), False, reps, 0.0, shuffle=True)
+            )
             for k, v in zip(("base", "qmerge", "peft"), (b0, q, p), strict=True):
                 sums.setdefault(f"{phase}/{k}", []).append(v)
             log(
