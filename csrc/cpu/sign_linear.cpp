@@ -5,8 +5,8 @@
 //                (kernels/gemv.h): decoding and small mixed batches; nothing is materialized;
 //   materialized a task with many rows gets its weight rebuilt once (dequant_add_sign) and a
 //                GEMM; mixtures too wide for the fused path use base GEMM + per-task delta GEMMs;
-//   lut          one base GEMM over every row, whatever its task, plus each task's sign term for
-//                its rows by table lookup (sign_lut.h): mixed batches of many rows and tasks.
+//   lut          one base product over every row, whatever its task, plus each task's sign term
+//                for its rows by table lookup (sign_lut.h): mixed batches of several tasks.
 // sign_path.h chooses by a cost model; QMERGE_SIGN_PATH=per_task|fused|materialized|lut forces
 // one (per_task: fused below kMaterializeRows rows of a task, materialized from it).
 #include <ATen/Parallel.h>

@@ -11,7 +11,6 @@
 
 #include "checks.h"
 #include "isa.h"
-#include "sign_path.h"
 
 namespace qmerge::cpu {
 namespace {

@@ -11,6 +11,10 @@
 
 namespace qmerge::cpu {
 
+// The base product runs on qmerge's GEMV up to this many rows (torch's GEMM above): bf16
+// 4096x4096, 8 rows: 1.7 ms against F.linear's 2.6 (bench/results/kernels-cpu.md).
+constexpr int64_t kLutOwnGemvRows = 8;
+
 // The path serves one scale per output row (per-row or per-tensor scales, G = 1).
 inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 

@@ -15,10 +15,6 @@ namespace qmerge::cpu {
 // (read base, write and re-read the merged weight): bench/results/kernels-cpu.md.
 constexpr int64_t kMaterializeRows = 24;
 
-// The lookup path's base product runs on qmerge's GEMV up to this many rows (F.linear above):
-// bf16 4096x4096, 8 rows: 1.7 ms against F.linear's 2.6 (bench/results/kernels-cpu.md).
-constexpr int64_t kLutOwnGemvRows = 8;
-
 enum class SignPath {
   per_task,      // fused passes for tasks with few rows, a rebuilt weight + GEMM for the others
   fused,         // every row in fused passes (mixtures too wide for them: materialized)
