@@ -5,6 +5,12 @@ the same N (torch F.linear) and against the path the op took before the lookup-t
 
 Also fits the cost model's constants (csrc/cpu/sign_path.cpp, SignCosts) from the 4096x4096
 rows: the GEMM's and the lookup kernel's multiply-add rates per core and the fused passes'.
+
+Run alone, it writes the fp32 table (SmolLM2-135M's shapes, the serve benchmark's fp32 model:
+32 rows over 5 tasks and neighbours) and the fp32 constants to
+bench/results/kernels-mixed-fp32.md:
+
+    .venv/bin/python -m bench.kernels_mixed
 """
 
 from __future__ import annotations
@@ -36,16 +42,23 @@ def _forced(path: str, fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
-def bench_mixed(cold: bool, log: Callable[[str], None], quick: bool = False) -> list[dict]:
-    shapes = [(1024, 1024)] if quick else SHAPES
+def bench_mixed(
+    cold: bool,
+    log: Callable[[str], None],
+    quick: bool = False,
+    dtype: torch.dtype = DTYPE,
+    grid: tuple[list, list, list] = (SHAPES, ROWS, TASKS),
+) -> list[dict]:
+    shapes, rows_, tasks_ = grid
+    shapes = [(1024, 1024)] if quick else shapes
     out_rows = []
     for out, inn in shapes:
-        base = torch.randn(out, inn).to(DTYPE)
+        base = torch.randn(out, inn).to(dtype)
         packed = ops.pack_signs(torch.randn(16, out, inn))
         scales = torch.rand(16, out, 1) * 0.01 + 0.001
-        for n in ROWS:
-            x = torch.randn(n, inn).to(DTYPE)
-            for t in TASKS:
+        for n in rows_:
+            x = torch.randn(n, inn).to(dtype)
+            for t in tasks_:
                 ids = (torch.arange(n) % t)[torch.randperm(n)]
                 p, s = packed[:t], scales[:t]
                 fns = [lambda x=x, base=base: F.linear(x, base)]
@@ -127,3 +140,72 @@ def verdicts(rows: list[dict]) -> list[str]:
             f"{ratio:.2f}x | {verdict} |"
         )
     return out
+
+
+F32_GRID = ([(576, 576), (192, 576), (1536, 576), (576, 1536)], [8, 32, 64], [1, 5])
+
+
+def fit_f32(rows: list[dict]) -> list[str]:
+    """SignCosts at fp32 (one core's rates, medians over the shapes)."""
+    threads = torch.get_num_threads()
+
+    def med(v: list[float]) -> float:
+        return sorted(v)[len(v) // 2]
+
+    macs = [r["n"] * r["out"] * r["inn"] for r in rows]
+    gemm = med([m / r["gemm"] / threads for m, r in zip(macs, rows, strict=True) if r["n"] == 32])
+    lut = med(
+        [
+            m / max(r["lut"] - r["gemm"], 1e-7) / threads
+            for m, r in zip(macs, rows, strict=True)
+            if r["n"] >= 32
+        ]
+    )
+    fused = med(
+        [m / r["per_task"] / threads for m, r in zip(macs, rows, strict=True) if r["t"] == 5]
+    )
+    bw = med([4 * r["out"] * r["inn"] / r["gemm"] for r in rows if r["n"] == 8])
+    return [
+        f"- fp32 GEMM at N=32: {gemm / 1e9:.0f} GMAC/s per core; at N=8 it reads the weight at "
+        f"{bw / 1e9:.0f} GB/s",
+        f"- fp32 lookups over the GEMM (N >= 32): {lut / 1e9:.0f} G sign-MAC/s per core",
+        f"- per-task path over 5 tasks (fused passes): {fused / 1e9:.1f} GMAC/s per core",
+    ]
+
+
+def main() -> None:
+    from pathlib import Path
+
+    from bench.common import results_log
+
+    torch.manual_seed(0)
+    cmd = "`.venv/bin/python -m bench.kernels_mixed`"
+    lines, log = results_log(
+        "Mixed batches at fp32: sign_linear over N rows of T tasks",
+        cmd,
+        f"{torch.get_num_threads()} threads; qmerge kernels {ops.backend()['cpu']}",
+    )
+    log()
+    log(
+        "SmolLM2-135M's shapes (the serve benchmark's fp32 model). fp32 rows take fp32 tables "
+        "on the lookup path (csrc/cpu/kernels/sign_lut_f32.h). Each cell is a multiple of the "
+        "base-only F.linear of the same N; calls timed in turns, in a new order each round."
+    )
+    log()
+    rows = bench_mixed(False, print, dtype=torch.float32, grid=F32_GRID)
+    for line in table(rows):
+        log(line)
+    log()
+    log("Cost-model constants measured here (csrc/cpu/sign_path.cpp, SignCosts, fp32):")
+    log()
+    for line in fit_f32(rows):
+        log(line)
+    out = Path(__file__).parent / "results" / "kernels-mixed-fp32.md"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

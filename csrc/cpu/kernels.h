@@ -133,6 +133,30 @@ struct LutTableArgs {
   float* d = nullptr;  // [table rows]
 };
 
+// The same sign terms for fp32 activations, not quantized: per row, each group of 4 columns
+// has a table of the 16 sums +-x0 +-x1 +-x2 +-x3 in fp32 (entry e: bit j of e set -> +x[4g + j],
+// summed in the order j = 0..3), one vpermps reads it, and the lookups add in fp32 in column
+// order. Every ISA adds the same values in the same order: the same bits everywhere. The error
+// is that of an fp32 dot product of the signs with x, times c * scale (sign_lut.h).
+struct LutF32Args {
+  const uint32_t* idx = nullptr;       // [T, tiles, nw, kLutTile]: word w of output tile*32 + o,
+                                       // bit k = the sign of column 32w + k (the packed bits)
+  int64_t nw = 0, tiles = 0;           // ceil(in / 32); ceil(out / kLutTile)
+  const float* tables = nullptr;       // [rows, 8 * nw, 16] per x row
+  const int32_t* pair_task = nullptr;  // [P] task of pair p; pairs of one task are adjacent
+  const int32_t* pair_row = nullptr;   // [P] table row of pair p
+  int64_t pairs = 0;
+  float* acc = nullptr;  // [P, tiles * kLutTile], overwritten
+};
+// Per x row n, its tables [8 * nw, 16] at tables + n * 8 * nw * 16 (0 past `in`).
+struct LutF32TableArgs {
+  const float* x = nullptr;  // [*, ldx] fp32 rows
+  int64_t ldx = 0;
+  const int64_t* rows = nullptr;  // table row n is x row rows[n]
+  int64_t in = 0, nw = 0;
+  float* tables = nullptr;
+};
+
 // Every kernel works on a row range so the caller can split rows across threads.
 struct KernelTable {
   const char* name;
@@ -147,6 +171,8 @@ struct KernelTable {
   bool lut_vector;  // sign_lut is a vector kernel (else the portable loop: only when forced)
   void (*sign_lut)(const LutArgs&, int64_t tile0, int64_t tile1);   // tiles [tile0, tile1)
   void (*lut_tables)(const LutTableArgs&, int64_t n0, int64_t n1);  // rows [n0, n1)
+  void (*sign_lut_f32)(const LutF32Args&, int64_t tile0, int64_t tile1);
+  void (*lut_tables_f32)(const LutF32TableArgs&, int64_t n0, int64_t n1);
 };
 
 namespace avx512bf16 {

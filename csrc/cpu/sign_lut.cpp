@@ -19,10 +19,12 @@ struct Cached {
   c10::weak_intrusive_ptr<c10::StorageImpl> owner;
   at::Tensor relaid;
 };
-using Key = std::tuple<const void*, int64_t, int64_t, int64_t, int64_t>;
+using Key = std::tuple<const void*, int64_t, int64_t, int64_t, int64_t, bool>;
 
 // Words of 15 bits per output row: ceil(8 nb / 15) (columns past `in` hold zero activations).
 int64_t lut_words(int64_t nb) { return (8 * nb + 14) / 15; }
+// Words of 32 bits per output row for the fp32 kernel: ceil(nb / 4).
+int64_t lut_f32_words(int64_t nb) { return (nb + 3) / 4; }
 
 void relayout(const at::Tensor& packed, at::Tensor& dst) {
   const int64_t tasks = packed.size(0), out = packed.size(1), nb = packed.size(2);
@@ -52,6 +54,33 @@ void relayout(const at::Tensor& packed, at::Tensor& dst) {
   });
 }
 
+// The fp32 kernel's layout: the packed bytes of each output row as 32-bit words, transposed to
+// [T, tiles, nw, kLutTile] (zero past the row's end and past `out`).
+void relayout_f32(const at::Tensor& packed, at::Tensor& dst) {
+  const int64_t tasks = packed.size(0), out = packed.size(1), nb = packed.size(2);
+  const int64_t tiles = (out + kLutTile - 1) / kLutTile, nw = lut_f32_words(nb);
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst.data_ptr<int32_t>());
+  parallel_rows(tasks * tiles, 8, [&](int64_t k0, int64_t k1) {
+    std::vector<uint8_t> row_bytes(4 * nw, 0);  // bytes past nb stay zero
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t t = k / tiles, tile = k % tiles;
+      uint32_t* tile_dst = d + k * nw * kLutTile;
+      for (int o = 0; o < kLutTile; ++o) {
+        const int64_t row = tile * kLutTile + o;
+        if (row < out) {
+          std::memcpy(row_bytes.data(), src + (t * out + row) * nb, nb);
+        } else {
+          std::fill(row_bytes.begin(), row_bytes.end(), 0);
+        }
+        for (int64_t w = 0; w < nw; ++w) {
+          std::memcpy(tile_dst + w * kLutTile + o, row_bytes.data() + 4 * w, 4);
+        }
+      }
+    }
+  });
+}
+
 // A per-thread buffer reused across calls: fresh multi-megabyte buffers come back from glibc
 // as fresh pages, faulted in on every call (costly on this project's VM:
 // bench/results/routing-notes.md). Holds the largest size asked for.
@@ -63,11 +92,11 @@ T* reuse(std::vector<T>& buf, size_t n) {
 
 }  // namespace
 
-at::Tensor lut_layout(const at::Tensor& packed) {
+at::Tensor lut_layout(const at::Tensor& packed, bool f32) {
   static std::mutex mu;
   static std::map<Key, Cached> cache;
-  const Key key{packed.data_ptr(), packed.size(0), packed.size(1), packed.size(2),
-                packed._version()};
+  const Key key{packed.data_ptr(), packed.size(0),    packed.size(1),
+                packed.size(2),    packed._version(), f32};
   {
     std::lock_guard<std::mutex> lock(mu);
     for (auto it = cache.begin(); it != cache.end();) {  // forget tensors that are gone
@@ -77,9 +106,14 @@ at::Tensor lut_layout(const at::Tensor& packed) {
     if (it != cache.end()) return it->second.relaid;
   }
   const int64_t tiles = (packed.size(1) + kLutTile - 1) / kLutTile;
-  at::Tensor relaid = at::empty({packed.size(0), tiles, lut_words(packed.size(2)), kLutTile},
-                                packed.options().dtype(at::kShort));
-  relayout(packed, relaid);
+  const int64_t nw = f32 ? lut_f32_words(packed.size(2)) : lut_words(packed.size(2));
+  at::Tensor relaid = at::empty({packed.size(0), tiles, nw, kLutTile},
+                                packed.options().dtype(f32 ? at::kInt : at::kShort));
+  if (f32) {
+    relayout_f32(packed, relaid);
+  } else {
+    relayout(packed, relaid);
+  }
   std::lock_guard<std::mutex> lock(mu);
   cache.insert_or_assign(key, Cached{packed.storage().getWeakStorageImpl(), relaid});
   return relaid;
@@ -103,38 +137,30 @@ void add_row_any(const at::Tensor& y, int64_t n, int64_t i0, const float* delta,
 }
 
 // One call's lookup work: the rows with terms, their tables, the (row, task) pairs ordered by
-// task, and the kernel's arguments. Buffers are the calling thread's (reused across calls).
+// task, and the kernel's arguments (`a` for int8-quantized rows, `af` for fp32 rows). Buffers
+// are the calling thread's (reused across calls).
 struct LutBatch {
   std::vector<int64_t> used;  // table row n is x row used[n]
   std::vector<int32_t> pair_task, pair_row;
   std::vector<float> pair_coeff, d;
   at::Tensor relaid;
+  bool f32 = false;
+  int64_t tiles = 0, pairs = 0;
   LutArgs a;
+  LutF32Args af;
+
+  void lookups(int64_t t0, int64_t t1) const {
+    if (f32) {
+      kernels().sign_lut_f32(af, t0, t1);
+    } else {
+      kernels().sign_lut(a, t0, t1);
+    }
+  }
 };
 
-// Fills `b` for x's rows with terms; false when no row has one.
-bool prepare(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, const Routes& r,
-             LutBatch& b) {
+// The int8 tables of x's used rows (bf16, fp16: x quantized per row).
+void int8_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, LutBatch& b) {
   const int64_t nw = lut_words(s.nb);
-  std::vector<int32_t> table_of(r.rows(), -1);
-  std::vector<std::vector<std::pair<int32_t, float>>> by_task(packed.size(0));
-  for (int64_t n = 0; n < r.rows(); ++n) {
-    if (r.terms(n) == 0) continue;
-    table_of[n] = int32_t(b.used.size());
-    b.used.push_back(n);
-    for (int64_t k = r.offset[n]; k < r.offset[n + 1]; ++k) {
-      by_task[r.task[k]].push_back({int32_t(n), r.coeff[k]});
-    }
-  }
-  if (b.used.empty()) return false;
-  for (int32_t t = 0; t < int32_t(by_task.size()); ++t) {
-    for (const auto& [n, c] : by_task[t]) {
-      b.pair_task.push_back(t);
-      b.pair_row.push_back(table_of[n]);
-      b.pair_coeff.push_back(c);
-    }
-  }
-  const KernelTable& k = kernels();
   LutTableArgs ta;
   const at::Tensor xc = x.contiguous();
   at::Tensor x32;
@@ -153,38 +179,106 @@ bool prepare(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, co
   ta.tables = reuse(tables_buf, b.used.size() * 3 * nw * 32);
   b.d.resize(b.used.size());
   ta.d = b.d.data();
+  const KernelTable& k = kernels();
   parallel_rows(int64_t(b.used.size()), 1,
                 [&](int64_t n0, int64_t n1) { k.lut_tables(ta, n0, n1); });
-
-  b.relaid = lut_layout(packed);
+  b.relaid = lut_layout(packed, false);
   b.a.idx = reinterpret_cast<const uint16_t*>(b.relaid.data_ptr<int16_t>());
   b.a.nw = nw;
-  b.a.tiles = b.relaid.size(1);
+  b.a.tiles = b.tiles;
   b.a.tables = ta.tables;
   b.a.pair_task = b.pair_task.data();
   b.a.pair_row = b.pair_row.data();
-  b.a.pairs = int64_t(b.pair_task.size());
-  b.a.acc = reuse(acc_buf, b.a.pairs * b.a.tiles * kLutTile);
+  b.a.pairs = b.pairs;
+  b.a.acc = reuse(acc_buf, b.pairs * b.tiles * kLutTile);
+}
+
+// The fp32 tables of x's used rows (fp32 x, as it is).
+void f32_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, LutBatch& b) {
+  const int64_t nw = lut_f32_words(s.nb);
+  LutF32TableArgs ta;
+  const at::Tensor xc = x.contiguous();
+  ta.x = xc.data_ptr<float>();
+  ta.ldx = x.size(1);
+  ta.rows = b.used.data();
+  ta.in = x.size(1);
+  ta.nw = nw;
+  thread_local std::vector<float> tables_buf, acc_buf;
+  ta.tables = reuse(tables_buf, b.used.size() * 8 * nw * 16);
+  const KernelTable& k = kernels();
+  parallel_rows(int64_t(b.used.size()), 1,
+                [&](int64_t n0, int64_t n1) { k.lut_tables_f32(ta, n0, n1); });
+  b.relaid = lut_layout(packed, true);
+  b.af.idx = reinterpret_cast<const uint32_t*>(b.relaid.data_ptr<int32_t>());
+  b.af.nw = nw;
+  b.af.tiles = b.tiles;
+  b.af.tables = ta.tables;
+  b.af.pair_task = b.pair_task.data();
+  b.af.pair_row = b.pair_row.data();
+  b.af.pairs = b.pairs;
+  b.af.acc = reuse(acc_buf, b.pairs * b.tiles * kLutTile);
+}
+
+// Fills `b` for x's rows with terms; false when no row has one.
+bool prepare(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, const Routes& r,
+             LutBatch& b) {
+  std::vector<int32_t> table_of(r.rows(), -1);
+  std::vector<std::vector<std::pair<int32_t, float>>> by_task(packed.size(0));
+  for (int64_t n = 0; n < r.rows(); ++n) {
+    if (r.terms(n) == 0) continue;
+    table_of[n] = int32_t(b.used.size());
+    b.used.push_back(n);
+    for (int64_t k = r.offset[n]; k < r.offset[n + 1]; ++k) {
+      by_task[r.task[k]].push_back({int32_t(n), r.coeff[k]});
+    }
+  }
+  if (b.used.empty()) return false;
+  for (int32_t t = 0; t < int32_t(by_task.size()); ++t) {
+    for (const auto& [n, c] : by_task[t]) {
+      b.pair_task.push_back(t);
+      b.pair_row.push_back(table_of[n]);
+      b.pair_coeff.push_back(c);
+    }
+  }
+  b.f32 = x.scalar_type() == at::kFloat;
+  b.tiles = (s.out + kLutTile - 1) / kLutTile;
+  b.pairs = int64_t(b.pair_task.size());
+  if (b.f32) {
+    f32_tables(x, packed, s, b);
+  } else {
+    int8_tables(x, packed, s, b);
+  }
   return true;
 }
 
-// y[:, tiles [t0, t1)] += each row's sum over its pairs of c * d * scale * acc (threads own
-// disjoint columns of y: no race).
+// dp[i - i0] += f * scale[i] * acc[i] over [i0, i1) (one scale for all rows when scale_rows == 1).
+template <class A>
+void add_pair(float* dp, const float* sc, int64_t scale_rows, float f, const A* ap, int64_t i0,
+              int64_t i1) {
+  if (scale_rows == 1) {
+    for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[0] * float(ap[i]);
+  } else {
+    for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[i] * float(ap[i]);
+  }
+}
+
+// y[:, tiles [t0, t1)] += each row's sum over its pairs of c * d * scale * acc (d = 1 for fp32
+// rows; threads own disjoint columns of y: no race).
 void epilogue(const LutBatch& b, const SignSet& s, int64_t t0, int64_t t1, at::Tensor& y) {
   const int64_t rows = int64_t(b.used.size());
   const int64_t i0 = t0 * kLutTile, i1 = std::min(s.out, t1 * kLutTile), w = i1 - i0;
   thread_local std::vector<float> delta_buf;
   float* delta = reuse(delta_buf, size_t(rows * w));
   std::fill(delta, delta + rows * w, 0.0f);
-  for (int64_t p = 0; p < b.a.pairs; ++p) {
-    const float f = b.pair_coeff[p] * b.d[b.pair_row[p]];
-    const int32_t* ap = b.a.acc + p * b.a.tiles * kLutTile;
+  for (int64_t p = 0; p < b.pairs; ++p) {
     float* dp = delta + b.pair_row[p] * w;             // column i0 + k at dp[k]
     const float* sc = s.scale_row(b.pair_task[p], 0);  // G = 1: one scale per row, or per tensor
-    if (s.scale_rows == 1) {
-      for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[0] * float(ap[i]);
+    const int64_t at = p * b.tiles * kLutTile;
+    if (b.f32) {
+      add_pair(dp, sc, s.scale_rows, b.pair_coeff[p], b.af.acc + at, i0, i1);
     } else {
-      for (int64_t i = i0; i < i1; ++i) dp[i - i0] += f * sc[i] * float(ap[i]);
+      const float f = b.pair_coeff[p] * b.d[b.pair_row[p]];
+      add_pair(dp, sc, s.scale_rows, f, b.a.acc + at, i0, i1);
     }
   }
   for (int64_t n = 0; n < rows; ++n) add_row_any(y, b.used[n], i0, delta + n * w, w);
@@ -198,9 +292,8 @@ at::Tensor gemv_and_terms(const at::Tensor& x, const at::Tensor& base_w, const S
   run_gemv(base_w, in, s.out, in, padded_rows_f32(x), /*x_exact=*/true, plain_chunks(x.size(0)),
            nullptr, y32);
   if (bias) y32.add_(bias->to(at::kFloat));
-  const KernelTable& k = kernels();
-  parallel_rows(b.a.tiles, 4, [&](int64_t t0, int64_t t1) {
-    k.sign_lut(b.a, t0, t1);
+  parallel_rows(b.tiles, 4, [&](int64_t t0, int64_t t1) {
+    b.lookups(t0, t1);
     epilogue(b, s, t0, t1, y32);
   });
   return y32.to(x.scalar_type());
@@ -214,15 +307,14 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::T
   LutBatch b;
   if (!prepare(x, packed, s, r, b)) return at::linear(x, base_w, bv);
   if (x.size(0) <= kLutOwnGemvRows) return gemv_and_terms(x, base_w, s, b, bias);
-  const KernelTable& k = kernels();
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), s.out}, x.options());
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t per = (b.a.tiles + threads - 1) / threads;
+  const int64_t per = (b.tiles + threads - 1) / threads;
   at::parallel_for(0, threads, 1, [&](int64_t k0, int64_t k1) {
     at::AutoDispatchBelowAutograd below_autograd;  // workers do not inherit the grad mode
     for (int64_t j = k0; j < k1; ++j) {
-      const int64_t t0 = j * per, t1 = std::min(b.a.tiles, t0 + per);
+      const int64_t t0 = j * per, t1 = std::min(b.tiles, t0 + per);
       if (t0 >= t1) continue;
       const int64_t o0 = t0 * kLutTile, o1 = std::min(s.out, t1 * kLutTile);
       at::Tensor dst = y.narrow(1, o0, o1 - o0);
@@ -238,11 +330,11 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::T
       // bits from memory while the other core's GEMM computes, instead of every core
       // streaming bits at once.
       if (j % 2) {
-        k.sign_lut(b.a, t0, t1);
+        b.lookups(t0, t1);
         gemm();
       } else {
         gemm();
-        k.sign_lut(b.a, t0, t1);
+        b.lookups(t0, t1);
       }
       epilogue(b, s, t0, t1, y);
     }

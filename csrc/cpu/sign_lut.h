@@ -25,22 +25,27 @@ inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 // its lookups, odd threads lookups first, so that one core's lookups stream the bits while
 // another's GEMM computes.
 //
-// Precision: x is quantized per row to int8, q = round(x / d) with d = max|x[n]| / 127; the
-// tables (int16) and sums (int32) are exact integers, so the only rounding is |x - d q| <= d/2
-// per column. The term's error is then at most c * scale * d/2 per column and about
-// c * scale * d * sqrt(in / 12) over a row (independent roundings). For bf16 and fp16 activations
-// that stays within the project's tolerance (shared/STYLE.md rule 16: <= 2x eager torch, whose
-// merged bf16 weight rounds each entry by up to 2^-9 of |w|) while scale is under about a quarter
-// of the weights' magnitude, which holds for fine-tuning deltas by a wide margin (BitDelta's
-// scales are a few percent of |w|). fp32 activations never take this path unless forced
-// (QMERGE_SIGN_PATH=lut): at fp32 eager torch is exact to ~1e-7.
+// Precision, bf16 and fp16 activations: x is quantized per row to int8, q = round(x / d) with
+// d = max|x[n]| / 127; the tables (int16) and sums (int32) are exact integers, so the only
+// rounding is |x - d q| <= d/2 per column. The term's error is then at most c * scale * d/2 per
+// column and about c * scale * d * sqrt(in / 12) over a row (independent roundings). That stays
+// within the project's tolerance (shared/STYLE.md rule 16: <= 2x eager torch, whose merged bf16
+// weight rounds each entry by up to 2^-9 of |w|) while scale is under about a quarter of the
+// weights' magnitude, which holds for fine-tuning deltas by a wide margin (BitDelta's scales are
+// a few percent of |w|).
+// fp32 activations are not quantized (eager fp32 is exact to ~1e-7, which int8 rows would miss
+// by four orders): their tables hold fp32 sums of 4 columns and the lookups add in fp32
+// (LutF32Args), so the term's error is that of an fp32 dot product of the signs with x, times
+// c * scale, below the base product's own rounding (scale is a few percent of |w|). 2.5x the
+// lookups of the int16 tables for the same term.
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
                       const SignSet& s, const Routes& r, const std::optional<at::Tensor>& bias);
 
-// The bits of `packed` [T, out, nb] re-laid for the kernel ([T, tiles, nw, 32] 15-bit words as
-// int16, see LutArgs), made once per tensor and kept while the tensor lives and is not written
-// to (keyed by its storage, shape and version counter): 16/15 more bits per sign, held only for
-// the weights that mixed batches have used.
-at::Tensor lut_layout(const at::Tensor& packed);
+// The bits of `packed` [T, out, nb] re-laid for a kernel, made once per tensor and kept while the
+// tensor lives and is not written to (keyed by its storage, shape and version counter), held
+// only for the weights that mixed batches have used. int16 kernel: [T, tiles, nw, 32] 15-bit
+// words as int16 (LutArgs; 16/15 more bits per sign). fp32 kernel (`f32`): [T, tiles, nw, 32]
+// 32-bit words (LutF32Args; one more bit per sign).
+at::Tensor lut_layout(const at::Tensor& packed, bool f32);
 
 }  // namespace qmerge::cpu

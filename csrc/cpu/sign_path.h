@@ -33,14 +33,16 @@ struct SignCosts {
   double lut_mac_s;    // per sign multiply-add (pair x weight) of the lookup kernel, one core
   double table_col_s;  // per column of one row's quantization and tables, one core
 };
-const SignCosts& sign_costs();
+const SignCosts& sign_costs(at::ScalarType dtype);  // fp32's, or bf16's for the others
 
 // The path for this call. Raises if QMERGE_SIGN_PATH is set to an unknown value or to `lut`
 // for a weight the lut path does not serve (per-group scales).
 SignPath choose_sign_path(const at::Tensor& x, const SignSet& s, const Routes& r);
 
 // The model's estimates (seconds), exposed for the benchmark's table.
-double per_task_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weight_bytes);
-double lut_cost(const SignSet& s, const Routes& r, int64_t in, int64_t weight_bytes);
+double per_task_cost(const SignCosts& c, const SignSet& s, const Routes& r, int64_t in,
+                     int64_t weight_bytes);
+double lut_cost(const SignCosts& c, const SignSet& s, const Routes& r, int64_t in,
+                int64_t weight_bytes);
 
 }  // namespace qmerge::cpu

@@ -6,6 +6,7 @@
 #include "kernels/dequant.h"
 #include "kernels/pack.h"
 #include "kernels/sign_lut.h"
+#include "kernels/sign_lut_f32.h"
 #endif
 
 namespace qmerge::cpu::QMERGE_ISA {
@@ -19,9 +20,13 @@ inline void gemv_bf16_or_base(const GemvArgs& a, int64_t i0, int64_t i1) {
 
 const KernelTable& table() {
   const KernelTable& b = avx512::table();
-  static const KernelTable t{
-      QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS, b.routed_rows, true,       b.pack,      b.unpack,
-      b.dequant,       &gemv_bf16_or_base,    b.lut_vector,  b.sign_lut, b.lut_tables};
+  static const KernelTable t{QMERGE_ISA_NAME, QMERGE_ISA_PLAIN_ROWS,
+                             b.routed_rows,   true,
+                             b.pack,          b.unpack,
+                             b.dequant,       &gemv_bf16_or_base,
+                             b.lut_vector,    b.sign_lut,
+                             b.lut_tables,    b.sign_lut_f32,
+                             b.lut_tables_f32};
   return t;
 }
 #else
@@ -65,7 +70,9 @@ const KernelTable& table() {
                              &gemv_any,
                              kLutVector,
                              &sign_lut,
-                             &lut_tables};
+                             &lut_tables,
+                             &sign_lut_f32,
+                             &lut_tables_f32};
   return t;
 }
 #endif
