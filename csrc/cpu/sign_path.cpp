@@ -41,17 +41,19 @@ const SignCosts& sign_costs(at::ScalarType dtype) {
       1.0 / 42e9,   // qmerge's base-only bf16 GEMV at 8 rows: ~42 GMAC/s per core
       1.0 / 240e9,  // lookup kernel with its tables: ~240 G sign-MAC/s per core
       4e-9,         // quantizing a column and writing its share of the tables
+      3.0,          // a rebuilt weight: read base, write and re-read the merged weight
   };
-  // The same VM at fp32, SmolLM2-135M's shapes, 32 rows over 5 tasks: the mixed table's fp32
-  // rows (bench/results/kernels-cpu.md).
+  // The same VM at fp32, SmolLM2-135M's shapes: bench/results/kernels-mixed-fp32.md
+  // (`python -m bench.kernels_mixed`).
   static const SignCosts f32{
       1.0 / 25e9,  // weights, as at bf16
-      1.0 / 15e9,  // F.linear fp32 at few rows: ~15 GB/s of weights
-      1.0 / 32e9,  // the fp32 GEMM at 32 rows: ~32 GMAC/s per core
-      1.0 / 20e9,  // the per-task path's fused passes: ~20 GMAC/s per core
+      1.0 / 14e9,  // F.linear fp32 at 8 rows: ~14 GB/s of weights
+      1.0 / 28e9,  // the fp32 GEMM at 32 rows: ~28 GMAC/s per core
+      1.0 / 14e9,  // the per-task path's fused passes over 5 tasks: ~14 GMAC/s per core
       1.0 / 25e9,  // qmerge's base-only fp32 GEMV
-      1.0 / 90e9,  // fp32 lookups (2.5x those of the int16 tables) with their tables
+      1.0 / 80e9,  // fp32 lookups (2.5x those of the int16 tables) with their tables
       4e-9,        // a column's share of the tables
+      1.0,         // these weights (a few MB) are rebuilt in cache: about one pass
   };
   return dtype == at::kFloat ? f32 : bf16;
 }
@@ -77,7 +79,7 @@ double per_task_cost(const SignCosts& c, const SignSet& s, const Routes& r, int6
       continue;
     }
     cost += gemm_cost(c, count[slot], out, in, weight_bytes);
-    if (slot > 0) cost += 3.0 * weight_bytes * c.byte_s;  // rebuild the weight
+    if (slot > 0) cost += c.rebuild_passes * weight_bytes * c.byte_s;  // rebuild the weight
   }
   const int64_t passes = (fused + 3) / 4;
   return cost + double(passes) * fused_pass(c, std::min<int64_t>(fused, 4), s, in, weight_bytes);

@@ -25,13 +25,14 @@ enum class SignPath {
 // Modelled seconds of each path on one core; memory bandwidth is shared, compute divides by
 // the threads. Constants: `bench/kernels.py --mixed` fits them (bench/results/kernels-cpu.md).
 struct SignCosts {
-  double byte_s;       // per byte streamed by qmerge's kernels (weights, bits), all cores
-  double gemm_byte_s;  // per weight byte of torch's GEMM at few rows (it streams slower)
-  double gemm_mac_s;   // per multiply-add of the base GEMM, one core
-  double fused_mac_s;  // per multiply-add (row x weight) of a fused pass, one core
-  double gemv_mac_s;   // per multiply-add of qmerge's base-only GEMV (few rows), one core
-  double lut_mac_s;    // per sign multiply-add (pair x weight) of the lookup kernel, one core
-  double table_col_s;  // per column of one row's quantization and tables, one core
+  double byte_s;          // per byte streamed by qmerge's kernels (weights, bits), all cores
+  double gemm_byte_s;     // per weight byte of torch's GEMM at few rows (it streams slower)
+  double gemm_mac_s;      // per multiply-add of the base GEMM, one core
+  double fused_mac_s;     // per multiply-add (row x weight) of a fused pass, one core
+  double gemv_mac_s;      // per multiply-add of qmerge's base-only GEMV (few rows), one core
+  double lut_mac_s;       // per sign multiply-add (pair x weight) of the lookup kernel, one core
+  double table_col_s;     // per column of one row's quantization and tables, one core
+  double rebuild_passes;  // weight passes (at byte_s) of a task's rebuilt weight
 };
 const SignCosts& sign_costs(at::ScalarType dtype);  // fp32's, or bf16's for the others
 
