@@ -28,7 +28,7 @@ from qmerge.routing.route import AUTO
 from qmerge.serve.engine import Engine
 from qmerge.serve.kv import KV
 from qmerge.serve.metrics import Metrics
-from qmerge.serve.sequence import Sampling, Sequence
+from qmerge.serve.sequence import Sampling, Sequence, greedy_rows
 
 log = logging.getLogger("qmerge.serve")
 
@@ -260,20 +260,21 @@ class Scheduler:
     def _emit_tokens(self, jobs: list[Job], logits, kv: KV) -> None:
         """Pushes each new sequence's first token; the unfinished ones join the batch."""
         keep = []
+        greedy = greedy_rows(logits)
         for i, j in enumerate(jobs):
-            if self._push(j, logits[i]):
+            if self._push(j, logits[i], greedy[i]):
                 keep.append(i)
         if keep:
             new = kv.select(keep) if len(keep) != len(jobs) else kv
             self.kv = new if self.kv is None else self.kv.join(new)
             self.active.extend(jobs[i] for i in keep)
 
-    def _push(self, j: Job, logits) -> bool:
-        """The job's next token; emits its text, and 'done' when it finishes. True if it goes
-        on."""
+    def _push(self, j: Job, logits, greedy: int) -> bool:
+        """The job's next token (`greedy`: its row's argmax, taken for the batch); emits its
+        text, and 'done' when it finishes. True if it goes on."""
         seq = j.seq
         assert seq is not None
-        delta = seq.push(logits)
+        delta = seq.push(logits, greedy)
         self.metrics.tokens(j.model)
         if delta:
             j.emit(("delta", delta))
@@ -297,8 +298,11 @@ class Scheduler:
         self.metrics.batch("decode", len(self.active))
         logits, kv = self.engine.step([j.seq for j in self.active], self.kv)  # type: ignore
         self.kv = kv
+        greedy = greedy_rows(logits)
         keep = [
-            i for i, j in enumerate(self.active) if not j.cancelled and self._push(j, logits[i])
+            i
+            for i, j in enumerate(self.active)
+            if not j.cancelled and self._push(j, logits[i], greedy[i])
         ]
         if len(keep) != len(self.active):
             self._keep(keep)

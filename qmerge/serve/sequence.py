@@ -26,6 +26,12 @@ class Sampling:
         return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
 
+def greedy_rows(logits: Tensor) -> list[int]:
+    """Each row's argmax, NaN never chosen: `choose` at temperature 0, for a batch [B, V] in
+    one pass instead of one per row."""
+    return torch.nan_to_num(logits.float(), nan=-torch.inf).argmax(-1).tolist()
+
+
 def choose(logits: Tensor, s: Sampling, gen: torch.Generator | None) -> int:
     """The next token from one row of logits: argmax at temperature 0, else a sample from the
     tempered distribution cut to its top-p nucleus."""
@@ -61,9 +67,14 @@ class Sequence:
     def __post_init__(self):
         self.gen = self.sampling.generator()
 
-    def push(self, logits: Tensor) -> str:
-        """Takes the next token from `logits`; returns the newly released text (maybe '')."""
-        tok = choose(logits, self.sampling, self.gen)
+    def push(self, logits: Tensor, greedy: int | None = None) -> str:
+        """Takes the next token from `logits`; returns the newly released text (maybe '').
+        `greedy`: the row's argmax, when the caller took it for a whole batch at once (what
+        `choose` returns at temperature 0)."""
+        if greedy is not None and self.sampling.temperature == 0:
+            tok = greedy
+        else:
+            tok = choose(logits, self.sampling, self.gen)
         if tok in self.eos:
             self.finish = "stop"
             return self._release(final=True)

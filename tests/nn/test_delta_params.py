@@ -51,3 +51,16 @@ def test_weight_scaled_norm_takes_the_fast_way_and_matches_each_row():
 
 def test_one_plus_weight_norm_keeps_the_grouped_way():
     assert run_rows(OnePlusNorm, torch.float32)._scaled is False
+
+
+def test_the_weight_one_copy_stays_out_of_the_model_and_follows_its_dtype():
+    layer = run_rows(ScaledNorm, torch.float32)
+    assert [n for n, _ in layer.named_parameters()] == ["base.weight"]
+    assert set(layer.state_dict()) == {"base.weight"}
+    layer.base.to(torch.bfloat16)
+    layer.deltas = {"weight": layer.deltas["weight"].bfloat16()}
+    x = torch.randn(2, 3, 24).bfloat16()
+    with context.using(Route(tasks=("a", "b", "c"), task_ids=torch.tensor([1, 2]))):
+        y = layer(x)
+    w = layer.base.weight + layer.deltas["weight"][1]
+    assert torch.equal(y[0], torch.func.functional_call(layer.base, {"weight": w}, (x[0],)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qmerge.serve.kv import KV
-from qmerge.serve.sequence import Sampling, Sequence, _held, choose
+from qmerge.serve.sequence import Sampling, Sequence, _held, choose, greedy_rows
 
 PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\ufffd", 6: "é", 9: "<eos>"}
 
@@ -98,3 +98,24 @@ def test_non_finite_logits_never_pick_a_nan():
     for _ in range(20):
         assert choose(logits, s, s.generator()) in (1, 3)
     assert choose(torch.full((3,), float("nan")), s, s.generator()) in (0, 1, 2)
+
+
+def test_greedy_rows_is_choose_at_temperature_zero_row_by_row():
+    """The scheduler takes a batch's greedy tokens in one pass: each equals `choose`'s, with
+    NaNs, infinities, ties (the first wins) and an all-NaN row."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [
+            [nan, 2.0, nan, 1.0],
+            [1.0, 3.0, 3.0, -inf],
+            [nan, nan, nan, nan],
+            [-inf, -inf, 0.5, inf],
+        ]
+    )
+    logits = torch.cat([logits, torch.randn(12, 4).bfloat16().float()])
+    got = greedy_rows(logits)
+    assert got == [choose(row, Sampling(temperature=0), None) for row in logits]
+    assert got[:4] == [1, 1, 0, 3]
+    s = _seq()
+    s.push(_logits(1), greedy=2)  # at temperature 0 the batch's argmax is taken as given
+    assert s.tokens == [2]
