@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from qmerge.serve import protocol as P
 from qmerge.serve.engine import Engine
+from qmerge.serve.mailbox import Mailbox
 from qmerge.serve.metrics import Metrics
 from qmerge.serve.scheduler import Job, Scheduler
 from qmerge.serve.sequence import Sampling
@@ -51,6 +52,8 @@ class AppState:
     metrics: Metrics
     limits: Limits
     name: str | None = None  # the pack's public name: a model 'name/task' means 'task'
+    # per event loop: the scheduler's events reach handlers in one wakeup per batch
+    _mailboxes: dict = field(default_factory=dict, repr=False)
 
     def local(self, model: str) -> str:
         """`model` without the pack's name ('code/fix' -> 'fix' when this pack is 'code'); one
@@ -100,10 +103,13 @@ class AppState:
                 f"input {long[0]}: {len(texts[long[0]])} characters; this server reads at most "
                 f"{self.limits.max_text_chars} per prompt or text",
             )
+        box = self._mailboxes.get(loop)
+        if box is None:
+            box = self._mailboxes[loop] = Mailbox(loop)
         for i, text in enumerate(texts):
 
             def emit(ev: tuple, i: int = i) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
+                box.post(events, (i, ev))
 
             job = Job(
                 kind, self.local(model), emit, deadline, text=text, sampling=sampling or Sampling()
