@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <c10/core/Storage.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -26,16 +27,18 @@ int64_t lut_words(int64_t nb) { return (8 * nb + 14) / 15; }
 // Words of 32 bits per output row for the fp32 kernel: ceil(nb / 4).
 int64_t lut_f32_words(int64_t nb) { return (nb + 3) / 4; }
 
-void relayout(const at::Tensor& packed, at::Tensor& dst) {
+// Each output row's bits as nw words (word_of(the row's bytes, w), the bytes zero-padded past
+// nb), transposed to [T, tiles, nw, kLutTile]; rows past `out` are zero.
+template <class Word, class WordOf>
+void relayout(const at::Tensor& packed, Word* d, int64_t nw, WordOf word_of) {
   const int64_t tasks = packed.size(0), out = packed.size(1), nb = packed.size(2);
-  const int64_t tiles = (out + kLutTile - 1) / kLutTile, nw = lut_words(nb);
+  const int64_t tiles = (out + kLutTile - 1) / kLutTile;
   const uint8_t* src = packed.data_ptr<uint8_t>();
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst.data_ptr<int16_t>());
   parallel_rows(tasks * tiles, 8, [&](int64_t k0, int64_t k1) {
-    std::vector<uint8_t> row_bytes(nb + 8, 0);  // zero-padded: 32-bit reads past the end
+    std::vector<uint8_t> row_bytes(std::max(nb + 8, 4 * nw), 0);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t t = k / tiles, tile = k % tiles;
-      uint16_t* tile_dst = d + k * nw * kLutTile;
+      Word* tile_dst = d + k * nw * kLutTile;
       for (int o = 0; o < kLutTile; ++o) {
         const int64_t row = tile * kLutTile + o;
         if (row < out) {
@@ -43,42 +46,25 @@ void relayout(const at::Tensor& packed, at::Tensor& dst) {
         } else {
           std::fill(row_bytes.begin(), row_bytes.end(), 0);
         }
-        for (int64_t w = 0; w < nw; ++w) {  // columns 15w .. 15w+14, LSB first
-          const int64_t c = 15 * w;
-          uint32_t v;
-          std::memcpy(&v, row_bytes.data() + (c >> 3), sizeof v);
-          tile_dst[w * kLutTile + o] = uint16_t((v >> (c & 7)) & 0x7FFF);
-        }
+        for (int64_t w = 0; w < nw; ++w) tile_dst[w * kLutTile + o] = word_of(row_bytes.data(), w);
       }
     }
   });
 }
 
-// The fp32 kernel's layout: the packed bytes of each output row as 32-bit words, transposed to
-// [T, tiles, nw, kLutTile] (zero past the row's end and past `out`).
-void relayout_f32(const at::Tensor& packed, at::Tensor& dst) {
-  const int64_t tasks = packed.size(0), out = packed.size(1), nb = packed.size(2);
-  const int64_t tiles = (out + kLutTile - 1) / kLutTile, nw = lut_f32_words(nb);
-  const uint8_t* src = packed.data_ptr<uint8_t>();
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst.data_ptr<int32_t>());
-  parallel_rows(tasks * tiles, 8, [&](int64_t k0, int64_t k1) {
-    std::vector<uint8_t> row_bytes(4 * nw, 0);  // bytes past nb stay zero
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t t = k / tiles, tile = k % tiles;
-      uint32_t* tile_dst = d + k * nw * kLutTile;
-      for (int o = 0; o < kLutTile; ++o) {
-        const int64_t row = tile * kLutTile + o;
-        if (row < out) {
-          std::memcpy(row_bytes.data(), src + (t * out + row) * nb, nb);
-        } else {
-          std::fill(row_bytes.begin(), row_bytes.end(), 0);
-        }
-        for (int64_t w = 0; w < nw; ++w) {
-          std::memcpy(tile_dst + w * kLutTile + o, row_bytes.data() + 4 * w, 4);
-        }
-      }
-    }
-  });
+// The int16 kernel's words: columns 15w .. 15w+14, LSB first.
+uint16_t word15(const uint8_t* row, int64_t w) {
+  const int64_t c = 15 * w;
+  uint32_t v;
+  std::memcpy(&v, row + (c >> 3), sizeof v);
+  return uint16_t((v >> (c & 7)) & 0x7FFF);
+}
+
+// The fp32 kernel's words: the packed bytes as they are, 32 columns each.
+uint32_t word32(const uint8_t* row, int64_t w) {
+  uint32_t v;
+  std::memcpy(&v, row + 4 * w, sizeof v);
+  return v;
 }
 
 // A per-thread buffer reused across calls: fresh multi-megabyte buffers come back from glibc
@@ -110,9 +96,9 @@ at::Tensor lut_layout(const at::Tensor& packed, bool f32) {
   at::Tensor relaid = at::empty({packed.size(0), tiles, nw, kLutTile},
                                 packed.options().dtype(f32 ? at::kInt : at::kShort));
   if (f32) {
-    relayout_f32(packed, relaid);
+    relayout(packed, reinterpret_cast<uint32_t*>(relaid.data_ptr<int32_t>()), nw, word32);
   } else {
-    relayout(packed, relaid);
+    relayout(packed, reinterpret_cast<uint16_t*>(relaid.data_ptr<int16_t>()), nw, word15);
   }
   std::lock_guard<std::mutex> lock(mu);
   cache.insert_or_assign(key, Cached{packed.storage().getWeakStorageImpl(), relaid});
@@ -158,6 +144,28 @@ struct LutBatch {
   }
 };
 
+// What both kinds of table arguments share: x's used rows, their width, the words per row.
+template <class TableArgs>
+void row_args(TableArgs& ta, const at::Tensor& x, const LutBatch& b, int64_t nw) {
+  ta.ldx = x.size(1);
+  ta.rows = b.used.data();
+  ta.in = x.size(1);
+  ta.nw = nw;
+}
+
+// What both kinds of kernel arguments share: the bits' words, the batch's tiles and pairs, the
+// tables and the accumulators (a buffer of the calling thread, reused).
+template <class Args, class Table, class Acc>
+void pair_args(Args& a, const LutBatch& b, int64_t nw, Table* tables, std::vector<Acc>& acc_buf) {
+  a.nw = nw;
+  a.tiles = b.tiles;
+  a.tables = tables;
+  a.pair_task = b.pair_task.data();
+  a.pair_row = b.pair_row.data();
+  a.pairs = b.pairs;
+  a.acc = reuse(acc_buf, b.pairs * b.tiles * kLutTile);
+}
+
 // The int8 tables of x's used rows (bf16, fp16: x quantized per row).
 void int8_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s, LutBatch& b) {
   const int64_t nw = lut_words(s.nb);
@@ -170,10 +178,7 @@ void int8_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s
     x32 = xc.to(at::kFloat);
     ta.x = x32.data_ptr<float>();
   }
-  ta.ldx = x.size(1);
-  ta.rows = b.used.data();
-  ta.in = x.size(1);
-  ta.nw = nw;
+  row_args(ta, x, b, nw);
   thread_local std::vector<int16_t> tables_buf;
   thread_local std::vector<int32_t> acc_buf;
   ta.tables = reuse(tables_buf, b.used.size() * 3 * nw * 32);
@@ -184,13 +189,7 @@ void int8_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s
                 [&](int64_t n0, int64_t n1) { k.lut_tables(ta, n0, n1); });
   b.relaid = lut_layout(packed, false);
   b.a.idx = reinterpret_cast<const uint16_t*>(b.relaid.data_ptr<int16_t>());
-  b.a.nw = nw;
-  b.a.tiles = b.tiles;
-  b.a.tables = ta.tables;
-  b.a.pair_task = b.pair_task.data();
-  b.a.pair_row = b.pair_row.data();
-  b.a.pairs = b.pairs;
-  b.a.acc = reuse(acc_buf, b.pairs * b.tiles * kLutTile);
+  pair_args(b.a, b, nw, ta.tables, acc_buf);
 }
 
 // The fp32 tables of x's used rows (fp32 x, as it is).
@@ -199,10 +198,7 @@ void f32_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
   LutF32TableArgs ta;
   const at::Tensor xc = x.contiguous();
   ta.x = xc.data_ptr<float>();
-  ta.ldx = x.size(1);
-  ta.rows = b.used.data();
-  ta.in = x.size(1);
-  ta.nw = nw;
+  row_args(ta, x, b, nw);
   thread_local std::vector<float> tables_buf, acc_buf;
   ta.tables = reuse(tables_buf, b.used.size() * 8 * nw * 16);
   const KernelTable& k = kernels();
@@ -210,13 +206,7 @@ void f32_tables(const at::Tensor& x, const at::Tensor& packed, const SignSet& s,
                 [&](int64_t n0, int64_t n1) { k.lut_tables_f32(ta, n0, n1); });
   b.relaid = lut_layout(packed, true);
   b.af.idx = reinterpret_cast<const uint32_t*>(b.relaid.data_ptr<int32_t>());
-  b.af.nw = nw;
-  b.af.tiles = b.tiles;
-  b.af.tables = ta.tables;
-  b.af.pair_task = b.pair_task.data();
-  b.af.pair_row = b.pair_row.data();
-  b.af.pairs = b.pairs;
-  b.af.acc = reuse(acc_buf, b.pairs * b.tiles * kLutTile);
+  pair_args(b.af, b, nw, ta.tables, acc_buf);
 }
 
 // Fills `b` for x's rows with terms; false when no row has one.
