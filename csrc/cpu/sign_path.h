@@ -23,7 +23,8 @@ enum class SignPath {
 };
 
 // Modelled seconds of each path on one core; memory bandwidth is shared, compute divides by
-// the threads. Constants: `bench/kernels.py --mixed` fits them (bench/results/kernels-cpu.md).
+// the threads. Constants: `python -m bench.kernels` fits bf16's (bench/results/kernels-cpu.md),
+// `python -m bench.kernels_mixed` fp32's (bench/results/kernels-mixed-fp32.md).
 struct SignCosts {
   double byte_s;          // per byte streamed by qmerge's kernels (weights, bits), all cores
   double gemm_byte_s;     // per weight byte of torch's GEMM at few rows (it streams slower)
