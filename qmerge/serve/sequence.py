@@ -37,7 +37,7 @@ def choose(logits: Tensor, s: Sampling, gen: torch.Generator | None) -> int:
     tempered distribution cut to its top-p nucleus."""
     z = torch.nan_to_num(logits.double(), nan=-torch.inf)  # a NaN is never chosen
     if s.temperature == 0 or not bool(torch.isfinite(z).any()):
-        return int(torch.nan_to_num(logits.float(), nan=-torch.inf).argmax())
+        return greedy_rows(logits[None])[0]
     # shifted by the max first, so a tiny temperature sends the rest to -inf (greedy, its
     # limit) instead of overflowing to inf - inf = NaN
     p = torch.softmax((z - z.max()) / s.temperature, -1)
