@@ -6,21 +6,33 @@ positions at the right end, so one new token per row is one column more for all 
 Joining two batches pads the shorter on the left; dropping rows trims columns no row uses any
 more. Positions are per row (`lens`), so a sequence's rotary positions never see the padding:
 its logits are those of the same sequence decoded alone, up to float summation order.
+
+Each layer's keys and values are views of buffers with room on the right: a decoding step
+writes its column in place (`_Growing`), where transformers' own layer copies the whole cache
+twice per step (`torch.cat` in building the cache and in its update), ~7 % of a 32-row
+step of SmolLM2-135M at 40 tokens (bench/results/serve-notes.md). A batch made by `join` or
+`select` is exact-sized and gets its room at its first step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+ROOM = 32  # columns of room a buffer gets when it grows (at least; half its length when longer)
 
 
 @dataclass
 class KV:
-    keys: list[Tensor]  # per layer [B, H, L, D]
+    keys: list[Tensor]  # per layer [B, H, L, D], views of `_kbuf`'s first L columns
     values: list[Tensor]
     lens: Tensor  # [B] int64: real positions per row (the rest is left padding)
+    _kbuf: list[Tensor] | None = field(default=None, repr=False)  # [B, H, L + room, D]
+    _vbuf: list[Tensor] | None = field(default=None, repr=False)
 
     @property
     def batch(self) -> int:
@@ -32,19 +44,27 @@ class KV:
 
     @classmethod
     def from_cache(cls, cache, lens: Tensor) -> KV:
-        """From a transformers DynamicCache after a forward over left-padded rows."""
-        keys, values = [], []
+        """From a transformers cache after a forward over left-padded rows."""
+        keys, values, kbuf, vbuf = [], [], [], []
         for layer in cache.layers:
             keys.append(layer.keys)
             values.append(layer.values)
-        return cls(keys, values, lens.clone())
+            kbuf.append(getattr(layer, "kbuf", layer.keys))
+            vbuf.append(getattr(layer, "vbuf", layer.values))
+        return cls(keys, values, lens.clone(), kbuf, vbuf)
 
     def to_cache(self, config):
-        from transformers import DynamicCache
-
-        return DynamicCache(
-            ddp_cache_data=list(zip(self.keys, self.values, strict=True)), config=config
-        )
+        """A transformers cache over these tensors (no copy). Full-attention layers append in
+        place; other kinds (sliding windows) take the library's own layer."""
+        cache = DynamicCache(config=config)
+        kbuf = self._kbuf or self.keys
+        vbuf = self._vbuf or self.values
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer:
+                cache.layers[i] = _Growing(self.keys[i], self.values[i], kbuf[i], vbuf[i])
+            else:
+                layer.update(self.keys[i], self.values[i])
+        return cache
 
     def mask(self, extra: int = 0) -> Tensor:
         """attention_mask [B, L + extra]: 1 for real positions (and the `extra` new ones)."""
@@ -57,8 +77,8 @@ class KV:
         lens = self.lens[idx]
         start = self.length - int(lens.max()) if rows else self.length
         return KV(
-            [k.index_select(0, idx)[:, :, start:] for k in self.keys],
-            [v.index_select(0, idx)[:, :, start:] for v in self.values],
+            [k[:, :, start:].index_select(0, idx) for k in self.keys],
+            [v[:, :, start:].index_select(0, idx) for v in self.values],
             lens,
         )
 
@@ -78,7 +98,9 @@ class KV:
         )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        """Bytes held, room included."""
+        bufs = (*(self._kbuf or self.keys), *(self._vbuf or self.values))
+        return sum(t.numel() * t.element_size() for t in bufs)
 
 
 def _pad(t: Tensor, n: int) -> Tensor:
@@ -86,3 +108,33 @@ def _pad(t: Tensor, n: int) -> Tensor:
         return t
     pad = t.new_zeros(t.shape[0], t.shape[1], n - t.shape[2], t.shape[3])
     return torch.cat([pad, t], dim=2)
+
+
+class _Growing(DynamicLayer):
+    """A full-attention cache layer whose keys and values are the first columns of buffers
+    with room: `update` writes the new columns in place, and grows the buffers (one copy) only
+    when the room runs out."""
+
+    def __init__(self, keys: Tensor, values: Tensor, kbuf: Tensor, vbuf: Tensor):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values, self.kbuf, self.vbuf = keys, values, kbuf, vbuf
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        n, m = self.keys.shape[2], key_states.shape[2]
+        if n + m > self.kbuf.shape[2]:
+            self.kbuf = _grown(self.keys, n + m)
+            self.vbuf = _grown(self.values, n + m)
+        self.kbuf[:, :, n : n + m] = key_states
+        self.vbuf[:, :, n : n + m] = value_states
+        self.keys, self.values = self.kbuf[:, :, : n + m], self.vbuf[:, :, : n + m]
+        return self.keys, self.values
+
+
+def _grown(t: Tensor, need: int) -> Tensor:
+    """A buffer of `need` columns and room after them, starting with `t`'s columns."""
+    b, h, n, d = t.shape
+    buf = t.new_empty(b, h, need + max(ROOM, need // 2), d)
+    buf[:, :, :n] = t
+    return buf

@@ -1,12 +1,11 @@
-"""Released text of a generation (stop strings, partial characters) and the batch KV cache's
-join/select, without a model."""
+"""Released text of a generation (stop strings, partial characters) and greedy tokens, without
+a model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qmerge.serve.kv import KV
 from qmerge.serve.sequence import Sampling, Sequence, _held, choose, greedy_rows
 
 PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\ufffd", 6: "é", 9: "<eos>"}
@@ -62,23 +61,6 @@ def test_held_and_sampling():
     # top_p keeps the smallest set reaching p: here only the two near-equal tokens
     got = {choose(x, Sampling(temperature=1, top_p=0.9), g) for _ in range(200)}
     assert got == {1, 2}
-
-
-def test_kv_join_and_select_keep_each_row_right_aligned():
-    def kv(lens, length, fill):
-        k = torch.zeros(len(lens), 2, length, 4)
-        for b, n in enumerate(lens):
-            k[b, :, length - n :] = fill + b
-        return KV([k], [k.clone()], torch.tensor(lens))
-
-    a, b = kv([3, 1], 3, 10), kv([5], 5, 20)
-    j = a.join(b)
-    assert j.length == 5 and j.lens.tolist() == [3, 1, 5]
-    assert j.mask().tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
-    assert torch.equal(j.keys[0][0, :, 2:], a.keys[0][0])
-    s = j.select([0, 1])  # the longest row left: two padding columns go
-    assert s.length == 3 and torch.equal(s.keys[0], a.keys[0])
-    assert s.mask(1).tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
 
 
 @pytest.mark.parametrize(
