@@ -31,7 +31,10 @@ def status_kb(pid: int, key: str) -> int:
 class Proc:
     """A `qmerge serve` process on a free loopback port."""
 
-    def __init__(self, pack: Path, base: Path, *args: str):
+    def __init__(
+        self, pack: Path, base: Path, *args: str, cwd: Path | None = None, env: dict | None = None
+    ):
+        """`cwd`/`env`: run another tree's qmerge (bench/serve_ab.py)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.p = subprocess.Popen(
@@ -50,6 +53,8 @@ class Proc:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=cwd,
+            env=env,
         )
 
     def wait(self, timeout: float = 300) -> Proc:
