@@ -2,9 +2,11 @@
 #include "sign_lut.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/Storage.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -289,6 +291,36 @@ at::Tensor gemv_and_terms(const at::Tensor& x, const at::Tensor& base_w, const S
   return y32.to(x.scalar_type());
 }
 
+// x W^T (+ bias) through oneDNN's matmul on the plain weight, where torch was built with it
+// (mkldnn::_linear_pointwise, reached through the dispatcher: it is no public ATen function);
+// nullopt where it is missing or refuses the call. fp32 at SmolLM2-135M's shapes, 32 rows, both
+// cores: 70-88 GMAC/s against torch's F.linear (MKL) at 37-73, and 2x at its 49152x576 head,
+// whose F.linear splits poorly over threads (bench/results/kernels-cpu-notes.md).
+std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w,
+                                        const at::Tensor& bias) {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!op || !w.is_contiguous() || w.scalar_type() != at::kFloat) return std::nullopt;
+  try {
+    at::AutoDispatchBelowAutograd below_autograd;
+    torch::jit::Stack stack{x,
+                            w,
+                            bias.defined() ? c10::IValue(bias) : c10::IValue(),
+                            "none",
+                            c10::List<std::optional<at::Scalar>>(),
+                            c10::IValue()};
+    op->callBoxed(stack);
+    return stack.at(0).toTensor();
+  } catch (const c10::Error&) {
+    return std::nullopt;
+  }
+}
+
+bool onednn_enabled() {
+  const char* v = std::getenv("QMERGE_ONEDNN");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 }  // namespace
 
 at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::Tensor& packed,
@@ -298,6 +330,16 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::T
   if (!prepare(x, packed, s, r, b)) return at::linear(x, base_w, bv);
   if (x.size(0) <= kLutOwnGemvRows) return gemv_and_terms(x, base_w, s, b, bias);
   const at::Tensor xc = x.contiguous();
+  if (b.f32 && onednn_enabled()) {
+    if (std::optional<at::Tensor> base = onednn_linear(xc, base_w, bv)) {
+      at::Tensor y = *base;
+      parallel_rows(b.tiles, 4, [&](int64_t t0, int64_t t1) {
+        b.lookups(t0, t1);
+        epilogue(b, s, t0, t1, y);
+      });
+      return y;
+    }
+  }
   at::Tensor y = at::empty({x.size(0), s.out}, x.options());
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t per = (b.tiles + threads - 1) / threads;
