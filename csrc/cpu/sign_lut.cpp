@@ -293,9 +293,13 @@ at::Tensor gemv_and_terms(const at::Tensor& x, const at::Tensor& base_w, const S
 
 // x W^T (+ bias) through oneDNN's matmul on the plain weight, where torch was built with it
 // (mkldnn::_linear_pointwise, reached through the dispatcher: it is no public ATen function);
-// nullopt where it is missing or refuses the call. fp32 at SmolLM2-135M's shapes, 32 rows, both
-// cores: 70-88 GMAC/s against torch's F.linear (MKL) at 37-73, and 2x at its 49152x576 head,
-// whose F.linear splits poorly over threads (bench/results/kernels-cpu-notes.md).
+// nullopt where it is missing or refuses the call. Taken for fp32 weights of kOnednnMinWeight
+// elements or more: with the lookups of 32 rows over 5 tasks it costs 0.75-0.94x the per-thread
+// GEMMs from 2048x2048 up (SmolLM2-135M's tied 49152x576 head 0.79x), and 1.03-1.17x below
+// 2M elements, where the per-thread GEMMs overlap the other core's lookups
+// (bench/results/kernels-cpu-notes.md).
+constexpr int64_t kOnednnMinWeight = int64_t(1) << 22;
+
 std::optional<at::Tensor> onednn_linear(const at::Tensor& x, const at::Tensor& w,
                                         const at::Tensor& bias) {
   static const std::optional<c10::OperatorHandle> op =
@@ -330,7 +334,7 @@ at::Tensor lut_linear(const at::Tensor& x, const at::Tensor& base_w, const at::T
   if (!prepare(x, packed, s, r, b)) return at::linear(x, base_w, bv);
   if (x.size(0) <= kLutOwnGemvRows) return gemv_and_terms(x, base_w, s, b, bias);
   const at::Tensor xc = x.contiguous();
-  if (b.f32 && onednn_enabled()) {
+  if (b.f32 && base_w.numel() >= kOnednnMinWeight && onednn_enabled()) {
     if (std::optional<at::Tensor> base = onednn_linear(xc, base_w, bv)) {
       at::Tensor y = *base;
       parallel_rows(b.tiles, 4, [&](int64_t t0, int64_t t1) {

@@ -20,11 +20,11 @@ inline bool lut_supported(const SignSet& s) { return s.groups == 1; }
 
 // y = x W^T + bias + the sum over each row's terms (t, c) of c * scale_t[i] * (sign_t[i] . x[n]),
 // the terms summed in fp32. The base product: up to kLutOwnGemvRows rows qmerge's GEMV (fp32
-// out, one rounding at the end); above, for fp32 rows, oneDNN's matmul over all rows where torch
-// has it (unless QMERGE_ONEDNN=0), then the lookups; otherwise each thread owns a block of
-// output columns and runs its GEMM there (single-threaded, x's dtype out, the terms added with
-// one more rounding) and its lookups, odd threads lookups first, so that one core's lookups
-// stream the bits while another's GEMM computes.
+// out, one rounding at the end); above, for fp32 rows and weights of 4M+ entries, oneDNN's
+// matmul over all rows where torch has it (unless QMERGE_ONEDNN=0), then the lookups; otherwise
+// each thread owns a block of output columns and runs its GEMM there (single-threaded, x's
+// dtype out, the terms added with one more rounding) and its lookups, odd threads lookups first,
+// so that one core's lookups stream the bits while another's GEMM computes.
 //
 // Precision, bf16 and fp16 activations: x is quantized per row to int8, q = round(x / d) with
 // d = max|x[n]| / 127; the tables (int16) and sums (int32) are exact integers, so the only

@@ -136,15 +136,16 @@ def test_fp32_rows_are_not_quantized(monkeypatch, path):
 @NATIVE
 @pytest.mark.parametrize("onednn", ["1", "0"])
 def test_fp32_base_product_with_and_without_onednn(monkeypatch, onednn):
-    """Above 8 fp32 rows the lookup path takes its base product from oneDNN's matmul where
-    torch has it (QMERGE_ONEDNN=0: each thread's torch GEMM): with a bias and mixtures, both
-    within eager fp32's error."""
+    """Above 8 fp32 rows and from 4M weight entries the lookup path takes its base product from
+    oneDNN's matmul where torch has it (QMERGE_ONEDNN=0: each thread's torch GEMM): with a bias
+    and mixtures, both within eager fp32's error."""
     monkeypatch.setenv("QMERGE_ONEDNN", onednn)
-    base = torch.randn(130, 257) * 0.05
-    packed, scales = make_signs(6, 130, 257)
-    x = torch.randn(24, 257)
+    out, inn = 4100, 1025  # 4.2M entries; odd in_features, a partial tile of outputs
+    base = torch.randn(out, inn) * 0.05
+    packed, scales = make_signs(6, out, inn)
+    x = torch.randn(24, inn)
     coeffs = torch.rand(24, 6) * (torch.rand(24, 6) > 0.5)
-    bias = torch.randn(130)
+    bias = torch.randn(out)
     y = run(monkeypatch, "lut", x, base, packed, scales, coeffs=coeffs, bias=bias)
     exact = reference(x, base, packed, scales, coeffs=coeffs, bias=bias)
     eager = sign_eager(x, base, packed, scales, coeffs, bias)
