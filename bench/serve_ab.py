@@ -29,8 +29,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from bench._server import Proc, load
 from bench.common import CACHE, ROOT, results_log, smollm2_base
 from bench.serve import OUT as SERVE_OUT
@@ -70,22 +68,12 @@ def tree_of(commit: str) -> Path:
 
 def step_child() -> None:
     """Runs in a child whose `qmerge` is the tree's: prints the step's times as JSON."""
-    from transformers import AutoModelForCausalLM
-
     import qmerge
     from bench._timing import paired
-    from bench.mixed_prefill import decode_step
+    from bench.serve_step import step_pair
 
-    torch.set_grad_enabled(False)
-    base = smollm2_base()
-    tasks = list(json.loads((PACK / "manifest.json").read_text())["tasks"])
-    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    ours = qmerge.load(base, PACK)
-    torch.manual_seed(0)
-    ids = torch.randint(100, 20000, (32, 16))
-    route = [tasks[i % len(tasks)] for i in range(32)]
-    sb, sq = decode_step(plain, ids), decode_step(ours, ids, task=route)
-    runs = [paired(sb, sq, 15) for _ in range(3)]
+    steps = step_pair()
+    runs = [paired(steps["base"], steps["qmerge"], 15) for _ in range(3)]
     b, q, r = (statistics.median(x[k] for x in runs) for k in range(3))
     print(json.dumps({"qmerge": qmerge.__file__, "base_ms": b * 1e3, "ms": q * 1e3, "ratio": r}))
 

@@ -30,14 +30,12 @@ OUT = SERVE_OUT.with_name("serve-step.md")
 PACK = CACHE / "pack-smollm2-5"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
+def step_pair() -> dict:
+    """{'base': the bare base's step, 'qmerge': the patched model's step} of the batch: 32
+    sequences over the pack's tasks round-robin, a 16-token prompt each (also run by
+    bench/serve_ab.py, with an earlier commit's qmerge)."""
     from transformers import AutoModelForCausalLM
 
-    if not (PACK / "manifest.json").exists():
-        raise SystemExit(f"{PACK} is missing: run `python -m bench.serve` once to build it")
     torch.set_grad_enabled(False)
     base = smollm2_base()
     tasks = list(json.loads((PACK / "manifest.json").read_text())["tasks"])
@@ -46,7 +44,17 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(100, 20000, (32, 16))
     route = [tasks[i % len(tasks)] for i in range(32)]
-    steps = {"base": decode_step(plain, ids), "qmerge": decode_step(ours, ids, task=route)}
+    return {"base": decode_step(plain, ids), "qmerge": decode_step(ours, ids, task=route)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    if not (PACK / "manifest.json").exists():
+        raise SystemExit(f"{PACK} is missing: run `python -m bench.serve` once to build it")
+    steps = step_pair()
+    tasks = list(json.loads((PACK / "manifest.json").read_text())["tasks"])
 
     def before() -> None:
         os.environ["QMERGE_SIGN_PATH"] = "per_task"
