@@ -9,8 +9,8 @@ its logits are those of the same sequence decoded alone, up to float summation o
 
 Each layer's keys and values are views of buffers with room on the right: a decoding step
 writes its column in place (`_Growing`), where transformers' own layer copies the whole cache
-twice per step (`torch.cat` in building the cache and in its update), ~7 % of a 32-row
-step of SmolLM2-135M at 40 tokens (bench/results/serve-notes.md). A batch made by `join` or
+twice per step (`torch.cat` in building the cache and in its update): 5 % of the CPU time of
+bench/serve.py's 32-client run (bench/results/serve-notes.md). A batch made by `join` or
 `select` is exact-sized and gets its room at its first step.
 """
 
